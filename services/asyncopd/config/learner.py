@@ -1,0 +1,29 @@
+"""The learner: optimizer, batches, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from asyncopd.config.base import Section
+from asyncopd.config.endpoints import ServerConfig
+
+
+class LearnerConfig(Section):
+    """The training loop."""
+
+    server: ServerConfig = Field(
+        default_factory=lambda: ServerConfig(port=50054), description="gRPC server of the learner."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer versions to train (version = steps taken).")
+    batch_size: int = Field(32, ge=1, description="Samples per pulled batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per pulled batch (paper setup).")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per forward/backward (memory bound).")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    device: str = Field("cpu", description="torch device of the learner.")
+    checkpoint_dir: str = Field("runs/latest/checkpoints", description="Where checkpoints are written.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on exit/SIGTERM).")
+    eval_every: int = Field(0, ge=0, description="Evaluate greedy test accuracy every N steps (0 = off).")
+    eval_size: int = Field(200, ge=1, description="Test prompts per evaluation.")

@@ -1,0 +1,34 @@
+"""Rollout replicas: the engine, sampling, and the per-position support they record."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asyncopd.config.base import Section
+from asyncopd.config.endpoints import ServerConfig
+
+
+class SamplingConfig(Section):
+    """How the student samples rollouts."""
+
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (>0).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = off).")
+    max_tokens: int = Field(64, ge=1, description="Largest number of generated tokens per response.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="Strings that end a response.")
+
+
+class RolloutConfig(Section):
+    """A rollout replica."""
+
+    server: ServerConfig = Field(
+        default_factory=lambda: ServerConfig(port=50052), description="gRPC server of a rollout replica."
+    )
+    replicas: int = Field(1, ge=0, le=1024, description="Replicas `asyncopd run` starts locally.")
+    engine: Literal["transformers", "vllm", "simulated"] = Field(
+        "transformers", description="Inference engine; simulated = no compute, for `bench fleet`."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts a replica acquires and generates together.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
+    device: str = Field("cpu", description="torch device of the engine (cpu, cuda, cuda:1...).")

@@ -1,0 +1,23 @@
+"""Teacher scoring replicas."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asyncopd.config.base import Section
+from asyncopd.config.endpoints import ServerConfig
+
+
+class TeacherConfig(Section):
+    """A teacher replica: prefill-only scoring of rollouts."""
+
+    server: ServerConfig = Field(
+        default_factory=lambda: ServerConfig(port=50053), description="gRPC server of a teacher replica."
+    )
+    replicas: int = Field(1, ge=0, le=1024, description="Replicas `asyncopd run` starts locally.")
+    backend: Literal["torch", "vllm", "simulated"] = Field("torch", description="Scoring backend.")
+    max_batch_tokens: int = Field(8192, ge=1, description="Tokens scored in one forward pass.")
+    topk: int = Field(8, ge=0, description="Teacher top-K ids per position to return (forward KL); 0 = none.")
+    device: str = Field("cpu", description="torch device of the teacher.")
