@@ -16,9 +16,7 @@ class CacheConfig(Section):
     server: ServerConfig = Field(
         default_factory=lambda: ServerConfig(port=50051), description="gRPC server of the cache service."
     )
-    byte_budget_mb: float = Field(
-        512.0, gt=0, description="Bytes of scored samples the cache may hold, in MiB."
-    )
+    byte_budget_mb: float = Field(512.0, gt=0, description="Bytes of scored samples the cache may hold, in MiB.")
     eviction: Literal["stalest-first", "lru", "fifo", "backpressure"] = Field(
         "stalest-first", description="What happens when the byte budget is full."
     )

@@ -12,12 +12,8 @@ class ServerConfig(Section):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback by default, 0.0.0.0 in a pod.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free port (local runs/tests).")
-    metrics_port: int = Field(
-        0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port."
-    )
-    max_message_mb: int = Field(
-        64, ge=1, le=2047, description="Largest gRPC message accepted or sent, in MiB."
-    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port.")
+    max_message_mb: int = Field(64, ge=1, le=2047, description="Largest gRPC message accepted or sent, in MiB.")
     workers: int = Field(8, ge=1, le=256, description="Thread pool size of the gRPC server.")
 
 

@@ -8,9 +8,7 @@ from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
 
-EstimatorKind = Literal[
-    "forward_kl_topk", "reverse_kl_topk", "reverse_kl_mc", "forward_kl_full", "reverse_kl_full"
-]
+EstimatorKind = Literal["forward_kl_topk", "reverse_kl_topk", "reverse_kl_mc", "forward_kl_full", "reverse_kl_full"]
 
 
 class LossConfig(Section):
@@ -18,13 +16,17 @@ class LossConfig(Section):
 
     kind: EstimatorKind = Field("reverse_kl_mc", description="Which OPD estimator the learner uses.")
     k: int = Field(
-        8, ge=1, le=4096, description="K: top-k ids per position (topk kinds) or N MC samples (reverse_kl_mc)."
+        8,
+        ge=1,
+        le=4096,
+        description="K: top-k ids per position (topk kinds) or N MC samples (reverse_kl_mc).",
     )
     tail: Literal["drop", "bucket", "renorm"] = Field(
         "bucket", description="Tail handling for top-k kinds (renorm only for forward_kl_topk)."
     )
     advantage: Literal["recompute", "rollout"] = Field(
-        "recompute", description="reverse_kl_mc: recompute log π at the learner (OPD fix) or use rollout-time μ."
+        "recompute",
+        description="reverse_kl_mc: recompute log π at the learner (OPD fix) or use rollout-time μ.",
     )
     correction: Literal["is", "none", "ppo_clip", "decoupled", "m2po"] = Field(
         "is", description="reverse_kl_mc: importance correction / RL stabilizer."

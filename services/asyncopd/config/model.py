@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from asyncopd.config.base import Section
 
@@ -28,4 +28,18 @@ class TaskConfig(Section):
     path: str | None = Field(None, description="Dataset file for jsonl/parquet (fields: question, answer).")
     seed: int = Field(0, description="Seed of the toy task generator and of epoch shuffles.")
     train_size: int = Field(20000, ge=1, description="Toy task: number of training prompts.")
-    test_size: int = Field(500, ge=1, description="Toy task: number of test prompts.")
+    test_size: int = Field(
+        500, ge=1, description="Evaluation prompts: toy test-split size; for files, the first N of eval_path."
+    )
+    eval_path: str | None = Field(None, description="jsonl/parquet: held-out file for evaluation (defaults to path).")
+    prompt_template: str = Field(
+        "{question}",
+        description="jsonl/parquet: how a record becomes a prompt; `{question}` is replaced by the question.",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("prompt_template must contain the placeholder {question}")
+        return value

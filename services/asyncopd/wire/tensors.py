@@ -1,0 +1,132 @@
+"""Tensor codec: numpy/torch arrays <-> `asyncopd.v1.Tensor` (dtype, shape, raw LE bytes).
+
+Decoding is zero-copy where the dtype allows (a read-only numpy view or `torch.frombuffer`
+over the message's bytes). numpy has no bfloat16, so bfloat16 decodes to float32 with numpy
+(one cheap widening) and zero-copy with torch. Every decode checks the dtype, the shape and
+the byte count before touching the data.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyncopd.v1 import common_pb2 as pb
+from asyncopd.wire.errors import WireError
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("asyncopd's tensor codec assumes a little-endian host")
+
+# wire dtype -> (numpy dtype or None for bfloat16, torch dtype, bytes per element)
+_DTYPES: dict[int, tuple[np.dtype[Any] | None, torch.dtype, int]] = {
+    pb.DTYPE_FLOAT32: (np.dtype("<f4"), torch.float32, 4),
+    pb.DTYPE_FLOAT16: (np.dtype("<f2"), torch.float16, 2),
+    pb.DTYPE_BFLOAT16: (None, torch.bfloat16, 2),
+    pb.DTYPE_FLOAT64: (np.dtype("<f8"), torch.float64, 8),
+    pb.DTYPE_INT8: (np.dtype("i1"), torch.int8, 1),
+    pb.DTYPE_INT16: (np.dtype("<i2"), torch.int16, 2),
+    pb.DTYPE_INT32: (np.dtype("<i4"), torch.int32, 4),
+    pb.DTYPE_INT64: (np.dtype("<i8"), torch.int64, 8),
+    pb.DTYPE_UINT8: (np.dtype("u1"), torch.uint8, 1),
+    pb.DTYPE_BOOL: (np.dtype("?"), torch.bool, 1),
+}
+_FROM_NUMPY = {np_dt.str: code for code, (np_dt, _, _) in _DTYPES.items() if np_dt is not None}
+_FROM_TORCH = {t_dt: code for code, (_, t_dt, _) in _DTYPES.items()}
+
+# names accepted by `encode(..., dtype=...)`
+DTYPE_NAMES: dict[str, int] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+    "float64": pb.DTYPE_FLOAT64,
+    "int8": pb.DTYPE_INT8,
+    "int16": pb.DTYPE_INT16,
+    "int32": pb.DTYPE_INT32,
+    "int64": pb.DTYPE_INT64,
+    "uint8": pb.DTYPE_UINT8,
+    "bool": pb.DTYPE_BOOL,
+}
+
+MAX_DIMS = 8
+
+
+def dtype_name(code: int) -> str:
+    for name, c in DTYPE_NAMES.items():
+        if c == code:
+            return name
+    return f"<unknown dtype {code}>"
+
+
+def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Tensor:
+    """Encode an array as a wire Tensor, optionally casting to `dtype` (e.g. "float16")."""
+    if isinstance(array, torch.Tensor):
+        t = array.detach().to("cpu")
+        if dtype is not None:
+            t = t.to(_DTYPES[DTYPE_NAMES[dtype]][1])
+        code = _FROM_TORCH.get(t.dtype)
+        if code is None:
+            raise WireError(f"tensor dtype {t.dtype} has no wire encoding")
+        t = t.contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return pb.Tensor(dtype=code, shape=list(t.shape), data=raw)  # type: ignore[arg-type]
+    a = np.asarray(array)
+    if dtype == "bfloat16":
+        return encode(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), "bfloat16")
+    if dtype is not None:
+        np_dt = _DTYPES[DTYPE_NAMES[dtype]][0]
+        assert np_dt is not None
+        a = a.astype(np_dt, copy=False)
+    a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    code = _FROM_NUMPY.get(a.dtype.str)
+    if code is None:
+        raise WireError(f"array dtype {a.dtype} has no wire encoding")
+    return pb.Tensor(dtype=code, shape=list(a.shape), data=a.tobytes())  # type: ignore[arg-type]
+
+
+def _check(msg: pb.Tensor, field: str, max_elements: int | None) -> tuple[int, tuple[int, ...]]:
+    if msg.dtype not in _DTYPES:
+        raise WireError(f"{field}: dtype {msg.dtype} ({dtype_name(msg.dtype)}) is not a valid tensor dtype")
+    shape = tuple(int(d) for d in msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise WireError(f"{field}: {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}: negative dimension in shape {list(shape)}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if max_elements is not None and numel > max_elements:
+        raise WireError(f"{field}: {numel} elements exceed the limit of {max_elements}")
+    itemsize = _DTYPES[msg.dtype][2]
+    if len(msg.data) != numel * itemsize:
+        raise WireError(
+            f"{field}: {len(msg.data)} data bytes, but shape {list(shape)} of "
+            f"{dtype_name(msg.dtype)} needs {numel * itemsize}"
+        )
+    return numel, shape
+
+
+def decode_numpy(msg: pb.Tensor, field: str = "tensor", max_elements: int | None = None) -> np.ndarray:
+    """Decode to numpy: a read-only zero-copy view (bfloat16: a float32 copy)."""
+    _, shape = _check(msg, field, max_elements)
+    np_dt = _DTYPES[msg.dtype][0]
+    if np_dt is None:  # bfloat16: widen to float32 by placing the 16 bits in the high half
+        half = np.frombuffer(msg.data, dtype="<u2").astype(np.uint32) << 16
+        return half.view(np.float32).reshape(shape)
+    return np.frombuffer(msg.data, dtype=np_dt).reshape(shape)
+
+
+def decode_torch(msg: pb.Tensor, field: str = "tensor", max_elements: int | None = None) -> torch.Tensor:
+    """Decode to a CPU torch tensor sharing the message's bytes (treat it as read-only)."""
+    numel, shape = _check(msg, field, max_elements)
+    t_dt = _DTYPES[msg.dtype][1]
+    if numel == 0:
+        return torch.empty(shape, dtype=t_dt)
+    # frombuffer warns on read-only buffers; the tensor is never written through.
+    buf = memoryview(msg.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=t_dt).reshape(shape)
