@@ -11,8 +11,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from asyncopd.config import ConfigError
+
 # module path of each subcommand group; each exposes `add_parser(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("asyncopd.serve_cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except ConfigError as exc:
+        print(f"asyncopd: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
