@@ -1,1 +1,36 @@
-"""opd"""
+"""OPD estimators: pure torch math of docs/opd-math.md, imported by the learner and benchmarks.
+
+This package imports nothing else of the project: tensors and plain numbers in, tensors out.
+"""
+
+from asyncopd.opd.corrections import m2po_mask
+from asyncopd.opd.estimators import (
+    MCTerms,
+    forward_kl_full,
+    forward_kl_topk,
+    reverse_kl_full,
+    reverse_kl_mc,
+    reverse_kl_mc_terms,
+    reverse_kl_topk,
+)
+from asyncopd.opd.loss import ESTIMATOR_KINDS, LossInputs, LossOutputs, OPDLoss, token_mean
+from asyncopd.opd.numerics import LOGPROB_FLOOR
+from asyncopd.opd.vocab import gather_logprobs
+
+__all__ = [
+    "ESTIMATOR_KINDS",
+    "LOGPROB_FLOOR",
+    "LossInputs",
+    "LossOutputs",
+    "MCTerms",
+    "OPDLoss",
+    "forward_kl_full",
+    "forward_kl_topk",
+    "gather_logprobs",
+    "m2po_mask",
+    "reverse_kl_full",
+    "reverse_kl_mc",
+    "reverse_kl_mc_terms",
+    "reverse_kl_topk",
+    "token_mean",
+]

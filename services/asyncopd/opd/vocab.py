@@ -1,0 +1,163 @@
+"""Full-vocabulary kernels that never hold a whole [positions, V] log-softmax in memory.
+
+For V ≈ 151k a [2048, V] fp32 block is 1.2 GB, and plain autograd through `log_softmax` keeps
+several such blocks alive (the log-softmax, its exp, products) until backward. These kernels
+walk the positions in chunks, keep only the inputs and one number per position for backward,
+and recompute the chunk's softmax there, so the only full-size allocation is the gradient
+itself. They know how to turn logits into log-probabilities and dense KLs; they know nothing
+about estimators, tails, samples or corrections.
+
+Inputs are flattened to [positions, V]; outputs come back with the leading shape restored.
+Teacher logits are targets: they never receive a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from asyncopd.opd.numerics import LOGPROB_FLOOR, compute_dtype, rows_per_chunk
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+"""Elements per temporary block (8 Mi: 32 MB in fp32); bigger chunks buy no speed on CPU."""
+
+
+class _GatherLogProbs(torch.autograd.Function):
+    """log softmax(z)[ids] for z [P, V], ids [P, K]; backward: g_ids - softmax(z) Σ g."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, ids: Tensor, rows: int) -> Tensor:
+        cdt = compute_dtype(logits.dtype)
+        positions = logits.shape[0]
+        out = logits.new_empty((positions, ids.shape[1]), dtype=cdt)
+        lse = logits.new_empty((positions,), dtype=cdt)
+        for start in range(0, positions, rows):
+            z = logits[start : start + rows].to(cdt)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            lse[start : start + rows] = chunk_lse
+            out[start : start + rows] = z.gather(-1, ids[start : start + rows]) - chunk_lse.unsqueeze(-1)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        logits, ids, lse = ctx.saved_tensors
+        cdt = lse.dtype
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            g = grad_out[start:stop].to(cdt)
+            chunk = torch.sub(logits[start:stop].to(cdt), lse[start:stop].unsqueeze(-1)).exp_()
+            chunk.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[start:stop], g)
+            grad[start:stop] = chunk
+        return grad, None, None
+
+
+class _DenseReverseKL(torch.autograd.Function):
+    """KL(π‖p) per row from student and teacher logits; ∂/∂z_i = π_i (d_i − KL), d = log π − log p."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, rows: int) -> Tensor:
+        cdt = compute_dtype(student.dtype)
+        kl = student.new_empty((student.shape[0],), dtype=cdt)
+        for start in range(0, student.shape[0], rows):
+            log_pi, log_p = _chunk_logprobs(student, teacher, start, rows, cdt)
+            diff = log_pi.clamp(min=LOGPROB_FLOOR).sub_(log_p)
+            kl[start : start + rows] = (log_pi.exp_().mul_(diff)).sum(-1)
+        ctx.save_for_backward(student, teacher, kl)
+        ctx.rows = rows
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        student, teacher, kl = ctx.saved_tensors
+        cdt = kl.dtype
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            log_pi, log_p = _chunk_logprobs(student, teacher, start, ctx.rows, cdt)
+            d = log_pi.clamp(min=LOGPROB_FLOOR).sub_(log_p).sub_(kl[start:stop].unsqueeze(-1))
+            g = grad_out[start:stop].to(cdt).unsqueeze(-1)
+            grad[start:stop] = log_pi.exp_().mul_(d).mul_(g)
+        return grad, None, None
+
+
+class _DenseForwardKL(torch.autograd.Function):
+    """KL(p‖π) per row from student and teacher logits; ∂/∂z = π − p."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, rows: int) -> Tensor:
+        cdt = compute_dtype(student.dtype)
+        kl = student.new_empty((student.shape[0],), dtype=cdt)
+        for start in range(0, student.shape[0], rows):
+            log_pi, log_p = _chunk_logprobs(student, teacher, start, rows, cdt)
+            diff = log_p - log_pi.clamp_(min=LOGPROB_FLOOR)
+            kl[start : start + rows] = (log_p.exp_().mul_(diff)).sum(-1)
+        ctx.save_for_backward(student, teacher)
+        ctx.rows = rows
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        student, teacher = ctx.saved_tensors
+        cdt = compute_dtype(student.dtype)
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            log_pi, log_p = _chunk_logprobs(student, teacher, start, ctx.rows, cdt)
+            g = grad_out[start:stop].to(cdt).unsqueeze(-1)
+            grad[start:stop] = log_pi.exp_().sub_(log_p.exp_()).mul_(g)
+        return grad, None, None
+
+
+def _chunk_logprobs(student: Tensor, teacher: Tensor, start: int, rows: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Student log-softmax (raw) and teacher log-softmax (floored) of one chunk of rows, in `cdt`."""
+    log_pi = torch.log_softmax(student[start : start + rows].to(cdt), dim=-1)
+    log_p = torch.log_softmax(teacher[start : start + rows].to(cdt), dim=-1).clamp_(min=LOGPROB_FLOOR)
+    return log_pi, log_p
+
+
+def gather_logprobs(logits: Tensor, ids: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+    """log softmax(logits)[ids]: logits [..., V], ids [..., K] (any integer dtype) -> [..., K].
+
+    Returned in the compute dtype (fp32 for fp32/bf16/fp16 logits). Differentiable w.r.t.
+    `logits`; ids may repeat (gradients of repeated ids add up).
+    """
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_ids = ids.reshape(-1, ids.shape[-1]).long()
+    out = _GatherLogProbs.apply(flat_logits, flat_ids, rows_per_chunk(vocab, chunk_elements))
+    return out.reshape(ids.shape)
+
+
+def dense_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Tensor:
+    """KL(π‖p) = Σ_v π(v)[log π(v) − log p(v)] per position: logits [..., V] -> [...]."""
+    vocab = student_logits.shape[-1]
+    out = _DenseReverseKL.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        rows_per_chunk(vocab, chunk_elements),
+    )
+    return out.reshape(student_logits.shape[:-1])
+
+
+def dense_forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Tensor:
+    """KL(p‖π) = Σ_v p(v)[log p(v) − log π(v)] per position: logits [..., V] -> [...]."""
+    vocab = student_logits.shape[-1]
+    out = _DenseForwardKL.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        rows_per_chunk(vocab, chunk_elements),
+    )
+    return out.reshape(student_logits.shape[:-1])
