@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from asyncopd.config import ConfigError
 
 # module path of each subcommand group; each exposes `add_parser(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ("asyncopd.serve_cli",)
+_COMMAND_MODULES: tuple[str, ...] = (
+    "asyncopd.serve_cli",
+    "asyncopd.config.cli",
+    "asyncopd.eval_cli",
+    "asyncopd.toy.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

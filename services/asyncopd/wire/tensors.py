@@ -75,12 +75,13 @@ def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Ten
         return pb.Tensor(dtype=code, shape=list(t.shape), data=raw)  # type: ignore[arg-type]
     a = np.asarray(array)
     if dtype == "bfloat16":
-        return encode(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), "bfloat16")
+        return encode(torch.from_numpy(np.require(a, dtype=np.float32, requirements="C")), "bfloat16")
     if dtype is not None:
         np_dt = _DTYPES[DTYPE_NAMES[dtype]][0]
         assert np_dt is not None
         a = a.astype(np_dt, copy=False)
-    a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+    a = np.require(a.astype(a.dtype.newbyteorder("<"), copy=False), requirements="C")
     code = _FROM_NUMPY.get(a.dtype.str)
     if code is None:
         raise WireError(f"array dtype {a.dtype} has no wire encoding")
