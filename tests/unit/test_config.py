@@ -65,7 +65,7 @@ def test_malformed_overrides(text: str) -> None:
 
 
 def test_override_into_a_value_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="learner.lr is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"learner\.lr is a value, not a section"):
         apply_overrides({"learner": {"lr": 1.0}}, ["learner.lr.x=1"])
 
 

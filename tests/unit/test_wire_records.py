@@ -119,5 +119,5 @@ def test_scores_shape_must_match_rollout() -> None:
         token_logprobs=np.array([-0.5, -0.25], dtype=np.float32),
         support_logprobs=np.full((2, 2), -1.0, dtype=np.float32),
     )
-    with pytest.raises(WireError, match="sample.scores.token_logprobs: shape"):
+    with pytest.raises(WireError, match=r"sample\.scores\.token_logprobs: shape"):
         scored_from_proto(scored_to_proto(ScoredSample(r, s)), LIMITS)
