@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from asyncopd.config.autoscaler import AutoscalerConfig
 from asyncopd.config.base import Section
 from asyncopd.config.cache import CacheConfig
 from asyncopd.config.endpoints import EndpointsConfig
@@ -39,3 +40,6 @@ class RunConfig(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner.")
     weightsync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Weight broadcast.")
     tls: TLSConfig = Field(default_factory=TLSConfig, description="gRPC TLS.")
+    autoscaler: AutoscalerConfig = Field(
+        default_factory=AutoscalerConfig, description="Rollout autoscaler (Kubernetes)."
+    )
