@@ -1,0 +1,201 @@
+"""Typed client of the cache service: domain records in, domain records out.
+
+Rollout replicas, teachers and the learner talk to the cache only through this class. It
+converts records to and from the wire protocol (validating what comes back with
+`asyncopd.wire` Limits), sets deadlines that cover server-side waits, and turns
+RESOURCE_EXHAUSTED (the cache is full under backpressure) into `CacheFull` so producers can
+back off. Every other gRPC error propagates as `grpc.RpcError`.
+
+It knows the cache service's RPCs; it knows nothing about Redis or admission policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from asyncopd.samples import Prompt, Rollout, ScoredSample, TeacherScores
+from asyncopd.v1 import cache_pb2, cache_pb2_grpc
+from asyncopd.wire.records import (
+    Limits,
+    LogprobDType,
+    prompt_from_proto,
+    rollout_from_proto,
+    rollout_to_proto,
+    scored_from_proto,
+    scores_to_proto,
+)
+
+
+class CacheFull(RuntimeError):
+    """The cache refused a put because its byte budget is full (backpressure); retry later."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A claimed batch of scored samples; ack it with `CacheClient.ack_batch(batch_id)`."""
+
+    batch_id: str
+    samples: list[ScoredSample]
+    staleness: list[int]  # per sample: learner_version - oldest token version
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """How many records a put stored, and how many the cache already had (re-sent work)."""
+
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache's accounting (see the Stats RPC); `as_dict()` for reports."""
+
+    learner_version: int
+    admitted: int
+    produced: int
+    trained: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    bytes_held: int = 0
+    byte_budget: int = 0
+    queue_depth: dict[str, int] = field(default_factory=dict)
+    staleness_served: dict[int, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
+    max_staleness: int = 0
+    redis_errors: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def invariant_holds(self) -> bool:
+        """produced = trained + dropped + in_flight."""
+        return self.produced == self.trained + self.dropped_total + self.in_flight
+
+
+class CacheClient:
+    """Blocking client of `asyncopd.v1.CacheService` over a channel (see `asyncopd.rpc.channel`).
+
+    `limits` validates what the cache sends back (default: shapes, dtypes and NaN checks only);
+    `logprob_dtype` is the wire dtype of log-probs this client sends; `timeout_s` is the
+    deadline of each call on top of any server-side wait it asks for.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        limits: Limits | None = None,
+        logprob_dtype: LogprobDType = "float32",
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._stub = cache_pb2_grpc.CacheServiceStub(channel)
+        self._limits = limits or Limits()
+        self._dtype: LogprobDType = logprob_dtype
+        self._timeout = timeout_s
+
+    def _call(self, method: Any, request: Any, wait_ms: int = 0) -> Any:
+        try:
+            return method(request, timeout=self._timeout + wait_ms / 1000.0)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]
+                raise CacheFull(err.details()) from err  # type: ignore[attr-defined]
+            raise
+
+    # -- rollout replicas -------------------------------------------------------------------
+
+    def acquire_prompts(self, replica: str, max_prompts: int, wait_ms: int = 0) -> tuple[list[Prompt], int, bool]:
+        """Admit up to `max_prompts` prompts -> (prompts, learner_version, finished)."""
+        req = cache_pb2.AcquirePromptsRequest(replica=replica, max_prompts=max_prompts, wait_ms=wait_ms)
+        resp = self._call(self._stub.AcquirePrompts, req, wait_ms)
+        prompts = [prompt_from_proto(p, self._limits, f"prompts[{i}]") for i, p in enumerate(resp.prompts)]
+        return prompts, int(resp.learner_version), bool(resp.finished)
+
+    def release_prompts(self, replica: str, tickets: Sequence[str]) -> int:
+        """Give back tickets this replica will not answer; returns how many were released."""
+        req = cache_pb2.ReleasePromptsRequest(replica=replica, tickets=list(tickets))
+        return int(self._call(self._stub.ReleasePrompts, req).released)
+
+    def put_rollouts(self, rollouts: Sequence[Rollout]) -> PutResult:
+        """Store finished rollouts (queued for teachers). Raises CacheFull under backpressure."""
+        req = cache_pb2.PutRolloutsRequest(rollouts=[rollout_to_proto(r, self._dtype) for r in rollouts])
+        resp = self._call(self._stub.PutRollouts, req)
+        return PutResult(int(resp.accepted), int(resp.duplicates))
+
+    # -- teachers ---------------------------------------------------------------------------
+
+    def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> list[Rollout]:
+        """Claim unscored rollouts; unscored claims are re-delivered after the teacher lease."""
+        req = cache_pb2.ClaimRolloutsRequest(teacher=teacher, max_rollouts=max_rollouts, wait_ms=wait_ms)
+        resp = self._call(self._stub.ClaimRollouts, req, wait_ms)
+        return [rollout_from_proto(r, self._limits, f"rollouts[{i}]") for i, r in enumerate(resp.rollouts)]
+
+    def put_scores(self, scores: Sequence[TeacherScores]) -> PutResult:
+        """Store teacher scores of claimed rollouts. Raises CacheFull under backpressure."""
+        req = cache_pb2.PutScoresRequest(scores=[scores_to_proto(s, self._dtype) for s in scores])
+        resp = self._call(self._stub.PutScores, req)
+        return PutResult(int(resp.accepted), int(resp.duplicates))
+
+    # -- learner ----------------------------------------------------------------------------
+
+    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch | None:
+        """Claim exactly `size` scored samples no staler than the bound, or None if not ready."""
+        req = cache_pb2.PullBatchRequest(size=size, learner_version=learner_version, wait_ms=wait_ms, learner=learner)
+        resp = self._call(self._stub.PullBatch, req, wait_ms)
+        if not resp.batch_id:
+            return None
+        samples = [scored_from_proto(s, self._limits, f"samples[{i}]") for i, s in enumerate(resp.samples)]
+        return Batch(batch_id=resp.batch_id, samples=samples, staleness=[int(s) for s in resp.staleness])
+
+    def ack_batch(self, batch_id: str) -> int:
+        """The batch was trained: its samples are removed and counted; returns how many."""
+        return int(self._call(self._stub.AckBatch, cache_pb2.AckBatchRequest(batch_id=batch_id)).trained)
+
+    def publish_version(self, version: int, finished: bool = False) -> int:
+        """Publish the learner's version (optimizer steps taken); `finished` stops admission."""
+        req = cache_pb2.PublishVersionRequest(version=version, finished=finished)
+        return int(self._call(self._stub.PublishVersion, req).version)
+
+    # -- anyone -----------------------------------------------------------------------------
+
+    def stats_snapshot(self) -> CacheStats:
+        """The accounting as a typed record."""
+        r = self._call(self._stub.Stats, cache_pb2.StatsRequest())
+        return CacheStats(
+            learner_version=int(r.learner_version),
+            admitted=int(r.admitted),
+            produced=int(r.produced),
+            trained=int(r.trained),
+            dropped=dict(r.dropped),
+            in_flight=int(r.in_flight),
+            bytes_held=int(r.bytes_held),
+            byte_budget=int(r.byte_budget),
+            queue_depth=dict(r.queue_depth),
+            staleness_served={int(k): int(v) for k, v in r.staleness_served.items()},
+            evictions=dict(r.evictions),
+            max_staleness=int(r.max_staleness),
+            redis_errors=int(r.redis_errors),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """The accounting as a plain dict (JSON-friendly), e.g. for run reports."""
+        s = self.stats_snapshot()
+        return {
+            "learner_version": s.learner_version,
+            "admitted": s.admitted,
+            "produced": s.produced,
+            "trained": s.trained,
+            "dropped": dict(s.dropped),
+            "in_flight": s.in_flight,
+            "bytes_held": s.bytes_held,
+            "byte_budget": s.byte_budget,
+            "queue_depth": dict(s.queue_depth),
+            "staleness_served": dict(s.staleness_served),
+            "evictions": dict(s.evictions),
+            "max_staleness": s.max_staleness,
+            "redis_errors": s.redis_errors,
+        }
