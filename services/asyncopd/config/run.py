@@ -10,6 +10,7 @@ from asyncopd.config.cache import CacheConfig
 from asyncopd.config.endpoints import EndpointsConfig
 from asyncopd.config.learner import LearnerConfig
 from asyncopd.config.loss import LossConfig
+from asyncopd.config.metrics import MetricsConfig
 from asyncopd.config.model import ModelsConfig, TaskConfig
 from asyncopd.config.redis import RedisConfig
 from asyncopd.config.rollout import RolloutConfig
@@ -40,6 +41,7 @@ class RunConfig(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner.")
     weightsync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Weight broadcast.")
     tls: TLSConfig = Field(default_factory=TLSConfig, description="gRPC TLS.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus export.")
     autoscaler: AutoscalerConfig = Field(
         default_factory=AutoscalerConfig, description="Rollout autoscaler (Kubernetes)."
     )
