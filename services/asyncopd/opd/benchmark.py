@@ -1,0 +1,204 @@
+"""Time and peak memory of every OPD estimator (forward + backward) against a dense reference.
+
+Inputs are synthetic (random student/teacher logits, the teacher's top-K, the behaviour
+student's top-K and N samples from it); only the cost of the loss is measured, not a model.
+
+Memory is the process's resident-set high-water mark during one forward + backward call minus
+the resident set just before it, read from Linux /proc/self/status (VmHWM, reset by writing
+"5" to /proc/self/clear_refs). tracemalloc cannot see torch's C++ allocations and
+`resource.ru_maxrss` never resets, which is why neither is used. The figure includes every
+temporary and the [positions, V] gradient of the logits (which every estimator must produce),
+but not the inputs, which exist before the call. Where the clear_refs reset is unavailable
+(not Linux), memory is reported as n/a. glibc keeps freed blocks below its (self-raising) mmap
+threshold in the heap, where a later allocation reuses them without raising RSS; the benchmark
+therefore pins that threshold low with mallopt and trims the heap before each call, so that
+every block of 256 KiB or more shows up. This module knows nothing about the CLI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from asyncopd.opd.estimators import (
+    forward_kl_full,
+    forward_kl_topk,
+    reverse_kl_full,
+    reverse_kl_mc,
+    reverse_kl_topk,
+)
+
+REFERENCE = "dense reverse KL, plain autograd"
+"""The row every ratio is relative to: what one writes without this library."""
+
+Estimator = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One estimator's cost for one forward + backward over all positions."""
+
+    name: str
+    seconds: float
+    """Fastest of the repeats."""
+    peak_bytes: int | None
+    """Largest RSS high-water delta over the repeats; None where it cannot be measured."""
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter numbers (malloc.h)
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _return_freed_memory(libc: ctypes.CDLL | None) -> None:
+    """Make freed blocks leave the resident set, so the next call's peak is its own."""
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line")
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel interface is missing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure(estimator: Estimator, logits: Tensor, repeats: int) -> tuple[float, int | None]:
+    """Fastest wall time and largest peak-RSS delta of `estimator(logits).sum().backward()`."""
+    libc = _glibc()
+    if libc is not None:
+        # a fixed threshold also switches off glibc's dynamic raising of it
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    best, peak = math.inf, 0
+    measurable = True
+    for _ in range(repeats):
+        logits.grad = None
+        _return_freed_memory(libc)
+        measurable = measurable and _reset_peak_rss()
+        before = _status_kib("VmRSS") if measurable else 0
+        start = time.perf_counter()
+        estimator(logits).sum().backward()
+        best = min(best, time.perf_counter() - start)
+        if measurable:
+            peak = max(peak, (_status_kib("VmHWM") - before) * 1024)
+    logits.grad = None
+    return best, (peak if measurable else None)
+
+
+def _dense_reverse_autograd(teacher_logits: Tensor) -> Estimator:
+    def estimator(student_logits: Tensor) -> Tensor:
+        log_pi = torch.log_softmax(student_logits.float(), dim=-1)
+        log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+        return (log_pi.exp() * (log_pi - log_p)).sum(-1)
+
+    return estimator
+
+
+def estimator_cases(
+    positions: int, vocab: int, k: int, seed: int, dtype: torch.dtype
+) -> tuple[Tensor, dict[str, Estimator]]:
+    """Student logits [positions, V] (leaf) and the estimators to run on them, reference first."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn((positions, vocab), generator=gen) * 3).to(dtype).requires_grad_()
+    teacher = (student.detach().float() + torch.randn((positions, vocab), generator=gen)).to(dtype)
+    with torch.no_grad():
+        teacher_logprobs = torch.log_softmax(teacher.float(), dim=-1)
+        teacher_topk_lp, teacher_topk = teacher_logprobs.topk(k, dim=-1)
+        behavior = torch.log_softmax(
+            student.detach().float() + 0.3 * torch.randn((positions, vocab), generator=gen), -1
+        )
+        support = behavior.topk(k, dim=-1).indices
+        support_teacher = teacher_logprobs.gather(-1, support)
+        samples = torch.multinomial(behavior.exp(), k, replacement=True, generator=gen)
+        samples_teacher = teacher_logprobs.gather(-1, samples)
+        samples_behavior = behavior.gather(-1, samples)
+        samples_proximal = torch.log_softmax(student.detach().float(), -1).gather(-1, samples)
+        del teacher_logprobs, behavior
+    mc_args = (samples, samples_teacher, samples_behavior)
+    cases: dict[str, Estimator] = {
+        REFERENCE: _dense_reverse_autograd(teacher),
+        "reverse_kl_full (chunked)": lambda z: reverse_kl_full(z, teacher),
+        "forward_kl_full (chunked)": lambda z: forward_kl_full(z, teacher),
+        "forward_kl_topk drop": lambda z: forward_kl_topk(z, teacher_topk, teacher_topk_lp, tail="drop"),
+        "forward_kl_topk bucket": lambda z: forward_kl_topk(z, teacher_topk, teacher_topk_lp, tail="bucket"),
+        "forward_kl_topk renorm": lambda z: forward_kl_topk(z, teacher_topk, teacher_topk_lp, tail="renorm"),
+        "reverse_kl_topk drop": lambda z: reverse_kl_topk(z, support, support_teacher, tail="drop"),
+        "reverse_kl_topk bucket": lambda z: reverse_kl_topk(z, support, support_teacher, tail="bucket"),
+        "reverse_kl_mc recompute+is": lambda z: reverse_kl_mc(z, *mc_args, correction="is"),
+        "reverse_kl_mc ppo_clip": lambda z: reverse_kl_mc(z, *mc_args, correction="ppo_clip"),
+        "reverse_kl_mc decoupled": lambda z: reverse_kl_mc(
+            z, *mc_args, correction="decoupled", proximal_logprobs=samples_proximal
+        ),
+        "reverse_kl_mc m2po": lambda z: reverse_kl_mc(z, *mc_args, correction="m2po"),
+    }
+    return student, cases
+
+
+def run_estimators(
+    positions: int,
+    vocab: int,
+    k: int,
+    *,
+    repeats: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    only: tuple[str, ...] = (),
+    progress: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
+    """Measure every case (or those whose name contains one of `only`; the reference always runs)."""
+    logits, cases = estimator_cases(positions, vocab, k, seed, dtype)
+    results = []
+    for name, estimator in cases.items():
+        if only and name != REFERENCE and not any(part in name for part in only):
+            continue
+        seconds, peak = measure(estimator, logits, repeats)
+        result = BenchResult(name=name, seconds=seconds, peak_bytes=peak)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return results
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """A fixed-width table with time and peak memory, and both as ratios to the reference row."""
+    reference = next(r for r in results if r.name == REFERENCE)
+    width = max(len(r.name) for r in results)
+    lines = [
+        f"{'estimator':<{width}}  {'time s':>8}  {'x ref':>6}  {'peak MiB':>9}  {'x ref':>6}",
+        "-" * (width + 38),
+    ]
+    for r in results:
+        mem = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
+        mem_ratio = (
+            "n/a" if r.peak_bytes is None or not reference.peak_bytes else f"{r.peak_bytes / reference.peak_bytes:.2f}"
+        )
+        lines.append(
+            f"{r.name:<{width}}  {r.seconds:>8.3f}  {r.seconds / reference.seconds:>6.2f}  {mem:>9}  {mem_ratio:>6}"
+        )
+    return "\n".join(lines)
