@@ -1,0 +1,79 @@
+"""LearnerService over gRPC: a thin adapter from requests to the weight-sync publisher and the
+trainer's progress. It parses, calls domain code, and builds responses; nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from asyncopd.rpc import status_errors
+from asyncopd.v1 import learner_pb2 as pb
+from asyncopd.v1 import learner_pb2_grpc as pb_grpc
+from asyncopd.weightsync.publisher import Publisher
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What Status reports about training."""
+
+    version: int = 0
+    steps_total: int = 0
+    last_loss: float = 0.0
+    train_tokens_per_second: float = 0.0
+    finished: bool = False
+
+
+class LearnerServicer(pb_grpc.LearnerServiceServicer):
+    """Registration of rollout replicas for the weight broadcast, and training status."""
+
+    def __init__(self, publisher: Publisher, progress: Callable[[], Progress]) -> None:
+        self._publisher = publisher
+        self._progress = progress
+
+    @status_errors
+    def RegisterReplica(  # noqa: N802
+        self, request: pb.RegisterReplicaRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterReplicaResponse:
+        reg = self._publisher.register(
+            request.replica, device=request.device or "cpu", address=request.address, collective=request.collective
+        )
+        return pb.RegisterReplicaResponse(
+            store_host=reg.store_host,
+            store_port=reg.store_port,
+            membership_epoch=reg.membership_epoch,
+            rank=-1,  # assigned when the epoch's group forms: read from the store (see registration)
+            world_size=reg.world_size,
+            version=reg.version,
+            backend=reg.backend,
+            registration=reg.registration,
+            timeout_s=reg.timeout_s,
+        )
+
+    @status_errors
+    def UnregisterReplica(  # noqa: N802
+        self, request: pb.UnregisterReplicaRequest, context: grpc.ServicerContext
+    ) -> pb.UnregisterReplicaResponse:
+        self._publisher.unregister(request.replica, request.registration)
+        return pb.UnregisterReplicaResponse()
+
+    @status_errors
+    def Status(self, request: pb.LearnerStatusRequest, context: grpc.ServicerContext) -> pb.LearnerStatusResponse:  # noqa: N802
+        p = self._progress()
+        return pb.LearnerStatusResponse(
+            version=p.version,
+            steps_total=p.steps_total,
+            last_loss=p.last_loss,
+            train_tokens_per_second=p.train_tokens_per_second,
+            replicas=len(self._publisher.replicas),
+            finished=p.finished,
+        )
+
+
+def add_to_server(servicer: LearnerServicer) -> Callable[[grpc.Server], None]:
+    return lambda server: pb_grpc.add_LearnerServiceServicer_to_server(servicer, server)
+
+
+SERVICE_NAME = "asyncopd.v1.LearnerService"

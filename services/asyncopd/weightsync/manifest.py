@@ -1,0 +1,191 @@
+"""What one weight update holds and how it is laid out in broadcast buckets.
+
+A `Manifest` lists every tensor (name, dtype, shape) and where its bytes sit in which bucket.
+Buckets are flat uint8 tensors of at most `bucket_bytes` (a tensor larger than that gets a
+bucket of its own), so any dtype travels bit-exact and the receiver can rebuild views of the
+right dtype without a copy. The manifest travels as JSON through the rendezvous store; the
+buckets travel through the collective (or as gRPC chunks).
+
+This module knows tensors and bytes; it knows nothing of process groups, stores or gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Offsets inside a bucket are aligned so every dtype view of a slice is legal (and fast).
+_ALIGN = 16
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class ManifestError(ValueError):
+    """An update whose tensors, shapes or bytes do not match what was announced."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an update: its name, dtype, shape and place in the buckets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The layout of one update: tensor specs plus the byte size of every bucket."""
+
+    tensors: tuple[TensorSpec, ...]
+    bucket_sizes: tuple[int, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bucket_sizes)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "tensors": [[t.name, t.dtype, list(t.shape), t.bucket, t.offset] for t in self.tensors],
+                "bucket_sizes": list(self.bucket_sizes),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        specs = tuple(
+            TensorSpec(name=str(n), dtype=str(d), shape=tuple(int(x) for x in s), bucket=int(b), offset=int(o))
+            for n, d, s, b, o in raw["tensors"]
+        )
+        manifest = cls(tensors=specs, bucket_sizes=tuple(int(x) for x in raw["bucket_sizes"]))
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Names unique, dtypes known, every tensor inside its bucket."""
+        seen: set[str] = set()
+        for spec in self.tensors:
+            if spec.name in seen:
+                raise ManifestError(f"tensor {spec.name!r} appears twice in the update")
+            seen.add(spec.name)
+            if spec.dtype not in _DTYPES:
+                raise ManifestError(f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
+            if any(d < 0 for d in spec.shape):
+                raise ManifestError(f"tensor {spec.name!r} has a negative dimension {spec.shape}")
+            if not 0 <= spec.bucket < len(self.bucket_sizes):
+                raise ManifestError(f"tensor {spec.name!r} names bucket {spec.bucket} of {len(self.bucket_sizes)}")
+            if spec.offset % _ALIGN or spec.offset + spec.nbytes > self.bucket_sizes[spec.bucket]:
+                raise ManifestError(f"tensor {spec.name!r} does not fit bucket {spec.bucket} at offset {spec.offset}")
+
+    def check_against(self, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        """Raise unless the update holds exactly `expected` {name: (dtype, shape)}."""
+        got = {t.name: (t.dtype, t.shape) for t in self.tensors}
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
+        if missing or extra or wrong:
+            raise ManifestError(
+                f"update does not match the model: missing {missing[:5]}, unexpected {extra[:5]}, "
+                f"dtype/shape differs for {[(n, got[n], expected[n]) for n in wrong[:5]]}"
+            )
+
+    def empty_buckets(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        return [torch.empty(size, dtype=torch.uint8, device=device) for size in self.bucket_sizes]
+
+    def unpack(self, buckets: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """Views of every tensor into the received buckets (no copy), in manifest order."""
+        if [int(b.numel()) for b in buckets] != list(self.bucket_sizes):
+            raise ManifestError(
+                f"bucket sizes {[int(b.numel()) for b in buckets]} != announced {list(self.bucket_sizes)}"
+            )
+        out: list[tuple[str, torch.Tensor]] = []
+        for spec in self.tensors:
+            raw = buckets[spec.bucket][spec.offset : spec.offset + spec.nbytes]
+            out.append((spec.name, raw.view(_DTYPES[spec.dtype]).view(spec.shape)))
+        return out
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def plan(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Manifest:
+    """Assign tensors to buckets in order, starting a new bucket when the next would overflow."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    specs: list[TensorSpec] = []
+    sizes: list[int] = []
+    fill = 0
+    for name, tensor in named:
+        dtype = _NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise ManifestError(f"tensor {name!r} has dtype {tensor.dtype}, which weight sync cannot carry")
+        nbytes = tensor.numel() * tensor.element_size()
+        if not sizes or (fill > 0 and _aligned(fill) + nbytes > bucket_bytes):
+            sizes.append(0)
+            fill = 0
+        offset = _aligned(fill)
+        specs.append(
+            TensorSpec(name=name, dtype=dtype, shape=tuple(tensor.shape), bucket=len(sizes) - 1, offset=offset)
+        )
+        fill = offset + nbytes
+        sizes[-1] = _aligned(fill)
+    manifest = Manifest(tensors=tuple(specs), bucket_sizes=tuple(sizes))
+    manifest.validate()
+    return manifest
+
+
+@torch.no_grad()
+def pack(
+    named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
+) -> list[torch.Tensor]:
+    """Copy the tensors into fresh buckets on `device` (a snapshot: later training steps do not leak in)."""
+    if len(named) != len(manifest.tensors):
+        raise ManifestError(f"{len(named)} tensors given, manifest lists {len(manifest.tensors)}")
+    buckets = [torch.zeros(size, dtype=torch.uint8, device=device) for size in manifest.bucket_sizes]
+    for (name, tensor), spec in zip(named, manifest.tensors, strict=True):
+        if name != spec.name or tuple(tensor.shape) != spec.shape:
+            raise ManifestError(f"tensor {name!r} {tuple(tensor.shape)} does not match manifest entry {spec}")
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        buckets[spec.bucket][spec.offset : spec.offset + spec.nbytes].copy_(flat)
+    return buckets
+
+
+def checksum(buckets: Sequence[torch.Tensor]) -> str:
+    """Hex digest over the bytes of every bucket (moved to host memory when needed)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for bucket in buckets:
+        digest.update(bucket.detach().cpu().contiguous().numpy().data)
+    return digest.hexdigest()

@@ -1,0 +1,171 @@
+"""A rollout replica's side of weight sync: register, join each membership epoch, receive updates.
+
+`run_subscriber(...)` blocks (run it in a thread) until `stop` is set. It registers with the
+learner over gRPC, follows its group assignments through the learner's store (see the protocol
+in `asyncopd.weightsync.publisher`), receives every update's buckets by broadcast, verifies
+them (manifest consistency, optional expected names/shapes, optional checksum), acks, and then
+hands `(version, [(name, tensor), ...])` to `apply` — the engine's `load_weights`. An update
+whose version the replica already holds (a rebuilt group re-sending it) is acked, not re-applied.
+The tensors handed to `apply` are views into fresh receive buffers: `apply` may keep them.
+
+If the learner goes away (its store refuses connections) or drops this replica, the subscriber
+registers again with a backoff, so a restarted learner picks its replicas back up.
+
+It knows the store protocol and torch.distributed; it knows nothing of engines or generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from asyncopd.config.security import TLSConfig
+from asyncopd.config.weightsync import WeightSyncConfig
+from asyncopd.rpc import channel
+from asyncopd.weightsync import groups
+from asyncopd.weightsync.manifest import Manifest, ManifestError, checksum
+from asyncopd.wire.learner_client import LearnerClient
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[int, Iterable[tuple[str, torch.Tensor]]], None]
+
+
+class Dropped(RuntimeError):
+    """The learner removed this registration from the broadcast (it will register again)."""
+
+
+class Subscriber:
+    """One registration's life: assignments -> groups -> updates, until dropped or stopped."""
+
+    def __init__(
+        self,
+        client: LearnerClient,
+        replica: str,
+        apply: Apply,
+        stop: threading.Event,
+        *,
+        device: torch.device | str = "cpu",
+        expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+        verify_checksum: bool = False,
+    ) -> None:
+        self.client = client
+        self.replica = replica
+        self.apply = apply
+        self.stop = stop
+        self.device = torch.device(device)
+        self.expected = expected
+        self.verify_checksum = verify_checksum
+        self.version = -1  # last applied version
+        self.updates = 0  # updates applied
+
+    def run(self) -> None:
+        """Register and follow assignments until `stop` (returns) or dropped / learner gone (raises)."""
+        reg = self.client.register(self.replica, collective=True, device=str(self.device))
+        store = groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s)
+        log.info("replica %s registered with the learner (registration %d)", self.replica, reg.registration)
+        try:
+            k = 0
+            while not self.stop.is_set():
+                raw = groups.poll_key(store, groups.assign_key(self.replica, reg.registration, k), self.stop)
+                if raw is None:
+                    return
+                k += 1
+                assignment = json.loads(raw)
+                if assignment.get("dropped"):
+                    raise Dropped(str(assignment.get("reason", "dropped by the learner")))
+                self._join(store, assignment, reg.timeout_s)
+        finally:
+            if self.stop.is_set():
+                self._unregister(reg.registration)
+
+    def _unregister(self, registration: int) -> None:
+        try:
+            self.client.unregister(self.replica, registration)
+        except grpc.RpcError as exc:
+            log.info("replica %s: unregister failed (learner gone?): %s", self.replica, exc.code())
+
+    def _join(self, store: dist.Store, assignment: dict[str, object], timeout_s: float) -> None:
+        epoch, rank, world = int(assignment["epoch"]), int(assignment["rank"]), int(assignment["world"])  # type: ignore[call-overload]
+        backend = groups.resolve_backend(str(assignment["backend"]), self.device)
+        store.set(groups.ready_key(epoch, rank), "1")
+        go = groups.poll_key(store, groups.go_key(epoch), self.stop, timeout_s=2 * timeout_s)
+        if go != "build":
+            return
+        try:
+            pg = groups.make_group(store, epoch, rank=rank, world=world, backend=backend, timeout_s=timeout_s)
+        except (dist.DistError, RuntimeError) as exc:
+            log.warning("replica %s: group of epoch %d did not form: %s", self.replica, epoch, exc)
+            return
+        log.info("replica %s joined membership epoch %d as rank %d of %d", self.replica, epoch, rank, world)
+        buffers = groups.bucket_device(backend, self.device)
+        seq = 0
+        while not self.stop.is_set():
+            seq += 1
+            raw = groups.poll_key(store, groups.command_key(epoch, seq), self.stop)
+            if raw is None:
+                return
+            command = json.loads(raw)
+            if command["op"] != "update":
+                return  # rebuild: the next assignment says where to go
+            version = int(command["version"])
+            manifest = Manifest.from_json(command["manifest"])
+            buckets = manifest.empty_buckets(buffers)
+            try:
+                for bucket in buckets:
+                    groups.broadcast(pg, bucket, timeout_s)
+            except (dist.DistError, RuntimeError) as exc:
+                log.warning(
+                    "replica %s: broadcast of version %d failed (%s); waiting for a rebuild", self.replica, version, exc
+                )
+                return
+            self._verify(manifest, buckets, str(command.get("checksum", "")), version)
+            store.add(groups.ack_key(epoch, seq), 1)
+            if version > self.version:
+                self.apply(version, manifest.unpack(buckets))
+                self.version = version
+                self.updates += 1
+
+    def _verify(self, manifest: Manifest, buckets: list[torch.Tensor], digest: str, version: int) -> None:
+        if self.expected is not None:
+            manifest.check_against(self.expected)
+        if self.verify_checksum and digest and checksum(buckets) != digest:
+            raise ManifestError(f"checksum mismatch in weight update version {version}")
+
+
+def run_subscriber(  # noqa: PLR0917 - positional signature fixed by the contract with rollout
+    learner_address: str,
+    replica: str,
+    apply: Apply,
+    stop: threading.Event,
+    config: WeightSyncConfig,
+    tls: TLSConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+    retry_s: float = 1.0,
+) -> None:
+    """Receive weight updates from the learner at `learner_address` until `stop` is set.
+
+    Blocking; run it in a thread. `apply(version, named_tensors)` is called for every new
+    version (the rollout engine's `load_weights`). Reconnects with a backoff when the learner is
+    unreachable or drops this replica. A corrupted update (checksum / manifest mismatch) raises.
+    """
+    with channel(learner_address, tls=tls) as chan:
+        client = LearnerClient(chan)
+        subscriber = Subscriber(
+            client, replica, apply, stop, device=device, expected=expected, verify_checksum=config.checksum
+        )
+        while not stop.is_set():
+            try:
+                subscriber.run()
+            except (grpc.RpcError, dist.DistError, Dropped) as exc:
+                detail = exc.code() if isinstance(exc, grpc.RpcError) else exc
+                log.info("replica %s: weight sync (re)connecting in %.1fs: %s", replica, retry_s, detail)
+                stop.wait(retry_s)

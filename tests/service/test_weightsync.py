@@ -1,0 +1,151 @@
+"""Weight sync end to end on loopback: a real learner gRPC server hosting the publisher, and
+real subscriber processes joining, leaving and dying (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from asyncopd.config.endpoints import ServerConfig
+from asyncopd.config.weightsync import WeightSyncConfig
+from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
+from asyncopd.rpc import RunningServer, start_server
+from asyncopd.weightsync.manifest import ManifestError
+from asyncopd.weightsync.publisher import Publisher
+from asyncopd.weightsync.subscriber import run_subscriber
+from weightsync_replica import digest
+
+pytestmark = pytest.mark.service
+
+TIMEOUT_S = 2.0
+HERE = Path(__file__).parent
+
+
+def weights(step: int) -> list[tuple[str, torch.Tensor]]:
+    """A small 'model' with mixed dtypes, several buckets at bucket_mb=0.05, different per step."""
+    g = torch.Generator().manual_seed(step)
+    return [
+        ("embed.weight", torch.randn(64, 96, generator=g)),
+        ("layer.0.w", torch.randn(96, 96, generator=g).to(torch.bfloat16)),
+        ("layer.0.b", torch.randn(96, generator=g).to(torch.float16)),
+        ("layer.1.w", torch.randn(128, 100, generator=g)),
+        ("steps", torch.tensor([step], dtype=torch.int64)),
+        ("mask", torch.rand(33, generator=g) > 0.5),
+    ]
+
+
+@pytest.fixture
+def learner() -> Iterator[tuple[Publisher, RunningServer]]:
+    publisher = Publisher(WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=True))
+    server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
+    yield publisher, server
+    publisher.close()
+    server.stop(0)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def start_replica(address: str, name: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "weightsync_replica.py"), address, name, str(log), str(TIMEOUT_S)], env=env
+    )
+
+
+def applied(log: Path) -> list[dict]:  # type: ignore[type-arg]
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_late_joiner_and_dead_replica(learner: tuple[Publisher, RunningServer], tmp_path: Path) -> None:
+    publisher, server = learner
+    log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a = start_replica(server.address, "replica-a", log_a)
+    b: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: publisher.replicas == ["replica-a"])
+        for version in (1, 2, 3):
+            publisher.publish(version, weights(version))
+        wait_for(lambda: len(applied(log_a)) == 3)
+        assert [u["version"] for u in applied(log_a)] == [1, 2, 3]
+
+        # A late joiner first receives the current weights (version 3), not an empty model.
+        b = start_replica(server.address, "replica-b", log_b)
+        wait_for(lambda: applied(log_b) != [])
+        assert applied(log_b)[0] == {"version": 3, "digest": digest(weights(3))}
+        assert publisher.replicas == ["replica-a", "replica-b"]
+
+        publisher.publish(4, weights(4))
+        a.kill()  # dies mid-run, without unregistering
+        a.wait()
+        start = time.monotonic()
+        for version in (5, 6):
+            publisher.publish(version, weights(version))
+        # The dead replica costs a bounded wait (a failed broadcast or missing ack + one
+        # ready timeout per rebuild), never a hang.
+        assert time.monotonic() - start < 4 * TIMEOUT_S + 5
+        assert publisher.replicas == ["replica-b"]
+        wait_for(lambda: applied(log_b)[-1]["version"] == 6)
+        for update in applied(log_b) + applied(log_a):
+            assert update["digest"] == digest(weights(update["version"])), update["version"]
+        assert [u["version"] for u in applied(log_b)] == [3, 4, 5, 6]
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
+def test_stop_unregisters_and_checks_names(learner: tuple[Publisher, RunningServer]) -> None:
+    publisher, server = learner
+    got: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def apply(version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        got.append((version, {n: t.clone() for n, t in named}))
+
+    stop = threading.Event()
+    cfg = WeightSyncConfig(timeout_s=TIMEOUT_S, checksum=True)
+    thread = threading.Thread(target=run_subscriber, args=(server.address, "in-proc", apply, stop, cfg))
+    thread.start()
+    wait_for(lambda: publisher.replicas == ["in-proc"])
+    publisher.publish(1, weights(1))
+    wait_for(lambda: len(got) == 1)
+    version, tensors = got[0]
+    assert version == 1
+    for name, tensor in weights(1):
+        assert tensors[name].dtype == tensor.dtype
+        assert torch.equal(tensors[name], tensor)
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    wait_for(lambda: publisher.replicas == [])
+    # a version must move forward
+    with pytest.raises(ValueError, match="not newer"):
+        publisher.publish(1, weights(1))
+
+
+def test_manifest_rejects_a_model_mismatch() -> None:
+    from asyncopd.weightsync.manifest import plan
+
+    manifest = plan(weights(0), bucket_bytes=1 << 14)
+    expected = {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in weights(0)}
+    manifest.check_against(expected)
+    expected["layer.0.b"] = ("float16", (97,))
+    with pytest.raises(ManifestError, match=r"layer\.0\.b"):
+        manifest.check_against(expected)
