@@ -32,3 +32,25 @@ class CacheConfig(Section):
     order: Literal["oldest-first", "newest-first"] = Field(
         "oldest-first", description="Which eligible samples a batch takes first."
     )
+    logprob_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16",
+        description="Dtype the cache stores log-probs in (ids stay int32); float16 halves the bytes of float32.",
+    )
+    max_request_mb: float = Field(
+        48.0,
+        gt=0,
+        description="Largest put request accepted, in MiB; larger ones get INVALID_ARGUMENT "
+        "(keep it below server.max_message_mb, which gRPC itself enforces).",
+    )
+    max_items_per_request: int = Field(
+        4096, ge=1, description="Most prompts, rollouts, scores or batch samples one request may ask for or carry."
+    )
+    max_wait_ms: int = Field(
+        10000, ge=0, description="Longest server-side wait a request may ask for (longer waits are cut to this)."
+    )
+    poll_interval_ms: float = Field(
+        10.0, gt=0, description="How often a waiting request re-checks Redis for prompts or a full batch."
+    )
+    redis_retry_s: float = Field(
+        30.0, gt=0, description="How long a request retries a lost Redis connection before failing UNAVAILABLE."
+    )
