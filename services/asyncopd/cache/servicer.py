@@ -305,4 +305,6 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             evictions=s.evictions,
             max_staleness=s.max_staleness,
             redis_errors=s.redis_errors,
+            counters=s.counters,
+            finished=s.finished,
         )

@@ -68,6 +68,8 @@ class CacheStats:
     evictions: dict[str, int] = field(default_factory=dict)
     max_staleness: int = 0
     redis_errors: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    finished: bool = False
 
     @property
     def dropped_total(self) -> int:
@@ -179,6 +181,8 @@ class CacheClient:
             evictions=dict(r.evictions),
             max_staleness=int(r.max_staleness),
             redis_errors=int(r.redis_errors),
+            counters=dict(r.counters),
+            finished=bool(r.finished),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -198,4 +202,6 @@ class CacheClient:
             "evictions": dict(s.evictions),
             "max_staleness": s.max_staleness,
             "redis_errors": s.redis_errors,
+            "counters": dict(s.counters),
+            "finished": s.finished,
         }
