@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-
 from asyncopd.cache.main import RunningCache, start_cache
 from asyncopd.config import RunConfig, config_from_dict
 from asyncopd.rpc import channel
@@ -78,7 +77,11 @@ def running_cache(
 ) -> Iterator[tuple[RunningCache, CacheClient]]:
     """A cache server on a free port and a client to it; Redis keys are wiped afterwards."""
     cache = start_cache(
-        config, "cache-test", prompts=prompts or tiny_prompts(), tokenize=tokenize, vocab_size=VOCAB,
+        config,
+        "cache-test",
+        prompts=prompts or tiny_prompts(),
+        tokenize=tokenize,
+        vocab_size=VOCAB,
         serve_metrics=False,
     )
     ch = channel(cache.address)
@@ -94,6 +97,7 @@ def running_cache(
 def make_rollout(
     prompt: Prompt,
     version: int | Sequence[int] = 0,
+    *,
     num_tokens: int = 6,
     support: SupportKind = SupportKind.NONE,
     k: int = 3,
