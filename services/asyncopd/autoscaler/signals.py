@@ -1,0 +1,70 @@
+"""Turning the cache's Stats and the learner's Status into the policy's two pressures.
+
+Pure: it is handed the already-fetched stats (the mapping `CacheClient.stats()` returns) and
+learner status (any object or mapping with `finished`), and keeps a short window of what it
+saw. It knows nothing of gRPC or Kubernetes.
+
+Per observation:
+- the learner *waits for data* when fewer scored samples are ready than one learner batch
+  (its next PullBatch has to block);
+- admission *blocks rollouts* when the ready samples already cover every version the
+  staleness bound lets the learner consume ((max_staleness + 1) batches), or when the cache's
+  byte budget is (nearly) full: either way the cache refuses new prompts.
+A finished run exerts no pressure. The pressures are the fractions of the last `window`
+observations in which each held.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# The byte budget counts as full a little before 100 %: eviction starts there.
+BUDGET_FULL_FRACTION = 0.95
+
+
+@dataclass(frozen=True)
+class Pressures:
+    """Fractions in [0, 1] of the recent window; see the module docstring."""
+
+    learner_wait: float
+    admission_blocked: float
+    ready_samples: int
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+class SignalWindow:
+    """Keeps the last `window` boolean observations of each pressure."""
+
+    def __init__(self, batch_size: int, window: int = 4) -> None:
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"batch_size and window must be >= 1, got {batch_size}, {window}")
+        self.batch_size = batch_size
+        self._waits: deque[bool] = deque(maxlen=window)
+        self._blocks: deque[bool] = deque(maxlen=window)
+
+    def observe(self, cache_stats: Mapping[str, Any], learner_status: Any) -> Pressures:
+        queue = cache_stats.get("queue_depth") or {}
+        ready = int(queue.get("scored", 0))
+        max_staleness = int(cache_stats.get("max_staleness", 0))
+        budget = int(cache_stats.get("byte_budget", 0))
+        held = int(cache_stats.get("bytes_held", 0))
+        finished = bool(_get(learner_status, "finished", False))
+
+        waiting = not finished and ready < self.batch_size
+        budget_full = budget > 0 and held >= BUDGET_FULL_FRACTION * budget
+        blocked = not finished and (ready >= (max_staleness + 1) * self.batch_size or budget_full)
+        self._waits.append(waiting)
+        self._blocks.append(blocked)
+        return Pressures(
+            learner_wait=sum(self._waits) / len(self._waits),
+            admission_blocked=sum(self._blocks) / len(self._blocks),
+            ready_samples=ready,
+        )
