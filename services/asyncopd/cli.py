@@ -19,6 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "asyncopd.config.cli",
     "asyncopd.eval_cli",
     "asyncopd.toy.cli",
+    "asyncopd.launch.cli",
     "asyncopd.benchmarks",
 )
 

@@ -1,0 +1,51 @@
+"""`asyncopd run -c CONFIG [--set k=v ...] [--report PATH]`: the whole pipeline locally."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from asyncopd.serve_cli import add_config_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline locally (Redis, cache, teachers, rollouts, learner) and report",
+        description=(
+            "Start Redis (or reuse the configured one), the cache, teacher and rollout replicas and the "
+            "learner as local processes on loopback, show progress, stop them all, and write a report "
+            "(JSON + plots) into the run's output dir."
+        ),
+    )
+    add_config_args(p)
+    p.add_argument("--report", type=Path, default=None, help="report JSON path (default <output_dir>/report.json)")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after greedy evaluations")
+    p.add_argument("--no-teacher-eval", action="store_true", help="skip evaluating the teacher")
+    p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--max-wall-s", type=float, default=None, help="give up if training takes longer than this")
+    p.add_argument(
+        "--startup-timeout-s", type=float, default=300.0, help="seconds each service may take to become healthy"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from asyncopd.config import load_config
+    from asyncopd.launch.runner import LaunchOptions, run_pipeline
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.config, args.overrides)
+    options = LaunchOptions(
+        report_path=args.report,
+        evaluate=not args.no_eval,
+        evaluate_teacher=not args.no_teacher_eval,
+        live=not args.no_live,
+        plots=not args.no_plots,
+        max_wall_s=args.max_wall_s,
+        startup_timeout_s=args.startup_timeout_s,
+    )
+    report = run_pipeline(config, options)
+    return 1 if report.get("invariant_violations") else 0

@@ -1,0 +1,412 @@
+"""`asyncopd run`: the whole pipeline on one machine, start to report.
+
+Order of events: Redis (reused or private) → evaluate the student (and teacher) before
+training → cache → learner → teachers and rollout replicas, each a `python -m asyncopd.cli
+serve ...` child on loopback with free ports, started only once what it depends on answers
+its gRPC health check → poll progress until the learner reaches its last version → stop the
+producers, take the cache's final accounting, stop the learner (it checkpoints on SIGTERM)
+and the cache → evaluate the trained student → report and plots.
+
+The children read one resolved config file written into the run's output dir (no password
+in it: the password travels in the environment). Every child logs to `<output_dir>/logs/`.
+This module orchestrates; what each service does is its own package's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+import yaml
+from rich.console import Console
+from rich.live import Live
+
+from asyncopd import rpc
+from asyncopd.config import RunConfig, config_from_dict
+from asyncopd.config.loader import REDIS_PASSWORD_ENV
+from asyncopd.launch.health import wait_serving
+from asyncopd.launch.plots import write_plots
+from asyncopd.launch.ports import free_port
+from asyncopd.launch.processes import ChildProcess, Supervisor
+from asyncopd.launch.progress import RateMeter, Snapshot, progress_table, scrape_counter
+from asyncopd.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis
+from asyncopd.launch.report import build_report, report_table, write_report
+from asyncopd.launch.steplog import StepLogReader
+from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.learner_client import LearnerClient
+
+log = logging.getLogger(__name__)
+
+STEP_LOG_NAME = "steps.jsonl"
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+class RunStopped(RuntimeError):
+    """The launcher was asked to stop (SIGTERM) before the run finished."""
+
+
+@dataclass
+class LaunchOptions:
+    """How the launcher behaves (not part of the run config: nothing a service reads)."""
+
+    report_path: Path | None = None
+    startup_timeout_s: float = 300.0
+    stop_grace_s: float = 20.0
+    max_wall_s: float | None = None
+    poll_s: float = 1.0
+    evaluate: bool = True
+    evaluate_teacher: bool = True
+    live: bool = True
+    plots: bool = True
+    python: str = sys.executable
+
+
+@dataclass
+class Ports:
+    """Loopback ports of every server the run starts, chosen up front."""
+
+    cache: int
+    learner: int
+    teachers: list[int]
+    rollouts: list[int]
+    metrics: dict[str, int] = field(default_factory=dict)
+
+
+def pick_ports(config: RunConfig) -> Ports:
+    names = (
+        ["cache", "learner"]
+        + [f"teacher-{i}" for i in range(config.teacher.replicas)]
+        + [f"rollout-{i}" for i in range(config.rollout.replicas)]
+    )
+    # Picked one at a time with the sockets closed in between, so avoid duplicates by hand.
+    taken: set[int] = set()
+
+    def pick() -> int:
+        while True:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                return port
+
+    metrics = {name: pick() for name in names}
+    return Ports(
+        cache=pick(),
+        learner=pick(),
+        teachers=[pick() for _ in range(config.teacher.replicas)],
+        rollouts=[pick() for _ in range(config.rollout.replicas)],
+        metrics=metrics,
+    )
+
+
+def resolved_config_data(
+    config: RunConfig, out_dir: Path, redis_url: str, key_prefix: str, ports: Ports
+) -> dict[str, Any]:
+    """The config every child reads: endpoints and ports filled in, paths absolute, no password."""
+    data = config.model_dump(mode="json")
+    data["redis"]["password"] = None
+    data["redis"]["url"] = redis_url
+    data["redis"]["key_prefix"] = key_prefix
+    data["output_dir"] = str(out_dir)
+    data["endpoints"]["cache"] = f"127.0.0.1:{ports.cache}"
+    data["endpoints"]["learner"] = f"127.0.0.1:{ports.learner}"
+    data["cache"]["server"]["port"] = ports.cache
+    data["cache"]["server"]["metrics_port"] = ports.metrics["cache"]
+    data["learner"]["server"]["port"] = ports.learner
+    data["learner"]["server"]["metrics_port"] = ports.metrics["learner"]
+    data["learner"]["checkpoint_dir"] = str(out_dir / "checkpoints")
+    for section in ("cache", "learner", "teacher", "rollout"):
+        data[section]["server"]["host"] = "127.0.0.1"
+    return data
+
+
+def evaluate_accuracy(model_path: str, config: RunConfig) -> float:
+    """Greedy accuracy of a model directory on the task's test split (in this process)."""
+    import torch
+
+    from asyncopd.evaluation import evaluate
+    from asyncopd.models import load_model, load_tokenizer
+    from asyncopd.tasks import load_task
+
+    # The launcher shares the machine with nothing at this point; cap threads anyway so an
+    # evaluation never starves the services of a small machine.
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    items = list(load_task(config.task, "test"))
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, config.models.dtype, "cpu")
+    result = evaluate(model, tokenizer, items, config.rollout.sampling.max_tokens, batch_size=128)
+    return result.accuracy
+
+
+def final_student_dir(checkpoint_dir: Path) -> Path | None:
+    """The newest HF model directory (holds config.json) under the learner's checkpoint dir."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = [p.parent for p in checkpoint_dir.rglob("config.json") if (p.parent / "config.json").is_file()]
+    weights = [c for c in candidates if any(c.glob("*.safetensors")) or any(c.glob("*.bin"))]
+    if not weights:
+        return None
+    return max(weights, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+class LocalRun:
+    """One local run of the pipeline; `execute()` returns the report."""
+
+    def __init__(self, config: RunConfig, options: LaunchOptions | None = None, console: Console | None = None):
+        self.config = config
+        self.options = options or LaunchOptions()
+        self.console = console or Console(stderr=True)
+        self.out_dir = Path(config.output_dir).resolve()
+        self.run_id = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.key_prefix = f"{config.redis.key_prefix}:{self.run_id}"
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop(REDIS_PASSWORD_ENV, None)
+        if config.redis.password is not None:
+            env[REDIS_PASSWORD_ENV] = config.redis.password.get_secret_value()
+        self.supervisor = Supervisor(self.out_dir / "logs", env=env)
+        self.redis: RedisEndpoint | None = None
+        self.steps = StepLogReader(self.out_dir / STEP_LOG_NAME)
+        self._stop_requested = False
+        self._accuracy_before: float | None = None
+        self._endpoints: dict[str, str] = {}
+        self._cache: CacheClient | None = None
+        self._learner: LearnerClient | None = None
+
+    # -- children ----------------------------------------------------------------------------
+
+    def _serve(self, service: str, name: str, config_path: Path, overrides: list[str]) -> ChildProcess:
+        argv = [self.options.python, "-m", "asyncopd.cli", "serve", service, "-c", str(config_path), "--name", name]
+        for item in overrides:
+            argv += ["--set", item]
+        return self.supervisor.start(name, argv)
+
+    def _start_services(self, config_path: Path, ports: Ports) -> dict[str, str]:
+        """Start every service in dependency order; returns {child name: metrics URL}."""
+        timeout = self.options.startup_timeout_s
+        tls = self.config.tls
+        cache = self._serve("cache", "cache", config_path, [])
+        wait_serving(f"127.0.0.1:{ports.cache}", cache, timeout, tls=tls)
+        learner = self._serve("learner", "learner", config_path, [])
+        wait_serving(f"127.0.0.1:{ports.learner}", learner, timeout, tls=tls)
+        waiting: list[tuple[str, ChildProcess]] = []
+        for i, port in enumerate(ports.teachers):
+            name = f"teacher-{i}"
+            overrides = [f"teacher.server.port={port}", f"teacher.server.metrics_port={ports.metrics[name]}"]
+            waiting.append((f"127.0.0.1:{port}", self._serve("teacher", name, config_path, overrides)))
+        for i, port in enumerate(ports.rollouts):
+            name = f"rollout-{i}"
+            overrides = [f"rollout.server.port={port}", f"rollout.server.metrics_port={ports.metrics[name]}"]
+            waiting.append((f"127.0.0.1:{port}", self._serve("rollout", name, config_path, overrides)))
+        for address, child in waiting:
+            wait_serving(address, child, timeout, tls=tls)
+        return {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.metrics.items()}
+
+    def _stop_producers_then_rest(self) -> dict[str, Any] | None:
+        """Stop rollouts and teachers, read the final accounting, then stop the rest."""
+        grace = self.options.stop_grace_s
+        for child in reversed(self.supervisor.children):
+            if child.name.startswith(("rollout-", "teacher-")):
+                child.stop(grace)
+        final: dict[str, Any] | None = None
+        try:
+            final = self._cache_client().stats()
+        except grpc.RpcError as err:
+            log.warning("final cache stats unavailable: %s", err)
+        for child in reversed(self.supervisor.children):
+            if child.name in ("learner", "cache"):
+                child.stop(grace)
+        return final
+
+    # -- polling -----------------------------------------------------------------------------
+
+    def _cache_client(self) -> CacheClient:
+        if self._cache is None:
+            self._cache = CacheClient(rpc.channel(self._endpoints["cache"], tls=self.config.tls), timeout_s=5.0)
+        return self._cache
+
+    def _learner_client(self) -> LearnerClient:
+        if self._learner is None:
+            self._learner = LearnerClient(rpc.channel(self._endpoints["learner"], tls=self.config.tls), timeout_s=5.0)
+        return self._learner
+
+    def _poll(
+        self, started: float, metrics_urls: Mapping[str, str], rollout_rate: RateMeter, train_rate: RateMeter
+    ) -> tuple[Snapshot, bool]:
+        """One progress tick; returns (snapshot, learner finished)."""
+        steps_total = self.config.learner.steps
+        snap = Snapshot(elapsed_s=time.monotonic() - started, steps_total=steps_total)
+        finished = False
+        try:
+            snap.cache = self._cache_client().stats()
+            snap.version = int(snap.cache.get("learner_version", 0))
+        except grpc.RpcError as err:
+            snap.notes.append(f"cache stats: {err.code().name}")  # type: ignore[attr-defined]
+        try:
+            status = self._learner_client().status()
+            snap.learner = {"version": status.version, "finished": status.finished, "loss": status.last_loss}
+            snap.version = max(snap.version, int(status.version))
+            finished = bool(status.finished) or status.version >= steps_total
+        except grpc.RpcError as err:
+            snap.notes.append(f"learner status: {err.code().name}")  # type: ignore[attr-defined]
+        self.steps.poll()
+        records = self.steps.records
+        train = [r for r in records if r.is_step]
+        if train:
+            snap.last_step = train[-1]
+            snap.version = max(snap.version, train[-1].version)
+            tokens = sum(r.tokens or 0 for r in train)
+            snap.train_tokens_per_s = train_rate.update(float(tokens))
+        accs = [r.accuracy for r in records if r.accuracy is not None]
+        snap.last_accuracy = accs[-1] if accs else self._accuracy_before
+        rollout_total = 0.0
+        seen = False
+        for name, url in metrics_urls.items():
+            if name.startswith("rollout-"):
+                value = scrape_counter(url, "asyncopd_rollout_generated_tokens")
+                if value is not None:
+                    rollout_total += value
+                    seen = True
+        if seen:
+            snap.rollout_tokens_per_s = rollout_rate.update(rollout_total)
+        return snap, finished
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_requested = True
+
+    def execute(self) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._execute()
+        finally:
+            self.supervisor.stop_all(self.options.stop_grace_s)
+            signal.signal(signal.SIGTERM, previous)
+
+    def _execute(self) -> dict[str, Any]:
+        config, opts, console = self.config, self.options, self.console
+        accuracy_teacher: float | None = None
+        if self.steps.path.exists():
+            self.steps.path.unlink()  # a previous run's log in the same dir
+        if opts.evaluate:
+            t = time.monotonic()
+            console.print(f"evaluating the student ({config.models.student}) before training ...")
+            self._accuracy_before = evaluate_accuracy(config.models.student, config)
+            if opts.evaluate_teacher:
+                accuracy_teacher = evaluate_accuracy(config.models.teacher, config)
+            console.print(
+                f"accuracy before: student {self._accuracy_before:.3f}"
+                + (f", teacher {accuracy_teacher:.3f}" if accuracy_teacher is not None else "")
+                + f" ({time.monotonic() - t:.1f}s)"
+            )
+        self.redis = ensure_redis(self.supervisor, config.redis)
+        console.print(f"redis: {'private server ' if self.redis.private else ''}{self.redis.url}")
+        ports = pick_ports(config)
+        data = resolved_config_data(config, self.out_dir, self.redis.url, self.key_prefix, ports)
+        config_path = self.out_dir / RESOLVED_CONFIG_NAME
+        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        config_from_dict(data, str(config_path))  # the children must be able to load it
+        self._endpoints = dict(data["endpoints"])
+
+        launch_start = time.monotonic()
+        metrics_urls = self._start_services(config_path, ports)
+        ready = time.monotonic()
+        console.print(f"all services serving after {ready - launch_start:.1f}s; training {config.learner.steps} steps")
+
+        wall_start = time.time()
+        rollout_rate, train_rate = RateMeter(), RateMeter()
+        snap: Snapshot | None = None
+        live = Live(console=console, refresh_per_second=2) if opts.live else None
+        with live if live is not None else contextlib.nullcontext():
+            while True:
+                if self._stop_requested:
+                    raise RunStopped("stopped by SIGTERM before the run finished")
+                self.supervisor.check()
+                snap, finished = self._poll(ready, metrics_urls, rollout_rate, train_rate)
+                if live is not None:
+                    live.update(progress_table(snap))
+                elif int(snap.elapsed_s) % 30 == 0:
+                    console.print(f"step {snap.version}/{config.learner.steps} after {snap.elapsed_s:.0f}s")
+                if finished:
+                    break
+                if opts.max_wall_s is not None and time.monotonic() - ready > opts.max_wall_s:
+                    raise TimeoutError(
+                        f"the run did not finish within {opts.max_wall_s:.0f}s "
+                        f"(version {snap.version}/{config.learner.steps}); logs in {self.supervisor.log_dir}"
+                    )
+                time.sleep(opts.poll_s)
+        wall_seconds = time.monotonic() - ready
+        if snap is not None and not opts.live:
+            console.print(progress_table(snap))
+
+        final_stats = self._stop_producers_then_rest()
+        self.steps.poll()
+        if final_stats is None:
+            raise RuntimeError("the cache's final accounting could not be read; the report would be incomplete")
+        if self.redis is not None and not self.redis.private:
+            delete_prefix(config.redis, self.redis.url, self.key_prefix)
+
+        accuracy_after = self._accuracy_after()
+        report = build_report(
+            config,
+            final_stats,
+            self.steps.records,
+            wall_seconds=wall_seconds,
+            accuracy_before=self._accuracy_before,
+            accuracy_after=accuracy_after,
+            accuracy_teacher=accuracy_teacher,
+            extra={
+                "run_id": self.run_id,
+                "startup_seconds": round(ready - launch_start, 3),
+                "redis": "private" if self.redis.private else "shared",
+                "output_dir": str(self.out_dir),
+            },
+        )
+        report_path = opts.report_path or self.out_dir / "report.json"
+        if opts.plots:
+            plots = self._write_plots(report, wall_start)
+            report["plots"] = [str(p) for p in plots]
+        write_report(report, report_path)
+        console.print(report_table(report))
+        console.print(f"report: {report_path}")
+        return report
+
+    def _accuracy_after(self) -> float | None:
+        if not self.options.evaluate:
+            return None
+        student = final_student_dir(self.out_dir / "checkpoints")
+        if student is None:
+            accs = [r.accuracy for r in self.steps.records if r.accuracy is not None]
+            self.console.print("[yellow]no final student checkpoint found; using the learner's last evaluation")
+            return accs[-1] if accs else None
+        self.console.print(f"evaluating the trained student ({student}) ...")
+        return evaluate_accuracy(str(student), self.config)
+
+    def _write_plots(self, report: Mapping[str, Any], wall_start: float) -> list[Path]:
+        points: list[tuple[int, float, float]] = []
+        if report.get("accuracy_before") is not None:
+            points.append((0, 0.0, float(report["accuracy_before"])))
+        if report.get("accuracy_after") is not None:
+            points.append((int(report["steps"]), float(report["wall_seconds"]), float(report["accuracy_after"])))
+        hist = {int(k): int(v) for k, v in report["staleness_histogram"].items()}
+        return write_plots(self.steps.records, self.out_dir, hist, t0=wall_start, accuracy_points=points)
+
+
+def run_pipeline(
+    config: RunConfig, options: LaunchOptions | None = None, console: Console | None = None
+) -> dict[str, Any]:
+    """Run the pipeline locally and return the report (also written to disk)."""
+    return LocalRun(config, options, console).execute()

@@ -1,0 +1,212 @@
+"""The run report, step-log reading, plots and the resolved config of `asyncopd run`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from asyncopd.config import config_from_dict
+from asyncopd.launch.plots import throughput_series, wall_times, write_plots
+from asyncopd.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
+from asyncopd.launch.runner import Ports, final_student_dir, resolved_config_data
+from asyncopd.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
+
+pytestmark = pytest.mark.unit
+
+SECRET = "hunter2-very-secret"
+
+
+def _stats(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "learner_version": 10,
+        "admitted": 400,
+        "produced": 380,
+        "trained": 320,
+        "dropped": {"evicted_stale": 12, "budget": 8},
+        "in_flight": 40,
+        "queue_depth": {"unscored": 5, "scored": 35},
+        "staleness_served": {0: 100, 1: 150, 2: 70},
+        "max_staleness": 2,
+    }
+    base.update(over)
+    return base
+
+
+def _steps(n: int = 10, t0: float = 1000.0) -> list[StepRecord]:
+    return [
+        StepRecord(
+            version=v,
+            time=t0 + 2.0 * v,
+            loss=1.0 / v,
+            kl=0.5 / v,
+            samples=32,
+            tokens=320,
+            staleness_mean=1.0,
+            staleness_max=2,
+            accuracy=0.1 * v if v % 5 == 0 else None,
+        )
+        for v in range(1, n + 1)
+    ]
+
+
+def test_report_has_every_field_and_invariants_hold() -> None:
+    config = config_from_dict({"max_staleness": 2, "loss": {"kind": "forward_kl_topk", "k": 4}})
+    report = build_report(
+        config,
+        _stats(),
+        _steps(),
+        wall_seconds=20.0,
+        accuracy_before=0.2,
+        accuracy_after=0.6,
+        accuracy_teacher=0.9,
+    )
+    for key in (
+        "mode",
+        "max_staleness",
+        "estimator",
+        "steps",
+        "samples_trained",
+        "tokens_trained",
+        "wall_seconds",
+        "train_tokens_per_second",
+        "accuracy_before",
+        "accuracy_after",
+        "staleness_histogram",
+        "produced",
+        "trained",
+        "dropped",
+        "in_flight",
+    ):
+        assert key in report, key
+    assert report["mode"] == "async"
+    assert report["estimator"] == "forward_kl_topk(K=4, tail=bucket)"
+    assert report["steps"] == 10
+    assert report["samples_trained"] == 320
+    assert report["tokens_trained"] == 3200
+    assert report["train_tokens_per_second"] == pytest.approx(160.0)
+    assert report["staleness_histogram"] == {"0": 100, "1": 150, "2": 70}
+    assert report["max_staleness_served"] == 2
+    assert report["dropped_total"] == 20
+    assert report["teacher_gap_closed"] == pytest.approx((0.6 - 0.2) / (0.9 - 0.2), abs=1e-4)
+    assert report["kl_first"] == pytest.approx(0.5) and report["kl_last"] == pytest.approx(0.05)
+    assert report["invariant_violations"] == []
+    json.dumps(report)  # JSON-ready
+
+
+def test_sync_mode_and_violations_are_reported() -> None:
+    config = config_from_dict({"max_staleness": 0})
+    report = build_report(
+        config,
+        _stats(staleness_served={0: 10, 3: 1}, in_flight=41),
+        [],
+        wall_seconds=1.0,
+        accuracy_before=None,
+        accuracy_after=None,
+    )
+    assert report["mode"] == "sync"
+    assert report["tokens_trained"] is None and report["train_tokens_per_second"] is None
+    problems = report["invariant_violations"]
+    assert len(problems) == 2
+    assert "produced (380) != trained (320) + dropped (20) + in_flight (41)" in problems[0]
+    assert "staleness 3" in problems[1] and "bound is 0" in problems[1]
+    assert check_invariants({**report, "in_flight": 40, "staleness_histogram": {}, "max_staleness_served": 0}) == []
+
+
+def test_estimator_labels() -> None:
+    assert estimator_label(config_from_dict({})) == "reverse_kl_mc(N=8, recompute, is)"
+    assert estimator_label(config_from_dict({"loss": {"kind": "reverse_kl_full"}})) == "reverse_kl_full"
+
+
+def test_report_never_contains_the_redis_password(tmp_path: Path) -> None:
+    config = config_from_dict({"redis": {"password": SECRET}})
+    report = build_report(config, _stats(), _steps(), wall_seconds=5.0, accuracy_before=0.1, accuracy_after=0.2)
+    path = write_report(report, tmp_path / "r" / "report.json")
+    assert SECRET not in path.read_text()
+    assert json.loads(path.read_text())["produced"] == 380
+    report_table(report)  # renders without error
+
+
+def test_resolved_config_has_ports_and_no_password(tmp_path: Path) -> None:
+    config = config_from_dict({"redis": {"password": SECRET}, "teacher": {"replicas": 2}})
+    ports = Ports(cache=1111, learner=2222, teachers=[3, 4], rollouts=[5], metrics={"cache": 6, "learner": 7})
+    data = resolved_config_data(config, tmp_path, "redis://127.0.0.1:7777/0", "asyncopd:run1", ports)
+    text = yaml.safe_dump(data)
+    assert SECRET not in text
+    loaded = config_from_dict(yaml.safe_load(text))
+    assert loaded.redis.password is None
+    assert loaded.redis.url == "redis://127.0.0.1:7777/0"
+    assert loaded.redis.key_prefix == "asyncopd:run1"
+    assert loaded.endpoints.cache == "127.0.0.1:1111"
+    assert loaded.endpoints.learner == "127.0.0.1:2222"
+    assert loaded.cache.server.port == 1111 and loaded.learner.server.port == 2222
+    assert loaded.cache.server.metrics_port == 6 and loaded.learner.server.metrics_port == 7
+    assert loaded.learner.checkpoint_dir == str(tmp_path / "checkpoints")
+    assert loaded.output_dir == str(tmp_path)
+
+
+def test_step_log_reader_is_incremental_and_skips_partial_lines(tmp_path: Path) -> None:
+    path = tmp_path / "steps.jsonl"
+    reader = StepLogReader(path)
+    assert reader.poll() == []  # no file yet
+    with path.open("w") as fh:
+        fh.write(json.dumps({"version": 1, "loss": 0.5, "tokens": 100, "staleness": [0, 1, 2]}) + "\n")
+        fh.write('{"version": 2, "loss"')  # mid-write
+    first = reader.poll()
+    assert [r.version for r in first] == [1]
+    assert first[0].staleness_mean == pytest.approx(1.0) and first[0].staleness_max == 2
+    with path.open("a") as fh:
+        fh.write(': 0.25, "train_tokens": 50}\n')
+        fh.write("not json\n")
+        fh.write(json.dumps({"step": 2, "eval": {"accuracy": 0.4}}) + "\n")
+    second = reader.poll()
+    assert [(r.version, r.loss, r.tokens, r.accuracy) for r in second] == [(2, 0.25, 50, None), (2, None, None, 0.4)]
+    assert second[0].is_step and not second[1].is_step
+    assert len(read_step_log(path)) == 3
+
+
+def test_record_key_variants() -> None:
+    rec = record_from_dict({"step": 3, "kl_estimate": 0.1, "batch_size": 8, "mean_staleness": 0.5, "wall_s": 9.0})
+    assert rec is not None
+    assert (rec.version, rec.kl, rec.samples, rec.staleness_mean, rec.elapsed_s) == (3, 0.1, 8, 0.5, 9.0)
+    assert record_from_dict({"loss": 1.0}) is None
+    assert record_from_dict({"version": 1, "loss": float("nan")}).loss is None  # type: ignore[union-attr]
+
+
+def test_wall_times_and_throughput() -> None:
+    steps = _steps(4, t0=100.0)
+    assert wall_times(steps, t0=100.0) == [2.0, 4.0, 6.0, 8.0]
+    xs, ys = throughput_series(steps, t0=100.0)
+    # the first step has no previous timestamp; each later one trained 320 tokens in 2 s
+    assert xs == [2, 3, 4] and ys == [160.0, 160.0, 160.0]
+
+
+def test_plots_are_written_from_a_synthetic_step_log(tmp_path: Path) -> None:
+    paths = write_plots(
+        _steps(),
+        tmp_path / "plots",
+        staleness_histogram={0: 3, 1: 5},
+        t0=1000.0,
+        accuracy_points=[(0, 0.0, 0.05)],
+    )
+    assert sorted(p.name for p in paths) == ["accuracy.png", "kl.png", "staleness.png", "throughput.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_final_student_dir_picks_the_newest_model_dir(tmp_path: Path) -> None:
+    assert final_student_dir(tmp_path / "none") is None
+    old = tmp_path / "step-1"
+    new = tmp_path / "step-2" / "model"
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    os.utime(old / "config.json", (1, 1))
+    os.utime(new / "config.json", None)
+    assert final_student_dir(tmp_path) == new
