@@ -56,7 +56,8 @@ def test_child_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
     stubborn = [
         sys.executable,
         "-c",
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)",
     ]
     sup = Supervisor(tmp_path)
     child = sup.start("stubborn", stubborn)
