@@ -1,0 +1,197 @@
+{{/* Names, labels and the pieces every AsyncOPD pod shares. */}}
+
+{{- define "asyncopd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "asyncopd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "asyncopd.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "asyncopd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: asyncopd
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "cache") */}}
+{{- define "asyncopd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "asyncopd.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "asyncopd.componentLabels" -}}
+{{ include "asyncopd.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "asyncopd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "asyncopd.redisSecretName" -}}
+{{- default (printf "%s-redis" (include "asyncopd.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "asyncopd.redisSecretKey" -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}redis-password{{ end }}
+{{- end }}
+
+{{- define "asyncopd.redisUrl" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- required "redis.external.url is required when redis.mode=external" .Values.redis.external.url }}
+{{- else }}
+{{- printf "redis://%s-redis:6379/0" (include "asyncopd.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The learner's stable DNS name through its headless Service. */}}
+{{- define "asyncopd.learnerHost" -}}
+{{- $f := include "asyncopd.fullname" . -}}
+{{- printf "%s-learner-0.%s-learner.%s.svc" $f $f .Release.Namespace }}
+{{- end }}
+
+{{/* Pod security context of every AsyncOPD pod. */}}
+{{- define "asyncopd.podSecurity" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The container running `asyncopd serve <component>`: (dict "ctx" $ "component" "cache" "port" 50051) */}}
+{{- define "asyncopd.serveContainer" -}}
+{{- $ := .ctx -}}
+- name: {{ .component }}
+  image: {{ include "asyncopd.image" $ }}
+  imagePullPolicy: {{ $.Values.image.pullPolicy }}
+  args: ["serve", "{{ .component }}", "-c", "/etc/asyncopd/config.yaml", "--name", "$(POD_NAME)"]
+  securityContext:
+    {{- toYaml $.Values.containerSecurityContext | nindent 4 }}
+  ports:
+    - name: grpc
+      containerPort: {{ .port }}
+      protocol: TCP
+    - name: metrics
+      containerPort: {{ $.Values.ports.metrics }}
+      protocol: TCP
+    {{- range .extraPorts }}
+    - name: {{ .name }}
+      containerPort: {{ .port }}
+      protocol: TCP
+    {{- end }}
+  env:
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    - name: POD_IP
+      valueFrom: {fieldRef: {fieldPath: status.podIP}}
+    # The root filesystem is read-only: caches and home go to the writable volumes.
+    - name: HOME
+      value: /tmp
+    - name: XDG_CACHE_HOME
+      value: /var/cache/asyncopd
+    - name: HF_HOME
+      value: /var/cache/asyncopd/huggingface
+    {{- if .redisPassword }}
+    - name: ASYNCOPD_REDIS_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "asyncopd.redisSecretName" $ }}
+          key: {{ include "asyncopd.redisSecretKey" $ }}
+    {{- end }}
+    {{- with $.Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- include "asyncopd.probes" (dict "ctx" $ "port" .port "host" .host) | nindent 2 }}
+  {{- with .resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - {name: config, mountPath: /etc/asyncopd, readOnly: true}
+    - {name: tmp, mountPath: /tmp}
+    - {name: cache, mountPath: /var/cache/asyncopd}
+    - {name: data, mountPath: /var/lib/asyncopd}
+    - {name: shm, mountPath: /dev/shm}
+    {{- if $.Values.tls.enabled }}
+    - {name: tls, mountPath: /etc/asyncopd-tls, readOnly: true}
+    {{- end }}
+    {{- if and .models $.Values.models.existingClaim }}
+    - {name: models, mountPath: {{ $.Values.models.mountPath }}, readOnly: true}
+    {{- end }}
+{{- end }}
+
+{{/* Probes on the gRPC health service (grpc.health.v1): (dict "ctx" $ "port" N "host" "svc-dns") */}}
+{{- define "asyncopd.probes" -}}
+{{- $ := .ctx -}}
+{{- $p := $.Values.probes -}}
+{{- $check := dict -}}
+{{- if $.Values.tls.enabled }}
+{{- $cmd := list "python" "-m" "asyncopd.health_probe" "--port" (toString .port) "--server-name" .host "--ca" "/etc/asyncopd-tls/ca.crt" "--cert" "/etc/asyncopd-tls/tls.crt" "--key" "/etc/asyncopd-tls/tls.key" }}
+{{- $check = dict "exec" (dict "command" $cmd) }}
+{{- else }}
+{{- $check = dict "grpc" (dict "port" (int .port)) }}
+{{- end -}}
+startupProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ div $p.startupSeconds $p.periodSeconds | max 1 }}
+readinessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: 3
+livenessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.failureThreshold }}
+{{- end }}
+
+{{/* Volumes of a serve pod; `data` is an emptyDir unless the pod brings its own (the learner's PVC). */}}
+{{- define "asyncopd.volumes" -}}
+{{- $ := .ctx -}}
+- name: config
+  configMap:
+    name: {{ include "asyncopd.fullname" $ }}-config
+- name: tmp
+  emptyDir: {}
+- name: cache
+  emptyDir: {}
+- name: shm
+  emptyDir: {medium: Memory, sizeLimit: {{ $.Values.shmSize }}}
+{{- if not .ownData }}
+- name: data
+  emptyDir: {}
+{{- end }}
+{{- if $.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled" $.Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if and .models $.Values.models.existingClaim }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ $.Values.models.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
