@@ -1,0 +1,146 @@
+"""The rollout engine interface, and what every engine shares: request checks, stop handling and
+assembling the `Rollout` records.
+
+An engine holds the student, generates responses and records per token the sampled id, its
+log-prob under the behaviour distribution μ (see `rollout.sampling`), and the policy version of
+the weights that produced it; plus the per-position support the estimator needs. `load_weights`
+is atomic with respect to generation: every token sampled after it returns carries the new
+version, and a response generated across the switch carries both versions, per token.
+
+Engines know the model and its tokenizer; they know nothing of the cache, gRPC or admission.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asyncopd.rollout.sampling import Sampling
+from asyncopd.samples import Prompt, Rollout, SupportKind
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a caller needs to know to validate requests for an engine."""
+
+    name: str  # transformers | vllm
+    vocab_size: int
+    max_model_len: int  # prompt + response tokens one sequence may hold
+    eos_token_id: int | None
+
+
+class Engine(abc.ABC):
+    """A student inference engine: generation with behaviour log-probs, support and versions."""
+
+    info: EngineInfo
+
+    @property
+    @abc.abstractmethod
+    def version(self) -> int:
+        """Policy version of the weights loaded now."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, support_kind: SupportKind, k: int
+    ) -> list[Rollout]:
+        """One rollout per prompt, in order. Raises ValueError for requests it cannot serve."""
+
+    @abc.abstractmethod
+    def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace (some of) the weights, HF parameter names; tokens after the return carry `version`."""
+
+    def close(self) -> None:  # noqa: B027 - engines without resources need nothing
+        """Release the engine's resources."""
+
+    def check_request(self, prompts: Sequence[Prompt], support_kind: SupportKind, k: int) -> None:
+        """Reject what no engine can serve, before any work is done (ValueError names the field)."""
+        info = self.info
+        if support_kind != SupportKind.NONE and not 1 <= k <= info.vocab_size:
+            raise ValueError(
+                f"support_k: {k} must be in 1..{info.vocab_size} (the vocabulary size) for {support_kind.name}"
+            )
+        for i, p in enumerate(prompts):
+            ids = np.asarray(p.prompt_ids)
+            if ids.ndim != 1 or ids.shape[0] == 0:
+                raise ValueError(f"prompts[{i}].prompt_ids: must be a non-empty 1-D list of token ids")
+            if int(ids.min()) < 0 or int(ids.max()) >= info.vocab_size:
+                raise ValueError(
+                    f"prompts[{i}].prompt_ids: token ids must be in 0..{info.vocab_size - 1}, "
+                    f"got {int(ids.min())}..{int(ids.max())}"
+                )
+            if ids.shape[0] >= info.max_model_len:
+                raise ValueError(
+                    f"prompts[{i}].prompt_ids: {ids.shape[0]} tokens leave no room to generate "
+                    f"(max_model_len {info.max_model_len})"
+                )
+
+
+def check_weights(
+    version: int, current: int, named_tensors: Iterable[tuple[str, torch.Tensor]], shapes: dict[str, torch.Size]
+) -> list[tuple[str, torch.Tensor]]:
+    """Validate an update completely before anything is applied (so a bad update changes nothing)."""
+    if version < current:
+        raise ValueError(f"weights version {version} is older than the loaded version {current}")
+    tensors = list(named_tensors)
+    for name, tensor in tensors:
+        if name not in shapes:
+            raise ValueError(f"weights: unknown parameter {name!r}")
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise ValueError(f"weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
+    return tensors
+
+
+class StopChecker:
+    """Decides when a response is finished: EOS, a stop string in the decoded tail, or length."""
+
+    def __init__(self, tokenizer: object, stop: Sequence[str], eos_token_id: int | None) -> None:
+        self._tokenizer = tokenizer
+        self._stop = tuple(stop)
+        self._eos = eos_token_id
+        # Decoding only the tail keeps the check O(1) per token; a token decodes to >= 1 char.
+        self._window = max((len(s) for s in self._stop), default=0) + 2
+
+    def finished(self, response: Sequence[int]) -> bool:
+        if self._eos is not None and response and response[-1] == self._eos:
+            return True
+        if not self._stop:
+            return False
+        text = self._tokenizer.decode(list(response[-self._window :]), skip_special_tokens=False)  # type: ignore[attr-defined]
+        return any(s in text for s in self._stop)
+
+
+def build_rollout(
+    prompt: Prompt,
+    *,
+    response: Sequence[int],
+    logprobs: Sequence[float],
+    versions: Sequence[int],
+    support: tuple[np.ndarray, np.ndarray] | None,
+    support_kind: SupportKind,
+    replica: str,
+    truncated: bool,
+) -> Rollout:
+    """Assemble a rollout; the sample id is derived from the admission ticket when there is one."""
+    stem = prompt.ticket or prompt.prompt_id
+    return Rollout(
+        sample_id=f"{stem}:{uuid.uuid4().hex[:12]}",
+        prompt_id=prompt.prompt_id,
+        ticket=prompt.ticket,
+        task=prompt.task,
+        prompt_ids=np.asarray(prompt.prompt_ids, dtype=np.int32),
+        response_ids=np.asarray(response, dtype=np.int32),
+        behavior_logprobs=np.asarray(logprobs, dtype=np.float32),
+        versions=np.asarray(versions, dtype=np.int32),
+        support_kind=support_kind if support is not None else SupportKind.NONE,
+        support_ids=None if support is None else support[0].astype(np.int32),
+        support_logprobs=None if support is None else support[1].astype(np.float32),
+        replica=replica,
+        truncated=truncated,
+        created_unix=time.time(),
+    )
