@@ -303,7 +303,6 @@ class LearnerMetrics:
             r, "asyncopd_learner_broadcast_receivers", "Rollout replicas in the current broadcast group."
         )
         self.eval_accuracy = _gauge(r, "asyncopd_learner_eval_accuracy", "Greedy accuracy of the last evaluation.")
-        self.eval_step = _gauge(r, "asyncopd_learner_eval_step", "Learner version of the last evaluation.")
         for phase in LEARNER_PHASES:
             self.step_phase_seconds.labels(phase=phase)
 
