@@ -151,3 +151,12 @@ def test_every_catalogued_metric_is_on_the_dashboard_or_in_a_rule() -> None:
         if entry.service != "autoscaler" and not variants & used:
             unused.append(entry.name)
     assert not unused, f"metrics nobody looks at: {unused}"
+
+
+def test_helm_chart_ships_the_same_dashboard() -> None:
+    chart_copy = ROOT / "charts" / "asyncopd" / "dashboards" / "asyncopd.json"
+    if not chart_copy.parent.is_dir():
+        pytest.skip("no Helm chart in this checkout")
+    assert json.loads(chart_copy.read_text()) == load_dashboard(), (
+        "charts/asyncopd/dashboards/asyncopd.json differs from deploy/grafana/asyncopd.json: copy it over"
+    )
