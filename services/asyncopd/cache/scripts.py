@@ -141,6 +141,9 @@ local function return_expired(now)
   end
   return returned
 end
+
+-- Redis came back empty (restart without persistence): let the caller rebuild the run state.
+if redis.call('EXISTS', k('run')) == 0 then return {'RESET'} end
 """
 
 # ARGV: now_ms, replica, max, max_staleness, batch_size, lease_ms

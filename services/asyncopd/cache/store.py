@@ -212,6 +212,19 @@ class ExperienceStore:
                     raise
                 self._ensure_state()  # the stream vanished with the rest of Redis's data
 
+    def _script(self, script: Any, args: Sequence[Any]) -> Any:
+        """Run a Lua script; when it finds the run state gone (Redis lost it), rebuild and rerun."""
+
+        def run() -> Any:
+            for _ in range(3):
+                res = script(keys=[self.prefix], args=list(args))
+                if not (isinstance(res, list) and res and _s(res[0]) == "RESET"):
+                    return res
+                self._ensure_state()
+            raise CacheUnavailable("Redis keeps losing the cache state (is something flushing it?)")
+
+        return self._retrying(run)
+
     def _wait(self, op: Callable[[], T | None], wait_ms: int) -> T | None:
         """Run `op` until it returns non-None or `wait_ms` has passed (at least once)."""
         deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
@@ -224,10 +237,6 @@ class ExperienceStore:
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
 
-    @property
-    def _prefix_keys(self) -> list[str]:
-        return [self.prefix]
-
     # -- learner version ----------------------------------------------------------------------
 
     def version(self) -> int:
@@ -236,7 +245,7 @@ class ExperienceStore:
     def publish_version(self, version: int, finished: bool = False) -> int:
         if version < 0:
             raise ValueError(f"version: {version} is negative")
-        res = self._retrying(lambda: self._publish(keys=self._prefix_keys, args=[version, int(finished)]))
+        res = self._script(self._publish, [version, int(finished)])
         if _s(res[0]) == "BEHIND":
             raise FailedPrecondition(f"version {version} is behind the published version {int(res[1])}")
         return int(res[1])
@@ -256,7 +265,7 @@ class ExperienceStore:
                 p.batch_size,
                 int(p.prompt_lease_s * 1000),
             ]
-            res = self._acquire(keys=self._prefix_keys, args=args)
+            res = self._script(self._acquire, args)
             tickets = [Admission(_s(res[i]), int(res[i + 1])) for i in range(3, len(res), 2)]
             out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
             return out if tickets or out.finished else None
@@ -269,7 +278,7 @@ class ExperienceStore:
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         if not tickets:
             return 0
-        return int(self._retrying(lambda: self._release(keys=self._prefix_keys, args=[replica, *tickets])))
+        return int(self._script(self._release, [replica, *tickets]))
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -289,7 +298,7 @@ class ExperienceStore:
         args: list[Any] = [self._now_ms(), p.max_staleness, p.byte_budget, p.eviction, len(rollouts)]
         for r in rollouts:
             args += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size, r.blob]
-        res = self._retrying(lambda: self._put_rollouts(keys=self._prefix_keys, args=args))
+        res = self._script(self._put_rollouts, args)
         tag = _s(res[0])
         if tag == "UNKNOWN":
             raise WireError(
@@ -371,7 +380,7 @@ class ExperienceStore:
         args: list[Any] = [self._now_ms(), p.max_staleness, p.byte_budget, p.eviction, len(scores)]
         for sid, blob in scores:
             args += [sid, blob]
-        res = self._retrying(lambda: self._put_scores(keys=self._prefix_keys, args=args))
+        res = self._script(self._put_scores, args)
         if _s(res[0]) == "FULL":
             raise self._full(res)
         acc, late, stale, ev_n, ev_bytes, ev_stale = (int(x) for x in res[1:7])
@@ -387,7 +396,7 @@ class ExperienceStore:
         def once() -> PulledBatch | None:
             bid = uuid.uuid4().hex
             args = [self._now_ms(), learner_version, p.max_staleness, size, p.order, bid, learner]
-            res = self._pull(keys=self._prefix_keys, args=[*args, int(p.batch_claim_s * 1000)])
+            res = self._script(self._pull, [*args, int(p.batch_claim_s * 1000)])
             tag = _s(res[0])
             if tag == "BEHIND":
                 raise FailedPrecondition(
@@ -409,7 +418,7 @@ class ExperienceStore:
         return PullOutcome(batch, totals["version"], totals["returned"], totals["stale"])
 
     def ack_batch(self, batch_id: str) -> int:
-        n = int(self._retrying(lambda: self._ack(keys=self._prefix_keys, args=[batch_id])))
+        n = int(self._script(self._ack, [batch_id]))
         if n < 0:
             raise FailedPrecondition(
                 f"batch {batch_id!r} is unknown or its claim expired (its samples went back to the pool)"
