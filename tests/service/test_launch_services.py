@@ -12,6 +12,7 @@ from asyncopd.config.redis import RedisConfig
 from asyncopd.launch.health import check_serving, wait_serving
 from asyncopd.launch.ports import free_port
 from asyncopd.launch.processes import ChildDied, Supervisor
+from asyncopd.launch.progress import RateMeter, scrape_counter, scrape_sums
 from asyncopd.launch.redis_server import (
     delete_prefix,
     ensure_redis,
@@ -19,6 +20,7 @@ from asyncopd.launch.redis_server import (
     redis_reachable,
     start_private_redis,
 )
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 pytestmark = pytest.mark.service
 
@@ -82,3 +84,33 @@ def test_wait_serving_sees_a_real_server_and_a_dead_child(tmp_path: Path, superv
     dying = supervisor.start("dying", [sys.executable, "-c", "import sys; print('bad config'); sys.exit(2)"])
     with pytest.raises(ChildDied, match="bad config"):
         wait_serving(nobody, dying, timeout_s=30.0)
+
+
+def test_scraping_counters_and_histogram_sums_from_a_metrics_endpoint() -> None:
+    registry = CollectorRegistry()
+    tokens = Counter("asyncopd_rollout_generated_tokens", "t", ["replica"], registry=registry)
+    phases = Histogram("asyncopd_learner_step_phase_seconds", "p", ["phase"], registry=registry)
+    tokens.labels(replica="a").inc(100)
+    tokens.labels(replica="b").inc(23)
+    phases.labels(phase="compute").observe(1.5)
+    phases.labels(phase="compute").observe(0.5)
+    phases.labels(phase="data_wait").observe(0.25)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert scrape_counter(url, "asyncopd_rollout_generated_tokens") == 123.0
+        assert scrape_counter(url, "asyncopd_missing") is None
+        assert scrape_sums(url, "asyncopd_learner_step_phase_seconds", by="phase") == {
+            "compute": 2.0,
+            "data_wait": 0.25,
+        }
+        assert scrape_sums(url, "asyncopd_learner_step_phase_seconds") == {"": 2.25}
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert scrape_counter(f"http://127.0.0.1:{free_port()}/metrics", "x", timeout_s=0.5) is None
+    meter = RateMeter(window_s=10.0)
+    assert meter.update(0.0, now=0.0) is None
+    assert meter.update(50.0, now=2.0) == 25.0
+    assert meter.update(50.0, now=30.0) == pytest.approx(0.0)  # the window slid past the growth

@@ -40,12 +40,18 @@ class RateMeter:
         return max(0.0, (v1 - v0) / (t1 - t0))
 
 
-def scrape_counter(url: str, metric: str, timeout_s: float = 1.0) -> float | None:
-    """Sum of every sample of counter `metric` (name without `_total`) at a /metrics URL."""
+def _fetch(url: str, timeout_s: float) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            text = resp.read().decode("utf-8", errors="replace")
+            return str(resp.read().decode("utf-8", errors="replace"))
     except OSError:
+        return None
+
+
+def scrape_counter(url: str, metric: str, timeout_s: float = 1.0) -> float | None:
+    """Sum of every sample of counter `metric` (name without `_total`) at a /metrics URL."""
+    text = _fetch(url, timeout_s)
+    if text is None:
         return None
     total = None
     for family in text_string_to_metric_families(text):
@@ -55,6 +61,23 @@ def scrape_counter(url: str, metric: str, timeout_s: float = 1.0) -> float | Non
             if sample.name in (metric, metric + "_total"):
                 total = (total or 0.0) + float(sample.value)
     return total
+
+
+def scrape_sums(url: str, metric: str, by: str | None = None, timeout_s: float = 2.0) -> dict[str, float] | None:
+    """`<metric>_sum` of a histogram at a /metrics URL, summed per value of label `by`
+    (one entry '' when `by` is None); None when the endpoint does not answer."""
+    text = _fetch(url, timeout_s)
+    if text is None:
+        return None
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != metric:
+            continue
+        for sample in family.samples:
+            if sample.name == metric + "_sum":
+                key = sample.labels.get(by, "") if by is not None else ""
+                sums[key] = sums.get(key, 0.0) + float(sample.value)
+    return sums
 
 
 @dataclass

@@ -38,7 +38,7 @@ from asyncopd.launch.health import wait_serving
 from asyncopd.launch.plots import write_plots
 from asyncopd.launch.ports import free_port
 from asyncopd.launch.processes import ChildProcess, Supervisor
-from asyncopd.launch.progress import RateMeter, Snapshot, progress_table, scrape_counter
+from asyncopd.launch.progress import RateMeter, Snapshot, progress_table, scrape_counter, scrape_sums
 from asyncopd.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis
 from asyncopd.launch.report import build_report, report_table, write_report
 from asyncopd.launch.steplog import StepLogReader
@@ -172,6 +172,10 @@ class LocalRun:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env["PYTHONUNBUFFERED"] = "1"
+        # Several torch processes share the machine; without a cap each would spawn one thread
+        # per core and they would thrash each other on a small box.
+        workers = config.rollout.replicas + config.teacher.replicas + 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         env.pop(REDIS_PASSWORD_ENV, None)
         if config.redis.password is not None:
             env[REDIS_PASSWORD_ENV] = config.redis.password.get_secret_value()
@@ -212,6 +216,24 @@ class LocalRun:
         for address, child in waiting:
             wait_serving(address, child, timeout, tls=tls)
         return {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.metrics.items()}
+
+    def _stage_seconds(self, metrics_urls: Mapping[str, str]) -> dict[str, float]:
+        """Busy seconds of each pipeline stage, summed over replicas (from their /metrics)."""
+        stages: dict[str, float] = {}
+        for name, url in metrics_urls.items():
+            if name.startswith("rollout-"):
+                found = scrape_sums(url, "asyncopd_rollout_generation_seconds")
+                if found:
+                    stages["rollout"] = stages.get("rollout", 0.0) + sum(found.values())
+            elif name.startswith("teacher-"):
+                found = scrape_sums(url, "asyncopd_teacher_scoring_seconds")
+                if found:
+                    stages["teacher"] = stages.get("teacher", 0.0) + sum(found.values())
+            elif name == "learner":
+                found = scrape_sums(url, "asyncopd_learner_step_phase_seconds", by="phase")
+                for phase, seconds in (found or {}).items():
+                    stages[f"learner_{phase}"] = seconds
+        return {k: round(v, 3) for k, v in stages.items()}
 
     def _stop_producers_then_rest(self) -> dict[str, Any] | None:
         """Stop rollouts and teachers, read the final accounting, then stop the rest."""
@@ -352,6 +374,7 @@ class LocalRun:
         if snap is not None and not opts.live:
             console.print(progress_table(snap))
 
+        stage_seconds = self._stage_seconds(metrics_urls)
         final_stats = self._stop_producers_then_rest()
         self.steps.poll()
         if final_stats is None:
@@ -371,6 +394,7 @@ class LocalRun:
             extra={
                 "run_id": self.run_id,
                 "startup_seconds": round(ready - launch_start, 3),
+                "stage_seconds": stage_seconds,
                 "redis": "private" if self.redis.private else "shared",
                 "output_dir": str(self.out_dir),
             },
