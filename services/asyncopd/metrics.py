@@ -68,7 +68,7 @@ SERVICES: Final = ("rollout", "teacher", "cache", "learner", "autoscaler")
 
 # Label values created at zero up front. A service may record other values; these are the ones
 # dashboards and alerts name.
-DROP_REASONS: Final = ("stale", "evicted", "invalid", "expired")
+DROP_REASONS: Final = ("stale", "evicted", "lost", "invalid", "expired")
 CACHE_QUEUES: Final = ("prompts", "admitted", "unscored", "scoring", "scored", "batched")
 LEARNER_PHASES: Final = ("data_wait", "compute", "weight_sync")
 REDIS_ERROR_REASONS: Final = ("connection", "timeout", "response")

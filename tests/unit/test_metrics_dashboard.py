@@ -160,3 +160,9 @@ def test_helm_chart_ships_the_same_dashboard() -> None:
     assert json.loads(chart_copy.read_text()) == load_dashboard(), (
         "charts/asyncopd/dashboards/asyncopd.json differs from deploy/grafana/asyncopd.json: copy it over"
     )
+
+
+def test_docs_list_every_metric() -> None:
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    missing = [e.name for e in metrics.catalogue() if f"`{e.name}`" not in doc]
+    assert not missing, f"docs/observability.md lacks {missing}"
