@@ -58,6 +58,7 @@ echo "chart-check: $("$HELM" version --short), kubernetes-validate $("$VALIDATE"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
+manifests=()
 sets=("")
 for f in "$CHART"/ci/*-values.yaml "$CHART"/values-production.yaml; do sets+=("$f"); done
 
@@ -68,9 +69,11 @@ for set in "${sets[@]}"; do
   "$HELM" lint --strict --quiet "$CHART" "${args[@]}" >/dev/null || { "$HELM" lint --strict "$CHART" "${args[@]}"; exit 1; }
   manifest="$out/$(basename "${set:-defaults}" .yaml).yaml"
   "$HELM" template asyncopd "$CHART" --namespace asyncopd --kube-version "$KUBE_VERSION" "${args[@]}" >"$manifest"
-  "$VALIDATE" -k "$KUBE_VERSION" --strict --quiet --no-warn "$manifest"
-  kinds=$(grep -c '^kind:' "$manifest")
-  echo "chart-check: ok  $label ($kinds manifests)"
+  manifests+=("$manifest")
+  echo "chart-check: rendered $label ($(grep -c '^kind:' "$manifest") manifests)"
 done
+# One validator process for all of them: loading the schemas is most of its time.
+"$VALIDATE" -k "$KUBE_VERSION" --strict --quiet --no-warn "${manifests[@]}"
+echo "chart-check: ok (${#manifests[@]} renders valid against Kubernetes $KUBE_VERSION)"
 # kubernetes-validate knows only built-in kinds; the ServiceMonitor (a Prometheus Operator CRD)
 # is checked field by field in tests/unit/test_chart.py.
