@@ -32,3 +32,16 @@ class RolloutConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts a replica acquires and generates together.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
     device: str = Field("cpu", description="torch device of the engine (cpu, cuda, cuda:1...).")
+    max_model_len: int | None = Field(
+        None,
+        ge=2,
+        description="Prompt + response tokens one sequence may hold; None = the model's max_position_embeddings.",
+    )
+    acquire_wait_ms: int = Field(
+        500, ge=0, le=60000, description="How long one AcquirePrompts call may wait at the cache for admission."
+    )
+    vllm_full_logprobs_max_vocab: int = Field(
+        4096,
+        ge=1,
+        description="vllm engine, MC support: largest vocabulary for which full-vocabulary log-probs are requested.",
+    )

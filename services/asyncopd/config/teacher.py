@@ -19,5 +19,14 @@ class TeacherConfig(Section):
     replicas: int = Field(1, ge=0, le=1024, description="Replicas `asyncopd run` starts locally.")
     backend: Literal["torch", "vllm", "simulated"] = Field("torch", description="Scoring backend.")
     max_batch_tokens: int = Field(8192, ge=1, description="Tokens scored in one forward pass.")
-    topk: int = Field(8, ge=0, description="Teacher top-K ids per position to return (forward KL); 0 = none.")
+    topk: int = Field(
+        8,
+        ge=0,
+        description="Teacher top-K ids per position (0 = none); loss.kind forward_kl_topk uses loss.k instead.",
+    )
     device: str = Field("cpu", description="torch device of the teacher.")
+    tail: bool = Field(True, description="Also return the tail log-mass log(1 - Σ top-K p) (needs topk >= 1).")
+    claim_batch: int = Field(32, ge=1, description="Rollouts a teacher claims from the cache at once.")
+    claim_wait_ms: int = Field(
+        500, ge=0, le=60000, description="How long one ClaimRollouts call may wait at the cache for work."
+    )

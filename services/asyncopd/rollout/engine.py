@@ -55,6 +55,10 @@ class Engine(abc.ABC):
     def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace (some of) the weights, HF parameter names; tokens after the return carry `version`."""
 
+    @abc.abstractmethod
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """The HF parameter names `load_weights` accepts, with their shapes."""
+
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Release the engine's resources."""
 

@@ -60,6 +60,9 @@ class TransformersEngine(Engine):
     def version(self) -> int:
         return self._version
 
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return dict(self._shapes)
+
     def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         tensors = check_weights(version, self._version, named_tensors, self._shapes)
         with self._lock, torch.no_grad():

@@ -1,0 +1,141 @@
+"""`asyncopd serve rollout`: build the engine, serve gRPC, run the cache loop and weight sync.
+
+What the replica records follows the estimator: reverse_kl_topk → the student's top-K support
+(K = loss.k), reverse_kl_mc → N = loss.k MC draws per position, anything else → no support.
+The process blocks until SIGTERM/SIGINT, then stops the loop (tickets of unfinished work go
+back to the cache), the weight-sync subscriber, the gRPC server and the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from asyncopd import metrics
+from asyncopd.config import RunConfig
+from asyncopd.config.loss import LossConfig
+from asyncopd.models import load_model, load_tokenizer, resolve_model_path
+from asyncopd.rollout.engine import Engine
+from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
+from asyncopd.rollout.sampling import Sampling
+from asyncopd.rollout.servicer import SERVICE_NAME, RolloutServicer
+from asyncopd.rpc import channel, start_server
+from asyncopd.samples import SupportKind
+from asyncopd.v1 import rollout_pb2_grpc
+from asyncopd.wire.cache_client import CacheClient
+
+log = logging.getLogger(__name__)
+
+
+def support_for(loss: LossConfig) -> tuple[SupportKind, int]:
+    """What per-position support the configured estimator needs from rollouts."""
+    if loss.kind == "reverse_kl_topk":
+        return SupportKind.STUDENT_TOPK, loss.k
+    if loss.kind == "reverse_kl_mc":
+        return SupportKind.MC_SAMPLES, loss.k
+    return SupportKind.NONE, 0
+
+
+def sampling_from_config(config: RunConfig) -> Sampling:
+    s = config.rollout.sampling
+    return Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=tuple(s.stop))
+
+
+def build_engine(config: RunConfig, name: str) -> Engine:
+    rc = config.rollout
+    if rc.engine == "transformers":
+        from asyncopd.rollout.transformers_engine import TransformersEngine
+
+        model = load_model(config.models.student, config.models.dtype, rc.device)
+        return TransformersEngine(model, load_tokenizer(config.models.student), name, max_model_len=rc.max_model_len)
+    if rc.engine == "vllm":
+        from asyncopd.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            resolve_model_path(config.models.student),
+            name,
+            dtype=config.models.dtype,
+            max_model_len=rc.max_model_len,
+            seed=config.seed,
+            full_logprobs_max_vocab=rc.vllm_full_logprobs_max_vocab,
+        )
+    raise ValueError(f"rollout.engine: {rc.engine!r} cannot serve; allowed here: 'transformers', 'vllm'")
+
+
+def _thread(
+    name: str, target: Callable[[], None], errors: list[BaseException], stop: threading.Event
+) -> threading.Thread:
+    def body() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            log.exception("%s failed", name)
+            errors.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(config: RunConfig, name: str) -> None:
+    registry = metrics.ServiceRegistry("rollout", name)
+    m = metrics.RolloutMetrics(registry)
+    metrics_server = metrics.MetricsServer(registry, config.rollout.server.metrics_port, config.rollout.server.host)
+    engine = build_engine(config, name)
+    replica = RolloutReplica(engine, name, m)
+    sampling = sampling_from_config(config)
+    servicer = RolloutServicer(replica, sampling)
+    server = start_server(
+        config.rollout.server,
+        [lambda s: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        config.tls,
+    )
+    log.info("rollout replica %s (%s engine) on port %d", name, engine.info.name, server.port)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    errors: list[BaseException] = []
+    kind, k = support_for(config.loss)
+    cache_channel = channel(config.endpoints.cache, config.rollout.server.max_message_mb, config.tls)
+    loop = RolloutLoop(
+        replica,
+        CacheClient(cache_channel),
+        sampling=sampling,
+        support_kind=kind,
+        k=k,
+        batch_size=config.rollout.batch_size,
+        wait_ms=config.rollout.acquire_wait_ms,
+        metrics=m,
+    )
+    threads = [_thread("rollout-loop", lambda: loop.run(stop), errors, stop)]
+
+    from asyncopd.weightsync.subscriber import run_subscriber
+
+    threads.append(
+        _thread(
+            "weight-sync",
+            lambda: run_subscriber(
+                config.endpoints.learner, name, replica.load_weights, stop, config.weightsync, config.tls
+            ),
+            errors,
+            stop,
+        )
+    )
+    try:
+        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        server.stop()
+        cache_channel.close()
+        metrics_server.stop()
+        engine.close()
+    if errors:
+        raise errors[0]
