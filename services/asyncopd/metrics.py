@@ -69,7 +69,12 @@ SERVICES: Final = ("rollout", "teacher", "cache", "learner", "autoscaler")
 # Label values created at zero up front. A service may record other values; these are the ones
 # dashboards and alerts name.
 DROP_REASONS: Final = ("stale", "evicted", "lost", "invalid", "expired")
-CACHE_QUEUES: Final = ("prompts", "admitted", "unscored", "scoring", "scored", "batched")
+# Cache queues as the store reports them: prompts leased to / waiting re-issue from rollouts,
+# rollouts waiting for (unscored) or held by (scoring) a teacher, scored samples ready, samples
+# claimed in a batch the learner has not acked.
+CACHE_QUEUES: Final = ("prompts_leased", "prompts_reissue", "unscored", "scoring", "scored", "claimed")
+# Leases that expire and are handed out again: prompts, teacher claims, learner batches.
+REDELIVERY_QUEUES: Final = ("admitted", "scoring", "batched")
 LEARNER_PHASES: Final = ("data_wait", "compute", "weight_sync")
 REDIS_ERROR_REASONS: Final = ("connection", "timeout", "response")
 
@@ -242,6 +247,7 @@ class CacheMetrics:
             self.dropped.labels(reason=reason)
         for queue in CACHE_QUEUES:
             self.queue_depth.labels(queue=queue)
+        for queue in REDELIVERY_QUEUES:
             self.redeliveries.labels(queue=queue)
         for reason in REDIS_ERROR_REASONS:
             self.redis_errors.labels(reason=reason)

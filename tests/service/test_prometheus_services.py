@@ -1,0 +1,122 @@
+"""Live scrapes of the real services: every series the dashboard and rules read for a service
+exists on that service's /metrics, and a real Prometheus answers the key queries from it.
+
+Services are added here as they land; each drives its service through real RPCs first so the
+recorded values are the service's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from asyncopd.cache.main import start_cache
+from asyncopd.prometheus_local import LocalPrometheus, find_binary
+from asyncopd.rpc import channel
+from asyncopd.wire.cache_client import CacheClient
+from prometheus_client.parser import text_string_to_metric_families
+from test_cache_harness import (
+    VOCAB,
+    make_config,
+    make_rollout,
+    make_scores,
+    tiny_prompts,
+    tokenize,
+    unique_prefix,
+    wipe,
+)
+
+pytestmark = pytest.mark.service
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME_RE = re.compile(r"\basyncopd_[a-z0-9_]+\b")
+
+
+def queried_series(service: str) -> set[str]:
+    """Sample names of `service` that dashboard queries and Prometheus rules name."""
+    exprs = [
+        t["expr"]
+        for p in json.loads((ROOT / "deploy" / "grafana" / "asyncopd.json").read_text())["panels"]
+        for t in p.get("targets", [])
+    ]
+    for path in (ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"):
+        exprs += [r["expr"] for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    return {n for e in exprs for n in NAME_RE.findall(e) if n.startswith(f"asyncopd_{service}_")}
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_cache_exposes_every_queried_series_with_its_own_values(tmp_path: Path) -> None:
+    prefix = unique_prefix("prom")
+    config = make_config(prefix, max_staleness=2)
+    cache = start_cache(config, "cache", prompts=tiny_prompts(), tokenize=tokenize, vocab_size=VOCAB)
+    ch = channel(cache.address)
+    try:
+        client = CacheClient(ch, timeout_s=30.0)
+        prompts, _, _ = client.acquire_prompts("rollout-0", 4)
+        assert len(prompts) == 4
+        client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
+        claimed = client.claim_rollouts("teacher-0", 4)
+        client.put_scores([make_scores(r) for r in claimed])
+        client.publish_version(1)
+        batch = client.pull_batch(4, 1, wait_ms=2000)
+        assert batch is not None and list(batch.staleness) == [1, 1, 1, 1]
+        assert client.ack_batch(batch.batch_id) == 4
+
+        assert cache.metrics_server is not None
+        samples = scrape(cache.metrics_server.url)
+        wanted = queried_series("cache")
+        assert len(wanted) >= 10
+        missing = sorted(wanted - set(samples))
+        assert not missing, f"queried but not exposed by the cache: {missing}"
+        for name in wanted:
+            for labels, _ in samples[name]:
+                assert labels["service"] == "cache" and labels["replica"] == "cache", (name, labels)
+
+        def value(name: str, **labels: str) -> float:
+            return sum(v for lab, v in samples[name] if all(lab.get(k) == x for k, x in labels.items()))
+
+        assert value("asyncopd_cache_admitted_prompts_total") == 4
+        assert value("asyncopd_cache_produced_samples_total") == 4
+        assert value("asyncopd_cache_trained_samples_total") == 4
+        assert value("asyncopd_cache_staleness_count") == 4
+        assert value("asyncopd_cache_staleness_bucket", le="0.0") == 0
+        assert value("asyncopd_cache_staleness_bucket", le="1.0") == 4
+        assert value("asyncopd_cache_max_staleness") == 2
+        assert value("asyncopd_cache_batch_max_staleness") == 1
+
+        binary = find_binary("prometheus")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("prometheus is not installed in CI: deploy/dev/sysdeps.sh must install it")
+            return
+        with LocalPrometheus.start(
+            {"cache": cache.metrics_server.url}, tmp_path / "prom", binary=binary, scrape_interval_s=0.5
+        ) as prom:
+            deadline = time.monotonic() + 30
+            while not prom.query("asyncopd_cache_staleness_count"):
+                assert time.monotonic() < deadline, prom.log_tail()
+                time.sleep(0.25)
+            p50 = float(
+                prom.query("histogram_quantile(0.5, sum by (le) (asyncopd_cache_staleness_bucket))")[0]["value"][1]
+            )
+            assert 0.0 < p50 <= 1.0
+            bound = prom.query("max(asyncopd_cache_max_staleness)")
+            assert float(bound[0]["value"][1]) == 2
+    finally:
+        ch.close()
+        cache.stop(grace=0.5)
+        wipe(config.redis.url, prefix)
