@@ -1,0 +1,308 @@
+"""The Helm chart, rendered with the real helm binary: security, probes, replicas, RBAC,
+network isolation of Redis, and a ConfigMap that the project's own config loader accepts.
+
+No live cluster exists here; `deploy/dev/chart-check.sh` (`make chart`) installs helm and also
+validates every render against the Kubernetes OpenAPI schemas. This test is skipped only when
+helm is missing outside CI (CI must have it: `make chart` runs first).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from asyncopd.config import load_config
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "asyncopd"
+CI_SETS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+ALL_SETS = ["", *CI_SETS, "values-production.yaml"]
+SERVE_COMPONENTS = {"cache", "rollout", "teacher", "learner", "autoscaler"}
+
+
+def _helm() -> str:
+    found = shutil.which("helm") or (str(ROOT / ".tools/helm/helm") if (ROOT / ".tools/helm/helm").exists() else None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("helm is missing in CI: `make chart` (deploy/dev/chart-check.sh) installs it")
+        pytest.skip("helm not installed (run deploy/dev/chart-check.sh)")
+    return found
+
+
+@functools.cache
+def _render_cached(values: str, extra: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    args = [_helm(), "template", "rel", str(CHART), "--namespace", "ns"]
+    if values:
+        path = CHART / "ci" / values if (CHART / "ci" / values).exists() else CHART / values
+        args += ["-f", str(path)]
+    args += list(extra)
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return tuple(d for d in yaml.safe_load_all(out) if d)
+
+
+def render(values: str = "", *extra: str) -> list[dict[str, Any]]:
+    return list(_render_cached(values, extra))
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for d in docs:
+        if d["kind"] == kind and d["metadata"]["name"] == name:
+            return d
+    raise AssertionError(f"no {kind}/{name} in {[(d['kind'], d['metadata']['name']) for d in docs]}")
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+@pytest.mark.parametrize("values", ALL_SETS)
+def test_every_pod_runs_restricted(values: str) -> None:
+    docs = render(values)
+    assert {w["metadata"]["name"] for w in workloads(docs)} >= {"rel-asyncopd-rollout", "rel-asyncopd-learner"}
+    for w in workloads(docs):
+        pod = w["spec"]["template"]["spec"]
+        where = f"{values or 'defaults'}: {w['kind']}/{w['metadata']['name']}"
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod.get("hostNetwork") is not True and pod.get("hostPID") is not True, where
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert "add" not in sc["capabilities"], where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            # a read-only root needs writable scratch space
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, where
+
+
+@pytest.mark.parametrize("values", ["", "replicas-8-values.yaml"])
+def test_probes_ask_the_grpc_health_service_on_the_serving_port(values: str) -> None:
+    docs = render(values)
+    seen = set()
+    for w in workloads(docs):
+        component = w["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component not in SERVE_COMPONENTS:
+            continue
+        seen.add(component)
+        (c,) = w["spec"]["template"]["spec"]["containers"]
+        assert c["args"][:2] == ["serve", component]
+        grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": grpc_port}, (component, probe)
+    assert seen == (SERVE_COMPONENTS if values else SERVE_COMPONENTS - {"autoscaler"})
+
+
+def test_with_tls_the_probes_check_grpc_health_over_mtls() -> None:
+    docs = render("tls-values.yaml")
+    cache = find(docs, "Deployment", "rel-asyncopd-cache")
+    (c,) = cache["spec"]["template"]["spec"]["containers"]
+    cmd = c["readinessProbe"]["exec"]["command"]
+    assert cmd[:3] == ["python", "-m", "asyncopd.health_probe"]
+    assert cmd[cmd.index("--port") + 1] == "50051"
+    assert cmd[cmd.index("--server-name") + 1] == "rel-asyncopd-cache"
+    assert {"/etc/asyncopd-tls/ca.crt", "/etc/asyncopd-tls/tls.crt", "/etc/asyncopd-tls/tls.key"} <= set(cmd)
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["tls"]["mountPath"] == "/etc/asyncopd-tls" and mounts["tls"]["readOnly"] is True
+    vols = {v["name"]: v for v in cache["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "asyncopd-mtls"
+
+
+@pytest.mark.parametrize(
+    ("values", "replicas"), [("replicas-1-values.yaml", 1), ("replicas-8-values.yaml", 8), ("", 2)]
+)
+def test_rollout_replicas_come_from_values(values: str, replicas: int) -> None:
+    docs = render(values)
+    rollout = find(docs, "Deployment", "rel-asyncopd-rollout")
+    assert rollout["spec"]["replicas"] == replicas
+    config = yaml.safe_load(find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["rollout"]["replicas"] == replicas
+    assert (
+        find(render(values, "--set", "rollout.replicas=5"), "Deployment", "rel-asyncopd-rollout")["spec"]["replicas"]
+        == 5
+    )
+
+
+def test_autoscaler_keeps_its_replica_choice_across_upgrades() -> None:
+    upgraded = find(render("replicas-8-values.yaml", "--is-upgrade"), "Deployment", "rel-asyncopd-rollout")
+    assert "replicas" not in upgraded["spec"]
+    # without the autoscaler, an upgrade applies rollout.replicas
+    plain = find(render("replicas-1-values.yaml", "--is-upgrade"), "Deployment", "rel-asyncopd-rollout")
+    assert plain["spec"]["replicas"] == 1
+
+
+def test_gpu_requests_node_selector_and_tolerations_of_rollouts() -> None:
+    pod = find(render("replicas-8-values.yaml"), "Deployment", "rel-asyncopd-rollout")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1 == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+@pytest.mark.parametrize("values", ALL_SETS)
+def test_configmap_loads_with_the_project_config_loader(values: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("ASYNCOPD_REDIS_PASSWORD", raising=False)
+    docs = render(values)
+    text = find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"]
+    assert "password" not in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    # the addresses in the config are the Services the chart creates
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    cache_host, cache_port = config.endpoints.cache.split(":")
+    assert cache_host in services
+    assert int(cache_port) == config.cache.server.port
+    learner_host, learner_port = config.endpoints.learner.split(":")
+    assert learner_host == "rel-asyncopd-learner-0.rel-asyncopd-learner.ns.svc"
+    assert services["rel-asyncopd-learner"]["spec"]["clusterIP"] == "None"
+    assert int(learner_port) == config.learner.server.port
+    assert config.cache.server.host == "0.0.0.0"
+    assert config.autoscaler.deployment == "rel-asyncopd-rollout"
+    assert config.autoscaler.namespace == "ns"
+    # the learner checkpoints onto its own volume
+    learner = find(docs, "StatefulSet", "rel-asyncopd-learner")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in learner["containers"][0]["volumeMounts"]}
+    assert any(config.learner.checkpoint_dir.startswith(m + "/") for m in mounts)
+    # the password reaches the cache only, through the env var the loader reads
+    monkeypatch.setenv("ASYNCOPD_REDIS_PASSWORD", "s3cret")
+    assert load_config(path).redis.password is not None
+    for w in workloads(docs):
+        env = {e["name"] for c in w["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        component = w["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert ("ASYNCOPD_REDIS_PASSWORD" in env) == (component == "cache"), component
+
+
+def test_tls_values_configure_mtls_and_external_redis_the_url() -> None:
+    tls = yaml.safe_load(find(render("tls-values.yaml"), "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert tls["tls"] == {
+        "enabled": True,
+        "cert_file": "/etc/asyncopd-tls/tls.crt",
+        "key_file": "/etc/asyncopd-tls/tls.key",
+        "ca_file": "/etc/asyncopd-tls/ca.crt",
+        "require_client_cert": True,
+    }
+    prod = yaml.safe_load(
+        find(render("values-production.yaml"), "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"]
+    )
+    assert prod["tls"]["enabled"] is True
+    docs = render("external-redis-values.yaml")
+    config = yaml.safe_load(find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["redis"]["url"] == "rediss://redis.example.internal:6380/0"
+    assert not [d for d in docs if d["metadata"]["name"].startswith("rel-asyncopd-redis")]
+    cache = find(docs, "Deployment", "rel-asyncopd-cache")["spec"]["template"]["spec"]["containers"][0]
+    ref = next(e for e in cache["env"] if e["name"] == "ASYNCOPD_REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "managed-redis", "key": "password"}
+
+
+def test_only_the_cache_reaches_redis() -> None:
+    docs = render()
+    policy = find(docs, "NetworkPolicy", "rel-asyncopd-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "asyncopd",
+        "app.kubernetes.io/instance": "rel",
+        "app.kubernetes.io/component": "cache",
+    }
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    # the cache pods carry exactly the labels that rule selects
+    cache_labels = find(docs, "Deployment", "rel-asyncopd-cache")["spec"]["template"]["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= cache_labels.items()
+    assert not [d for d in render("monitoring-off-values.yaml") if d["kind"] == "NetworkPolicy"]
+
+
+def test_autoscaler_rbac_is_get_and_patch_on_the_rollout_scale_only() -> None:
+    docs = render("replicas-8-values.yaml")
+    role = find(docs, "Role", "rel-asyncopd-autoscaler")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments/scale"],
+            "resourceNames": ["rel-asyncopd-rollout"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    binding = find(docs, "RoleBinding", "rel-asyncopd-autoscaler")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-asyncopd-autoscaler", "namespace": "ns"}]
+    pods = {w["metadata"]["name"]: w["spec"]["template"]["spec"] for w in workloads(docs)}
+    assert pods["rel-asyncopd-autoscaler"]["serviceAccountName"] == "rel-asyncopd-autoscaler"
+    # nobody else gets an API token
+    for name, pod in pods.items():
+        assert pod.get("automountServiceAccountToken") is (name == "rel-asyncopd-autoscaler"), name
+    assert not [d for d in render() if d["kind"] == "Role"]
+
+
+def test_learner_is_a_single_statefulset_that_checkpoints_before_it_is_killed() -> None:
+    docs = render()
+    learner = find(docs, "StatefulSet", "rel-asyncopd-learner")
+    assert learner["spec"]["replicas"] == 1
+    assert learner["spec"]["serviceName"] == "rel-asyncopd-learner"
+    assert learner["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 300
+    assert learner["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    headless = find(docs, "Service", "rel-asyncopd-learner")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "weightsync", "metrics"}
+
+
+def test_pod_disruption_budgets_cover_every_component() -> None:
+    docs = render()
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(pdbs) == {f"rel-asyncopd-{c}" for c in ("rollout", "teacher", "cache", "learner", "redis")}
+    assert pdbs["rel-asyncopd-learner"] == {
+        "minAvailable": 1,
+        "selector": {
+            "matchLabels": find(docs, "StatefulSet", "rel-asyncopd-learner")["spec"]["selector"]["matchLabels"]
+        },
+    }
+
+
+def test_monitoring_is_toggleable_and_scrapes_every_service_metrics_port() -> None:
+    docs = render()
+    monitor = find(docs, "ServiceMonitor", "rel-asyncopd")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    components = set(monitor["spec"]["selector"]["matchExpressions"][0]["values"])
+    services = [
+        d
+        for d in docs
+        if d["kind"] == "Service" and d["metadata"]["labels"].get("app.kubernetes.io/component") in components
+    ]
+    assert {s["metadata"]["labels"]["app.kubernetes.io/component"] for s in services} == components - {"autoscaler"}
+    for s in services:
+        assert "metrics" in {p["name"] for p in s["spec"]["ports"]}, s["metadata"]["name"]
+    dashboard = find(docs, "ConfigMap", "rel-asyncopd-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["asyncopd.json"].strip() == (CHART / "dashboards/asyncopd.json").read_text().strip()
+    off = render("monitoring-off-values.yaml")
+    assert not [d for d in off if d["kind"] == "ServiceMonitor" or d["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_chart_dashboard_is_the_one_in_deploy_grafana() -> None:
+    source = ROOT / "deploy" / "grafana" / "asyncopd.json"
+    assert source.exists(), "deploy/grafana/asyncopd.json (the dashboard's home) is missing"
+    assert (CHART / "dashboards" / "asyncopd.json").read_bytes() == source.read_bytes(), (
+        "the chart's copy is stale: run deploy/dev/chart-check.sh"
+    )
+
+
+def test_schema_rejects_a_redis_password_in_the_configmap_and_unknown_keys() -> None:
+    helm = _helm()
+    for bad in ("config.redis.password=x", "rollout.replica=3", "redis.mode=external"):
+        r = subprocess.run(
+            [helm, "template", "rel", str(CHART), "--set", bad], check=False, capture_output=True, text=True
+        )
+        assert r.returncode != 0, bad
+        assert "schema" in r.stderr, r.stderr
