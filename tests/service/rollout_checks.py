@@ -37,7 +37,13 @@ def recomputed_logmu(model: PreTrainedModel, rollout: Rollout, sampling: Samplin
 
 
 def assert_matches_recomputation(
-    model: PreTrainedModel, rollouts: list[Rollout], sampling: Sampling, kind: SupportKind, k: int, atol: float = 2e-4
+    model: PreTrainedModel,
+    rollouts: list[Rollout],
+    sampling: Sampling,
+    kind: SupportKind,
+    k: int,
+    *,
+    atol: float = 2e-4,
 ) -> None:
     for r in rollouts:
         t = r.num_tokens
