@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from asyncopd.cache import bench as cache_bench
+from asyncopd.launch import bench as pipeline_bench
 from asyncopd.opd import bench_cli as opd_bench
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 BENCHMARKS: dict[str, tuple[AddArgs, Run]] = {
+    "cache": (cache_bench.add_args, cache_bench.run),
     "estimators": (opd_bench.add_args, opd_bench.run),
+    "pipeline": (pipeline_bench.add_args, pipeline_bench.run),
 }
 
 

@@ -19,6 +19,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=64, help="K top-k ids and N MC samples per position")
     parser.add_argument("--repeats", type=int, default=1, help="runs per estimator; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default). 1 by default: on a shared 2-core machine "
+        "OpenMP threads spin-wait on each other and a 2-thread run is many times slower than 1",
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the student logits")
     parser.add_argument(
         "--only", nargs="*", default=[], metavar="SUBSTRING", help="run only estimators whose name contains one"
@@ -29,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from asyncopd.opd.benchmark import BenchResult, format_table, run_estimators
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     def progress(result: BenchResult) -> None:
         print(f"  measured {result.name}: {result.seconds:.3f} s", flush=True)

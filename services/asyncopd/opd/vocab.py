@@ -52,9 +52,11 @@ class _GatherLogProbs(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.rows):
             stop = start + ctx.rows
             g = grad_out[start:stop].to(cdt)
-            chunk = torch.sub(logits[start:stop].to(cdt), lse[start:stop].unsqueeze(-1)).exp_()
+            chunk = _scratch(grad, start, stop, cdt)
+            torch.sub(logits[start:stop].to(cdt), lse[start:stop].unsqueeze(-1), out=chunk).exp_()
             chunk.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[start:stop], g)
-            grad[start:stop] = chunk
+            if chunk.data_ptr() != grad[start:stop].data_ptr():
+                grad[start:stop] = chunk
         return grad, None, None
 
 
@@ -115,6 +117,14 @@ class _DenseForwardKL(torch.autograd.Function):
             g = grad_out[start:stop].to(cdt).unsqueeze(-1)
             grad[start:stop] = log_pi.exp_().sub_(log_p.exp_()).mul_(g)
         return grad, None, None
+
+
+def _scratch(grad: Tensor, start: int, stop: int, cdt: torch.dtype) -> Tensor:
+    """Where to compute a chunk of the gradient: in place in `grad` when it already has the
+    compute dtype (saves a chunk-sized temporary and a copy), else a fresh fp32 block."""
+    if grad.dtype == cdt:
+        return grad[start:stop]
+    return grad.new_empty(grad[start:stop].shape, dtype=cdt)
 
 
 def _chunk_logprobs(student: Tensor, teacher: Tensor, start: int, rows: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
