@@ -210,3 +210,28 @@ def test_final_student_dir_picks_the_newest_model_dir(tmp_path: Path) -> None:
     os.utime(old / "config.json", (1, 1))
     os.utime(new / "config.json", None)
     assert final_student_dir(tmp_path) == new
+
+
+def test_bench_pipeline_comparison_and_ideal_ratio() -> None:
+    from asyncopd.launch.bench import compare, comparison_table, ideal_ratio
+
+    # rollout 6 s, teacher 2 s, learner 2 s: perfect overlap is (6+2+2)/6 faster than serial
+    stages = {
+        "rollout": 6.0,
+        "teacher": 2.0,
+        "learner_compute": 1.5,
+        "learner_weight_sync": 0.5,
+        "learner_data_wait": 9,
+    }
+    assert ideal_ratio(stages) == pytest.approx(10.0 / 6.0)
+    assert ideal_ratio({}) is None
+    base = {"steps": 5, "wall_seconds": 10.0, "invariant_violations": []}
+    sync = {**base, "mode": "sync", "max_staleness": 0, "train_tokens_per_second": 100.0, "stage_seconds": stages}
+    fast = {**base, "mode": "async", "max_staleness": 5, "train_tokens_per_second": 150.0}
+    result = compare([sync, fast])
+    assert result["ideal_ratio"] == pytest.approx(1.667, abs=1e-3)
+    assert [r["ratio_to_sync"] for r in result["rows"]] == [1.0, 1.5]
+    assert result["rows"][1]["fraction_of_ideal"] == pytest.approx(0.9, abs=1e-3)
+    comparison_table(result)
+    with pytest.raises(ValueError, match="strict synchronous"):
+        compare([fast, sync])

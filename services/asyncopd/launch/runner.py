@@ -66,6 +66,8 @@ class LaunchOptions:
     poll_s: float = 1.0
     evaluate: bool = True
     evaluate_teacher: bool = True
+    # Evaluate only the trained student (e.g. the later runs of a benchmark on one student).
+    skip_eval_before: bool = False
     live: bool = True
     plots: bool = True
     python: str = sys.executable
@@ -323,7 +325,7 @@ class LocalRun:
         accuracy_teacher: float | None = None
         if self.steps.path.exists():
             self.steps.path.unlink()  # a previous run's log in the same dir
-        if opts.evaluate:
+        if opts.evaluate and not opts.skip_eval_before:
             t = time.monotonic()
             console.print(f"evaluating the student ({config.models.student}) before training ...")
             self._accuracy_before = evaluate_accuracy(config.models.student, config)
