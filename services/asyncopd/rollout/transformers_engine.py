@@ -96,7 +96,7 @@ class TransformersEngine(Engine):
         ids = torch.full((batch, width), self._pad_id, dtype=torch.long, device=self._device)
         mask = torch.zeros((batch, width), dtype=torch.long, device=self._device)
         for row, p in enumerate(prompts):
-            ids[row, width - lengths[row] :] = torch.as_tensor(np.asarray(p.prompt_ids), dtype=torch.long)
+            ids[row, width - lengths[row] :] = torch.from_numpy(np.array(p.prompt_ids, dtype=np.int64))
             mask[row, width - lengths[row] :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         limits = [min(sampling.max_tokens, self.info.max_model_len - n) for n in lengths]
