@@ -22,7 +22,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 def in_cluster_api() -> client.ApiClient:
     """An API client from the pod's service account (token, CA and host from the environment)."""
-    config.load_incluster_config()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException as exc:
+        raise RuntimeError(
+            f"no in-cluster Kubernetes config ({exc}): `asyncopd serve autoscaler` runs inside a pod of the Helm chart"
+        ) from None
     return client.ApiClient()
 
 

@@ -61,6 +61,8 @@ def serve(config: RunConfig, name: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
+    # The Kubernetes side first: outside a pod this fails before anything is started.
+    scale = DeploymentScale(in_cluster_api(), cfg.namespace or own_namespace(), cfg.deployment)
     registry = metrics.ServiceRegistry(service="autoscaler", replica=name)
     metrics_server = metrics.MetricsServer(registry, cfg.server.metrics_port, cfg.server.host)
     health = rpc.start_server(cfg.server, [], [HEALTH_SERVICE], config.tls)
@@ -68,7 +70,6 @@ def serve(config: RunConfig, name: str) -> None:
     learner_channel = rpc.channel(config.endpoints.learner, cfg.server.max_message_mb, config.tls)
     cache = CacheClient(cache_channel)
     learner = LearnerClient(learner_channel)
-    scale = DeploymentScale(in_cluster_api(), cfg.namespace or own_namespace(), cfg.deployment)
     controller = Controller(
         ScalingPolicy(policy_params(cfg)),
         SignalWindow(batch_size=config.learner.batch_size, window=cfg.sustain + 1),
