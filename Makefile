@@ -68,7 +68,7 @@ run: setup
 bench: setup
 	$(VENV)/bin/asyncopd bench estimators
 
-chart: sysdeps
+chart: sysdeps $(VENV)/.base
 	@bash deploy/dev/chart-check.sh
 
 clean:
