@@ -210,6 +210,8 @@ def test_final_student_dir_picks_the_newest_model_dir(tmp_path: Path) -> None:
     os.utime(old / "config.json", (1, 1))
     os.utime(new / "config.json", None)
     assert final_student_dir(tmp_path) == new
+    (tmp_path / "LATEST").write_text("step-1\n")  # the learner's own pointer wins
+    assert final_student_dir(tmp_path) == old
 
 
 def test_bench_pipeline_comparison_and_ideal_ratio() -> None:

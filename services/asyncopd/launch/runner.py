@@ -150,9 +150,15 @@ def evaluate_accuracy(model_path: str, config: RunConfig) -> float:
 
 
 def final_student_dir(checkpoint_dir: Path) -> Path | None:
-    """The newest HF model directory (holds config.json) under the learner's checkpoint dir."""
+    """The learner's newest checkpoint (named by its `LATEST` file), else the newest HF model
+    directory (holds config.json and weights) under the checkpoint dir."""
     if not checkpoint_dir.is_dir():
         return None
+    latest = checkpoint_dir / "LATEST"
+    if latest.is_file():
+        named = checkpoint_dir / latest.read_text().strip()
+        if (named / "config.json").is_file():
+            return named
     candidates = [p.parent for p in checkpoint_dir.rglob("config.json") if (p.parent / "config.json").is_file()]
     weights = [c for c in candidates if any(c.glob("*.safetensors")) or any(c.glob("*.bin"))]
     if not weights:
