@@ -409,7 +409,7 @@ class LocalRun:
         )
         report_path = opts.report_path or self.out_dir / "report.json"
         if opts.plots:
-            plots = self._write_plots(report, wall_start)
+            plots = self._write_plots(report, wall_start, report_path.parent)
             report["plots"] = [str(p) for p in plots]
         write_report(report, report_path)
         console.print(report_table(report))
@@ -427,14 +427,15 @@ class LocalRun:
         self.console.print(f"evaluating the trained student ({student}) ...")
         return evaluate_accuracy(str(student), self.config)
 
-    def _write_plots(self, report: Mapping[str, Any], wall_start: float) -> list[Path]:
+    def _write_plots(self, report: Mapping[str, Any], wall_start: float, where: Path) -> list[Path]:
+        """The PNGs go next to the report."""
         points: list[tuple[int, float, float]] = []
         if report.get("accuracy_before") is not None:
             points.append((0, 0.0, float(report["accuracy_before"])))
         if report.get("accuracy_after") is not None:
             points.append((int(report["steps"]), float(report["wall_seconds"]), float(report["accuracy_after"])))
         hist = {int(k): int(v) for k, v in report["staleness_histogram"].items()}
-        return write_plots(self.steps.records, self.out_dir, hist, t0=wall_start, accuracy_points=points)
+        return write_plots(self.steps.records, where, hist, t0=wall_start, accuracy_points=points)
 
 
 def run_pipeline(
