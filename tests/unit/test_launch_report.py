@@ -167,6 +167,28 @@ def test_step_log_reader_is_incremental_and_skips_partial_lines(tmp_path: Path) 
     assert len(read_step_log(path)) == 3
 
 
+def test_the_learner_step_and_eval_lines_are_read() -> None:
+    step = record_from_dict(
+        {
+            "event": "step",
+            "version": 7,
+            "version_before": 6,
+            "time_unix": 1700000000.5,
+            "samples": 32,
+            "tokens": 640,
+            "loss": 0.3,
+            "kl": 0.2,
+            "staleness_mean": 0.5,
+            "staleness_max": 1,
+            "seconds": {"data_wait": 0.1, "compute": 0.5, "weight_sync": 0.01},
+        }
+    )
+    assert step is not None and step.is_step
+    assert (step.version, step.time, step.tokens, step.kl, step.staleness_max) == (7, 1700000000.5, 640, 0.2, 1)
+    evaluation = record_from_dict({"event": "eval", "version": 25, "accuracy": 0.42, "n": 200})
+    assert evaluation is not None and not evaluation.is_step and evaluation.accuracy == 0.42
+
+
 def test_record_key_variants() -> None:
     rec = record_from_dict({"step": 3, "kl_estimate": 0.1, "batch_size": 8, "mean_staleness": 0.5, "wall_s": 9.0})
     assert rec is not None

@@ -20,7 +20,7 @@ from typing import Any
 # Accepted key spellings, first match wins.
 _KEYS: dict[str, tuple[str, ...]] = {
     "version": ("version", "step"),
-    "time": ("time", "timestamp", "ts", "unix_time"),
+    "time": ("time", "time_unix", "timestamp", "ts", "unix_time"),
     "elapsed_s": ("elapsed_s", "wall_s", "elapsed"),
     "loss": ("loss",),
     "kl": ("kl", "kl_estimate", "kl_mean"),
