@@ -272,3 +272,32 @@ def test_manual_scaling_is_respected_within_bounds_and_dry_run_never_patches(api
     assert ctl.tick().replicas == 4
     assert apiserver.replicas[("ns", "rel-asyncopd-rollout")] == 9  # ...but dry run only logs
     assert not [r for r in apiserver.requests if r["method"] == "PATCH"]
+
+
+def test_signals_from_a_real_cache_drive_the_scale(apiserver: ApiServerStandIn) -> None:
+    """The real cache service (real Redis): an empty pipeline starves the learner (scale up);
+    once admission has handed out all (max_staleness + 1) batches and refuses more, scale down."""
+    from test_cache_harness import make_config, make_rollout, make_scores, running_cache, unique_prefix
+
+    config = make_config(unique_prefix("autoscale"), max_staleness=1, **{"learner.batch_size": 4})
+    scale = DeploymentScale(api_client(apiserver.host), "ns", "rel-asyncopd-rollout")
+    params = PolicyParams(min_replicas=1, max_replicas=4, scale_up_threshold=1.0, scale_down_threshold=1.0)
+    with running_cache(config) as (_, cache):
+        ctl = Controller(
+            ScalingPolicy(params),
+            SignalWindow(batch_size=config.learner.batch_size, window=1),
+            scale,
+            read_stats=cache.stats,
+            read_status=lambda: {"finished": False},
+        )
+        up = ctl.tick()
+        assert (up.replicas, up.kind) == (3, "learner_starved")
+        prompts, _, _ = cache.acquire_prompts("r0", 100)
+        assert len(prompts) == 8  # (max_staleness + 1) * batch_size
+        rollouts = [make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)]
+        cache.put_rollouts(rollouts)
+        cache.put_scores([make_scores(r) for r in cache.claim_rollouts("t0", len(rollouts))])
+        assert cache.acquire_prompts("r0", 100)[0] == []  # the cache really blocks admission now
+        down = ctl.tick()
+        assert (down.replicas, down.kind) == (2, "admission_blocked")
+    assert apiserver.replicas[("ns", "rel-asyncopd-rollout")] == 2
