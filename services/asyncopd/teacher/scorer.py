@@ -100,7 +100,7 @@ class TeacherScorer:
             # logits[:, j] predicts the token at column width - keep + j + 1; the response occupies
             # the last t columns, so its predictions are logits[:, keep - 1 - t : keep - 1].
             logp = torch.log_softmax(logits[row, keep - 1 - t : keep - 1].float(), dim=-1)
-            response = torch.as_tensor(r.response_ids, dtype=torch.long, device=logp.device)
+            response = torch.from_numpy(np.array(r.response_ids, dtype=np.int64)).to(logp.device)
             token = logp.gather(-1, response[:, None]).squeeze(-1)
             topk_ids = topk_lps = tail_mass = support = None
             if topk:
@@ -108,7 +108,7 @@ class TeacherScorer:
                 if tail:
                     tail_mass = log1mexp(torch.logsumexp(topk_lps, dim=-1).clamp(max=0.0))
             if r.support_ids is not None:
-                support = logp.gather(-1, torch.as_tensor(r.support_ids, dtype=torch.long, device=logp.device))
+                support = logp.gather(-1, torch.from_numpy(np.array(r.support_ids, dtype=np.int64)).to(logp.device))
             results.append(
                 TeacherScores(
                     sample_id=r.sample_id,
