@@ -306,3 +306,17 @@ def test_schema_rejects_a_redis_password_in_the_configmap_and_unknown_keys() -> 
         )
         assert r.returncode != 0, bad
         assert "schema" in r.stderr, r.stderr
+
+
+def test_cpu_value_set_requests_no_gpus() -> None:
+    text = yaml.safe_dump_all(render("replicas-1-values.yaml"))
+    assert "nvidia.com/gpu" not in text
+
+
+def test_notes_tell_how_to_watch_the_run() -> None:
+    args = [_helm(), "install", "exp1", str(CHART), "-n", "opd", "--dry-run=client"]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    notes = out[out.index("NOTES:") :]
+    assert "kubectl -n opd logs -f statefulset/exp1-asyncopd-learner" in notes
+    assert "kubectl -n opd scale deployment/exp1-asyncopd-rollout" in notes
+    assert "port-forward svc/exp1-asyncopd-cache 9400" in notes
