@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = parent.recv()
         ch = channel(address, max_message_mb=512)
-        client = CacheClient(ch, timeout_s=120.0)
+        client = CacheClient(ch, logprob_dtype="float16", timeout_s=120.0)
         service: list[dict[str, float]] = []
         for round_ in range(args.rounds + 1):
             times = _service_round(client, args, round_, rollout, scores)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from asyncopd import metrics
 from asyncopd.cache.prompts import PromptCatalog
@@ -28,13 +29,34 @@ from asyncopd.wire.records import (
     LogprobDType,
     prompt_to_proto,
     rollout_from_proto,
-    rollout_to_proto,
     scores_from_proto,
-    scores_to_proto,
 )
+from asyncopd.wire.tensors import DTYPE_NAMES, encode
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Tensor fields of Rollout / TeacherScores and how they are stored (the record attributes
+# have the same names as the message fields).
+_ID_FIELDS = ("prompt_ids", "response_ids", "versions", "support_ids", "topk_ids")
+_LOGPROB_FIELDS = ("behavior_logprobs", "support_logprobs", "token_logprobs", "topk_logprobs", "tail_logmass")
+
+
+def compact_bytes(msg: Any, record: object, logprob_dtype: LogprobDType) -> bytes:
+    """The validated message as stored: ids int32, log-probs in `logprob_dtype`.
+
+    Tensors already in the stored dtype keep their bytes (no decode/re-encode round trip);
+    others are re-encoded from the validated record. Mutates `msg` (the request's own copy).
+    """
+    for name in _ID_FIELDS + _LOGPROB_FIELDS:
+        if not hasattr(record, name) or not msg.HasField(name):
+            continue
+        is_ids = name in _ID_FIELDS
+        tensor = getattr(msg, name)
+        if tensor.dtype != DTYPE_NAMES["int32" if is_ids else logprob_dtype]:
+            value = np.asarray(getattr(record, name))
+            tensor.CopyFrom(encode(value.astype(np.int32), None) if is_ids else encode(value, logprob_dtype))
+    return bytes(msg.SerializeToString())
 
 
 @dataclass(frozen=True)
@@ -181,7 +203,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if r.sample_id in seen:
                     raise WireError(f"{field}.sample_id: {r.sample_id!r} appears twice in this request")
                 seen.add(r.sample_id)
-                blob = rollout_to_proto(r, self.limits.logprob_dtype).SerializeToString()
+                blob = compact_bytes(msg, r, self.limits.logprob_dtype)
                 k = 0 if r.support_ids is None else int(r.support_ids.shape[1])
                 stored.append(StoredRollout(r.sample_id, r.ticket, r.oldest_version, r.num_tokens, k, blob))
             out = self.store.put_rollouts(stored)
@@ -225,7 +247,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if k == 0 and msg.HasField("support_logprobs"):
                     raise WireError(f"scores[{i}].support_logprobs: given, but the rollout carries no support")
                 s = scores_from_proto(msg, limits, t, k or None, f"scores[{i}]")
-                items.append((s.sample_id, scores_to_proto(s, self.limits.logprob_dtype).SerializeToString()))
+                items.append((s.sample_id, compact_bytes(msg, s, self.limits.logprob_dtype)))
             out = self.store.put_scores(items)
         if self.m is not None:
             self.m.scored.inc(out.accepted)
