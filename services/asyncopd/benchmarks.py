@@ -14,6 +14,8 @@ from collections.abc import Callable
 from asyncopd.cache import bench as cache_bench
 from asyncopd.launch import bench as pipeline_bench
 from asyncopd.opd import bench_cli as opd_bench
+from asyncopd.rollout import bench as rollout_bench
+from asyncopd.teacher import bench as teacher_bench
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -22,6 +24,8 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run]] = {
     "cache": (cache_bench.add_args, cache_bench.run),
     "estimators": (opd_bench.add_args, opd_bench.run),
     "pipeline": (pipeline_bench.add_args, pipeline_bench.run),
+    "rollout": (rollout_bench.add_args, rollout_bench.run),
+    "teacher": (teacher_bench.add_args, teacher_bench.run),
 }
 
 

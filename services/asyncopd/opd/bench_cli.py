@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(format_table(results))
+    grad_mib = args.positions * args.vocab * getattr(torch, args.dtype).itemsize / 2**20
     print(
         "peak MiB = resident-set high-water mark during the call minus resident set before it "
-        "(/proc/self VmHWM); includes the [positions, V] logits gradient, excludes the inputs."
+        f"(/proc/self VmHWM); includes the [positions, V] logits gradient ({grad_mib:.0f} MiB, "
+        "which every estimator must produce), excludes the inputs."
     )
     return 0
