@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from asyncopd.serve_cli import add_config_args
@@ -34,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def _run(args: argparse.Namespace) -> int:
     from asyncopd.config import load_config
-    from asyncopd.launch.runner import LaunchOptions, run_pipeline
+    from asyncopd.launch.processes import ChildDied
+    from asyncopd.launch.runner import LaunchOptions, RunStopped, run_pipeline
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
@@ -47,5 +49,15 @@ def _run(args: argparse.Namespace) -> int:
         max_wall_s=args.max_wall_s,
         startup_timeout_s=args.startup_timeout_s,
     )
-    report = run_pipeline(config, options)
+    try:
+        report = run_pipeline(config, options)
+    except KeyboardInterrupt:
+        print("asyncopd run: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    except RunStopped as exc:
+        print(f"asyncopd run: {exc}; every process it started was stopped", file=sys.stderr)
+        return 143
+    except (ChildDied, TimeoutError) as exc:
+        print(f"asyncopd run failed: {exc}", file=sys.stderr)
+        return 1
     return 1 if report.get("invariant_violations") else 0
