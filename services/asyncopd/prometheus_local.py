@@ -1,6 +1,7 @@
 """A local Prometheus server scraping a local run: config writing, start/stop by handle, queries.
 
-`asyncopd run --prometheus` and the tests use it the same way::
+`asyncopd run --prometheus` calls `start_for_run(config.metrics, metrics_urls, out_dir)`; tests
+use the class directly::
 
     prom = LocalPrometheus.start({"cache": "http://127.0.0.1:9101/metrics", ...}, workdir)
     print(prom.url)                      # the web UI / HTTP API
@@ -31,9 +32,11 @@ from typing import Any
 
 import yaml
 
+from asyncopd.config.metrics import MetricsConfig
 from asyncopd.metrics import SERVICES
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
+INSTALL_HINT = "prometheus is not installed: run `bash deploy/dev/sysdeps.sh` (Debian: apt-get install prometheus)"
 
 
 class PrometheusError(RuntimeError):
@@ -238,3 +241,21 @@ class LocalPrometheus:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_for_run(
+    config: MetricsConfig, metrics_urls: Mapping[str, str], output_dir: Path | str
+) -> LocalPrometheus | None:
+    """Prometheus for a local run, in `<output_dir>/prometheus`; None when the binary is not installed.
+
+    The caller prints `prom.url` (or the install hint on None) and calls `stop()` at the end.
+    """
+    if find_binary(config.prometheus_binary) is None:
+        return None
+    return LocalPrometheus.start(
+        metrics_urls,
+        Path(output_dir) / "prometheus",
+        binary=config.prometheus_binary,
+        port=config.prometheus_port,
+        scrape_interval_s=config.scrape_interval_s,
+    )

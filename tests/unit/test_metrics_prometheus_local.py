@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from asyncopd.config.metrics import MetricsConfig
 from asyncopd.prometheus_local import (
     RULES_DIR,
     LocalPrometheus,
     PrometheusError,
     ScrapeTarget,
+    start_for_run,
     target_from_url,
     write_config,
 )
@@ -54,3 +56,9 @@ def test_config_groups_targets_by_job_and_loads_repo_rules(tmp_path: Path) -> No
 def test_missing_binary_says_how_to_install(tmp_path: Path) -> None:
     with pytest.raises(PrometheusError, match="apt-get install"):
         LocalPrometheus.start({}, tmp_path, binary="/nonexistent/prometheus")
+
+
+def test_start_for_run_without_binary_returns_none(tmp_path: Path) -> None:
+    config = MetricsConfig(prometheus_binary="/nonexistent/prometheus")
+    assert start_for_run(config, {"cache": "http://127.0.0.1:1/metrics"}, tmp_path) is None
+    assert not (tmp_path / "prometheus").exists()
