@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -301,3 +303,71 @@ def test_signals_from_a_real_cache_drive_the_scale(apiserver: ApiServerStandIn) 
         down = ctl.tick()
         assert (down.replicas, down.kind) == (2, "admission_blocked")
     assert apiserver.replicas[("ns", "rel-asyncopd-rollout")] == 2
+
+
+def test_the_autoscaler_process_loop_against_real_cache_and_learner_services(apiserver: ApiServerStandIn) -> None:
+    """`asyncopd serve autoscaler` minus signal handling and in-cluster credentials: the real
+    cache and learner services on loopback, the stand-in API server, its own health server."""
+    from asyncopd import metrics, rpc
+    from asyncopd.autoscaler.main import run
+    from asyncopd.config import config_from_dict
+    from asyncopd.config.endpoints import ServerConfig
+    from asyncopd.config.weightsync import WeightSyncConfig
+    from asyncopd.health_probe import check
+    from asyncopd.learner.servicer import LearnerServicer, Progress, add_to_server
+    from asyncopd.weightsync.publisher import Publisher
+    from test_cache_harness import make_config, running_cache, unique_prefix
+
+    publisher = Publisher(WeightSyncConfig())
+    learner = rpc.start_server(
+        ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, lambda: Progress(version=3)))], ["learner"]
+    )
+    cache_config = make_config(unique_prefix("autoscale-run"), max_staleness=1, **{"learner.batch_size": 4})
+    try:
+        with running_cache(cache_config) as (cache, _):
+            health_port = free_port()
+            data = cache_config.model_dump(mode="json")
+            data["endpoints"] = {"cache": cache.address, "learner": learner.address}
+            data["autoscaler"] = {
+                "server": {"port": health_port},
+                "namespace": "ns",
+                "deployment": "rel-asyncopd-rollout",
+                "interval_s": 0.05,
+                "min_replicas": 1,
+                "max_replicas": 4,
+                "sustain": 1,
+                "cooldown_up_s": 0,
+            }
+            config = config_from_dict(data)
+            registry = metrics.ServiceRegistry(service="autoscaler", replica="a0", process_metrics=False)
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=run, args=(config, "a0", api_client(apiserver.host), stop, registry), daemon=True
+            )
+            thread.start()
+            try:
+                # nothing is ever scored: the learner starves, replicas climb to max and stay there
+                deadline = time.monotonic() + 30
+                while apiserver.replicas[("ns", "rel-asyncopd-rollout")] < 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert apiserver.replicas[("ns", "rel-asyncopd-rollout")] == 4
+                assert check(health_port, server_name=None, ca=None, cert=None, key=None) is True
+                time.sleep(0.3)
+                assert apiserver.replicas[("ns", "rel-asyncopd-rollout")] == 4
+                values = {(s.name, s.labels.get("reason")): s.value for fam in registry.collect() for s in fam.samples}
+                assert values[("asyncopd_autoscaler_desired_replicas", None)] == 4
+                assert values[("asyncopd_autoscaler_decisions_total", "learner_starved")] == 2
+            finally:
+                stop.set()
+                thread.join(timeout=10)
+            assert not thread.is_alive()
+            assert check(health_port, server_name=None, ca=None, cert=None, key=None, timeout_s=0.5) is False
+    finally:
+        learner.stop(grace=None)
+        publisher.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -12,6 +12,7 @@ import signal
 import threading
 
 import grpc
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from asyncopd import metrics, rpc
@@ -22,6 +23,7 @@ from asyncopd.autoscaler.signals import SignalWindow
 from asyncopd.config import RunConfig
 from asyncopd.config.autoscaler import AutoscalerConfig
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.learner_client import LearnerClient
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,25 @@ class MetricsSink:
 
 
 def serve(config: RunConfig, name: str) -> None:
-    from asyncopd.wire.learner_client import LearnerClient
-
-    cfg = config.autoscaler
+    """Run until SIGTERM/SIGINT, scaling through the pod's in-cluster API credentials."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-
     # The Kubernetes side first: outside a pod this fails before anything is started.
-    scale = DeploymentScale(in_cluster_api(), cfg.namespace or own_namespace(), cfg.deployment)
-    registry = metrics.ServiceRegistry(service="autoscaler", replica=name)
+    run(config, name, in_cluster_api(), stop)
+
+
+def run(
+    config: RunConfig,
+    name: str,
+    api: ApiClient,
+    stop: threading.Event,
+    registry: metrics.ServiceRegistry | None = None,
+) -> None:
+    """Tick the controller every `autoscaler.interval_s` until `stop` is set; serve health and metrics."""
+    cfg = config.autoscaler
+    scale = DeploymentScale(api, cfg.namespace or own_namespace(), cfg.deployment)
+    registry = registry or metrics.ServiceRegistry(service="autoscaler", replica=name)
     metrics_server = metrics.MetricsServer(registry, cfg.server.metrics_port, cfg.server.host)
     health = rpc.start_server(cfg.server, [], [HEALTH_SERVICE], config.tls)
     cache_channel = rpc.channel(config.endpoints.cache, cfg.server.max_message_mb, config.tls)
