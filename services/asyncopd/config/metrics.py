@@ -1,7 +1,6 @@
-"""Metrics export and the optional local Prometheus that `asyncopd run --prometheus` starts.
+"""The optional local Prometheus that `asyncopd run --prometheus` starts.
 
-Each service's /metrics port lives in its own `server.metrics_port`; this section holds what is
-shared by all of them.
+Every service always serves /metrics; its port is its own `server.metrics_port`.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ from asyncopd.config.base import Section
 
 
 class MetricsConfig(Section):
-    """Prometheus export of every service, and the local Prometheus of a local run."""
+    """The local Prometheus of a local run."""
 
-    enabled: bool = Field(True, description="Serve /metrics on each service's server.metrics_port.")
-    process_metrics: bool = Field(True, description="Also export process_* series (CPU, RSS, fds) per service.")
     prometheus_binary: str = Field(
         "prometheus", min_length=1, description="Prometheus server executable for local runs (PATH or a path)."
     )
