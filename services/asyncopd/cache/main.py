@@ -100,9 +100,14 @@ def start_cache(
     items = list(prompts) if prompts is not None else list(load_task(config.task, "train"))
     catalog = PromptCatalog(items, tokenize, vocab_size, seed=config.task.seed)
     redis_client = client or connect(config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0)
-    store = ExperienceStore(redis_client, config.redis.key_prefix, store_policy(config))
     registry = metrics.ServiceRegistry("cache", name)
     recorder = metrics.CacheMetrics(registry, eviction_policy=c.eviction)
+    store = ExperienceStore(
+        redis_client,
+        config.redis.key_prefix,
+        store_policy(config),
+        on_redis_error=lambda reason: recorder.redis_errors.labels(reason=reason).inc(),
+    )
     recorder.max_staleness.set(config.max_staleness)
     recorder.budget_bytes.set(store.policy.byte_budget)
     limits = ServicerLimits(

@@ -153,13 +153,21 @@ def _int_map(raw: dict[Any, Any]) -> dict[str, int]:
 class ExperienceStore:
     """The cache's state machine over one Redis key prefix (see `asyncopd.cache.scripts`)."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str, policy: StorePolicy) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_prefix: str,
+        policy: StorePolicy,
+        on_redis_error: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_redis_error(reason)` is told of each failed Redis call ("connection" or "timeout")."""
         if policy.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.redis = client
         self.prefix = key_prefix.rstrip(":") + ":"
         self.policy = policy
         self.redis_errors = 0
+        self._on_redis_error = on_redis_error
         self._run_id: str | None = None
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._release = client.register_script(scripts.RELEASE)
@@ -201,6 +209,8 @@ class ExperienceStore:
                 return op()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.redis_errors += 1
+                if self._on_redis_error is not None:
+                    self._on_redis_error("timeout" if isinstance(exc, redis.TimeoutError) else "connection")
                 failed = True
                 if time.monotonic() + delay > deadline:
                     raise CacheUnavailable(f"Redis unreachable for {self.policy.retry_s:.0f}s: {exc}") from exc
