@@ -315,7 +315,11 @@ class LocalRun:
     # -- the run -----------------------------------------------------------------------------
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self._stop_requested = True
+        # Like Ctrl-C: unwind from wherever the launcher is, so `execute` stops every child.
+        # Only once, so a second SIGTERM cannot interrupt that clean-up.
+        if not self._stop_requested:
+            self._stop_requested = True
+            raise RunStopped("stopped by SIGTERM before the run finished")
 
     def execute(self) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,8 +366,6 @@ class LocalRun:
         live = Live(console=console, refresh_per_second=2) if opts.live else None
         with live if live is not None else contextlib.nullcontext():
             while True:
-                if self._stop_requested:
-                    raise RunStopped("stopped by SIGTERM before the run finished")
                 self.supervisor.check()
                 snap, finished = self._poll(ready, metrics_urls, rollout_rate, train_rate)
                 if live is not None:
