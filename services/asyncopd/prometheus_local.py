@@ -214,9 +214,10 @@ class LocalPrometheus:
             raise PrometheusError(f"{url}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; returns the result vector ([{"metric": {...}, "value": [ts, "v"]}, ...])."""
-        data = self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query (now, or at unix time `at`); returns the result vector
+        ([{"metric": {...}, "value": [ts, "v"]}, ...])."""
+        data = self.api("query", query=expr, **({} if at is None else {"time": f"{at:.3f}"}))
         if data["resultType"] != "vector":
             raise PrometheusError(f"{expr!r} returned a {data['resultType']}, not a vector")
         return list(data["result"])

@@ -128,8 +128,8 @@ def wait_for(fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
         time.sleep(0.25)
 
 
-def scalar(prom: LocalPrometheus, expr: str) -> float | None:
-    result = prom.query(expr)
+def scalar(prom: LocalPrometheus, expr: str, at: float | None = None) -> float | None:
+    result = prom.query(expr, at)
     if not result:
         return None
     assert len(result) == 1, (expr, result)
@@ -181,3 +181,16 @@ def test_prometheus_scrapes_every_service_and_answers_key_queries(prom: LocalPro
     assert tok_rate > 0
     assert scalar(prom, "asyncopd:cache_staleness:bound") == 4
     assert scalar(prom, "asyncopd:cache_fill:ratio") == 0.25
+
+
+def test_recorded_series_survive_a_restart_for_after_the_run_queries(prom: LocalPrometheus, pipeline: Pipeline) -> None:
+    wait_for(lambda: (n := scalar(prom, "count_over_time(asyncopd_learner_policy_version[10s])")) and n >= 3)
+    seen_at = time.time()
+    version = scalar(prom, "max(asyncopd_learner_policy_version)")
+    assert version is not None and version > 0
+    assert prom.stop() == 0
+    # What `asyncopd run --prometheus` leaves behind can be reopened without any targets.
+    with LocalPrometheus.start({}, prom.workdir, binary=require_binary("prometheus")) as again:
+        assert again.targets_health() == {}
+        past = scalar(again, "max(asyncopd_learner_policy_version)", at=seen_at)
+        assert past is not None and 0 < past <= version + 5
