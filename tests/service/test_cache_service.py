@@ -290,7 +290,7 @@ def test_bad_rollouts_are_rejected_whole() -> None:
         nan = -np.ones(6, np.float32)
         nan[2] = np.nan
         _expect_invalid(stub.PutRollouts, bad(behavior_logprobs=nan), "rollouts[1].behavior_logprobs: NaN")
-        _expect_invalid(stub.PutRollouts, bad(versions=np.full(6, 7, np.int32)), "from the future")
+        _expect_invalid(stub.PutRollouts, bad(versions=np.full(6, 2, np.int32)), "version 2 is from the future")
         _expect_invalid(stub.PutRollouts, bad(behavior_logprobs=-np.ones(5, np.float32)), "shape [5]")
         _expect_invalid(stub.PutRollouts, bad(ticket="nope"), "rollouts[1].ticket: unknown ticket 'nope'")
         _expect_invalid(stub.PutRollouts, bad(ticket=""), "rollouts[1].ticket: must not be empty")
@@ -302,7 +302,8 @@ def test_bad_rollouts_are_rejected_whole() -> None:
         _expect_invalid(stub.PutRollouts, cache_pb2.PutRolloutsRequest(), "rollouts: must be >= 1")
         stats = client.stats_snapshot()
         assert (stats.produced, stats.bytes_held, stats.queue_depth["unscored"]) == (0, 0, 0), "nothing stored"
-        assert client.put_rollouts([make_rollout(prompts[0], 0)]).accepted == 1
+        # one version ahead is fine: replicas get weights v + 1 before the learner publishes v + 1 here
+        assert client.put_rollouts([make_rollout(prompts[0], 1)]).accepted == 1
 
 
 def test_bad_scores_and_requests_are_rejected() -> None:

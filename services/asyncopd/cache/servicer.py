@@ -194,11 +194,20 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         with self._timed():
             self._size(request)
             self._count("rollouts", len(request.rollouts), "rollouts")
-            limits = self._wire_limits(max_version=self.store.version())
+            # The learner broadcasts weights v + 1 to the replicas before it publishes v + 1 here,
+            # so a fast replica may legitimately answer with tokens one version ahead.
+            published = self.store.version()
+            limits = self._wire_limits(max_version=None)
             stored, seen = [], set()
             for i, msg in enumerate(request.rollouts):
                 field = f"rollouts[{i}]"
                 r = rollout_from_proto(msg, limits, field)
+                newest = int(r.versions.max())
+                if newest > published + 1:
+                    raise WireError(
+                        f"{field}.versions: version {newest} is from the future (the learner published "
+                        f"{published}; tokens may carry at most {published + 1})"
+                    )
                 _name(r.ticket, f"{field}.ticket")
                 if r.sample_id in seen:
                     raise WireError(f"{field}.sample_id: {r.sample_id!r} appears twice in this request")
