@@ -27,3 +27,14 @@ class LearnerConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on exit/SIGTERM).")
     eval_every: int = Field(0, ge=0, description="Evaluate greedy test accuracy every N steps (0 = off).")
     eval_size: int = Field(200, ge=1, description="Test prompts per evaluation.")
+    resume: bool = Field(
+        False, description="Continue from the newest checkpoint in checkpoint_dir (same version, optimizer, RNG)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    pull_wait_ms: int = Field(1000, ge=0, le=60000, description="Longest server-side wait of one batch pull, in ms.")
+    step_log: str | None = Field(
+        None,
+        description=(
+            "Per-step JSONL log (loss, KL, ratios, staleness, time split); default <output_dir>/learner_steps.jsonl."
+        ),
+    )

@@ -1,0 +1,173 @@
+"""The gRPC fallback transport of weight updates: RolloutService.PushWeights as a chunk stream.
+
+For replicas that cannot join a collective (another network, no torch.distributed), the
+learner streams each update as `WeightChunk`s of at most `chunk_mb`: a tensor larger than a
+chunk travels as slices along its first dimension (offset and numel count elements of the
+whole tensor; each slice keeps the trailing shape, from which the receiver rebuilds the
+shape; a tensor whose single row exceeds a chunk arrives flat). The last chunk carries
+`last=True` and, when checksums are on, a digest over every tensor (name, dtype, bytes).
+
+`chunks()`/`push_weights()` are the sender (used by the learner's Publisher);
+`WeightAssembler` is the receiver a RolloutService servicer feeds, which returns the complete
+`(version, [(name, tensor), ...])` for the engine's `load_weights` and rejects anything
+inconsistent (mixed versions, overlapping or missing slices, a checksum mismatch) with
+`ManifestError` (a ValueError: INVALID_ARGUMENT through `rpc.status_errors`).
+
+It knows the wire messages; it knows nothing of engines or process groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from asyncopd.config.security import TLSConfig
+from asyncopd.rpc import channel
+from asyncopd.v1 import rollout_pb2 as pb
+from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
+from asyncopd.weightsync.manifest import ManifestError
+from asyncopd.weightsync.publisher import Snapshot
+from asyncopd.wire.tensors import decode_torch, encode
+
+_MIB = 1 << 20
+
+
+def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Digest over (name, dtype, bytes) of every tensor, in order (shape-agnostic: see slicing)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def chunks(
+    version: int, named: Sequence[tuple[str, torch.Tensor]], chunk_mb: float = 4.0, checksum: bool = False
+) -> Iterator[pb.WeightChunk]:
+    """The WeightChunk stream of one update (host copies are made one tensor at a time)."""
+    if not named:
+        raise ValueError("a weight update needs at least one tensor")
+    limit = max(1, int(chunk_mb * _MIB))
+    digest = tensors_checksum(named) if checksum else ""
+    for index, (name, tensor) in enumerate(named):
+        host = tensor.detach().cpu().contiguous()
+        numel = int(host.numel())
+        if numel * host.element_size() <= limit:
+            pieces = [(0, host)]
+        else:
+            # Slice along dim 0 so every piece keeps the trailing shape (the receiver rebuilds
+            # the full shape from it); a 1-D tensor or one whose single row exceeds the limit
+            # travels as flat slices.
+            row_elems = int(host[0].numel()) if host.dim() > 1 and host.shape[0] else 1
+            if row_elems * host.element_size() > limit:
+                row_elems = 1  # a single row exceeds the limit: flat slices (shape not kept)
+            rows = host.reshape(-1, row_elems) if row_elems > 1 else host.reshape(-1)
+            per_chunk = max(1, limit // (row_elems * host.element_size()))
+            pieces = [
+                (start * row_elems, rows[start : start + per_chunk]) for start in range(0, rows.shape[0], per_chunk)
+            ]
+            if row_elems > 1:
+                pieces = [(offset, piece.reshape(-1, *host.shape[1:])) for offset, piece in pieces]
+        for n, (offset, piece) in enumerate(pieces):
+            last = index == len(named) - 1 and n == len(pieces) - 1
+            yield pb.WeightChunk(
+                version=version,
+                name=name,
+                tensor=encode(piece),
+                offset=offset,
+                numel=numel if len(pieces) > 1 else 0,
+                last=last,
+                checksum=digest if last else "",
+            )
+
+
+def push_weights(
+    address: str,
+    snapshot: Snapshot,
+    timeout_s: float,
+    *,
+    tls: TLSConfig | None = None,
+    chunk_mb: float = 4.0,
+    max_message_mb: int = 64,
+) -> int:
+    """Stream `snapshot` to the RolloutService at `address`; returns the version it acknowledged."""
+    named = snapshot.manifest.unpack([b.cpu() for b in snapshot.buckets])
+    with channel(address, max_message_mb, tls) as chan:
+        stub = pb_grpc.RolloutServiceStub(chan)
+        reply = stub.PushWeights(chunks(snapshot.version, named, chunk_mb, bool(snapshot.digest)), timeout=timeout_s)
+    if reply.version != snapshot.version:
+        raise ManifestError(f"replica at {address} acknowledged version {reply.version}, sent {snapshot.version}")
+    return int(reply.version)
+
+
+class WeightAssembler:
+    """Receiver side: feed it every chunk of one PushWeights stream, then call `finish()`."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self._order: list[str] = []
+        self._whole: dict[str, torch.Tensor] = {}
+        self._sliced: dict[str, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        self._trailing: dict[str, tuple[int, ...]] = {}
+        self._checksum = ""
+        self._done = False
+
+    def add(self, chunk: pb.WeightChunk) -> None:
+        if self._done:
+            raise ManifestError("chunk after the last chunk of the update")
+        if self.version is None:
+            self.version = int(chunk.version)
+        elif chunk.version != self.version:
+            raise ManifestError(f"chunk of version {chunk.version} inside an update of version {self.version}")
+        if not chunk.name:
+            raise ManifestError("weight chunk without a tensor name")
+        piece = decode_torch(chunk.tensor)
+        if chunk.numel == 0:
+            if chunk.name in self._whole or chunk.name in self._sliced:
+                raise ManifestError(f"tensor {chunk.name!r} sent twice")
+            self._order.append(chunk.name)
+            self._whole[chunk.name] = piece.clone()
+        else:
+            if chunk.name in self._whole:
+                raise ManifestError(f"tensor {chunk.name!r} sent whole and in slices")
+            if chunk.name not in self._sliced:
+                self._order.append(chunk.name)
+                self._sliced[chunk.name] = (torch.empty(int(chunk.numel), dtype=piece.dtype), [])
+                self._trailing[chunk.name] = tuple(piece.shape[1:])
+            flat, spans = self._sliced[chunk.name]
+            if tuple(piece.shape[1:]) != self._trailing[chunk.name]:
+                raise ManifestError(f"slices of {chunk.name!r} disagree on the trailing shape")
+            start, stop = int(chunk.offset), int(chunk.offset) + int(piece.numel())
+            if flat.numel() != chunk.numel or piece.dtype != flat.dtype or start < 0 or stop > flat.numel():
+                raise ManifestError(f"slice [{start}, {stop}) of {chunk.name!r} does not fit {flat.numel()} elements")
+            flat[start:stop] = piece.reshape(-1)
+            spans.append((start, stop))
+        if chunk.last:
+            self._done = True
+            self._checksum = chunk.checksum
+
+    def finish(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """The complete update; raises if the stream ended early, has gaps, or fails its checksum."""
+        if not self._done or self.version is None:
+            raise ManifestError("weight stream ended before its last chunk")
+        named: list[tuple[str, torch.Tensor]] = []
+        for name in self._order:
+            if name in self._whole:
+                named.append((name, self._whole[name]))
+                continue
+            flat, spans = self._sliced[name]
+            covered = 0
+            for start, stop in sorted(spans):
+                if start != covered:
+                    raise ManifestError(f"tensor {name!r}: slices leave a gap or overlap at element {covered}")
+                covered = stop
+            if covered != flat.numel():
+                raise ManifestError(f"tensor {name!r}: {covered} of {flat.numel()} elements received")
+            trailing = self._trailing[name]
+            named.append((name, flat.view(-1, *trailing) if trailing else flat))
+        if self._checksum and tensors_checksum(named) != self._checksum:
+            raise ManifestError(f"checksum mismatch in weight update version {self.version}")
+        return self.version, named
