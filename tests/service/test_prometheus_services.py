@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from asyncopd import metrics
 from asyncopd.cache.main import start_cache
+from asyncopd.config import load_config
 from asyncopd.prometheus_local import LocalPrometheus, find_binary
 from asyncopd.rpc import channel
 from asyncopd.wire.cache_client import CacheClient
@@ -117,6 +120,88 @@ def test_cache_exposes_every_queried_series_with_its_own_values(tmp_path: Path) 
             bound = prom.query("max(asyncopd_cache_max_staleness)")
             assert float(bound[0]["value"][1]) == 2
     finally:
+        ch.close()
+        cache.stop(grace=0.5)
+        wipe(config.redis.url, prefix)
+
+
+def test_rollout_and_teacher_expose_every_queried_series(tmp_path: Path) -> None:
+    """The real rollout and teacher loops (toy student/teacher from assets/) against a real cache."""
+    from asyncopd.rollout.main import build_engine, sampling_from_config, support_for
+    from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
+    from asyncopd.teacher.main import build_scorer, teacher_topk
+    from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
+
+    prefix = unique_prefix("prom-rt")
+    config = load_config(
+        str(ROOT / "configs" / "toy.yaml"),
+        [
+            "redis.url=redis://127.0.0.1:6379/0",
+            f"redis.key_prefix={prefix}",
+            "cache.server.port=0",
+            "rollout.batch_size=4",
+            "rollout.sampling.max_tokens=8",
+        ],
+    )
+    cache = start_cache(config, "cache", serve_metrics=False)
+    ch = channel(cache.address)
+    stop = threading.Event()
+    regs = {
+        "rollout": metrics.ServiceRegistry("rollout", "rollout-0"),
+        "teacher": metrics.ServiceRegistry("teacher", "teacher-0"),
+    }
+    rm, tm = metrics.RolloutMetrics(regs["rollout"]), metrics.TeacherMetrics(regs["teacher"])
+    servers = {svc: metrics.MetricsServer(reg) for svc, reg in regs.items()}
+    engine = build_engine(config, "rollout-0")
+    kind, k = support_for(config.loss)
+    rollout_loop = RolloutLoop(
+        RolloutReplica(engine, "rollout-0", rm),
+        CacheClient(ch),
+        sampling=sampling_from_config(config),
+        support_kind=kind,
+        k=k,
+        batch_size=4,
+        wait_ms=200,
+        metrics=rm,
+    )
+    teacher_loop = TeacherLoop(
+        TeacherReplica(build_scorer(config, "teacher-0"), "teacher-0", tm),
+        CacheClient(ch),
+        topk=teacher_topk(config),
+        tail=config.teacher.tail,
+        claim_batch=4,
+        wait_ms=200,
+        metrics=tm,
+    )
+    threads = [threading.Thread(target=loop.run, args=(stop,), daemon=True) for loop in (rollout_loop, teacher_loop)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while teacher_loop.scored < 4:
+            assert time.monotonic() < deadline, "teacher scored nothing in 120 s"
+            assert all(t.is_alive() for t in threads), "a loop died"
+            time.sleep(0.2)
+        for svc, server in servers.items():
+            samples = scrape(server.url)
+            wanted = queried_series(svc)
+            assert wanted, svc
+            missing = sorted(wanted - set(samples))
+            assert not missing, f"queried but not exposed by {svc}: {missing}"
+        rs, ts = scrape(servers["rollout"].url), scrape(servers["teacher"].url)
+        assert rs["asyncopd_rollout_generated_tokens_total"][0][1] > 0
+        assert rs["asyncopd_rollout_samples_total"][0][1] >= 4
+        assert rs["asyncopd_rollout_generation_seconds_count"][0][1] >= 1
+        assert ts["asyncopd_teacher_scored_samples_total"][0][1] >= 4
+        assert ts["asyncopd_teacher_scored_tokens_total"][0][1] > 0
+        assert ts["asyncopd_teacher_scoring_seconds_count"][0][1] >= 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for server in servers.values():
+            server.stop()
+        engine.close()
         ch.close()
         cache.stop(grace=0.5)
         wipe(config.redis.url, prefix)
