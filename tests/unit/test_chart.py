@@ -166,6 +166,10 @@ def test_configmap_loads_with_the_project_config_loader(values: str, tmp_path: P
     assert learner_host == "rel-asyncopd-learner-0.rel-asyncopd-learner.ns.svc"
     assert services["rel-asyncopd-learner"]["spec"]["clusterIP"] == "None"
     assert int(learner_port) == config.learner.server.port
+    # the weight-broadcast rendezvous is advertised under the same stable name, on the Service's port
+    assert config.weightsync.advertise_host == learner_host
+    assert config.weightsync.store_port in {p["port"] for p in services["rel-asyncopd-learner"]["spec"]["ports"]}
+    assert config.learner.resume is True
     assert config.cache.server.host == "0.0.0.0"
     assert config.autoscaler.deployment == "rel-asyncopd-rollout"
     assert config.autoscaler.namespace == "ns"
