@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
 from asyncopd.config.endpoints import ServerConfig
@@ -16,9 +16,17 @@ class CacheConfig(Section):
     server: ServerConfig = Field(
         default_factory=lambda: ServerConfig(port=50051), description="gRPC server of the cache service."
     )
-    byte_budget_mb: float = Field(512.0, gt=0, description="Bytes of scored samples the cache may hold, in MiB.")
+    byte_budget_mb: float = Field(
+        512.0,
+        gt=0,
+        description="Bytes of stored samples (rollouts, plus their teacher scores once scored) the cache may hold, "
+        "in MiB. Keep it well below Redis's maxmemory.",
+    )
     eviction: Literal["stalest-first", "lru", "fifo", "backpressure"] = Field(
-        "stalest-first", description="What happens when the byte budget is full."
+        "stalest-first",
+        description="What happens when the byte budget is full: stalest-first evicts scored samples that can no "
+        "longer be used, then the oldest versions; lru the least recently stored/returned; fifo the first produced; "
+        "backpressure refuses puts (RESOURCE_EXHAUSTED) until the learner consumes.",
     )
     teacher_lease_s: float = Field(
         30.0, gt=0, description="A teacher's claim on a rollout is re-delivered after this long."
@@ -54,3 +62,12 @@ class CacheConfig(Section):
     redis_retry_s: float = Field(
         30.0, gt=0, description="How long a request retries a lost Redis connection before failing UNAVAILABLE."
     )
+
+    @model_validator(mode="after")
+    def _request_fits_message(self) -> CacheConfig:
+        if self.max_request_mb > self.server.max_message_mb:
+            raise ValueError(
+                f"max_request_mb ({self.max_request_mb}) must not exceed server.max_message_mb "
+                f"({self.server.max_message_mb}): gRPC would refuse larger requests first, with a less precise error"
+            )
+        return self
