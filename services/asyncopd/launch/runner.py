@@ -47,7 +47,7 @@ from asyncopd.wire.learner_client import LearnerClient
 
 log = logging.getLogger(__name__)
 
-STEP_LOG_NAME = "steps.jsonl"
+STEP_LOG_NAME = "learner_steps.jsonl"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 
@@ -126,6 +126,8 @@ def resolved_config_data(
     data["learner"]["server"]["port"] = ports.learner
     data["learner"]["server"]["metrics_port"] = ports.metrics["learner"]
     data["learner"]["checkpoint_dir"] = str(out_dir / "checkpoints")
+    if "step_log" in data["learner"]:
+        data["learner"]["step_log"] = str(out_dir / STEP_LOG_NAME)
     for section in ("cache", "learner", "teacher", "rollout"):
         data[section]["server"]["host"] = "127.0.0.1"
     return data
@@ -212,17 +214,16 @@ class LocalRun:
         wait_serving(f"127.0.0.1:{ports.cache}", cache, timeout, tls=tls)
         learner = self._serve("learner", "learner", config_path, [])
         wait_serving(f"127.0.0.1:{ports.learner}", learner, timeout, tls=tls)
-        waiting: list[tuple[str, ChildProcess]] = []
-        for i, port in enumerate(ports.teachers):
-            name = f"teacher-{i}"
-            overrides = [f"teacher.server.port={port}", f"teacher.server.metrics_port={ports.metrics[name]}"]
-            waiting.append((f"127.0.0.1:{port}", self._serve("teacher", name, config_path, overrides)))
-        for i, port in enumerate(ports.rollouts):
-            name = f"rollout-{i}"
-            overrides = [f"rollout.server.port={port}", f"rollout.server.metrics_port={ports.metrics[name]}"]
-            waiting.append((f"127.0.0.1:{port}", self._serve("rollout", name, config_path, overrides)))
-        for address, child in waiting:
-            wait_serving(address, child, timeout, tls=tls)
+        # Teachers first, then rollout replicas: a replica generates as soon as it serves, so
+        # starting the producers last keeps the measured training wall time honest.
+        for service, service_ports in (("teacher", ports.teachers), ("rollout", ports.rollouts)):
+            waiting: list[tuple[str, ChildProcess]] = []
+            for i, port in enumerate(service_ports):
+                name = f"{service}-{i}"
+                overrides = [f"{service}.server.port={port}", f"{service}.server.metrics_port={ports.metrics[name]}"]
+                waiting.append((f"127.0.0.1:{port}", self._serve(service, name, config_path, overrides)))
+            for address, child in waiting:
+                wait_serving(address, child, timeout, tls=tls)
         return {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.metrics.items()}
 
     def _stage_seconds(self, metrics_urls: Mapping[str, str]) -> dict[str, float]:
