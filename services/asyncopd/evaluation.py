@@ -58,7 +58,7 @@ def generate_greedy(
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            generated = model.generate(
+            generated = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -69,7 +69,8 @@ def generate_greedy(
             new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
             for ids in new_tokens:
                 kept = ids[: ids.index(eos_id)] if eos_id in ids else ids
-                out.append(tokenizer.decode(kept, skip_special_tokens=True))
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                out.append(text if isinstance(text, str) else "".join(text))
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)

@@ -17,7 +17,10 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class Grader(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The registry key a `PromptItem.grader` refers to."""
+        ...
 
     def score(self, response: str, answer: str) -> float:
         """1.0 when `response` answers `answer` correctly, else 0.0 (malformed counts as wrong)."""

@@ -18,19 +18,26 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--role", choices=["teacher", "student"], required=True)
     train.add_argument("--out", required=True, help="output model directory")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--steps", type=int, help="optimizer steps (default: teacher 3000, student 1500)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: teacher 800, student 1500)")
     train.add_argument("--batch-size", type=int, help="sequences per step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--eval-every", type=int, help="steps between validation evaluations")
     train.add_argument(
         "--stop-accuracy", type=float, help="stop once validation accuracy reaches this (student default 0.3)"
     )
-    train.add_argument("--max-minutes", type=float, help="wall-clock budget (default 8)")
+    train.add_argument("--max-minutes", type=float, help="wall-clock budget (default 45)")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     train.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch
+
     from asyncopd.toy.train import default_settings, save, train
+
+    if args.threads:
+        # On a shared machine one thread per process avoids OpenMP oversubscription stalls.
+        torch.set_num_threads(args.threads)
 
     settings = default_settings(
         args.role,

@@ -7,7 +7,8 @@ order needs them); the response works it out step by step and ends with the answ
     prompt   Q:(7+5)*3-4=? A:
     response 7+5=12;12*3=36;36-4=32#32        (then the tokenizer's EOS token)
 
-Every intermediate result stays within 0..99, so a response is at most 25 characters. Problems
+Every intermediate result stays within 0..20 (a small table of arithmetic facts, so a ~1M-param
+model learns the task in minutes on a CPU) and a response is at most 25 characters. Problems
 are drawn uniformly from all valid chains, so about 96% have three operations.
 
 The universe of valid problems is enumerated once and split by a hash of the prompt text, so
@@ -32,14 +33,15 @@ OPERATORS: tuple[str, ...] = ("+", "-", "*")
 OPERANDS: tuple[int, ...] = tuple(range(1, 10))
 MIN_OPS = 2
 MAX_OPS = 3
-MAX_VALUE = 99
+# Largest intermediate result; 99 works too but needs many more training steps.
+MAX_VALUE = 20
 # One problem in TEST_BUCKETS (by prompt hash) belongs to the test split.
 TEST_BUCKETS = 10
 ANSWER_MARK = "#"
 STEP_SEPARATOR = ";"
 PROMPT_PREFIX = "Q:"
 PROMPT_SUFFIX = "=? A:"
-# Longest response (`d*d=dd;dd+d=dd;dd-d=dd#dd`) is 25 characters; generation stops at EOS.
+# Longest response (e.g. `4*5=20;20-9=11;11+9=20#20`) is 25 characters; generation stops at EOS.
 MAX_RESPONSE_CHARS = 25
 # Every character a prompt or response can contain; the tokenizer is built from this.
 ALPHABET: str = "0123456789+-*()=?;#QA: "

@@ -36,7 +36,7 @@ METADATA_FILE = "asyncopd_toy.json"
 def model_config(role: Role) -> Qwen3Config:
     """The architecture of each role; head_dim 32 because vLLM's CPU attention needs >= 32."""
     shapes = {
-        "teacher": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "heads": 4},
+        "teacher": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "heads": 4},
         "student": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "heads": 2},
     }[role]
     return Qwen3Config(
@@ -62,24 +62,24 @@ class TrainSettings:
 
     role: Role
     seed: int = 0
-    steps: int = 3000
-    batch_size: int = 128
+    steps: int = 800
+    batch_size: int = 64
     lr: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.01
-    train_size: int = 50000
+    train_size: int = 40000
     val_size: int = 256
-    eval_every: int = 250
+    eval_every: int = 100
     # Stop early once validation accuracy reaches this (the student's "brief start").
     stop_accuracy: float | None = None
-    max_minutes: float = 8.0
+    max_minutes: float = 45.0
 
 
 def default_settings(role: Role, **overrides: object) -> TrainSettings:
     base: dict[str, object] = (
-        {"steps": 3000, "lr": 3e-3}
+        {"steps": 800, "eval_every": 100}
         if role == "teacher"
-        else {"steps": 1500, "lr": 3e-3, "stop_accuracy": 0.3, "eval_every": 50}
+        else {"steps": 1500, "stop_accuracy": 0.3, "eval_every": 10}
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainSettings(role=role, **base)  # type: ignore[arg-type]
