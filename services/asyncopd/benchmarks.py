@@ -16,6 +16,7 @@ from asyncopd.launch import bench as pipeline_bench
 from asyncopd.opd import bench_cli as opd_bench
 from asyncopd.rollout import bench as rollout_bench
 from asyncopd.teacher import bench as teacher_bench
+from asyncopd.weightsync import bench_cli as weightsync_bench
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -26,6 +27,7 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run]] = {
     "pipeline": (pipeline_bench.add_args, pipeline_bench.run),
     "rollout": (rollout_bench.add_args, rollout_bench.run),
     "teacher": (teacher_bench.add_args, teacher_bench.run),
+    "weightsync": (weightsync_bench.add_args, weightsync_bench.run),
 }
 
 

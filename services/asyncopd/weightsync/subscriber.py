@@ -108,7 +108,7 @@ class Subscriber:
         seq = 0
         while not self.stop.is_set():
             seq += 1
-            raw = groups.poll_key(store, groups.command_key(epoch, seq), self.stop)
+            raw = groups.poll_key(store, groups.command_key(epoch, seq), self.stop, interval_s=0.005)
             if raw is None:
                 return
             command = json.loads(raw)
