@@ -151,3 +151,23 @@ def test_a_finished_run_exerts_no_pressure() -> None:
     w = SignalWindow(batch_size=8, window=1)
     p = w.observe(_stats(0), Status())
     assert (p.learner_wait, p.admission_blocked) == (0.0, 0.0)
+
+
+def test_signals_admission_blocks_when_the_cache_refused_prompts_since_last_look() -> None:
+    w = SignalWindow(batch_size=8, window=1)
+    running = {"finished": False}
+
+    def stats(refused: int) -> dict:
+        return {**_stats(8, max_staleness=4), "counters": {"admission_blocked": refused}}
+
+    assert w.observe(stats(5), running).admission_blocked == 0.0  # first look: no delta yet
+    assert w.observe(stats(7), running).admission_blocked == 1.0  # two refusals since
+    assert w.observe(stats(7), running).admission_blocked == 0.0  # none since
+    assert w.observe(stats(0), running).admission_blocked == 0.0  # counter reset (Redis lost state)
+    assert w.observe(stats(1), running).admission_blocked == 1.0
+
+
+def test_a_run_the_cache_marks_finished_exerts_no_pressure() -> None:
+    w = SignalWindow(batch_size=8, window=1)
+    p = w.observe({**_stats(0), "finished": True}, {"finished": False})
+    assert (p.learner_wait, p.admission_blocked) == (0.0, 0.0)

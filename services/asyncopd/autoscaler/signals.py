@@ -7,11 +7,13 @@ saw. It knows nothing of gRPC or Kubernetes.
 Per observation:
 - the learner *waits for data* when fewer scored samples are ready than one learner batch
   (its next PullBatch has to block);
-- admission *blocks rollouts* when the ready samples already cover every version the
-  staleness bound lets the learner consume ((max_staleness + 1) batches), or when the cache's
-  byte budget is (nearly) full: either way the cache refuses new prompts.
-A finished run exerts no pressure. The pressures are the fractions of the last `window`
-observations in which each held.
+- admission *blocks rollouts* when the cache refused prompts since the previous observation
+  (its `admission_blocked` counter grew: an AcquirePrompts got fewer than it asked for), or,
+  from the state alone, when the ready samples already cover every version the staleness
+  bound lets the learner consume ((max_staleness + 1) batches) or the byte budget is (nearly)
+  full: either way the cache admits nothing new.
+A finished run (the learner's Status or the cache's `finished`) exerts no pressure. The
+pressures are the fractions of the last `window` observations in which each held.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SignalWindow:
         self.batch_size = batch_size
         self._waits: deque[bool] = deque(maxlen=window)
         self._blocks: deque[bool] = deque(maxlen=window)
+        self._refusals: int | None = None  # the cache's admission_blocked counter last seen
 
     def observe(self, cache_stats: Mapping[str, Any], learner_status: Any) -> Pressures:
         queue = cache_stats.get("queue_depth") or {}
@@ -56,11 +59,16 @@ class SignalWindow:
         max_staleness = int(cache_stats.get("max_staleness", 0))
         budget = int(cache_stats.get("byte_budget", 0))
         held = int(cache_stats.get("bytes_held", 0))
-        finished = bool(_get(learner_status, "finished", False))
+        finished = bool(_get(learner_status, "finished", False)) or bool(cache_stats.get("finished", False))
+        refusals = (cache_stats.get("counters") or {}).get("admission_blocked")
+        # A counter that went down means Redis lost its state (a reset): no delta this time.
+        refused = refusals is not None and self._refusals is not None and refusals > self._refusals
+        self._refusals = None if refusals is None else int(refusals)
 
         waiting = not finished and ready < self.batch_size
         budget_full = budget > 0 and held >= BUDGET_FULL_FRACTION * budget
-        blocked = not finished and (ready >= (max_staleness + 1) * self.batch_size or budget_full)
+        at_capacity = ready >= (max_staleness + 1) * self.batch_size or budget_full
+        blocked = not finished and (refused or at_capacity)
         self._waits.append(waiting)
         self._blocks.append(blocked)
         return Pressures(
