@@ -72,7 +72,12 @@ def test_every_pod_runs_restricted(values: str) -> None:
         where = f"{values or 'defaults'}: {w['kind']}/{w['metadata']['name']}"
         assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        assert pod.get("hostNetwork") is not True and pod.get("hostPID") is not True, where
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+        assert pod["securityContext"].get("runAsUser", 1) != 0, where
+        # Pod Security Standard "restricted": only these volume types
+        allowed = {"configMap", "emptyDir", "secret", "persistentVolumeClaim", "downwardAPI", "projected", "csi"}
+        for v in pod.get("volumes", []):
+            assert set(v) - {"name"} <= allowed, (where, v)
         for c in pod["containers"]:
             sc = c["securityContext"]
             assert sc["capabilities"]["drop"] == ["ALL"], where
@@ -80,6 +85,8 @@ def test_every_pod_runs_restricted(values: str) -> None:
             assert sc["readOnlyRootFilesystem"] is True, where
             assert sc["allowPrivilegeEscalation"] is False, where
             assert sc["runAsNonRoot"] is True, where
+            assert not sc.get("privileged"), where
+            assert all("hostPort" not in p for p in c.get("ports", [])), where
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
             # a read-only root needs writable scratch space
             assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, where
