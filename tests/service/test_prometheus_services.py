@@ -125,25 +125,33 @@ def test_cache_exposes_every_queried_series_with_its_own_values(tmp_path: Path) 
         wipe(config.redis.url, prefix)
 
 
-def test_rollout_and_teacher_expose_every_queried_series(tmp_path: Path) -> None:
-    """The real rollout and teacher loops (toy student/teacher from assets/) against a real cache."""
+def test_pipeline_services_expose_every_queried_series_and_prometheus_reads_them(tmp_path: Path) -> None:
+    """The real rollout, teacher and learner loops (toy models from assets/) and a real cache, in
+    one process with one registry each, train a few steps while a real Prometheus scrapes them."""
+    from asyncopd.learner.main import build as build_learner
     from asyncopd.rollout.main import build_engine, sampling_from_config, support_for
     from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
     from asyncopd.teacher.main import build_scorer, teacher_topk
     from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
 
-    prefix = unique_prefix("prom-rt")
-    config = load_config(
-        str(ROOT / "configs" / "toy.yaml"),
-        [
-            "redis.url=redis://127.0.0.1:6379/0",
-            f"redis.key_prefix={prefix}",
-            "cache.server.port=0",
-            "rollout.batch_size=4",
-            "rollout.sampling.max_tokens=8",
-        ],
-    )
-    cache = start_cache(config, "cache", serve_metrics=False)
+    prefix = unique_prefix("prom-pipe")
+    overrides = [
+        "redis.url=redis://127.0.0.1:6379/0",
+        f"redis.key_prefix={prefix}",
+        f"output_dir={tmp_path / 'run'}",
+        "cache.server.port=0",
+        "learner.server.port=0",
+        "learner.steps=3",
+        "learner.batch_size=4",
+        "learner.eval_every=0",
+        f"learner.checkpoint_dir={tmp_path / 'ckpt'}",
+        "rollout.batch_size=4",
+        "rollout.sampling.max_tokens=8",
+    ]
+    toy = str(ROOT / "configs" / "toy.yaml")
+    config = load_config(toy, overrides)
+    cache = start_cache(config, "cache")
+    config = load_config(toy, [*overrides, f"endpoints.cache={cache.address}"])
     ch = channel(cache.address)
     stop = threading.Event()
     regs = {
@@ -152,6 +160,7 @@ def test_rollout_and_teacher_expose_every_queried_series(tmp_path: Path) -> None
     }
     rm, tm = metrics.RolloutMetrics(regs["rollout"]), metrics.TeacherMetrics(regs["teacher"])
     servers = {svc: metrics.MetricsServer(reg) for svc, reg in regs.items()}
+    learner = build_learner(config, "learner", stop)
     engine = build_engine(config, "rollout-0")
     kind, k = support_for(config.loss)
     rollout_loop = RolloutLoop(
@@ -173,32 +182,76 @@ def test_rollout_and_teacher_expose_every_queried_series(tmp_path: Path) -> None
         wait_ms=200,
         metrics=tm,
     )
-    threads = [threading.Thread(target=loop.run, args=(stop,), daemon=True) for loop in (rollout_loop, teacher_loop)]
+    assert cache.metrics_server is not None and learner.metrics_server is not None
+    urls = {
+        "cache": cache.metrics_server.url,
+        "learner": learner.metrics_server.url,
+        "rollout-0": servers["rollout"].url,
+        "teacher-0": servers["teacher"].url,
+    }
+    binary = find_binary("prometheus")
+    if binary is None and os.environ.get("CI"):
+        pytest.fail("prometheus is not installed in CI: deploy/dev/sysdeps.sh must install it")
+    prom = LocalPrometheus.start(urls, tmp_path / "prom", binary=binary, scrape_interval_s=1.0) if binary else None
+    threads = [
+        threading.Thread(target=target, daemon=True)
+        for target in (lambda: rollout_loop.run(stop), lambda: teacher_loop.run(stop), learner.loop.run)
+    ]
     try:
+        # Prometheus applies discovered targets a few seconds after start; let it scrape every
+        # process once before the run, so rates over the run have points at both ends.
+        deadline = time.monotonic() + 60
+        while prom is not None and not (len(h := prom.targets_health()) == 4 and set(h.values()) == {"up"}):
+            assert time.monotonic() < deadline, prom.log_tail()
+            time.sleep(0.25)
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 120
-        while teacher_loop.scored < 4:
-            assert time.monotonic() < deadline, "teacher scored nothing in 120 s"
-            assert all(t.is_alive() for t in threads), "a loop died"
+        deadline = time.monotonic() + 180
+        while learner.loop.trainer.version < 3:
+            assert time.monotonic() < deadline, f"learner at version {learner.loop.trainer.version} after 180 s"
+            assert all(t.is_alive() for t in threads[:2]), "a producer loop died"
             time.sleep(0.2)
-        for svc, server in servers.items():
-            samples = scrape(server.url)
-            wanted = queried_series(svc)
-            assert wanted, svc
-            missing = sorted(wanted - set(samples))
-            assert not missing, f"queried but not exposed by {svc}: {missing}"
-        rs, ts = scrape(servers["rollout"].url), scrape(servers["teacher"].url)
-        assert rs["asyncopd_rollout_generated_tokens_total"][0][1] > 0
-        assert rs["asyncopd_rollout_samples_total"][0][1] >= 4
-        assert rs["asyncopd_rollout_generation_seconds_count"][0][1] >= 1
-        assert ts["asyncopd_teacher_scored_samples_total"][0][1] >= 4
-        assert ts["asyncopd_teacher_scored_tokens_total"][0][1] > 0
-        assert ts["asyncopd_teacher_scoring_seconds_count"][0][1] >= 1
+
+        scraped = {svc: scrape(url) for svc, url in urls.items()}
+        for name, samples in scraped.items():
+            svc = name.split("-")[0]
+            missing = sorted(queried_series(svc) - set(samples))
+            assert not missing, f"queried but not exposed by {name}: {missing}"
+        learner_samples = scraped["learner"]
+        assert learner_samples["asyncopd_learner_steps_total"][0][1] == 3
+        assert learner_samples["asyncopd_learner_trained_samples_total"][0][1] == 12
+        assert scraped["cache"]["asyncopd_cache_staleness_count"][0][1] == 12
+        assert scraped["rollout-0"]["asyncopd_rollout_generated_tokens_total"][0][1] > 0
+        assert scraped["teacher-0"]["asyncopd_teacher_scored_samples_total"][0][1] >= 12
+
+        if prom is None:
+            return
+        deadline = time.monotonic() + 30
+        while True:  # until Prometheus has scraped the final state of the learner
+            got = prom.query("max(asyncopd_learner_policy_version)")
+            if got and float(got[0]["value"][1]) == 3:
+                break
+            assert time.monotonic() < deadline, prom.log_tail()
+            time.sleep(0.25)
+        assert set(prom.targets_health().values()) == {"up"}
+        p90 = float(prom.query("histogram_quantile(0.9, sum by (le) (asyncopd_cache_staleness_bucket))")[0]["value"][1])
+        assert 0.0 <= p90 <= config.max_staleness
+        rate = prom.query("sum(rate(asyncopd_rollout_generated_tokens_total[1m]))")
+        assert float(rate[0]["value"][1]) > 0
+        # The recording rule needs two scrapes of the learner in its window; on a busy 2-core box
+        # scrapes during training can be sparse, so wait for the rule to turn into a number.
+        deadline = time.monotonic() + 30
+        while not ((idle := prom.query("asyncopd:learner_idle:ratio5m")) and idle[0]["value"][1] != "NaN"):
+            assert time.monotonic() < deadline, idle
+            time.sleep(0.5)
+        assert 0.0 <= float(idle[0]["value"][1]) <= 1.0
     finally:
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(60)
+        if prom is not None:
+            prom.stop()
+        learner.close()
         for server in servers.values():
             server.stop()
         engine.close()
