@@ -119,6 +119,21 @@ def test_stale_rollout_is_dropped_not_served() -> None:
         assert len(client.acquire_prompts("r0", 4)[0]) == 4
 
 
+def test_rollouts_gone_stale_in_the_queue_are_dropped_not_scored() -> None:
+    config = make_config(unique_prefix("qstale"), max_staleness=1, **{"learner.batch_size": 2})
+    with running_cache(config) as (_, client):
+        prompts, _, _ = client.acquire_prompts("r0", 4)
+        client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts[:2])])
+        client.publish_version(1)
+        client.put_rollouts([make_rollout(p, 1, seed=i) for i, p in enumerate(prompts[2:])])
+        client.publish_version(2)  # version-0 work is now beyond the bound
+        claimed = client.claim_rollouts("t0", 4)
+        assert sorted(r.sample_id for r in claimed) == sorted(f"{p.ticket}/s" for p in prompts[2:])
+        stats = client.stats_snapshot()
+        assert stats.dropped == {"stale": 2} and stats.queue_depth["scoring"] == 2
+        assert_accounting(stats)
+
+
 def test_teacher_crash_redelivers_after_lease() -> None:
     config = make_config(unique_prefix("tcrash"), **{"cache.teacher_lease_s": 0.3})
     with running_cache(config) as (_, client):

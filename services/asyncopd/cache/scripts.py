@@ -422,6 +422,25 @@ return n
 """
 )
 
+# ARGV: max_staleness, sid... -> number dropped. Unscored rollouts already beyond the bound are
+# dropped at claim time, so no teacher scores work the learner can never use.
+DROP_STALE_UNSCORED = (
+    _COMMON
+    + r"""
+local eta = tonumber(ARGV[1])
+local ver = num(redis.call('GET', k('ver')))
+local n = 0
+for i = 2, #ARGV do
+  local f = redis.call('HMGET', k('s:' .. ARGV[i]), 'st', 'ov')
+  if f[1] == 'unscored' and num(f[2]) < ver - eta then
+    drop_sample(ARGV[i], 'stale')
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
 # ARGV: version, finished(0/1) -> {'OK', version} | {'BEHIND', version}
 PUBLISH = (
     _COMMON

@@ -231,8 +231,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         resp = cache_pb2.ClaimRolloutsResponse()
         for blob in claimed.blobs:
             resp.rollouts.add().ParseFromString(blob)
-        if self.m is not None and claimed.redelivered:
-            self.m.redeliveries.labels(queue="scoring").inc(claimed.redelivered)
+        if self.m is not None:
+            if claimed.redelivered:
+                self.m.redeliveries.labels(queue="scoring").inc(claimed.redelivered)
+            if claimed.stale_dropped:
+                self.m.dropped.labels(reason="stale").inc(claimed.stale_dropped)
         return resp
 
     @unavailable

@@ -105,6 +105,7 @@ class Claimed:
 
     blobs: list[bytes]
     redelivered: int
+    stale_dropped: int = 0  # rollouts beyond the bound, dropped instead of handed out
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class ExperienceStore:
         self._pull = client.register_script(scripts.PULL)
         self._ack = client.register_script(scripts.ACK)
         self._publish = client.register_script(scripts.PUBLISH)
+        self._drop_stale_unscored = client.register_script(scripts.DROP_STALE_UNSCORED)
         self._retrying(self._ensure_state)
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -350,24 +352,30 @@ class ExperienceStore:
 
     def _load_claimed(self, entries: list[tuple[Any, Any]], redelivered: int) -> Claimed:
         pipe = self.redis.pipeline(transaction=False)
-        sids = []
+        pipe.get(self.key("ver"))
         for _, fields in entries:
             sid = _s(fields.get(b"sid", fields.get("sid", b"")))
-            sids.append(sid)
-            pipe.hmget(self.key(f"s:{sid}"), "r", "st")
+            pipe.hmget(self.key(f"s:{sid}"), "r", "st", "ov")
+        version_raw, *rows = pipe.execute()
+        oldest_usable = int(version_raw or 0) - self.policy.max_staleness
         blobs: list[bytes] = []
-        dead = []
-        for (eid, _), (blob, st) in zip(entries, pipe.execute(), strict=True):
+        dead, stale = [], []
+        for (eid, fields), (blob, st, ov) in zip(entries, rows, strict=True):
             if blob is None or _s(st) != "unscored":
                 dead.append(eid)  # scored or dropped meanwhile: the queue entry is stale
+            elif int(ov) < oldest_usable:
+                stale.append(_s(fields.get(b"sid", fields.get("sid", b""))))
             else:
                 blobs.append(blob)
         if dead:
             self.redis.xack(self.key("q"), scripts.GROUP, *dead)
             self.redis.xdel(self.key("q"), *dead)
+        dropped = 0
+        if stale:
+            dropped = int(self._script(self._drop_stale_unscored, [self.policy.max_staleness, *stale]))
         if redelivered:
             self.redis.hincrby(self.key("cnt"), "redelivered", redelivered)
-        return Claimed(blobs, redelivered)
+        return Claimed(blobs, redelivered, dropped)
 
     def sample_shapes(self, sample_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(num_tokens, support_size) of each known, still unscored sample (to validate scores)."""
