@@ -326,7 +326,7 @@ class AutoscalerMetrics:
             r, "asyncopd_autoscaler_desired_replicas", "Rollout replicas the autoscaler asks for."
         )
         self.decisions = _counter(r, "asyncopd_autoscaler_decisions_total", "Scaling decisions, by reason.", ["reason"])
-        for reason in ("learner_starved", "admission_blocked", "steady"):
+        for reason in ("learner_starved", "admission_blocked", "bounds", "steady"):
             self.decisions.labels(reason=reason)
 
 
