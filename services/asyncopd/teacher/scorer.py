@@ -4,7 +4,7 @@ For a rollout with prompt x and response y_1..y_T, position t is scored with the
 next-token distribution p(· | x, y_<t), normalized over the FULL vocabulary (log_softmax of the
 logits, float32, no temperature): the top-Kt ids and log-probs (forward KL), the log-probs at
 the rollout's support ids (student top-K or MC draws, for reverse KL), the log-prob of y_t, and
-optionally the tail log-mass log(1 - Σ_topK p).
+optionally the tail log-mass log(1 - Σ_topK p) (computed as log Σ over the non-top-K ids).
 
 Rollouts are packed into forward passes of at most `max_batch_tokens` padded tokens (sorted by
 length so padding stays small), left-padded so every response ends at the right edge and only
@@ -14,6 +14,7 @@ it knows nothing of the cache or gRPC.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from asyncopd.opd.numerics import log1mexp
 from asyncopd.samples import Rollout, TeacherScores
 
 
@@ -94,29 +94,41 @@ class TeacherScorer:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._lock, torch.no_grad():
             logits = self._model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        # logits[:, j] predicts the token at column width - keep + j + 1; a response of t tokens
+        # occupies the last t columns, so its predictions are logits[row, keep - 1 - t : keep - 1].
+        logp = torch.log_softmax(logits[:, : keep - 1].float(), dim=-1)  # [B, keep - 1, V]
+        n, span = len(rollouts), keep - 1
+        targets = torch.zeros((n, span), dtype=torch.long, device=logp.device)
+        for row, r in enumerate(rollouts):
+            targets[row, span - len(r.response_ids) :] = torch.from_numpy(np.array(r.response_ids, dtype=np.int64))
+        token = logp.gather(-1, targets[..., None]).squeeze(-1).cpu().numpy()
+        topk_ids = topk_lps = tail_mass = None
+        if topk:
+            values, indices = logp.topk(topk, dim=-1)
+            topk_lps, topk_ids = values.cpu().numpy(), indices.to(torch.int32).cpu().numpy()
+            if tail:
+                # log Σ_{v ∉ top-K} p(v) directly, not log(1 - Σ_top-K p): no cancellation when the
+                # tail is tiny. An empty tail (K = V) is floored at log(smallest normal), as
+                # `opd.numerics.log1mexp` does, so it stays finite.
+                rest = logp.scatter(-1, indices, float("-inf"))
+                floor = math.log(torch.finfo(torch.float32).tiny)
+                tail_mass = torch.logsumexp(rest, dim=-1).clamp(min=floor).cpu().numpy()
         results = []
         for row, r in enumerate(rollouts):
             t = len(r.response_ids)
-            # logits[:, j] predicts the token at column width - keep + j + 1; the response occupies
-            # the last t columns, so its predictions are logits[:, keep - 1 - t : keep - 1].
-            logp = torch.log_softmax(logits[row, keep - 1 - t : keep - 1].float(), dim=-1)
-            response = torch.from_numpy(np.array(r.response_ids, dtype=np.int64)).to(logp.device)
-            token = logp.gather(-1, response[:, None]).squeeze(-1)
-            topk_ids = topk_lps = tail_mass = support = None
-            if topk:
-                topk_lps, topk_ids = logp.topk(topk, dim=-1)
-                if tail:
-                    tail_mass = log1mexp(torch.logsumexp(topk_lps, dim=-1).clamp(max=0.0))
+            cols = slice(span - t, span)
+            support = None
             if r.support_ids is not None:
-                support = logp.gather(-1, torch.from_numpy(np.array(r.support_ids, dtype=np.int64)).to(logp.device))
+                ids_t = torch.from_numpy(np.array(r.support_ids, dtype=np.int64)).to(logp.device)
+                support = logp[row, cols].gather(-1, ids_t).cpu().numpy()
             results.append(
                 TeacherScores(
                     sample_id=r.sample_id,
-                    token_logprobs=token.cpu().numpy(),
-                    topk_ids=None if topk_ids is None else topk_ids.to(torch.int32).cpu().numpy(),
-                    topk_logprobs=None if topk_lps is None else topk_lps.cpu().numpy(),
-                    support_logprobs=None if support is None else support.cpu().numpy(),
-                    tail_logmass=None if tail_mass is None else tail_mass.cpu().numpy(),
+                    token_logprobs=token[row, cols],
+                    topk_ids=None if topk_ids is None else topk_ids[row, cols],
+                    topk_logprobs=None if topk_lps is None else topk_lps[row, cols],
+                    support_logprobs=support,
+                    tail_logmass=None if tail_mass is None else tail_mass[row, cols],
                     teacher=self._name,
                 )
             )
