@@ -19,6 +19,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=64, help="K top-k ids and N MC samples per position")
     parser.add_argument("--repeats", type=int, default=1, help="runs per estimator; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
         "--threads",
         type=int,
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"OPD estimators, forward + backward: positions={args.positions} V={args.vocab} K=N={args.k} "
-        f"dtype={args.dtype} threads={torch.get_num_threads()} repeats={args.repeats}",
+        f"dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} repeats={args.repeats}",
         flush=True,
     )
     results = run_estimators(
@@ -55,14 +56,19 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
+        device=args.device,
         only=tuple(args.only),
         progress=progress,
     )
     print(format_table(results))
     grad_mib = args.positions * args.vocab * getattr(torch, args.dtype).itemsize / 2**20
+    how = (
+        "torch.cuda.max_memory_allocated during the call minus memory_allocated before it"
+        if torch.device(args.device).type == "cuda"
+        else "resident-set high-water mark during the call minus resident set before it (/proc/self VmHWM)"
+    )
     print(
-        "peak MiB = resident-set high-water mark during the call minus resident set before it "
-        f"(/proc/self VmHWM); includes the [positions, V] logits gradient ({grad_mib:.0f} MiB, "
-        "which every estimator must produce), excludes the inputs."
+        f"peak MiB = {how}; includes the [positions, V] logits gradient ({grad_mib:.0f} MiB, which every "
+        "estimator must produce), excludes the inputs."
     )
     return 0

@@ -87,7 +87,14 @@ def _reset_peak_rss() -> bool:
 
 
 def measure(estimator: Estimator, logits: Tensor, repeats: int) -> tuple[float, int | None]:
-    """Fastest wall time and largest peak-RSS delta of `estimator(logits).sum().backward()`."""
+    """Fastest wall time and largest peak-memory delta of `estimator(logits).sum().backward()`.
+
+    On CPU the delta is of the resident set (see the module docstring); on CUDA it is
+    torch.cuda.max_memory_allocated during the call minus memory_allocated before it (bytes in
+    live tensors, not the caching allocator's reserve), after one untimed warm-up call.
+    """
+    if logits.is_cuda:
+        return _measure_cuda(estimator, logits, repeats)
     libc = _glibc()
     best, peak = math.inf, 0
     measurable = True
@@ -105,6 +112,24 @@ def measure(estimator: Estimator, logits: Tensor, repeats: int) -> tuple[float, 
     return best, (peak if measurable else None)
 
 
+def _measure_cuda(estimator: Estimator, logits: Tensor, repeats: int) -> tuple[float, int]:
+    device = logits.device
+    estimator(logits).sum().backward()  # warm-up: kernel loading and allocator growth
+    best, peak = math.inf, 0
+    for _ in range(repeats):
+        logits.grad = None
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        estimator(logits).sum().backward()
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        peak = max(peak, torch.cuda.max_memory_allocated(device) - before)
+    logits.grad = None
+    return best, peak
+
+
 def _dense_reverse_autograd(teacher_logits: Tensor) -> Estimator:
     def estimator(student_logits: Tensor) -> Tensor:
         log_pi = torch.log_softmax(student_logits.float(), dim=-1)
@@ -115,15 +140,16 @@ def _dense_reverse_autograd(teacher_logits: Tensor) -> Estimator:
 
 
 def estimator_cases(
-    positions: int, vocab: int, k: int, seed: int, dtype: torch.dtype
+    positions: int, vocab: int, k: int, *, seed: int, dtype: torch.dtype, device: str = "cpu"
 ) -> tuple[Tensor, dict[str, Estimator]]:
     """Student logits [positions, V] (leaf) and the estimators to run on them, reference first."""
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn((positions, vocab), generator=gen).mul_(3).to(dtype).requires_grad_()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (positions, vocab)
+    student = torch.randn(shape, generator=gen, device=device).mul_(3).to(dtype).requires_grad_()
     # teacher = student + noise; behaviour μ sits 30% of the way from the student to the teacher
     # (μ ≠ π_θ, so ratios, clipping and masking are exercised). Few full-size passes: setup is
     # not what is measured, and on a shared 2-core machine it would dominate the run time.
-    teacher = torch.randn((positions, vocab), generator=gen).add_(student.detach()).to(dtype)
+    teacher = torch.randn(shape, generator=gen, device=device).add_(student.detach()).to(dtype)
     with torch.no_grad():
         teacher_lse = torch.logsumexp(teacher.float(), dim=-1, keepdim=True)
         teacher_topk_logits, teacher_topk = teacher.float().topk(k, dim=-1)
@@ -164,11 +190,12 @@ def run_estimators(
     repeats: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
     only: tuple[str, ...] = (),
     progress: Callable[[BenchResult], None] | None = None,
 ) -> list[BenchResult]:
     """Measure every case (or those whose name contains one of `only`; the reference always runs)."""
-    logits, cases = estimator_cases(positions, vocab, k, seed, dtype)
+    logits, cases = estimator_cases(positions, vocab, k, seed=seed, dtype=dtype, device=device)
     results = []
     for name, estimator in cases.items():
         if only and name != REFERENCE and not any(part in name for part in only):
