@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from asyncopd.metrics import RolloutMetrics
@@ -29,6 +30,12 @@ from asyncopd.wire.cache_client import CacheClient, CacheFull
 log = logging.getLogger(__name__)
 
 _THROUGHPUT_WINDOW_S = 30.0
+# The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    return err.code() in RETRYABLE  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,14 @@ class RolloutLoop:
         name = self._replica.name
         while not stop.is_set():
             start = time.monotonic()
-            prompts, _, finished = self._cache.acquire_prompts(name, self._batch_size, self._wait_ms)
+            try:
+                prompts, _, finished = self._cache.acquire_prompts(name, self._batch_size, self._wait_ms)
+            except grpc.RpcError as err:
+                if not retryable(err):
+                    raise
+                log.warning("%s: cache unreachable (%s); retrying", name, err.code())  # type: ignore[attr-defined]
+                stop.wait(1.0)
+                continue
             if self._metrics is not None:
                 self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
                 self._metrics.engine_queue_depth.set(len(prompts))
@@ -169,9 +183,12 @@ class RolloutLoop:
                 self._cache.put_rollouts(rollouts)
                 self.rollouts_put += len(rollouts)
                 return
-            except CacheFull:
+            except (CacheFull, grpc.RpcError) as err:
+                # Re-sending is safe: the cache counts a rollout it already holds as a duplicate.
+                if isinstance(err, grpc.RpcError) and not retryable(err):
+                    raise
                 if stop.wait(delay):
-                    raise InterruptedError("stopped while the cache was full") from None
+                    raise InterruptedError("stopped before the cache took the rollouts") from None
                 delay = min(delay * 2, 2.0)
 
     def _release(self, prompts: Sequence[Prompt]) -> None:

@@ -13,12 +13,16 @@ import threading
 import time
 from collections.abc import Sequence
 
+import grpc
+
 from asyncopd.metrics import TeacherMetrics
 from asyncopd.samples import Rollout, TeacherScores
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.wire.cache_client import CacheClient, CacheFull
 
 log = logging.getLogger(__name__)
+# The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class TeacherReplica:
@@ -64,7 +68,14 @@ class TeacherLoop:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             start = time.monotonic()
-            rollouts = self._cache.claim_rollouts(self._replica.name, self._claim_batch, self._wait_ms)
+            try:
+                rollouts = self._cache.claim_rollouts(self._replica.name, self._claim_batch, self._wait_ms)
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE:  # type: ignore[attr-defined]
+                    raise
+                log.warning("%s: cache unreachable (%s); retrying", self._replica.name, err.code())  # type: ignore[attr-defined]
+                stop.wait(1.0)
+                continue
             if self._metrics is not None:
                 self._metrics.claim_wait_seconds.inc(time.monotonic() - start)
             if not rollouts:
@@ -76,7 +87,10 @@ class TeacherLoop:
                     self._cache.put_scores(scores)
                     self.scored += len(scores)
                     break
-                except CacheFull:
+                except (CacheFull, grpc.RpcError) as err:
+                    # Re-sending is safe: the cache counts scores it already holds as duplicates.
+                    if isinstance(err, grpc.RpcError) and err.code() not in _RETRYABLE:  # type: ignore[attr-defined]
+                        raise
                     if stop.wait(delay):
                         return  # unsent scores: the cache re-delivers the claims after the lease
                     delay = min(delay * 2, 2.0)
