@@ -68,6 +68,9 @@ class Subscriber:
     def run(self) -> None:
         """Register and follow assignments until `stop` (returns) or dropped / learner gone (raises)."""
         reg = self.client.register(self.replica, collective=True, device=str(self.device))
+        # A new registration may be with a restarted learner that resumed from an older
+        # checkpoint: whatever it sends first is applied, even at a version seen before.
+        self.version = -1
         store = groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s)
         log.info("replica %s registered with the learner (registration %d)", self.replica, reg.registration)
         try:
