@@ -157,13 +157,14 @@ def free_port() -> int:
 class PrivateRedis:
     """A `redis-server` of our own on a free port (for restarts and memory settings)."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False, password: str | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not on PATH")
         self.exe = exe
         self.workdir = workdir
         self.appendonly = appendonly
+        self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -175,11 +176,13 @@ class PrivateRedis:
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         args += ["--maxmemory", "256mb"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+                client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
                 client.ping()
                 client.close()
                 return self

@@ -1,15 +1,33 @@
 """The cache survives Redis restarts (private redis-server, stopped and started by handle):
 with persistence nothing is lost; without it the state is rebuilt, the loss is counted, and
-the lost work is produced again."""
+the lost work is produced again. Also: password-protected Redis, and the `serve` entrypoint
+as its own process stopped by SIGTERM."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
-from test_cache_harness import PrivateRedis, make_config, make_rollout, make_scores, running_cache, unique_prefix
+import redis
+from asyncopd.rpc import channel
+from asyncopd.wire.cache_client import CacheClient
+from test_cache_harness import (
+    SHARED_REDIS,
+    PrivateRedis,
+    free_port,
+    make_config,
+    make_rollout,
+    make_scores,
+    running_cache,
+    unique_prefix,
+    wipe,
+)
 
 pytestmark = pytest.mark.service
 
@@ -94,3 +112,45 @@ def test_redis_restart_without_persistence_counts_and_reproduces(tmp_path: Path)
             assert stats.invariant_holds()
     finally:
         server.stop()
+
+
+def test_password_protected_redis(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path, password="s3cret-pw").start()
+    try:
+        config = make_config(unique_prefix("auth"), server.url, **{"redis.password": "s3cret-pw"})
+        with running_cache(config, wipe_after=False) as (_, client):
+            assert len(client.acquire_prompts("r0", 2)[0]) == 2
+        wrong = make_config(unique_prefix("auth"), server.url, **{"redis.password": "wrong"})
+        with pytest.raises(redis.AuthenticationError), running_cache(wrong, wipe_after=False):
+            pass
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers and loads the tokenizer
+def test_serve_entrypoint_runs_until_sigterm(tmp_path: Path) -> None:
+    """`asyncopd serve cache` on the toy task and student tokenizer; SIGTERM stops it cleanly."""
+    port = free_port()
+    prefix = unique_prefix("serve")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncopd.cli", "serve", "cache", "--name", "cache-it",
+         "--set", f"cache.server.port={port}", "--set", f"redis.key_prefix={prefix}",
+         "--set", "task.train_size=50"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        ch = channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(ch).result(timeout=90)
+        prompts, version, finished = CacheClient(ch).acquire_prompts("r0", 2, wait_ms=0)
+        assert len(prompts) == 2 and version == 0 and not finished
+        assert all(p.task.task == "toy" and p.prompt_ids.size > 0 for p in prompts)
+        ch.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()
+        assert b"stopping" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        wipe(SHARED_REDIS, prefix)

@@ -209,6 +209,8 @@ class ExperienceStore:
                 if failed:
                     self._ensure_state()
                 return op()
+            except redis.AuthenticationError:
+                raise  # a wrong password does not heal by retrying (it is a ConnectionError subclass)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.redis_errors += 1
                 if self._on_redis_error is not None:
