@@ -10,12 +10,16 @@ class for themselves and record into its attributes::
 
     registry = metrics.ServiceRegistry(service="cache", replica=name)
     m = metrics.CacheMetrics(registry, eviction_policy=config.cache.eviction)
-    port = metrics.start_metrics_server(config.cache.server.metrics_port, config.cache.server.host,
-                                        registry=registry)
+    server = metrics.MetricsServer(registry, config.cache.server.metrics_port, config.cache.server.host)
     m.produced.inc(len(rollouts))
     m.dropped.labels(reason="stale").inc()
     m.queue_depth.labels(queue="unscored").set(n)
     m.staleness.observe(learner_version - min_token_version)
+    ...
+    server.stop()  # on shutdown; `start_metrics_server(port, host, registry=...)` -> port never stops
+
+The catalogue itself is `catalogue()` (name, type, help, labels of every metric); the
+dashboard/rule tests check every query against it, and docs/observability.md lists it.
 
 Naming rules (tests enforce them): every name starts with `asyncopd_<service>_`; counters end in
 `_total`; durations are histograms in seconds (`_seconds`), sizes in bytes (`_bytes`);
