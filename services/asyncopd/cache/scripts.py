@@ -16,7 +16,8 @@ declared one by one). The key layout:
   served         hash staleness -> samples served     pulled hash version -> samples pulled at it
   t:<ticket>     hash pos, replica, ver of an open admission ticket
   tlease         zset ticket -> lease deadline (ms)   reissue  list of tickets to hand out again
-  closed         set of tickets answered by a rollout
+  (tickets are "<run id>-<cursor position>": a ticket of this run below the cursor without an
+   open t:<ticket> hash was answered already, so closed tickets need no storage)
   s:<sid>        hash of a sample: r (Rollout bytes), s (TeacherScores bytes), st, ov, seq, nb, xid, T, K
   q              stream of unscored sample ids; consumer group `teachers`
   scored         zset sid -> ov * 2^32 + seq  (scored, unclaimed; oldest version first)
@@ -110,8 +111,18 @@ local function evict(victims, policy)
   return n, bytes
 end
 
+-- Was `ticket` handed out by this run's state (its run id, a position below the cursor)?
+local function issued(ticket)
+  local tag = redis.call('GET', k('run'))
+  if not tag then return false end
+  local head = tag .. '-'
+  if string.sub(ticket, 1, #head) ~= head then return false end
+  local rest = string.sub(ticket, #head + 1)
+  if not string.match(rest, '^%d+$') then return false end
+  return tonumber(rest) < num(redis.call('GET', k('cursor')))
+end
+
 local function close_ticket(ticket)
-  redis.call('SADD', k('closed'), ticket)
   redis.call('DEL', k('t:' .. ticket))
   redis.call('ZREM', k('tlease'), ticket)
 end
@@ -171,7 +182,7 @@ while got < want do
   local t = redis.call('LPOP', k('reissue'))
   if not t then break end
   local th = k('t:' .. t)
-  if redis.call('EXISTS', th) == 1 and redis.call('SISMEMBER', k('closed'), t) == 0 then
+  if redis.call('EXISTS', th) == 1 then
     redis.call('HSET', th, 'replica', replica, 'ver', ver)
     redis.call('ZADD', k('tlease'), fmt(now + lease), t)
     out[#out + 1] = t
@@ -234,11 +245,17 @@ for i = 1, n do
   local b = 5 + (i - 1) * 6
   local sid, ticket, ov = ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3])
   local kind
-  if seen[ticket] or redis.call('EXISTS', k('s:' .. sid)) == 1 or redis.call('SISMEMBER', k('closed'), ticket) == 1 then
+  local open = redis.call('EXISTS', k('t:' .. ticket)) == 1
+  if seen[ticket] or redis.call('EXISTS', k('s:' .. sid)) == 1 then
     kind = 'dup'
-  elseif redis.call('EXISTS', k('t:' .. ticket)) == 0 then
-    if resets == 0 then return {'UNKNOWN', i - 1, ticket} end
-    kind = 'lost'
+  elseif not open then
+    if issued(ticket) then
+      kind = 'dup'  -- answered already (e.g. by the replica it was re-issued to)
+    elseif resets == 0 then
+      return {'UNKNOWN', i - 1, ticket}
+    else
+      kind = 'lost'
+    end
   elseif ov < ver - eta then
     kind = 'stale'
   else
