@@ -200,6 +200,9 @@ def test_record_key_variants() -> None:
 def test_wall_times_and_throughput() -> None:
     steps = _steps(4, t0=100.0)
     assert wall_times(steps, t0=100.0) == [2.0, 4.0, 6.0, 8.0]
+    evaluation = StepRecord(version=2, accuracy=0.5)  # no clock: takes the step's before it
+    assert wall_times([steps[0], steps[1], evaluation], t0=100.0) == [2.0, 4.0, 4.0]
+    assert wall_times([evaluation, steps[0]], t0=100.0) == [None, 2.0]
     xs, ys = throughput_series(steps, t0=100.0)
     # the first step has no previous timestamp; each later one trained 320 tokens in 2 s
     assert xs == [2, 3, 4] and ys == [160.0, 160.0, 160.0]

@@ -20,18 +20,21 @@ from asyncopd.launch.steplog import StepRecord
 
 
 def wall_times(records: Sequence[StepRecord], t0: float | None = None) -> list[float | None]:
-    """Seconds since the run's start for each record (from `elapsed_s`, else `time - t0`)."""
+    """Seconds since the run's start for each record (from `elapsed_s`, else `time - t0`).
+
+    A record without a clock (an evaluation line) takes the time of the record before it: the
+    learner writes an evaluation right after the step it evaluates.
+    """
     if t0 is None:
-        stamps = [r.time for r in records if r.time is not None]
-        t0 = min(stamps) if stamps else None
+        t0 = _t0(records)
     out: list[float | None] = []
+    previous: float | None = None
     for r in records:
         if r.elapsed_s is not None:
-            out.append(r.elapsed_s)
+            previous = r.elapsed_s
         elif r.time is not None and t0 is not None:
-            out.append(r.time - t0)
-        else:
-            out.append(None)
+            previous = r.time - t0
+        out.append(previous)
     return out
 
 
