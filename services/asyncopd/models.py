@@ -74,7 +74,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=torch_dtype(dtype), local_files_only=hub_offline()
     )
-    model.to(device)
+    # transformers wraps `.to` in a decorator whose stub mypy misreads; the call is Module.to.
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model
 

@@ -41,9 +41,10 @@ def test_teacher_beats_student_on_held_out_problems() -> None:
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time() -> None:
-    model, tokenizer = load_model(TEACHER), load_tokenizer(TEACHER)
+    # The student: its wrong answers vary in length, so the batch's EOS positions differ too.
+    model, tokenizer = load_model(STUDENT), load_tokenizer(STUDENT)
     # Different prompt lengths, so the batch really is padded.
-    prompts = [it.prompt for it in load_toy_dataset("test", 8, seed=5)] + ["Q:1+2*3=? A:"]
+    prompts = [it.prompt for it in load_toy_dataset("test", 4, seed=5)] + ["Q:1+2*3=? A:"]
     assert len({len(p) for p in prompts}) > 1
     batched = generate_greedy(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size=len(prompts))
     single = [generate_greedy(model, tokenizer, [p], MAX_NEW_TOKENS)[0] for p in prompts]

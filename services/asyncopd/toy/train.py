@@ -202,7 +202,9 @@ def save(model: Qwen3ForCausalLM, metadata: dict, out_dir: str | Path) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=MAX_NEW_TOKENS
     )
-    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("toy checkpoints are stored in float32; got a model with other dtypes")
+    model.save_pretrained(out, safe_serialization=True)
     build_tokenizer().save_pretrained(out)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return out
