@@ -197,6 +197,13 @@ def test_record_key_variants() -> None:
     assert record_from_dict({"version": 1, "loss": float("nan")}).loss is None  # type: ignore[union-attr]
 
 
+def test_moving_average_is_a_trailing_mean() -> None:
+    from asyncopd.launch.plots import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([], 3) == []
+
+
 def test_wall_times_and_throughput() -> None:
     steps = _steps(4, t0=100.0)
     assert wall_times(steps, t0=100.0) == [2.0, 4.0, 6.0, 8.0]

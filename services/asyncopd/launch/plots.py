@@ -56,6 +56,18 @@ def throughput_series(records: Sequence[StepRecord], t0: float | None = None) ->
     return xs, ys
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (shorter at the start)."""
+    out: list[float] = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _pairs(
     records: Sequence[StepRecord], times: Sequence[float | None], attr: str
 ) -> tuple[list[int], list[float], list[float]]:
@@ -122,7 +134,9 @@ def write_plots(
 
     tx, ty = throughput_series(records, t0 if t0 is not None else _t0(records))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(tx, ty, marker="o", markersize=3)
+    ax.plot(tx, ty, alpha=0.35, label="per step")
+    ax.plot(tx, moving_average(ty, 10), label="mean of 10 steps")
+    ax.legend()
     ax.set_xlabel("learner version (optimizer steps)")
     ax.set_ylabel("train tokens / s")
     ax.set_title("training throughput")
