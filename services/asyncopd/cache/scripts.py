@@ -208,7 +208,6 @@ while got < want and free > 0 do
   free = free - 1
 end
 if got > 0 then redis.call('HINCRBY', k('cnt'), 'admitted', got) end
-if got < want then redis.call('HINCRBY', k('cnt'), 'admission_blocked', 1) end
 return out
 """
 )

@@ -285,9 +285,10 @@ class ExperienceStore:
             return out if tickets or out.finished else None
 
         got = self._wait(once, wait_ms)
-        if got is not None:
-            return got
-        return Admitted([], self.version(), False)
+        if got is None or (len(got.tickets) < max_prompts and not got.finished):
+            # counted once per request (not per poll): how often producers find admission full
+            self._retrying(lambda: self.redis.hincrby(self.key("cnt"), "admission_blocked", 1))
+        return got if got is not None else Admitted([], self.version(), False)
 
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         if not tickets:
