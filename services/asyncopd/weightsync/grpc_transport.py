@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -42,6 +43,14 @@ def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         digest.update(f"{name}|{t.dtype}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def _encode(tensor: torch.Tensor) -> Any:
+    # The codec's torch path cannot byte-view a 0-d tensor wider than a byte; numpy's can
+    # (numpy has no bfloat16, and a 0-d bfloat16 parameter does not occur in practice).
+    if tensor.dim() == 0 and tensor.dtype != torch.bfloat16:
+        return encode(tensor.numpy())
+    return encode(tensor)
 
 
 def chunks(
@@ -76,7 +85,7 @@ def chunks(
             yield pb.WeightChunk(
                 version=version,
                 name=name,
-                tensor=encode(piece),
+                tensor=_encode(piece),
                 offset=offset,
                 numel=numel if len(pieces) > 1 else 0,
                 last=last,

@@ -110,7 +110,8 @@ class _Group:
     broken: bool = False
 
 
-GrpcPush = Callable[[str, Snapshot, float], None]
+# (replica address, snapshot, timeout_s) -> anything; raises when the replica did not take it
+GrpcPush = Callable[[str, Snapshot, float], object]
 
 
 class Publisher:
