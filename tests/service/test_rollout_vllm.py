@@ -11,6 +11,7 @@ Skipped only where vllm is not installed AND `CI` is unset; in CI a missing vllm
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,6 +86,8 @@ def test_bad_requests_are_refused(engine: VLLMEngine) -> None:
     long = [type(prompts[0])("x", np.ones(engine.info.max_model_len, dtype=np.int32), prompts[0].task)]
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate(long, Sampling(), SupportKind.NONE, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(prompts, Sampling(temperature=3.0), SupportKind.NONE, 0)
     engine._full_logprobs_max_vocab = 8
     try:
         with pytest.raises(ValueError, match="full_logprobs_max_vocab"):
@@ -115,3 +118,34 @@ def test_load_weights_changes_version_and_distribution(engine: VLLMEngine, model
     back = engine.generate(toy_prompts(tokenizer), Sampling(max_tokens=8, seed=4), SupportKind.NONE, 0)
     assert_matches_recomputation(model, back, Sampling(), SupportKind.NONE, 0, atol=5e-4)  # type: ignore[arg-type]
     assert all((r.versions == 2).all() for r in back)
+
+
+def test_weight_switch_mid_generation_gives_per_token_versions(engine: VLLMEngine, model: torch.nn.Module) -> None:
+    """A reload requested while a batch is decoding lands between two engine steps."""
+    step = engine._engine.step
+    calls = {"n": 0}
+    loader: list[threading.Thread] = []
+    version = engine.version + 1
+
+    def counted_step() -> list[object]:
+        calls["n"] += 1
+        if calls["n"] == 4:  # from another thread, as the weight-sync subscriber does
+            loader.append(
+                threading.Thread(target=engine.load_weights, args=(version, list(model.state_dict().items())))
+            )
+            loader[0].start()
+        return step()
+
+    engine._engine.step = counted_step  # type: ignore[method-assign]
+    try:
+        prompts = toy_prompts(load_tokenizer(STUDENT), ("Q:1+",) * 8)
+        rollouts = engine.generate(prompts, Sampling(temperature=2.0, max_tokens=60, seed=9), SupportKind.NONE, 0)
+    finally:
+        engine._engine.step = step  # type: ignore[method-assign]
+        for t in loader:
+            t.join()
+    assert engine.version == version
+    for r in rollouts:
+        assert (np.diff(r.versions) >= 0).all() and r.versions[0] == version - 1, r.versions
+    longest = max(rollouts, key=lambda r: r.num_tokens)
+    assert longest.num_tokens > 8 and longest.versions[-1] == version, longest.versions

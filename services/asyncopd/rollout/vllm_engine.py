@@ -48,6 +48,8 @@ _VLLM_ENV = {
     "HF_HUB_OFFLINE": "1",
 }
 
+_MAX_TEMPERATURE = 2.0  # vLLM rejects larger temperatures
+
 
 def vllm_available() -> bool:
     try:
@@ -176,9 +178,13 @@ class VLLMEngine(Engine):
         if not prompts:
             return []
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed else None
+        if not sampling.greedy and sampling.temperature > _MAX_TEMPERATURE:
+            raise ValueError(f"sampling.temperature: {sampling.temperature} > {_MAX_TEMPERATURE}, vLLM's limit")
+        # Build (and so validate) every request before adding any: a half-added batch would run
+        # inside the next call.
+        all_params = [self._params(sampling, support_kind, k, index) for index in range(len(prompts))]
         request_ids: dict[str, int] = {}
-        for index, p in enumerate(prompts):
-            params = self._params(sampling, support_kind, k, index)
+        for index, (p, params) in enumerate(zip(prompts, all_params, strict=True)):
             rid = f"r{next(self._ids)}"
             prompt: Any = {"prompt_token_ids": [int(t) for t in p.prompt_ids]}
             returned = self._engine.add_request(rid, prompt, params)
