@@ -149,3 +149,23 @@ def test_manifest_rejects_a_model_mismatch() -> None:
     expected["layer.0.b"] = ("float16", (97,))
     with pytest.raises(ManifestError, match=r"layer\.0\.b"):
         manifest.check_against(expected)
+
+
+def test_bad_registrations_are_invalid_argument(learner: tuple[Publisher, RunningServer]) -> None:
+    import grpc
+    from asyncopd.rpc import channel
+    from asyncopd.wire.learner_client import LearnerClient
+
+    publisher, server = learner
+    with channel(server.address) as chan:
+        client = LearnerClient(chan)
+        for kwargs, needle in (
+            ({"replica": ""}, "non-empty"),
+            ({"replica": "r", "collective": False}, "address"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                client.register(**kwargs)  # type: ignore[arg-type]
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert needle in str(info.value.details())
+        assert client.status().replicas == 0
+    assert publisher.replicas == []
