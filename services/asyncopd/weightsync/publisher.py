@@ -130,6 +130,8 @@ class Publisher:
         self.config = config
         self.backend = groups.resolve_backend(config.backend, device)
         self.bucket_device = groups.bucket_device(self.backend, device)
+        if self.backend == "nccl":
+            torch.cuda.set_device(self.bucket_device)  # NCCL binds each group to the current device
         self.timeout_s = config.timeout_s
         self._store = groups.host_store(bind_host, config.store_port, config.timeout_s)
         self.store_host = advertise_host or bind_host

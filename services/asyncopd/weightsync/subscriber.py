@@ -97,6 +97,8 @@ class Subscriber:
     def _join(self, store: dist.Store, assignment: dict[str, object], timeout_s: float) -> None:
         epoch, rank, world = int(assignment["epoch"]), int(assignment["rank"]), int(assignment["world"])  # type: ignore[call-overload]
         backend = groups.resolve_backend(str(assignment["backend"]), self.device)
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)  # NCCL binds the group to the current device
         store.set(groups.ready_key(epoch, rank), "1")
         go = groups.poll_key(store, groups.go_key(epoch), self.stop, timeout_s=2 * timeout_s)
         if go != "build":
