@@ -35,6 +35,13 @@ def test_torch_round_trip(dtype: torch.dtype) -> None:
     assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_torch_scalar_round_trip(dtype: torch.dtype) -> None:
+    x = torch.tensor(3).to(dtype)
+    y = decode_torch(encode(x))
+    assert y.shape == () and y.dtype == dtype and torch.equal(x, y)
+
+
 def test_bfloat16_numpy_decode_widens_exactly() -> None:
     x = torch.randn(64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     a = decode_numpy(encode(x))

@@ -71,7 +71,7 @@ def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Ten
         if code is None:
             raise WireError(f"tensor dtype {t.dtype} has no wire encoding")
         t = t.contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return pb.Tensor(dtype=code, shape=list(t.shape), data=raw)  # type: ignore[arg-type]
     a = np.asarray(array)
     if dtype == "bfloat16":
