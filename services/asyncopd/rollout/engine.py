@@ -101,7 +101,8 @@ def check_weights(
 
 
 class StopChecker:
-    """Decides when a response is finished: EOS, a stop string in the decoded tail, or length."""
+    """Decides when a response is finished by content: EOS, or a stop string in the decoded tail
+    (the length limit is the caller's)."""
 
     def __init__(self, tokenizer: object, stop: Sequence[str], eos_token_id: int | None) -> None:
         self._tokenizer = tokenizer
