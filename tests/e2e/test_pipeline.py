@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,51 @@ def test_async_pipeline(tmp_path: Path) -> None:
     assert report["mode"] == "async"
     _check(report, out, bound=report["max_staleness"])
     assert report["max_staleness"] > 0
+
+
+def test_interrupted_run_stops_every_process(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the launcher) mid-training: exit 130 and no child left running."""
+    out = tmp_path / "interrupted"
+    argv = [
+        sys.executable,
+        "-m",
+        "asyncopd.cli",
+        "run",
+        "-c",
+        str(ROOT / "configs/toy.yaml"),
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "learner.steps=100000",
+        "--set",
+        "learner.eval_every=0",
+        "--no-live",
+        "--no-eval",
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        steps = out / "learner_steps.jsonl"
+        deadline = time.monotonic() + 400
+        while not (steps.exists() and steps.stat().st_size > 0):
+            assert proc.poll() is None, f"asyncopd run exited early with {proc.returncode}"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(1)
+        children = json.loads((out / "processes.json").read_text())
+        assert {c["name"] for c in children} >= {"cache", "learner", "teacher-0", "rollout-0"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for child in children:
+        assert not _alive(child["pid"]), f"{child['name']} (pid {child['pid']}) still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"

@@ -75,7 +75,11 @@ def comparison_table(result: Mapping[str, Any]) -> Table:
         table.add_column(col)
 
     def f(value: Any) -> str:
-        return "-" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        return str(value)
 
     for row in result["rows"]:
         table.add_row(

@@ -15,6 +15,7 @@ This module orchestrates; what each service does is its own package's business.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -204,7 +205,14 @@ class LocalRun:
         argv = [self.options.python, "-m", "asyncopd.cli", "serve", service, "-c", str(config_path), "--name", name]
         for item in overrides:
             argv += ["--set", item]
-        return self.supervisor.start(name, argv)
+        child = self.supervisor.start(name, argv)
+        self._write_process_table()
+        return child
+
+    def _write_process_table(self) -> None:
+        """`processes.json`: each child's pid and log, for whoever needs to look at one."""
+        table = [{"name": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.supervisor.children]
+        (self.out_dir / "processes.json").write_text(json.dumps(table, indent=2) + "\n")
 
     def _start_services(self, config_path: Path, ports: Ports) -> dict[str, str]:
         """Start every service in dependency order; returns {child name: metrics URL}."""
@@ -348,6 +356,7 @@ class LocalRun:
                 + f" ({time.monotonic() - t:.1f}s)"
             )
         self.redis = ensure_redis(self.supervisor, config.redis)
+        self._write_process_table()
         console.print(f"redis: {'private server ' if self.redis.private else ''}{self.redis.url}")
         ports = pick_ports(config)
         data = resolved_config_data(config, self.out_dir, self.redis.url, self.key_prefix, ports)
