@@ -10,9 +10,11 @@ import pytest
 import yaml
 from asyncopd.config import config_from_dict
 from asyncopd.launch.plots import throughput_series, wall_times, write_plots
+from asyncopd.launch.progress import Snapshot, progress_table
 from asyncopd.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
 from asyncopd.launch.runner import Ports, final_student_dir, resolved_config_data
 from asyncopd.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
+from rich.console import Console
 
 pytestmark = pytest.mark.unit
 
@@ -269,3 +271,21 @@ def test_bench_pipeline_comparison_and_ideal_ratio() -> None:
     comparison_table(result)
     with pytest.raises(ValueError, match="strict synchronous"):
         compare([fast, sync])
+
+
+def test_progress_table_shows_the_pipeline_state() -> None:
+    snap = Snapshot(
+        elapsed_s=42.0,
+        steps_total=400,
+        version=100,
+        cache=_stats(),
+        last_step=_steps(1)[0],
+        last_accuracy=0.745,
+        rollout_tokens_per_s=1436.8,
+        train_tokens_per_s=1363.6,
+    )
+    console = Console(record=True, width=120)
+    console.print(progress_table(snap))
+    text = console.export_text()
+    for expected in ("100/400 (25%)", "mean 1.00, max 2", "1436.8", "1363.6", "unscored 5", "dropped 20", "0.745"):
+        assert expected in text, expected

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 import grpc
+import redis
 import yaml
 from rich.console import Console
 from rich.live import Live
@@ -338,6 +339,16 @@ class LocalRun:
         finally:
             self.supervisor.stop_all(self.options.stop_grace_s)
             signal.signal(signal.SIGTERM, previous)
+            self._forget_run_keys()
+
+    def _forget_run_keys(self) -> None:
+        """In a shared Redis, delete this run's keys (its own prefix), however the run ended."""
+        if self.redis is None or self.redis.private:
+            return
+        try:
+            delete_prefix(self.config.redis, self.redis.url, self.key_prefix)
+        except redis.RedisError as exc:
+            self.console.print(f"[yellow]could not delete this run's Redis keys ({self.key_prefix}:*): {exc}")
 
     def _execute(self) -> dict[str, Any]:
         config, opts, console = self.config, self.options, self.console
@@ -399,8 +410,6 @@ class LocalRun:
         self.steps.poll()
         if final_stats is None:
             raise RuntimeError("the cache's final accounting could not be read; the report would be incomplete")
-        if self.redis is not None and not self.redis.private:
-            delete_prefix(config.redis, self.redis.url, self.key_prefix)
 
         accuracy_after = self._accuracy_after()
         report = build_report(
