@@ -121,6 +121,15 @@ def ideal_rates(args: argparse.Namespace, mean_tokens: float) -> dict[str, float
     }
 
 
+def admission_bound(args: argparse.Namespace, mean_tokens: float) -> float:
+    """Little's law on the staleness window: at most (max_staleness + 1) * batch_size samples are
+    admitted and not yet trained, and each is held at least as long as its rollout batch takes to
+    generate, so throughput <= window / generation time. Not a stage capacity: an upper bound the
+    staleness bound puts on the whole pipeline (the min over stages does not see it)."""
+    window = (args.max_staleness + 1) * args.batch_size
+    return window / (args.rollout_batch * mean_tokens / args.rollout_tps)
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("rollouts", "teachers", "batch_size", "rollout_batch", "claim_batch", "k", "teacher_topk"):
         if getattr(args, name) < 1:
@@ -285,12 +294,13 @@ def _report(
     steps = record.steps
     trained_samples = sum(s[1] for s in steps)
     trained_tokens = sum(s[2] for s in steps)
-    # Steady state: samples trained after the warm-up (pipeline fill) over the rest of the run.
+    # Steady state: after the warm-up (pipeline fill), samples per second between the first and
+    # the last step completed in the rest of the run (step-to-step, so no partial step counts).
     warm_end = record.start + args.warmup_fraction * wall
-    window = record.start + wall - warm_end
     late = [s for s in steps if s[0] >= warm_end]
-    steady_samples = sum(s[1] for s in late) / window
-    steady_tokens = sum(s[2] for s in late) / window
+    window = late[-1][0] - late[0][0] if len(late) >= 2 else 0.0
+    steady_samples = sum(s[1] for s in late[1:]) / window if window > 0 else 0.0
+    steady_tokens = sum(s[2] for s in late[1:]) / window if window > 0 else 0.0
     rpc = times.snapshot()
     control_rtt = sum(rpc[m]["seconds"] for m in _NON_WAITING if m in rpc)
     served = dict(sorted(stats.staleness_served.items()))
@@ -305,6 +315,7 @@ def _report(
         "bottleneck": bottleneck,
         "ideal_bottleneck_samples_per_s": ideal[bottleneck],
         "ideal_bottleneck_tokens_per_s": ideal[bottleneck] * mean_tokens,
+        "admission_bound_samples_per_s": admission_bound(args, mean_tokens),
         "steps": len(steps),
         "wall_seconds": wall,
         "samples_trained": trained_samples,
@@ -350,6 +361,7 @@ def print_table(rep: dict[str, Any]) -> None:
         ("learner tokens/s (steady)", f"{rep['learner_tokens_per_s']:.0f}"),
         (f"ideal bottleneck ({rep['bottleneck']}) samples/s", f"{rep['ideal_bottleneck_samples_per_s']:.2f}"),
         ("achieved / ideal", f"{rep['efficiency']:.3f}"),
+        ("staleness-window bound samples/s (<=)", f"{rep['admission_bound_samples_per_s']:.2f}"),
         ("steps / samples trained", f"{rep['steps']} / {rep['samples_trained']}"),
         ("rollout / teacher tokens/s", f"{rep['rollout_tokens_per_s']:.0f} / {rep['teacher_tokens_per_s']:.0f}"),
         ("staleness of trained samples", json.dumps(rep["staleness_histogram"])),
@@ -360,7 +372,8 @@ def print_table(rep: dict[str, Any]) -> None:
         ("non-waiting RPC RTT ms / sample", f"{rep['control_rtt_ms_per_sample']:.2f}"),
         (
             "produced = trained + dropped + in_flight",
-            f"{rep['produced']} = {rep['trained']} + {sum(rep['dropped'].values())} {rep['dropped']} + {rep['in_flight']}"
+            f"{rep['produced']} = {rep['trained']} + {sum(rep['dropped'].values())} {rep['dropped']} "
+            f"+ {rep['in_flight']}"
             f"  {'ok' if rep['invariant_holds'] else 'BROKEN'}",
         ),
     ]
