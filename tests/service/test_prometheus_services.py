@@ -227,12 +227,14 @@ def test_pipeline_services_expose_every_queried_series_and_prometheus_reads_them
         if prom is None:
             return
         deadline = time.monotonic() + 30
-        while True:  # until Prometheus has scraped the final state of the learner
-            got = prom.query("max(asyncopd_learner_policy_version)")
-            if got and float(got[0]["value"][1]) == 3:
-                break
-            assert time.monotonic() < deadline, prom.log_tail()
-            time.sleep(0.25)
+        final_state = {  # each target scraped at least once after the run ended
+            "max(asyncopd_learner_policy_version)": 3,
+            "sum(asyncopd_cache_staleness_count)": 12,
+        }
+        for expr, want in final_state.items():
+            while not ((got := prom.query(expr)) and float(got[0]["value"][1]) == want):
+                assert time.monotonic() < deadline, (expr, got, prom.log_tail())
+                time.sleep(0.25)
         assert set(prom.targets_health().values()) == {"up"}
         p90 = float(prom.query("histogram_quantile(0.9, sum by (le) (asyncopd_cache_staleness_bucket))")[0]["value"][1])
         assert 0.0 <= p90 <= config.max_staleness
