@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 from asyncopd.config import config_from_dict
+from asyncopd.launch.accuracy import final_student_dir
 from asyncopd.launch.plots import throughput_series, wall_times, write_plots
 from asyncopd.launch.progress import Snapshot, progress_table
 from asyncopd.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
-from asyncopd.launch.runner import Ports, final_student_dir, resolved_config_data
+from asyncopd.launch.runner import Ports, resolved_config_data
 from asyncopd.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
 from rich.console import Console
 

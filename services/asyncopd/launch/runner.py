@@ -36,6 +36,7 @@ from rich.live import Live
 from asyncopd import rpc
 from asyncopd.config import RunConfig, config_from_dict
 from asyncopd.config.loader import REDIS_PASSWORD_ENV
+from asyncopd.launch.accuracy import evaluate_accuracy, final_student_dir
 from asyncopd.launch.health import wait_serving
 from asyncopd.launch.plots import write_plots
 from asyncopd.launch.ports import free_port
@@ -133,41 +134,6 @@ def resolved_config_data(
     for section in ("cache", "learner", "teacher", "rollout"):
         data[section]["server"]["host"] = "127.0.0.1"
     return data
-
-
-def evaluate_accuracy(model_path: str, config: RunConfig) -> float:
-    """Greedy accuracy of a model directory on the task's test split (in this process)."""
-    import torch
-
-    from asyncopd.evaluation import evaluate
-    from asyncopd.models import load_model, load_tokenizer
-    from asyncopd.tasks import load_task
-
-    # The launcher shares the machine with nothing at this point; cap threads anyway so an
-    # evaluation never starves the services of a small machine.
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    items = list(load_task(config.task, "test"))
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, config.models.dtype, "cpu")
-    result = evaluate(model, tokenizer, items, config.rollout.sampling.max_tokens, batch_size=128)
-    return result.accuracy
-
-
-def final_student_dir(checkpoint_dir: Path) -> Path | None:
-    """The learner's newest checkpoint (named by its `LATEST` file), else the newest HF model
-    directory (holds config.json and weights) under the checkpoint dir."""
-    if not checkpoint_dir.is_dir():
-        return None
-    latest = checkpoint_dir / "LATEST"
-    if latest.is_file():
-        named = checkpoint_dir / latest.read_text().strip()
-        if (named / "config.json").is_file():
-            return named
-    candidates = [p.parent for p in checkpoint_dir.rglob("config.json") if (p.parent / "config.json").is_file()]
-    weights = [c for c in candidates if any(c.glob("*.safetensors")) or any(c.glob("*.bin"))]
-    if not weights:
-        return None
-    return max(weights, key=lambda p: (p / "config.json").stat().st_mtime)
 
 
 class LocalRun:
