@@ -26,6 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--no-teacher-eval", action="store_true", help="skip evaluating the teacher")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start a local Prometheus scraping every service (prints its URL; needs the binary)",
+    )
     p.add_argument("--max-wall-s", type=float, default=None, help="give up if training takes longer than this")
     p.add_argument(
         "--startup-timeout-s", type=float, default=300.0, help="seconds each service may take to become healthy"
@@ -46,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         evaluate_teacher=not args.no_teacher_eval,
         live=not args.no_live,
         plots=not args.no_plots,
+        prometheus=args.prometheus,
         max_wall_s=args.max_wall_s,
         startup_timeout_s=args.startup_timeout_s,
     )

@@ -45,6 +45,7 @@ from asyncopd.launch.progress import RateMeter, Snapshot, progress_table, scrape
 from asyncopd.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis
 from asyncopd.launch.report import build_report, report_table, write_report
 from asyncopd.launch.steplog import StepLogReader
+from asyncopd.prometheus_local import INSTALL_HINT, LocalPrometheus, start_for_run
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.learner_client import LearnerClient
 
@@ -73,6 +74,8 @@ class LaunchOptions:
     skip_eval_before: bool = False
     live: bool = True
     plots: bool = True
+    # Start a local Prometheus scraping every service (when the binary is installed).
+    prometheus: bool = False
     python: str = sys.executable
 
 
@@ -159,6 +162,7 @@ class LocalRun:
             env[REDIS_PASSWORD_ENV] = config.redis.password.get_secret_value()
         self.supervisor = Supervisor(self.out_dir / "logs", env=env)
         self.redis: RedisEndpoint | None = None
+        self._prometheus: LocalPrometheus | None = None
         self.steps = StepLogReader(self.out_dir / STEP_LOG_NAME)
         self._stop_requested = False
         self._accuracy_before: float | None = None
@@ -303,6 +307,8 @@ class LocalRun:
         try:
             return self._execute()
         finally:
+            if self._prometheus is not None:
+                self._prometheus.stop()
             self.supervisor.stop_all(self.options.stop_grace_s)
             signal.signal(signal.SIGTERM, previous)
             self._forget_run_keys()
@@ -344,6 +350,13 @@ class LocalRun:
 
         launch_start = time.monotonic()
         metrics_urls = self._start_services(config_path, ports)
+        if opts.prometheus:
+            self._prometheus = start_for_run(config.metrics, metrics_urls, self.out_dir)
+            console.print(
+                f"prometheus: {self._prometheus.url} (data kept in {self.out_dir / 'prometheus'})"
+                if self._prometheus is not None
+                else f"[yellow]{INSTALL_HINT}"
+            )
         ready = time.monotonic()
         console.print(f"all services serving after {ready - launch_start:.1f}s; training {config.learner.steps} steps")
 
