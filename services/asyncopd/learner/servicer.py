@@ -14,6 +14,8 @@ from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.v1 import learner_pb2_grpc as pb_grpc
 from asyncopd.weightsync.publisher import Publisher
 
+_MAX_NAME_CHARS = 256
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -37,6 +39,8 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
     def RegisterReplica(  # noqa: N802
         self, request: pb.RegisterReplicaRequest, context: grpc.ServicerContext
     ) -> pb.RegisterReplicaResponse:
+        if len(request.replica) > _MAX_NAME_CHARS:  # names become store keys and metric labels
+            raise ValueError(f"replica: {len(request.replica)} characters, at most {_MAX_NAME_CHARS}")
         reg = self._publisher.register(
             request.replica, device=request.device or "cpu", address=request.address, collective=request.collective
         )
@@ -56,6 +60,10 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
     def UnregisterReplica(  # noqa: N802
         self, request: pb.UnregisterReplicaRequest, context: grpc.ServicerContext
     ) -> pb.UnregisterReplicaResponse:
+        if not request.replica:
+            raise ValueError("replica: must not be empty")
+        if request.registration < 0:
+            raise ValueError(f"registration: {request.registration} is negative (0 = whatever is current)")
         self._publisher.unregister(request.replica, request.registration)
         return pb.UnregisterReplicaResponse()
 

@@ -10,6 +10,7 @@ atomically when the chunk marked `last` arrives; its `checksum` field is not ver
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -88,6 +89,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         version: int | None = None
         whole: dict[str, torch.Tensor] = {}
         flat: dict[str, torch.Tensor] = {}
+        shapes = self._replica.engine.param_shapes()
         for i, chunk in enumerate(request_iterator):
             if version is None:
                 version = chunk.version
@@ -97,6 +99,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 raise WireError(f"chunks[{i}].name: must not be empty")
             tensor = decode_torch(chunk.tensor, f"chunks[{i}].tensor")
             if chunk.numel:
+                # Checked before allocating: a hostile numel (negative, or petabytes) must be refused,
+                # not handed to the allocator.
+                if chunk.name not in shapes:
+                    raise WireError(f"chunks: unknown parameter {chunk.name!r}")
+                want = math.prod(shapes[chunk.name])
+                if chunk.numel != want:
+                    raise WireError(f"chunks[{i}].numel: {chunk.numel}, but {chunk.name} has {want} elements")
                 buf = flat.setdefault(chunk.name, torch.empty(chunk.numel, dtype=tensor.dtype))
                 end = chunk.offset + tensor.numel()
                 if chunk.offset < 0 or end > buf.numel():
@@ -110,7 +119,6 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             raise WireError("chunks: the stream ended without a chunk marked last")
         if version is None:
             raise WireError("chunks: empty update")
-        shapes = self._replica.engine.param_shapes()
         for name, buf in flat.items():
             if name not in shapes:
                 raise WireError(f"chunks: unknown parameter {name!r}")
