@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Callable
 
 from asyncopd.cache import bench as cache_bench
+from asyncopd.cache import load as cache_load
 from asyncopd.fleet import bench as fleet_bench
 from asyncopd.launch import bench as pipeline_bench
 from asyncopd.opd import bench_cli as opd_bench
@@ -24,6 +25,7 @@ Run = Callable[[argparse.Namespace], int]
 
 BENCHMARKS: dict[str, tuple[AddArgs, Run]] = {
     "cache": (cache_bench.add_args, cache_bench.run),
+    "cache-load": (cache_load.add_args, cache_load.run),
     "estimators": (opd_bench.add_args, opd_bench.run),
     "fleet": (fleet_bench.add_args, fleet_bench.run),
     "pipeline": (pipeline_bench.add_args, pipeline_bench.run),
