@@ -8,6 +8,9 @@ import pytest
 import yaml
 from asyncopd.config import ConfigError, RunConfig, dump_config, load_config
 from asyncopd.config.loader import REDIS_PASSWORD_ENV, apply_overrides, parse_override
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 pytestmark = pytest.mark.unit
 
@@ -105,3 +108,43 @@ def test_shipped_configs_load() -> None:
     configs = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
     for path in configs:
         load_config(path)
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf field of the schema (sections are recursed into)."""
+    paths = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths += _leaf_paths(ann, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+LEAVES = _leaf_paths(RunConfig)
+
+
+def test_the_schema_has_many_leaves() -> None:
+    assert len(LEAVES) > 60 and "cache.server.port" in LEAVES and "loss.kind" in LEAVES
+
+
+@pytest.mark.parametrize("path", LEAVES)
+def test_every_field_rejects_a_mapping_and_names_its_path(path: str) -> None:
+    """No leaf accepts a mapping; the error names the exact field path."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{path}={{bogus: 1}}"])
+    assert f"  {path}" in str(err.value)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    section=st.sampled_from(sorted({p.split(".")[0] for p in LEAVES if "." in p})),
+    key=st.from_regex(r"[a-z][a-z_]{0,20}", fullmatch=True),
+)
+def test_unknown_keys_anywhere_are_rejected_with_their_path(section: str, key: str) -> None:
+    if f"{section}.{key}" in LEAVES or any(p.startswith(f"{section}.{key}.") for p in LEAVES):
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{section}.{key}=1"])
+    assert f"{section}.{key}: unknown key" in str(err.value)
