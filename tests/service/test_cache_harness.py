@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from asyncopd.cache.connection import delete_prefix
 from asyncopd.cache.main import RunningCache, start_cache
 from asyncopd.config import RunConfig, config_from_dict
 from asyncopd.rpc import channel
@@ -64,9 +65,7 @@ def unique_prefix(tag: str = "t") -> str:
 def wipe(url: str, prefix: str) -> None:
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
+        delete_prefix(client, prefix)
     finally:
         client.close()
 

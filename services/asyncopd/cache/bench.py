@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from asyncopd.cache.connection import delete_prefix
+
 _MIB = 1 << 20
 
 
@@ -191,9 +193,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         parent.send("stop")
         server.join(timeout=30)
-        keys = list(raw_client.scan_iter(match=f"{prefix}*", count=1000))
-        for i in range(0, len(keys), 500):
-            raw_client.delete(*keys[i : i + 500])
+        for own in (prefix, prefix + "-raw"):
+            delete_prefix(raw_client, own)
         raw_client.close()
     best_service = min(t["total"] for t in service)
     best_raw = min(raw)

@@ -30,3 +30,17 @@ def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
     if config.url.startswith("rediss://") and config.tls_ca_file:
         kwargs["ssl_ca_certs"] = config.tls_ca_file
     return redis.Redis.from_url(config.url, **kwargs)
+
+
+def delete_prefix(client: redis.Redis, prefix: str, batch: int = 500) -> int:
+    """Delete every key under `prefix:` (one run's key space) in batches; returns how many."""
+    deleted = 0
+    keys: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        keys.append(key)
+        if len(keys) >= batch:
+            deleted += int(client.delete(*keys))
+            keys = []
+    if keys:
+        deleted += int(client.delete(*keys))
+    return deleted

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from asyncopd.cache.connection import delete_prefix
+
 VOCAB = 512
 T = TypeVar("T")
 
@@ -262,9 +264,7 @@ def run(args: argparse.Namespace) -> int:
         parent.send("stop")
         server.join(timeout=30)
         raw = redis.Redis.from_url(args.redis_url)
-        keys = list(raw.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            raw.delete(*keys[i : i + 500])
+        delete_prefix(raw, prefix)
         raw.close()
     _print(result)
     if args.json:

@@ -23,6 +23,8 @@ import uuid
 from multiprocessing.connection import Connection
 from typing import Any
 
+from asyncopd.cache.connection import delete_prefix
+
 _SUPPORT = {"none": 0, "topk": 1, "mc": 2}
 _CONFIG_KEYS = (
     "rollouts",
@@ -254,9 +256,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         parent.send("stop")
         server.join(timeout=30)
         r = redis.Redis.from_url(args.redis_url)
-        keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            r.delete(*keys[i : i + 500])
+        delete_prefix(r, prefix)
         r.close()
     if errors:
         raise RuntimeError(f"{len(errors)} actor(s) failed; first: {errors[0]!r}") from errors[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from asyncopd.cache.connection import delete_prefix as delete_prefix_keys
 from asyncopd.config.redis import RedisConfig
 from asyncopd.launch.ports import free_port
 from asyncopd.launch.processes import ChildDied, ChildProcess, Supervisor
@@ -117,16 +118,7 @@ def ensure_redis(supervisor: Supervisor, config: RedisConfig) -> RedisEndpoint:
 def delete_prefix(config: RedisConfig, url: str, prefix: str) -> int:
     """Delete every key under `prefix:` (a finished run's own keys in a shared Redis)."""
     client = _client(config, url, timeout_s=5.0)
-    deleted = 0
     try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += int(client.delete(*batch))
-                batch = []
-        if batch:
-            deleted += int(client.delete(*batch))
+        return delete_prefix_keys(client, prefix)
     finally:
         client.close()
-    return deleted
