@@ -238,7 +238,11 @@ def test_pipeline_services_expose_every_queried_series_and_prometheus_reads_them
         assert set(prom.targets_health().values()) == {"up"}
         p90 = float(prom.query("histogram_quantile(0.9, sum by (le) (asyncopd_cache_staleness_bucket))")[0]["value"][1])
         assert 0.0 <= p90 <= config.max_staleness
-        rate = prom.query("sum(rate(asyncopd_rollout_generated_tokens_total[1m]))")
+        # rate() needs two scrapes of the rollout replica inside its window; scrapes can be sparse
+        deadline = time.monotonic() + 30
+        while not (rate := prom.query("sum(rate(asyncopd_rollout_generated_tokens_total[1m]))")):
+            assert time.monotonic() < deadline, prom.log_tail()
+            time.sleep(0.25)
         assert float(rate[0]["value"][1]) > 0
         # The recording rule needs two scrapes of the learner in its window; on a busy 2-core box
         # scrapes during training can be sparse, so wait for the rule to turn into a number.
