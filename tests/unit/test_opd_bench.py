@@ -19,8 +19,9 @@ def test_bench_estimators_prints_a_row_per_estimator(capsys: pytest.CaptureFixtu
     for name in (REFERENCE, "forward_kl_topk renorm", "reverse_kl_topk bucket", "reverse_kl_mc m2po"):
         row = next(line for line in table.splitlines() if line.startswith(name))
         seconds, ratio = row[len(name) :].split()[:2]
-        assert float(seconds) > 0
-        assert float(ratio) > 0
+        # Printed rounded: a fast estimator next to a slow (loaded-machine) reference shows 0.00.
+        assert float(seconds) >= 0
+        assert float(ratio) >= 0
     reference_row = next(line for line in table.splitlines() if line.startswith(REFERENCE))
     assert reference_row.split()[-3] == "1.00"  # the reference's time ratio to itself
 
