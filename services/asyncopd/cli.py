@@ -21,6 +21,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "asyncopd.toy.cli",
     "asyncopd.launch.cli",
     "asyncopd.benchmarks",
+    "asyncopd.study.cli",
 )
 
 

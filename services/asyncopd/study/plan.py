@@ -1,0 +1,201 @@
+"""What the study runs: the rows of its three parts as config overrides, and the cells they need.
+
+A *cell* is one training run: the base config + a row's `loss.*` overrides + `seed=...`, at one
+fixed staleness. Rows of different parts that name the same overrides at the same staleness
+share a cell (part 1's uncorrected reverse KL at s = 4, 8 is part 2's `none` row), so each is
+trained once. The probe (part 3a) has its own estimator list: it trains nothing.
+
+Choices (reported in study.md):
+- reverse KL in parts 1 and 2 is `reverse_kl_mc` with N = the config's K (8): the same number of
+  teacher scores per position as forward top-K, so the two directions get the same cache budget.
+  Part 1 uses it as the pipeline would without the OPD fix: the reverse-KL signal computed at
+  rollout time (advantage=rollout) and no importance correction (correction=none).
+- the RL stabilizers of part 2 act on that rollout-time signal (advantage=rollout), as they act
+  on a reward fixed at rollout time in RL; the OPD fix recomputes it (advantage=recompute, is).
+- part 3 trains at staleness 1 (one-step-off, the mildest asynchrony) with the MC-correctable
+  estimator (recompute + is). N is bounded by the vocabulary in the rollout engine (N <= |V|),
+  so training stops at N = |V| = 32 on the toy; the offline probe draws N = 64 too.
+
+It knows config overrides and numbers; nothing of models or processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a table: its label and the `loss.*` overrides that select the estimator."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: a row's overrides at a fixed staleness and seed."""
+
+    overrides: tuple[str, ...]
+    staleness: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{' '.join(self.overrides)} | s={self.staleness} | seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class StudySize:
+    """How big the study is; `quick()` is the tiny size the end-to-end test runs."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 150
+    test_size: int = 200
+    part1_staleness: tuple[int, ...] = (0, 1, 2, 4, 8)
+    part2_staleness: tuple[int, ...] = (4, 8)
+    part3_staleness: int = 1
+    train_mc_sizes: tuple[int, ...] = (1, 4, 16, 32)
+    probe_mc_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    probe_topk_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    draws: int = 32
+
+    @classmethod
+    def quick(cls) -> StudySize:
+        return cls(
+            seeds=(0,),
+            steps=3,
+            test_size=20,
+            part1_staleness=(0, 2),
+            part2_staleness=(2,),
+            draws=4,
+        )
+
+
+def _reverse(*extra: str) -> tuple[str, ...]:
+    # tail is unused by reverse_kl_mc and must not be the forward-only 'renorm' for reverse kinds
+    return ("loss.tail=bucket", *extra)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The rows of each part for a base config whose K (`loss.k`) is `k`."""
+
+    k: int
+    size: StudySize = field(default_factory=StudySize)
+    parts: tuple[int, ...] = (1, 2, 3)
+
+    @property
+    def forward_row(self) -> Row:
+        return Row(
+            f"forward KL, teacher top-{self.k} (forward_kl_topk)", ("loss.kind=forward_kl_topk", f"loss.k={self.k}")
+        )
+
+    @property
+    def reverse_row(self) -> Row:
+        return Row(
+            f"reverse KL, MC N={self.k}, rollout-time signal, no correction",
+            _reverse("loss.kind=reverse_kl_mc", f"loss.k={self.k}", "loss.advantage=rollout", "loss.correction=none"),
+        )
+
+    def part1_rows(self) -> list[Row]:
+        return [self.forward_row, self.reverse_row]
+
+    def part2_rows(self) -> list[Row]:
+        def mc(label: str, advantage: str, correction: str) -> Row:
+            overrides = _reverse(
+                "loss.kind=reverse_kl_mc",
+                f"loss.k={self.k}",
+                f"loss.advantage={advantage}",
+                f"loss.correction={correction}",
+            )
+            return Row(f"{label} (advantage={advantage}, correction={correction})", overrides)
+
+        return [
+            mc("recompute at learner", "recompute", "is"),
+            mc("PPO clip", "rollout", "ppo_clip"),
+            mc("decoupled PPO", "rollout", "decoupled"),
+            mc("M2PO", "rollout", "m2po"),
+            mc("IS only", "rollout", "is"),
+            mc("none", "rollout", "none"),
+        ]
+
+    def part3_rows(self) -> list[Row]:
+        rows = [
+            Row(
+                f"sparse top-{self.k} (reverse_kl_topk, tail=bucket)",
+                _reverse("loss.kind=reverse_kl_topk", f"loss.k={self.k}"),
+            )
+        ]
+        for n in self.size.train_mc_sizes:
+            rows.append(
+                Row(
+                    f"MC N={n} (reverse_kl_mc, recompute, is)",
+                    _reverse(
+                        "loss.kind=reverse_kl_mc", f"loss.k={n}", "loss.advantage=recompute", "loss.correction=is"
+                    ),
+                )
+            )
+        return rows
+
+    def probe_overrides(self) -> tuple[str, ...]:
+        """The loss section the probe's estimators share (the MC-correctable one)."""
+        return _reverse("loss.kind=reverse_kl_mc", "loss.advantage=recompute", "loss.correction=is")
+
+    def probe_estimators(self) -> list[tuple[str, str, int]]:
+        """(label, kind, K or N) of every estimator the probe draws."""
+        out = [(f"sparse top-{k}", "reverse_kl_topk", k) for k in self.size.probe_topk_sizes]
+        out += [(f"MC N={n}", "reverse_kl_mc", n) for n in self.size.probe_mc_sizes]
+        return out
+
+    def staleness_of(self, part: int) -> tuple[int, ...]:
+        if part == 1:
+            return self.size.part1_staleness
+        if part == 2:
+            return self.size.part2_staleness
+        if part == 3:
+            return (self.size.part3_staleness,)
+        raise ValueError(f"parts are 1, 2, 3; got {part}")
+
+    def rows_of(self, part: int) -> list[Row]:
+        if part == 1:
+            return self.part1_rows()
+        if part == 2:
+            return self.part2_rows()
+        if part == 3:
+            return self.part3_rows()
+        raise ValueError(f"parts are 1, 2, 3; got {part}")
+
+    def cells(self) -> list[Cell]:
+        """Every distinct training cell the selected parts need, in a stable order."""
+        seen: dict[str, Cell] = {}
+        for part in self.parts:
+            for row in self.rows_of(part):
+                for s in self.staleness_of(part):
+                    for seed in self.size.seeds:
+                        cell = Cell(row.overrides, s, seed)
+                        seen.setdefault(cell.key, cell)
+        return list(seen.values())
+
+
+def parse_parts(text: str) -> tuple[int, ...]:
+    """`"1,3"` -> (1, 3); only 1, 2, 3 are parts."""
+    try:
+        parts = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
+    except ValueError:
+        raise ValueError(f"--parts {text!r}: expected a comma list of 1, 2, 3") from None
+    if not parts or any(p not in (1, 2, 3) for p in parts):
+        raise ValueError(f"--parts {text!r}: expected a comma list of 1, 2, 3")
+    return parts
+
+
+def seeds_from(base: int, count: int) -> tuple[int, ...]:
+    if count < 1:
+        raise ValueError(f"--seeds must be >= 1, got {count}")
+    return tuple(base + i for i in range(count))
+
+
+def cells_of(plan: StudyPlan, row: Row, staleness: int) -> Sequence[Cell]:
+    """The cells (one per seed) behind one table entry."""
+    return [Cell(row.overrides, staleness, seed) for seed in plan.size.seeds]

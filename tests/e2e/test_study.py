@@ -1,0 +1,99 @@
+"""`asyncopd study --quick` end to end: every part trains (3 steps), the probe draws, and the
+report holds the three parts' tables with their rows, every cell in study.json, and the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PART1_ROWS = ["forward KL, teacher top-8 (forward_kl_topk)", "reverse KL, MC N=8, rollout-time signal, no correction"]
+PART2_ROWS = [
+    "recompute at learner (advantage=recompute, correction=is)",
+    "PPO clip (advantage=rollout, correction=ppo_clip)",
+    "decoupled PPO (advantage=rollout, correction=decoupled)",
+    "M2PO (advantage=rollout, correction=m2po)",
+    "none (advantage=rollout, correction=none)",
+]
+PROBE_ROWS = ["sparse top-8", "MC N=1", "MC N=4", "MC N=16", "MC N=64"]
+PART3_ROWS = [
+    "sparse top-8 (reverse_kl_topk, tail=bucket)",
+    *(f"MC N={n} (reverse_kl_mc, recompute, is)" for n in (1, 4, 16, 32)),
+]
+PLOTS = ["part1_accuracy", "part1_kl", "part2_accuracy", "part2_kl", "part3_gradients", "part3_accuracy"]
+
+
+def _section(text: str, start: str, end: str | None) -> str:
+    body = text.split(start, 1)[1]
+    return body.split(end, 1)[0] if end else body
+
+
+def _table_rows(section: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asyncopd.cli",
+            "study",
+            "-c",
+            str(ROOT / "configs/toy.yaml"),
+            "--quick",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    md = (out / "study.md").read_text()
+    part1 = _section(md, "### Table 1a", "### Table 1b")
+    assert _table_rows(part1) == ["estimator", *PART1_ROWS]
+    assert "| estimator | s=0 | s=2 |" in part1
+    part2 = _section(md, "### Table 2", "## Part 3")
+    assert [r for r in _table_rows(part2) if r != "correction"][:4] == PART2_ROWS[:4]
+    assert set(PART2_ROWS) <= set(_table_rows(part2))
+    probe = _section(md, "### Table 3a", "### Table 3b")
+    assert set(PROBE_ROWS) <= set(_table_rows(probe))
+    part3 = _section(md, "### Table 3b", "## What the toy shows")
+    assert _table_rows(part3) == ["estimator", *PART3_ROWS]
+    findings = _section(md, "## What the toy shows", "## Where it disagrees")
+    for part in ("Part 1", "Part 2", "Part 3a", "Part 3b"):
+        assert f"**{part} (" in findings
+
+    data = json.loads((out / "study.json").read_text())
+    keys = {c["key"] for c in data["cells"]}
+    for part, staleness in (("part1", [0, 2]), ("part2", [2]), ("part3", [1])):
+        for row in data["rows"][part]:
+            for s in staleness:
+                assert f"{' '.join(row['overrides'])} | s={s} | seed=0" in keys, (part, row["label"], s)
+    assert len(keys) == len(data["cells"]) == 14  # part 1's 'none' row at s=2 is shared with part 2
+    for cell in data["cells"]:
+        s = cell["staleness"]
+        assert cell["behaviour_versions"] == [max(0, t - s) for t in range(3)]
+        assert len(cell["kl"]) == 3 and 0.0 <= cell["accuracy"] <= 1.0
+    assert set(data["probes"][0]["stats"]) >= set(PROBE_ROWS)
+
+    for name in PLOTS:
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+        assert f"({name}.png)" in md
