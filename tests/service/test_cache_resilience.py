@@ -85,6 +85,9 @@ def test_redis_restart_without_persistence_counts_and_reproduces(tmp_path: Path)
             client.put_scores([make_scores(r) for r in claimed[:2]])
 
             server.restart()  # Redis comes back empty
+            # The cache restores the version it had seen at once: replicas answering with their
+            # current weights (version 2, or 3 after the next broadcast) are not "from the future".
+            assert client.stats_snapshot().learner_version == 2
             # The learner re-publishes its version by pulling (nothing is ready yet).
             assert client.pull_batch(4, 2) is None
             # Work that answered the lost state: scores are late, rollouts are counted as lost.

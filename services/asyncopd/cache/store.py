@@ -170,6 +170,10 @@ class ExperienceStore:
         self.redis_errors = 0
         self._on_redis_error = on_redis_error
         self._run_id: str | None = None
+        # The highest learner version this process has seen published. Versions only go up, so
+        # after Redis lost everything it is restored at once (otherwise replicas answering with
+        # their current weights would look "from the future" until the learner's next publish).
+        self._version_seen = 0
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._release = client.register_script(scripts.RELEASE)
         self._put_rollouts = client.register_script(scripts.PUT_ROLLOUTS)
@@ -193,6 +197,8 @@ class ExperienceStore:
             self.redis.hincrby(self.key("cnt"), "resets", 1)
         if self._run_id is not None and run_id != self._run_id:
             log.warning("Redis lost the cache state (run %s -> %s); in-flight work is redone", self._run_id, run_id)
+            if self._version_seen > 0:
+                self._publish(keys=[self.prefix], args=[self._version_seen, 0])
         self._run_id = run_id
         try:
             self.redis.xgroup_create(self.key("q"), scripts.GROUP, id="0", mkstream=True)
@@ -254,7 +260,9 @@ class ExperienceStore:
     # -- learner version ----------------------------------------------------------------------
 
     def version(self) -> int:
-        return self._retrying(lambda: int(self.redis.get(self.key("ver")) or 0))
+        """The published learner version (never below one this process saw: versions only go up)."""
+        self._version_seen = max(self._version_seen, self._retrying(lambda: int(self.redis.get(self.key("ver")) or 0)))
+        return self._version_seen
 
     def publish_version(self, version: int, finished: bool = False) -> int:
         if version < 0:
@@ -262,6 +270,7 @@ class ExperienceStore:
         res = self._script(self._publish, [version, int(finished)])
         if _s(res[0]) == "BEHIND":
             raise FailedPrecondition(f"version {version} is behind the published version {int(res[1])}")
+        self._version_seen = max(self._version_seen, int(res[1]))
         return int(res[1])
 
     # -- prompts ------------------------------------------------------------------------------
