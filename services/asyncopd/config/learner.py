@@ -32,6 +32,9 @@ class LearnerConfig(Section):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     pull_wait_ms: int = Field(1000, ge=0, le=60000, description="Longest server-side wait of one batch pull, in ms.")
+    log_sample_ids: bool = Field(
+        False, description="Write every step's sample ids into the step log (for `asyncopd chaos`'s checks)."
+    )
     step_log: str | None = Field(
         None,
         description=(

@@ -8,6 +8,15 @@ and as one JSON line (the launcher builds the report and plots from that file); 
 and evaluations happen every N versions, and a final checkpoint when the loop stops (SIGTERM
 or the configured number of steps).
 
+Faults it rides through: the cache (or its Redis) being unreachable for a while (every cache
+call is retried with backoff until it answers or the loop is stopped); an ack the cache refuses
+because it no longer knows the claim (Redis lost it, or it expired) — logged and counted, the
+cache owns those samples' accounting; and a restart from a checkpoint older than the version
+it had published before it died: it then continues numbering after the published version
+(`catch_up`), so versions stay monotonic for the replicas, the cache and staleness accounting,
+and it logs a `start` event naming the checkpoint it resumed from (steps logged after that
+checkpoint by the previous incarnation were lost with it).
+
 It knows the trainer, the cache client, the publisher and the checkpoint files; the gRPC
 server and process signals belong to `asyncopd.learner.main`.
 """
@@ -21,7 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import grpc
 
 from asyncopd.learner import checkpoint
 from asyncopd.learner.servicer import Progress
@@ -32,6 +43,10 @@ from asyncopd.weightsync.publisher import Publisher, PublishReport
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+# The cache (or its Redis) is restarting: retry. Anything else is a real error.
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
 
 class BatchSource(Protocol):
     """What the loop needs of the cache (asyncopd.wire.cache_client.CacheClient fits)."""
@@ -39,6 +54,7 @@ class BatchSource(Protocol):
     def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Any: ...
     def ack_batch(self, batch_id: str) -> int: ...
     def publish_version(self, version: int, finished: bool = False) -> int: ...
+    def published_version(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class LoopSettings:
     checkpoint_every: int = 0
     eval_every: int = 0
     name: str = "learner"
+    # Write each step's sample ids into the step log (chaos checks: no sample trained twice).
+    log_sample_ids: bool = False
+    # Longest back-off between retries of a cache call that found the cache unreachable.
+    max_retry_delay_s: float = 2.0
 
 
 Evaluate = Callable[[], dict[str, float]]
@@ -72,7 +92,9 @@ class LearnerLoop:
         metrics: LearnerMetrics | None = None,
         save_checkpoint: SaveCheckpoint | None = None,
         evaluate: Evaluate | None = None,
+        resumed_from: int | None = None,
     ) -> None:
+        """`resumed_from`: the version of the checkpoint the trainer was restored from, if any."""
         self.trainer = trainer
         self.source = source
         self.publisher = publisher
@@ -85,6 +107,9 @@ class LearnerLoop:
         self._last_loss = 0.0
         self._tokens_per_second = 0.0
         self._steps_run = 0
+        self.resumed_from = resumed_from
+        self.acks_refused = 0
+        self.cache_retries = 0
         self.finished = trainer.version >= settings.steps
         if step_log is not None:
             step_log.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +125,8 @@ class LearnerLoop:
 
     def run(self) -> None:
         """Train until `steps` versions or `stop`; always ends with a checkpoint and the version published."""
+        self.catch_up()
+        self.finished = self.trainer.version >= self.settings.steps
         self._deliver(self.trainer.version)  # replicas (and a restarted cache) start from our version
         if self.metrics is not None:
             self.metrics.target_steps.set(self.settings.steps)
@@ -120,13 +147,67 @@ class LearnerLoop:
             if self.save_checkpoint is not None and self.trainer.version != last_checkpoint:
                 self.save_checkpoint()
         if self.finished:
-            self.source.publish_version(self.trainer.version, finished=True)
+            version = self.trainer.version
+            self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=True))
             log.info("training finished at version %d", self.trainer.version)
+
+    def catch_up(self) -> None:
+        """Start numbering after the version the cache has published (see the module doc); log a start event."""
+        published = self._cache_call("published_version", self.source.published_version)
+        start = self.trainer.version
+        if published > start:
+            log.warning(
+                "the cache has version %d published but this learner starts at %d (resumed from an older "
+                "checkpoint, or none): continuing at version %d; the %d steps in between were lost",
+                published,
+                start,
+                published,
+                published - start,
+            )
+            self.trainer.version = published
+        self._write(
+            {
+                "event": "start",
+                "version": self.trainer.version,
+                "checkpoint_version": self.resumed_from,
+                "published_version": published,
+                "time_unix": time.time(),
+            }
+        )
+
+    def _cache_call(self, what: str, op: Callable[[], T]) -> T:
+        """`op()`, retried with backoff while the cache is unreachable, until it answers or `stop` is set."""
+        delay = 0.1
+        while True:
+            try:
+                return op()
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT or self.stop.is_set():  # type: ignore[attr-defined]
+                    raise
+                self.cache_retries += 1
+                log.warning("cache %s: %s; retrying in %.1fs", what, err.code(), delay)  # type: ignore[attr-defined]
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.settings.max_retry_delay_s)
+
+    def _ack(self, batch_id: str) -> None:
+        try:
+            self._cache_call("ack_batch", lambda: self.source.ack_batch(batch_id))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+                raise
+            # The cache lost the claim (Redis restarted empty) or let it expire: it counts those
+            # samples (lost, or back in the pool); this learner must not count them again.
+            self.acks_refused += 1
+            log.warning("ack of batch %s refused: %s", batch_id, err.details())  # type: ignore[attr-defined]
 
     def _iteration(self) -> bool:
         start = time.perf_counter()
-        batch = self.source.pull_batch(
-            self.settings.batch_size, self.trainer.version, self.settings.pull_wait_ms, self.settings.name
+        version = self.trainer.version
+        batch = self._cache_call(
+            "pull_batch",
+            lambda: self.source.pull_batch(
+                self.settings.batch_size, version, self.settings.pull_wait_ms, self.settings.name
+            ),
         )
         pulled = time.perf_counter()
         if self.metrics is not None:
@@ -136,7 +217,7 @@ class LearnerLoop:
         version_before = self.trainer.version
         stats = self.trainer.train(batch.samples)
         trained = time.perf_counter()
-        self.source.ack_batch(batch.batch_id)
+        self._ack(batch.batch_id)
         self.finished = self.trainer.version >= self.settings.steps
         report = self._deliver(self.trainer.version)
         done = time.perf_counter()
@@ -156,7 +237,7 @@ class LearnerLoop:
         report = None
         if self.publisher is not None and version > self.publisher.latest_version:
             report = self.publisher.publish(version, self.trainer.named_weights())
-        self.source.publish_version(version, finished=False)
+        self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=False))
         return report
 
     def _run_eval(self) -> None:
@@ -221,6 +302,7 @@ class LearnerLoop:
                 "broadcast": None
                 if report is None
                 else {"replicas": report.replicas, "bytes": report.nbytes, "seconds": report.sync_seconds},
+                **({"sample_ids": [s.rollout.sample_id for s in samples]} if self.settings.log_sample_ids else {}),
             }
         )
 

@@ -142,12 +142,14 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
             checkpoint_every=lc.checkpoint_every,
             eval_every=lc.eval_every,
             name=name,
+            log_sample_ids=lc.log_sample_ids,
         ),
         stop=stop,
         step_log=step_log,
         metrics=recorder,
         save_checkpoint=checkpointer(trainer, lc.checkpoint_dir, tokenizer=tokenizer, keep=lc.keep_checkpoints),
         evaluate=evaluate,
+        resumed_from=trainer.version if resume_from is not None else None,
     )
     servicer = LearnerServicer(publisher, loop.progress)
     server = start_server(lc.server, [add_to_server(servicer)], [SERVICE_NAME], config.tls)

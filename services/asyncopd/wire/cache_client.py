@@ -162,6 +162,10 @@ class CacheClient:
         req = cache_pb2.PublishVersionRequest(version=version, finished=finished)
         return int(self._call(self._stub.PublishVersion, req).version)
 
+    def published_version(self) -> int:
+        """The learner version the cache has published (0 before the first publish)."""
+        return self.stats_snapshot().learner_version
+
     # -- anyone -----------------------------------------------------------------------------
 
     def stats_snapshot(self) -> CacheStats:
