@@ -61,6 +61,9 @@ class ChildProcess:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self._stdin_data = stdin_data  # kept (in memory only) so `Supervisor.restart` can resend it
         self.stopping = False
         self._reaped_group = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,31 @@ class ChildProcess:
         self._log.close()
         return self.popen.returncode
 
+    def kill(self) -> int | None:
+        """SIGKILL the child's process group at once (a crash, as fault injection); returns its code."""
+        self.stopping = True
+        self._kill_group()
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+        self.popen.wait(timeout=30.0)
+        self._log.close()
+        return self.popen.returncode
+
+    def freeze(self) -> None:
+        """SIGSTOP the child's process group: it stops answering anything until `thaw`."""
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
+    def respawn(self) -> ChildProcess:
+        """A new child with the same name, argv, environment and stdin, logging to the same file."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} (pid {self.pid}) is still running; stop or kill it first")
+        return ChildProcess(
+            self.name, self.argv, self.log_path, env=self.env, cwd=self.cwd, stdin_data=self._stdin_data
+        )
+
     def _kill_group(self) -> None:
         # The group was created for this child (start_new_session), so its id is the child's
         # pid; leftovers in it are the child's own descendants. Done once: after that the id
@@ -146,6 +174,19 @@ class Supervisor:
         child = ChildProcess(name, argv, self.log_dir / f"{name}.log", env=env, cwd=self.cwd, stdin_data=stdin_data)
         self.children.append(child)
         return child
+
+    def child(self, name: str) -> ChildProcess:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(f"no child named {name!r} (children: {[c.name for c in self.children]})")
+
+    def restart(self, name: str) -> ChildProcess:
+        """Start again a child that exited (or was killed): same argv, env and log file."""
+        index = next(i for i, c in enumerate(self.children) if c.name == self.child(name).name)
+        fresh = self.children[index].respawn()
+        self.children[index] = fresh
+        return fresh
 
     def check(self) -> None:
         """Raise ChildDied for the first child that exited without being asked to stop."""

@@ -78,11 +78,18 @@ def find_redis_server() -> str | None:
 def start_private_redis(
     supervisor: Supervisor,
     config: RedisConfig,
+    *,
     binary: str | None = None,
     host: str = "127.0.0.1",
     timeout_s: float = 15.0,
+    persistence_dir: Path | None = None,
 ) -> RedisEndpoint:
-    """Start a throwaway redis-server on a free port and wait until it answers."""
+    """Start a redis-server on a free port and wait until it answers.
+
+    Without `persistence_dir` it is a throwaway (no RDB, no AOF). With one, it writes an
+    append-only file there, fsynced on every write, so a kill -9 and a restart of the same child
+    (`wait_redis` after `Supervisor.restart("redis")`) lose nothing it acknowledged.
+    """
     binary = binary or find_redis_server()
     if binary is None:
         raise RuntimeError(
@@ -91,21 +98,33 @@ def start_private_redis(
             "redis.url at a running server"
         )
     port = free_port(host)
-    lines = [f"port {port}", f"bind {host}", 'save ""', "appendonly no", "protected-mode yes"]
+    lines = [f"port {port}", f"bind {host}", 'save ""', "protected-mode yes"]
+    if persistence_dir is None:
+        lines.append("appendonly no")
+    else:
+        persistence_dir.mkdir(parents=True, exist_ok=True)
+        quoted = str(persistence_dir.resolve()).replace("\\", "\\\\").replace('"', '\\"')
+        lines += [f'dir "{quoted}"', "appendonly yes", "appendfsync always"]
     if config.password is not None:
         # Quoted for redis.conf; the value goes through stdin, never argv or a file.
         secret = config.password.get_secret_value().replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'requirepass "{secret}"')
     child = supervisor.start("redis", [binary, "-"], stdin_data=("\n".join(lines) + "\n").encode())
     url = f"redis://{host}:{port}/0"
+    wait_redis(child, config, url, timeout_s)
+    return RedisEndpoint(url=url, private=True, process=child)
+
+
+def wait_redis(child: ChildProcess, config: RedisConfig, url: str, timeout_s: float = 15.0) -> None:
+    """Wait until the redis-server `child` answers at `url` (raises if it exits or times out)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not child.alive():
             raise ChildDied(child.name, child.returncode, child.log_path, child.tail())
         if redis_reachable(config, url, timeout_s=0.5):
-            return RedisEndpoint(url=url, private=True, process=child)
+            return
         time.sleep(0.05)
-    raise TimeoutError(f"private redis-server on port {port} did not answer within {timeout_s:.0f}s")
+    raise TimeoutError(f"private redis-server at {url} did not answer within {timeout_s:.0f}s")
 
 
 def ensure_redis(supervisor: Supervisor, config: RedisConfig) -> RedisEndpoint:

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -42,7 +42,7 @@ from asyncopd.launch.plots import write_plots
 from asyncopd.launch.ports import free_port
 from asyncopd.launch.processes import ChildProcess, Supervisor
 from asyncopd.launch.progress import RateMeter, Snapshot, progress_table, scrape_counter, scrape_sums
-from asyncopd.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis
+from asyncopd.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis, start_private_redis
 from asyncopd.launch.report import build_report, report_table, write_report
 from asyncopd.launch.steplog import StepLogReader
 from asyncopd.prometheus_local import INSTALL_HINT, LocalPrometheus, start_for_run
@@ -77,6 +77,12 @@ class LaunchOptions:
     # Start a local Prometheus scraping every service (when the binary is installed).
     prometheus: bool = False
     python: str = sys.executable
+    # Always start a private redis-server (never reuse the configured one), e.g. to restart it.
+    private_redis: bool = False
+    # With private_redis: keep an fsync-always append-only file here (a restart loses nothing).
+    redis_persistence_dir: Path | None = None
+    # Called once per progress tick with the run and the latest snapshot (fault injection).
+    on_tick: Callable[[LocalRun, Snapshot], None] | None = None
 
 
 @dataclass
@@ -169,6 +175,9 @@ class LocalRun:
         self._endpoints: dict[str, str] = {}
         self._cache: CacheClient | None = None
         self._learner: LearnerClient | None = None
+        self.config_path: Path | None = None
+        self.ports: Ports | None = None
+        self.metrics_urls: dict[str, str] = {}
 
     # -- children ----------------------------------------------------------------------------
 
@@ -204,6 +213,41 @@ class LocalRun:
             for address, child in waiting:
                 wait_serving(address, child, timeout, tls=tls)
         return {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.metrics.items()}
+
+    def add_replica(self, service: str) -> ChildProcess:
+        """Start one more `rollout` or `teacher` replica mid-run, on new ports; returns it once serving."""
+        if service not in ("rollout", "teacher") or self.config_path is None or self.ports is None:
+            raise ValueError(f"cannot add a {service!r} replica (only rollout/teacher, once the run has started)")
+        taken = {c.name for c in self.supervisor.children}
+        index = next(i for i in range(len(taken) + 1) if f"{service}-{i}" not in taken)
+        name = f"{service}-{index}"
+        port, metrics_port = free_port(), free_port()
+        while metrics_port == port:
+            metrics_port = free_port()
+        overrides = [f"{service}.server.port={port}", f"{service}.server.metrics_port={metrics_port}"]
+        child = self._serve(service, name, self.config_path, overrides)
+        wait_serving(f"127.0.0.1:{port}", child, self.options.startup_timeout_s, tls=self.config.tls)
+        self.metrics_urls[name] = f"http://127.0.0.1:{metrics_port}/metrics"
+        return child
+
+    def restart_child(self, name: str, wait: bool = True) -> ChildProcess:
+        """Start a stopped/killed child again with its own argv (same ports); wait until it serves."""
+        child = self.supervisor.restart(name)
+        self._write_process_table()
+        if wait and name != "redis":
+            address = self._address_of(name)
+            wait_serving(address, child, self.options.startup_timeout_s, tls=self.config.tls)
+        return child
+
+    def _address_of(self, name: str) -> str:
+        assert self.ports is not None
+        if name in ("cache", "learner"):
+            return self._endpoints[name]
+        child = self.supervisor.child(name)
+        for i, arg in enumerate(child.argv):
+            if arg == "--set" and child.argv[i + 1].split("=", 1)[0].endswith(".server.port"):
+                return f"127.0.0.1:{child.argv[i + 1].split('=', 1)[1]}"
+        raise KeyError(f"no port known for {name}")
 
     def _stage_seconds(self, metrics_urls: Mapping[str, str]) -> dict[str, float]:
         """Busy seconds of each pipeline stage, summed over replicas (from their /metrics)."""
@@ -338,7 +382,10 @@ class LocalRun:
                 + (f", teacher {accuracy_teacher:.3f}" if accuracy_teacher is not None else "")
                 + f" ({time.monotonic() - t:.1f}s)"
             )
-        self.redis = ensure_redis(self.supervisor, config.redis)
+        if opts.private_redis:
+            self.redis = start_private_redis(self.supervisor, config.redis, persistence_dir=opts.redis_persistence_dir)
+        else:
+            self.redis = ensure_redis(self.supervisor, config.redis)
         self._write_process_table()
         console.print(f"redis: {'private server ' if self.redis.private else ''}{self.redis.url}")
         ports = pick_ports(config)
@@ -347,9 +394,10 @@ class LocalRun:
         config_path.write_text(yaml.safe_dump(data, sort_keys=False))
         config_from_dict(data, str(config_path))  # the children must be able to load it
         self._endpoints = dict(data["endpoints"])
+        self.config_path, self.ports = config_path, ports
 
         launch_start = time.monotonic()
-        metrics_urls = self._start_services(config_path, ports)
+        metrics_urls = self.metrics_urls = self._start_services(config_path, ports)
         if opts.prometheus:
             self._prometheus = start_for_run(config.metrics, metrics_urls, self.out_dir)
             console.print(
@@ -363,15 +411,19 @@ class LocalRun:
         wall_start = time.time()
         rollout_rate, train_rate = RateMeter(), RateMeter()
         snap: Snapshot | None = None
+        next_line_s = 0.0  # without the live table: one progress line every 30 s
         live = Live(console=console, refresh_per_second=2) if opts.live else None
         with live if live is not None else contextlib.nullcontext():
             while True:
                 self.supervisor.check()
                 snap, finished = self._poll(ready, metrics_urls, rollout_rate, train_rate)
+                if opts.on_tick is not None and not finished:
+                    opts.on_tick(self, snap)
                 if live is not None:
                     live.update(progress_table(snap))
-                elif int(snap.elapsed_s) % 30 == 0:
+                elif snap.elapsed_s >= next_line_s:
                     console.print(f"step {snap.version}/{config.learner.steps} after {snap.elapsed_s:.0f}s")
+                    next_line_s += 30.0
                 if finished:
                     break
                 if opts.max_wall_s is not None and time.monotonic() - ready > opts.max_wall_s:
