@@ -20,6 +20,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "asyncopd.eval_cli",
     "asyncopd.toy.cli",
     "asyncopd.launch.cli",
+    "asyncopd.chaos.cli",
     "asyncopd.benchmarks",
     "asyncopd.study.cli",
 )

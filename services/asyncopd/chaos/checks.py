@@ -1,0 +1,154 @@
+"""What a run with injected faults must still satisfy, checked from plain records.
+
+- Accounting across Redis lives: a Redis that restarts empty takes its counters with it, so
+  the harness snapshots the cache's accounting right before each wipe (with Redis paused for
+  writes, so nothing changes in between). Each snapshot closes one *Redis epoch*; the samples
+  it held in flight are counted dropped (`redis_wiped`) — they were lost and their prompts come
+  round again. Summed over epochs, produced = trained + dropped + in_flight must hold exactly:
+  any difference is a sample that vanished silently.
+- The learner's step log (with sample ids): step versions strictly increase over the whole log,
+  across learner restarts; no sample id is trained twice by a step whose update survived. A
+  `start` event that resumed from checkpoint version c voids the earlier steps with version > c
+  (their updates died with the learner that made them); a start without a checkpoint voids all
+  earlier steps.
+- Versions polled from the learner while the run went on never go down.
+
+Pure functions over dicts and lists; the harness collects the inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+WIPED = "redis_wiped"
+
+
+def _merge(into: dict[str, int], more: Mapping[str, Any]) -> None:
+    for key, value in more.items():
+        into[str(key)] = into.get(str(key), 0) + int(value)
+
+
+def combined_accounting(epochs: Sequence[Mapping[str, Any]], final: Mapping[str, Any]) -> dict[str, Any]:
+    """Sum the cache's accounting over Redis epochs (`epochs`: stats taken before each wipe)."""
+    dropped: dict[str, int] = {}
+    served: dict[str, int] = {}
+    produced = trained = admitted = wiped = 0
+    for stats in [*epochs, final]:
+        produced += int(stats.get("produced", 0))
+        trained += int(stats.get("trained", 0))
+        admitted += int(stats.get("admitted", 0))
+        _merge(dropped, stats.get("dropped", {}))
+        _merge(served, stats.get("staleness_served", {}))
+    for stats in epochs:
+        wiped += int(stats.get("in_flight", 0))
+    if wiped:
+        dropped[WIPED] = dropped.get(WIPED, 0) + wiped
+    in_flight = int(final.get("in_flight", 0))
+    dropped_total = sum(dropped.values())
+    return {
+        "redis_epochs": len(epochs) + 1,
+        "admitted": admitted,
+        "produced": produced,
+        "trained": trained,
+        "dropped": dict(sorted(dropped.items())),
+        "dropped_total": dropped_total,
+        "in_flight": in_flight,
+        "unaccounted": produced - trained - dropped_total - in_flight,
+        "staleness_served": {k: served[k] for k in sorted(served, key=int)},
+    }
+
+
+@dataclass
+class StepLogVerdict:
+    """What the step log says about versions and duplicates."""
+
+    steps: int = 0
+    surviving_steps: int = 0
+    void_steps: int = 0
+    starts: int = 0
+    samples_surviving: int = 0
+    samples_void: int = 0
+    trained_twice: list[str] = field(default_factory=list)
+    version_regressions: list[str] = field(default_factory=list)
+    missing_sample_ids: int = 0
+
+    def problems(self) -> list[str]:
+        out = [f"version went backwards: {r}" for r in self.version_regressions]
+        if self.trained_twice:
+            shown = ", ".join(self.trained_twice[:5])
+            out.append(f"{len(self.trained_twice)} sample(s) trained twice by surviving steps: {shown}")
+        if self.missing_sample_ids:
+            out.append(f"{self.missing_sample_ids} step(s) logged without sample ids (set learner.log_sample_ids)")
+        return out
+
+
+def check_step_log(records: Iterable[Mapping[str, Any]]) -> StepLogVerdict:
+    """Versions and duplicate training in the learner's JSONL records (in file order)."""
+    verdict = StepLogVerdict()
+    steps: list[dict[str, Any]] = []  # {"version", "ids", "void"}
+    last_version: int | None = None
+    for rec in records:
+        event = rec.get("event")
+        if event == "start":
+            verdict.starts += 1
+            checkpoint = rec.get("checkpoint_version")
+            for step in steps:
+                if not step["void"] and (checkpoint is None or step["version"] > int(checkpoint)):
+                    step["void"] = True
+            start_version = int(rec.get("version", 0))
+            if last_version is not None and start_version < last_version:
+                verdict.version_regressions.append(f"a restarted learner began at {start_version} after {last_version}")
+        elif event == "step":
+            version = int(rec["version"])
+            if last_version is not None and version <= last_version:
+                verdict.version_regressions.append(f"step version {version} logged after {last_version}")
+            last_version = version
+            ids = rec.get("sample_ids")
+            if ids is None:
+                verdict.missing_sample_ids += 1
+                ids = []
+            steps.append({"version": version, "ids": list(ids), "void": False})
+    counts: Counter[str] = Counter()
+    for step in steps:
+        verdict.steps += 1
+        if step["void"]:
+            verdict.void_steps += 1
+            verdict.samples_void += len(step["ids"])
+        else:
+            verdict.surviving_steps += 1
+            verdict.samples_surviving += len(step["ids"])
+            counts.update(step["ids"])
+    verdict.trained_twice = sorted(sid for sid, n in counts.items() if n > 1)
+    return verdict
+
+
+def regressions(versions: Sequence[tuple[float, int]]) -> list[str]:
+    """Where a polled version sequence [(seconds, version)] went down."""
+    out = []
+    for (_, before), (t, after) in itertools.pairwise(versions):
+        if after < before:
+            out.append(f"polled version fell from {before} to {after} at {t:.1f}s")
+    return out
+
+
+def longest_gap(step_times: Sequence[float], start: float, end: float) -> float | None:
+    """The longest gap between consecutive learner steps that overlaps [start, end] (seconds).
+
+    A fault at `start` that stalls training shows as one long gap from the last step before
+    it to the first step after; None when no step came after `start`.
+    """
+    times = sorted(step_times)
+    gaps = [b - a for a, b in itertools.pairwise(times) if b >= start and a <= end]
+    return max(gaps) if gaps else None
+
+
+def accuracy_in_line(after: float | None, baseline: float | None, tolerance: float) -> tuple[bool | None, str]:
+    """Did the faulty run end within `tolerance` of the fault-free accuracy (None: not measured)?"""
+    if after is None or baseline is None:
+        return None, "not measured"
+    ok = after >= baseline - tolerance
+    return ok, f"{after:.3f} vs fault-free {baseline:.3f} (tolerance {tolerance:.2f})"

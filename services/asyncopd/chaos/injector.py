@@ -1,0 +1,259 @@
+"""Carrying out a fault schedule on a running `LocalRun`, one fault at a time.
+
+The launcher calls the injector once per progress tick (`LaunchOptions.on_tick`). A fault
+fires when the learner has reached its version (and, for kills "mid-work", when the target
+has work in hand: leased prompts for a rollout kill, rollouts being scored for a teacher
+kill — or after a few seconds of waiting for that); its recovery (restart, SIGCONT) runs on a
+later tick, so the launcher keeps polling, checking the other children and showing progress
+in between. A fault counts as *survived* when its recovery finished and the learner then made
+progress; how long it cost training is measured afterwards from the step log
+(`asyncopd.chaos.checks.longest_gap`). Versions polled from the learner on every tick are kept
+for the monotonicity check.
+
+It knows the launcher's handles (children, ports, the private Redis); the checks are in
+`asyncopd.chaos.checks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncopd.cache.connection import connect
+from asyncopd.cache.store import ExperienceStore, StorePolicy
+from asyncopd.chaos.faults import TARGET_PREFIX, FaultSpec
+from asyncopd.launch.processes import ChildProcess
+from asyncopd.launch.progress import Snapshot
+from asyncopd.launch.redis_server import wait_redis
+from asyncopd.launch.runner import LocalRun
+
+log = logging.getLogger(__name__)
+
+# How long a "mid-work" kill waits for its target to hold work before firing anyway.
+_WORK_WAIT_S = 5.0
+
+
+@dataclass
+class FaultOutcome:
+    """What happened to one scheduled fault."""
+
+    label: str
+    kind: str
+    at_version: int
+    target: str | None = None
+    fired_version: int | None = None
+    fired_s: float | None = None
+    recovered_s: float | None = None
+    recovered_version: int | None = None
+    fired_unix: float | None = None
+    recovered_unix: float | None = None
+    # Longest gap between two learner steps from the fault to shortly after its recovery.
+    stall_s: float | None = None
+    survived: bool = False
+    detail: str = ""
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Active:
+    spec: FaultSpec
+    outcome: FaultOutcome
+    due: float
+    recover: Callable[[], None] | None
+
+
+@dataclass
+class Injector:
+    """The `on_tick` callback that injects `schedule` into a run."""
+
+    schedule: list[FaultSpec]
+    redis_dir: Path | None = None
+    outcomes: list[FaultOutcome] = field(default_factory=list)
+    versions: list[tuple[float, int]] = field(default_factory=list)
+    redis_epochs: list[dict[str, Any]] = field(default_factory=list)
+    _pending: list[FaultSpec] = field(default_factory=list)
+    _active: _Active | None = None
+    _waiting_since: float | None = None
+    _started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._pending = sorted(self.schedule, key=lambda f: f.at_version)
+
+    # -- the tick ----------------------------------------------------------------------------
+
+    def __call__(self, run: LocalRun, snap: Snapshot) -> None:
+        now = time.monotonic() - self._started
+        if snap.learner is not None:
+            self.versions.append((round(now, 2), int(snap.learner["version"])))
+        for outcome in self.outcomes:
+            recovered = outcome.recovered_version
+            if recovered is not None and not outcome.survived and snap.version > recovered:
+                outcome.survived = True
+        if self._active is not None:
+            if now >= self._active.due:
+                self._recover(now, snap)
+            return
+        if not self._pending or snap.version < self._pending[0].at_version:
+            return
+        spec = self._pending[0]
+        if not self._target_busy(run, spec, snap):
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if now - self._waiting_since < _WORK_WAIT_S:
+                return
+        self._waiting_since = None
+        self._pending.pop(0)
+        self._fire(run, spec, snap, now)
+
+    def finished(self) -> bool:
+        return not self._pending and self._active is None
+
+    # -- firing and recovering ---------------------------------------------------------------
+
+    def _fire(self, run: LocalRun, spec: FaultSpec, snap: Snapshot, now: float) -> None:
+        outcome = FaultOutcome(spec.label, spec.kind, spec.at_version, spec.target, snap.version, round(now, 2))
+        outcome.fired_unix = time.time()
+        self.outcomes.append(outcome)
+        log.warning("chaos: %s fires at version %d", spec.label, snap.version)
+        try:
+            recover, delay = self._inject(run, spec, outcome)
+        except Exception as exc:  # a fault that could not be injected is reported, not fatal
+            log.exception("chaos: %s could not be injected", spec.label)
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._active = _Active(spec, outcome, now + delay, recover)
+
+    def _recover(self, now: float, snap: Snapshot) -> None:
+        assert self._active is not None
+        active, self._active = self._active, None
+        try:
+            if active.recover is not None:
+                active.recover()
+        except Exception as exc:
+            log.exception("chaos: recovery from %s failed", active.spec.label)
+            active.outcome.error = f"recovery failed: {type(exc).__name__}: {exc}"
+            return
+        active.outcome.recovered_s = round(time.monotonic() - self._started, 2)
+        active.outcome.recovered_unix = time.time()
+        active.outcome.recovered_version = snap.version
+
+    def _inject(self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome) -> tuple[Callable[[], None] | None, float]:
+        """Do the fault; return (recovery action or None, seconds until it runs)."""
+        kind = spec.kind
+        if kind in ("kill-rollout", "kill-teacher"):
+            child = self._target(run, spec)
+            outcome.target = child.name
+            child.kill()
+            outcome.detail = f"SIGKILL {child.name} (pid {child.pid})"
+            if spec.restart_after_s <= 0:
+                return None, 0.0
+            return (lambda: self._restart(run, child.name, outcome)), spec.restart_after_s
+        if kind == "start-rollout":
+            child = run.add_replica("rollout")
+            outcome.target = child.name
+            outcome.detail = f"started {child.name} (pid {child.pid})"
+            return None, 0.0
+        if kind in ("kill-cache", "kill-learner"):
+            name = kind.removeprefix("kill-")
+            child = run.supervisor.child(name)
+            outcome.target = name
+            child.kill()
+            outcome.detail = f"SIGKILL {name} (pid {child.pid})"
+            return (lambda: self._restart(run, name, outcome)), spec.restart_after_s
+        if kind in ("restart-redis", "wipe-redis"):
+            return self._redis_fault(run, spec, outcome)
+        if kind == "freeze-rollout":
+            child = self._target(run, spec)
+            outcome.target = child.name
+            hold = spec.hold_s if spec.hold_s is not None else 2 * run.config.weightsync.timeout_s + 2.0
+            child.freeze()
+            timeout = run.config.weightsync.timeout_s
+            outcome.detail = f"SIGSTOP {child.name} for {hold:.0f}s (weight-sync timeout {timeout:.0f}s)"
+            return child.thaw, hold
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+    def _restart(self, run: LocalRun, name: str, outcome: FaultOutcome) -> None:
+        started = time.monotonic()
+        child = run.restart_child(name)
+        outcome.detail += f"; restarted as pid {child.pid}, serving after {time.monotonic() - started:.1f}s"
+
+    def _redis_fault(
+        self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome
+    ) -> tuple[Callable[[], None] | None, float]:
+        if run.redis is None or not run.redis.private or self.redis_dir is None:
+            raise RuntimeError(f"{spec.kind} needs the run's own Redis with a persistence dir (private_redis)")
+        redis_cfg = run.config.redis.model_copy(update={"url": run.redis.url})
+        child = run.supervisor.child("redis")
+        outcome.target = "redis"
+        if spec.kind == "restart-redis":
+            child.kill()
+            outcome.detail = "SIGKILL redis (append-only file, fsync always)"
+        else:
+            client = connect(redis_cfg, socket_timeout_s=10.0)
+            policy = StorePolicy(
+                max_staleness=run.config.max_staleness,
+                batch_size=run.config.learner.batch_size,
+                byte_budget=0,
+            )
+            store = ExperienceStore(client, run.key_prefix, policy)
+            client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
+            stats = store.stats()
+            epoch = {
+                "produced": stats.produced,
+                "trained": stats.trained,
+                "admitted": stats.admitted,
+                "dropped": dict(stats.dropped),
+                "in_flight": stats.in_flight,
+                "staleness_served": {str(k): v for k, v in stats.staleness_served.items()},
+                "learner_version": stats.learner_version,
+            }
+            child.kill()
+            client.close()
+            self.redis_epochs.append(epoch)
+            for entry in self.redis_dir.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            outcome.detail = f"Redis wiped holding {stats.in_flight} samples in flight (counted dropped: redis_wiped)"
+
+        def restart() -> None:
+            started = time.monotonic()
+            fresh = run.restart_child("redis")
+            wait_redis(fresh, redis_cfg, run.redis.url if run.redis else "")
+            outcome.detail += f"; restarted, answering after {time.monotonic() - started:.1f}s"
+
+        return restart, spec.restart_after_s
+
+    # -- targets -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _target(run: LocalRun, spec: FaultSpec) -> ChildProcess:
+        if spec.target is not None:
+            child = run.supervisor.child(spec.target)
+            if not child.alive():
+                raise RuntimeError(f"{spec.target} is not running")
+            return child
+        prefix = TARGET_PREFIX[spec.kind]
+        for child in run.supervisor.children:
+            if child.name.startswith(prefix) and child.alive():
+                return child
+        raise RuntimeError(f"no live {prefix}N child to target")
+
+    @staticmethod
+    def _target_busy(run: LocalRun, spec: FaultSpec, snap: Snapshot) -> bool:
+        """Has the target work in hand (leased prompts / rollouts being scored)? True if unknown."""
+        depth = (snap.cache or {}).get("queue_depth") or {}
+        if spec.kind == "kill-rollout":
+            return int(depth.get("prompts_leased", 1)) > 0
+        if spec.kind == "kill-teacher":
+            return int(depth.get("scoring", 1)) > 0
+        return True

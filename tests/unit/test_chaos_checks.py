@@ -1,0 +1,125 @@
+"""The chaos checks on hand-written records: each must catch the fault it exists for."""
+
+from __future__ import annotations
+
+import pytest
+from asyncopd.chaos.checks import (
+    WIPED,
+    accuracy_in_line,
+    check_step_log,
+    combined_accounting,
+    longest_gap,
+    regressions,
+)
+from asyncopd.chaos.faults import KINDS, FaultSpec, default_schedule, parse_fault, parse_schedule
+
+
+def step(version: int, *ids: str) -> dict[str, object]:
+    return {"event": "step", "version": version, "sample_ids": list(ids)}
+
+
+def start(version: int, checkpoint: int | None) -> dict[str, object]:
+    return {"event": "start", "version": version, "checkpoint_version": checkpoint}
+
+
+# -- accounting over Redis epochs ----------------------------------------------------------
+
+
+def test_accounting_sums_epochs_and_counts_what_a_wipe_held_as_dropped() -> None:
+    before_wipe = {"produced": 10, "trained": 6, "dropped": {"stale": 1}, "in_flight": 3, "staleness_served": {"0": 6}}
+    final = {"produced": 8, "trained": 5, "dropped": {"lost": 2}, "in_flight": 1, "staleness_served": {"0": 2, "1": 3}}
+    acc = combined_accounting([before_wipe], final)
+    assert (acc["produced"], acc["trained"], acc["in_flight"]) == (18, 11, 1)
+    assert acc["dropped"] == {"lost": 2, WIPED: 3, "stale": 1}
+    assert acc["unaccounted"] == 0 and acc["redis_epochs"] == 2
+    assert acc["staleness_served"] == {"0": 8, "1": 3}
+
+
+def test_accounting_reports_a_silently_missing_sample() -> None:
+    final = {"produced": 10, "trained": 6, "dropped": {"stale": 1}, "in_flight": 2}
+    assert combined_accounting([], final)["unaccounted"] == 1
+
+
+# -- the step log --------------------------------------------------------------------------
+
+
+def test_clean_log_passes() -> None:
+    verdict = check_step_log([start(0, None), step(1, "a", "b"), {"event": "eval", "version": 1}, step(2, "c")])
+    assert verdict.problems() == []
+    assert (verdict.steps, verdict.surviving_steps, verdict.samples_surviving) == (2, 2, 3)
+
+
+def test_a_sample_trained_twice_is_caught() -> None:
+    verdict = check_step_log([start(0, None), step(1, "a", "b"), step(2, "b")])
+    assert verdict.trained_twice == ["b"]
+    assert any("trained twice" in p for p in verdict.problems())
+
+
+def test_resume_voids_the_steps_after_its_checkpoint() -> None:
+    # Steps 3 and 4 died with the learner (checkpoint 2); retraining "c" afterwards is not a duplicate.
+    records = [start(0, None), step(1, "a"), step(2, "b"), step(3, "c"), step(4, "d"), start(4, 2), step(5, "c")]
+    verdict = check_step_log(records)
+    assert verdict.problems() == []
+    assert (verdict.void_steps, verdict.samples_void, verdict.starts) == (2, 2, 2)
+
+
+def test_a_duplicate_within_the_surviving_lineage_is_still_caught_after_a_resume() -> None:
+    records = [start(0, None), step(1, "a"), step(2, "b"), start(2, 2), step(3, "a")]
+    assert check_step_log(records).trained_twice == ["a"]
+
+
+def test_restart_without_checkpoint_voids_everything_before() -> None:
+    verdict = check_step_log([start(0, None), step(1, "a"), start(1, None), step(2, "a")])
+    assert verdict.problems() == [] and verdict.void_steps == 1
+
+
+def test_versions_going_backwards_are_caught() -> None:
+    assert check_step_log([step(3, "a"), step(3, "b")]).version_regressions
+    assert check_step_log([step(5, "a"), start(4, 4), step(6, "b")]).version_regressions
+    assert check_step_log([step(1, "a"), step(2, "b")]).version_regressions == []
+
+
+def test_missing_sample_ids_are_a_problem_not_a_pass() -> None:
+    verdict = check_step_log([{"event": "step", "version": 1}])
+    assert verdict.missing_sample_ids == 1 and verdict.problems()
+
+
+def test_polled_versions_and_accuracy() -> None:
+    assert regressions([(0.0, 1), (1.0, 3), (2.0, 3)]) == []
+    assert regressions([(0.0, 4), (1.0, 2)]) == ["polled version fell from 4 to 2 at 1.0s"]
+    assert accuracy_in_line(0.70, 0.75, 0.1)[0] is True
+    assert accuracy_in_line(0.60, 0.75, 0.1)[0] is False
+    assert accuracy_in_line(None, 0.75, 0.1)[0] is None
+
+
+# -- the schedule --------------------------------------------------------------------------
+
+
+def test_parse_faults() -> None:
+    assert parse_fault("kill-rollout@8:rollout-1") == FaultSpec("kill-rollout", 8, "rollout-1")
+    assert [f.at_version for f in parse_schedule("kill-cache@20, kill-teacher@10")] == [10, 20]
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        parse_fault("kill-everything@3")
+    with pytest.raises(ValueError, match="kind@version"):
+        parse_fault("kill-cache")
+    with pytest.raises(ValueError, match="rollout-N"):
+        parse_fault("kill-rollout@3:teacher-0")
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_fault("kill-cache@0")
+
+
+def test_default_schedule_covers_every_kind_in_order_within_the_run() -> None:
+    schedule = default_schedule(120)
+    assert {f.kind for f in schedule} == set(KINDS)
+    versions = [f.at_version for f in schedule]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert versions[0] >= 1 and versions[-1] < 120
+    with pytest.raises(ValueError, match="at least"):
+        default_schedule(10)
+
+
+def test_longest_gap_measures_the_stall_around_a_fault() -> None:
+    times = [0.0, 0.5, 1.0, 7.0, 7.5, 8.0, 20.0]
+    assert longest_gap(times, start=1.2, end=7.2) == 6.0  # the stall the fault caused
+    assert longest_gap(times, start=7.2, end=7.9) == 0.5
+    assert longest_gap(times, start=30.0, end=31.0) is None
