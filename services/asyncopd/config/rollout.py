@@ -26,8 +26,9 @@ class RolloutConfig(Section):
         default_factory=lambda: ServerConfig(port=50052), description="gRPC server of a rollout replica."
     )
     replicas: int = Field(1, ge=0, le=1024, description="Replicas `asyncopd run` starts locally.")
-    engine: Literal["transformers", "vllm", "simulated"] = Field(
-        "transformers", description="Inference engine; simulated = no compute, for `bench fleet`."
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="Inference engine (simulated engines exist only inside `asyncopd bench fleet`).",
     )
     batch_size: int = Field(16, ge=1, description="Prompts a replica acquires and generates together.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")

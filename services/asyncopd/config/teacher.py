@@ -17,7 +17,9 @@ class TeacherConfig(Section):
         default_factory=lambda: ServerConfig(port=50053), description="gRPC server of a teacher replica."
     )
     replicas: int = Field(1, ge=0, le=1024, description="Replicas `asyncopd run` starts locally.")
-    backend: Literal["torch", "vllm", "simulated"] = Field("torch", description="Scoring backend.")
+    backend: Literal["torch"] = Field(
+        "torch", description="Scoring backend (prefill in torch/transformers; no vLLM teacher backend yet)."
+    )
     max_batch_tokens: int = Field(8192, ge=1, description="Tokens scored in one forward pass.")
     topk: int = Field(
         8,
