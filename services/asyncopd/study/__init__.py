@@ -4,7 +4,9 @@
   estimator and evaluation (rollouts of step t come from version max(0, t - s)).
 - `gradients`: pure bias/variance/cosine statistics of gradient estimators.
 - `probe`: draws the estimators' gradients on fixed rollouts (the offline part 3a).
-- `plan`: which cells each part runs (config overrides), and the study's sizes.
-- `report`: study.md tables, plots and the findings derived from the numbers.
+- `plan`: the rows of each part as config overrides, the cells they need, the study's size.
+- `runner`: runs the cells and probes in worker processes (one torch thread each).
+- `summary`, `findings`: per-table numbers, paired differences, and the findings computed from them.
+- `report`, `plots`: study.md, study.json and the PNG figures.
 - `cli`: the `asyncopd study` subcommand.
 """

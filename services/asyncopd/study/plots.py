@@ -27,6 +27,13 @@ def _smooth(values: Sequence[float], window: int = 5) -> list[float]:
     return out
 
 
+def _tick(label: str) -> str:
+    """'PPO clip (advantage=rollout, correction=ppo_clip)' -> 'PPO clip\nrollout + ppo_clip'."""
+    name, _, settings = label.partition(" (")
+    values = [part.split("=", 1)[-1] for part in settings.rstrip(")").split(", ")] if settings else []
+    return f"{name}\n{' + '.join(values)}" if values else name
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -77,7 +84,7 @@ def part2_accuracy(results: Results, out: Path) -> Path | None:
     plan = results.plan
     rows = plan.part2_rows()
     stalenesses = plan.size.part2_staleness
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(stalenesses)
     for j, s in enumerate(stalenesses):
         acc = [results.accuracy(r, s) for r in rows]
@@ -86,7 +93,7 @@ def part2_accuracy(results: Results, out: Path) -> Path | None:
             xs, [a.mean for a in acc], width, yerr=[0.0 if a.n < 2 else a.std for a in acc], capsize=3, label=f"s={s}"
         )
     ax.set_xticks([i + width * (len(stalenesses) - 1) / 2 for i in range(len(rows))])
-    ax.set_xticklabels([r.label.replace(" (", "\n(") for r in rows], fontsize=6)
+    ax.set_xticklabels([_tick(r.label) for r in rows], fontsize=7)
     ax.axhline(results.run.baseline["student_accuracy"], color="grey", ls=":", label="student before training")
     ax.set_ylabel("greedy test accuracy")
     ax.set_title(f"Part 2: stale reverse KL (MC N={plan.k}) by correction")
