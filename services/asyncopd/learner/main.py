@@ -25,9 +25,8 @@ from asyncopd.config.run import RunConfig
 from asyncopd.learner import checkpoint
 from asyncopd.learner.loop import LearnerLoop, LoopSettings, checkpointer
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, add_to_server
-from asyncopd.learner.trainer import Trainer
+from asyncopd.learner.trainer import trainer_from_config
 from asyncopd.models import load_model, load_tokenizer
-from asyncopd.opd import OPDLoss
 from asyncopd.rpc import RunningServer, channel, start_server
 from asyncopd.weightsync.grpc_transport import push_weights
 from asyncopd.weightsync.publisher import Publisher, Snapshot
@@ -70,28 +69,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     teacher = None
     if config.loss.kind.endswith("_full"):
         teacher = load_model(config.models.teacher, config.models.dtype, lc.device)
-    loss = OPDLoss(
-        config.loss.kind,
-        tail=config.loss.tail,
-        advantage=config.loss.advantage,
-        correction=config.loss.correction,
-        clip_eps=config.loss.clip_eps,
-        behavior_weight_cap=config.loss.behavior_weight_cap,
-        m2po_tau=config.loss.m2po_tau,
-    )
-    trainer = Trainer(
-        model,
-        loss,
-        lr=lc.lr,
-        weight_decay=lc.weight_decay,
-        warmup_steps=lc.warmup_steps,
-        grad_clip=lc.grad_clip,
-        micro_batch_size=lc.micro_batch_size,
-        mini_batches=lc.mini_batches,
-        device=lc.device,
-        teacher=teacher,
-        pad_id=int(tokenizer.pad_token_id or 0),
-    )
+    trainer = trainer_from_config(config, model, pad_id=int(tokenizer.pad_token_id or 0), teacher=teacher)
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         trainer.load_state_dict(state["trainer"])

@@ -11,6 +11,9 @@ For `correction="decoupled"` the proximal log-probs are a no-grad snapshot of th
 taken before the batch's first optimizer step. For the `*_full` kinds a colocated teacher
 model gives the dense teacher logits.
 
+`trainer_from_config` is the one mapping from the run config's `loss` and `learner` sections
+to a Trainer (the learner service and `asyncopd study` both build theirs with it).
+
 It knows models, optimizers and the estimator front; it knows nothing of caches, gRPC or files.
 """
 
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncopd.config.run import RunConfig
 from asyncopd.learner.batching import TrainBatch, collate
 from asyncopd.opd import LossInputs, OPDLoss, gather_logprobs
 from asyncopd.samples import ScoredSample
@@ -171,3 +175,32 @@ class Trainer:
             proximal_logprobs=None if proximal is None else proximal[offset : offset + micro.size],
             teacher_logits=teacher_logits,
         )
+
+
+def trainer_from_config(
+    config: RunConfig, model: nn.Module, *, pad_id: int, teacher: nn.Module | None = None
+) -> Trainer:
+    """The Trainer and its OPDLoss as the run config's `loss` and `learner` sections describe them."""
+    lc, lo = config.learner, config.loss
+    loss = OPDLoss(
+        lo.kind,
+        tail=lo.tail,
+        advantage=lo.advantage,
+        correction=lo.correction,
+        clip_eps=lo.clip_eps,
+        behavior_weight_cap=lo.behavior_weight_cap,
+        m2po_tau=lo.m2po_tau,
+    )
+    return Trainer(
+        model,
+        loss,
+        lr=lc.lr,
+        weight_decay=lc.weight_decay,
+        warmup_steps=lc.warmup_steps,
+        grad_clip=lc.grad_clip,
+        micro_batch_size=lc.micro_batch_size,
+        mini_batches=lc.mini_batches,
+        device=lc.device,
+        teacher=teacher,
+        pad_id=pad_id,
+    )

@@ -8,7 +8,8 @@ student of version max(0, t - s). `StalenessHarness` builds that from the projec
   configured estimator needs (`rollout.main.support_for`: student top-K or N MC draws with
   their behaviour log-probs) and the run's sampling (`rollout.main.sampling_from_config`);
 - scoring: `TeacherScorer` with the pipeline's teacher top-K and tail (`teacher.main`);
-- training: the real `Trainer` with `OPDLoss` built from the config's `loss` section;
+- training: the real `Trainer` with `OPDLoss`, built from the config by `trainer_from_config`
+  exactly as the learner service builds its own;
 - weights: a ring of the last s + 1 student snapshots (`SnapshotRing`), loaded into the engine
   through `Engine.load_weights` exactly as a weight update reaches a rollout replica;
 - accuracy: `asyncopd.evaluation.evaluate` (greedy) on a fixed test subset.
@@ -37,9 +38,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.config import RunConfig
 from asyncopd.evaluation import evaluate
-from asyncopd.learner.trainer import Trainer
+from asyncopd.learner.trainer import trainer_from_config
 from asyncopd.models import check_same_tokenizer, load_model, load_tokenizer
-from asyncopd.opd import OPDLoss
 from asyncopd.rollout.main import sampling_from_config, support_for
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.transformers_engine import TransformersEngine
@@ -112,33 +112,6 @@ def load_study_models(config: RunConfig, test_size: int) -> StudyModels:
     return StudyModels(tokenizer, teacher, scorer, test_items, train_items)
 
 
-def build_trainer(config: RunConfig, model: PreTrainedModel, pad_id: int, teacher: PreTrainedModel | None) -> Trainer:
-    """The learner's Trainer and OPDLoss, mapped from the config as `learner.main.build` does."""
-    lc = config.learner
-    loss = OPDLoss(
-        config.loss.kind,
-        tail=config.loss.tail,
-        advantage=config.loss.advantage,
-        correction=config.loss.correction,
-        clip_eps=config.loss.clip_eps,
-        behavior_weight_cap=config.loss.behavior_weight_cap,
-        m2po_tau=config.loss.m2po_tau,
-    )
-    return Trainer(
-        model,
-        loss,
-        lr=lc.lr,
-        weight_decay=lc.weight_decay,
-        warmup_steps=lc.warmup_steps,
-        grad_clip=lc.grad_clip,
-        micro_batch_size=lc.micro_batch_size,
-        mini_batches=lc.mini_batches,
-        device=lc.device,
-        teacher=teacher,
-        pad_id=pad_id,
-    )
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -180,7 +153,7 @@ class StalenessHarness:
         student = load_model(mc.student, mc.dtype, config.learner.device)
         # the *_full kinds train against the shared (frozen) teacher's dense logits
         teacher = shared.teacher if config.loss.kind.endswith("_full") else None
-        self.trainer = build_trainer(config, student, self.pad_id, teacher)
+        self.trainer = trainer_from_config(config, student, pad_id=self.pad_id, teacher=teacher)
         engine_model = load_model(mc.student, mc.dtype, config.rollout.device)
         self.engine = TransformersEngine(
             engine_model, tokenizer, "study-rollout", max_model_len=config.rollout.max_model_len
