@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncopd.config.loss import EstimatorKind, LossConfig
 from asyncopd.config.run import RunConfig
 from asyncopd.learner.batching import TrainBatch, collate
 from asyncopd.opd import LossInputs, OPDLoss, gather_logprobs
@@ -177,23 +178,27 @@ class Trainer:
         )
 
 
+def loss_from_config(lc: LossConfig, kind: EstimatorKind | None = None) -> OPDLoss:
+    """The OPDLoss of the config's `loss` section (`kind` overrides its estimator, keeping the knobs)."""
+    return OPDLoss(
+        kind or lc.kind,
+        tail=lc.tail,
+        advantage=lc.advantage,
+        correction=lc.correction,
+        clip_eps=lc.clip_eps,
+        behavior_weight_cap=lc.behavior_weight_cap,
+        m2po_tau=lc.m2po_tau,
+    )
+
+
 def trainer_from_config(
     config: RunConfig, model: nn.Module, *, pad_id: int, teacher: nn.Module | None = None
 ) -> Trainer:
     """The Trainer and its OPDLoss as the run config's `loss` and `learner` sections describe them."""
-    lc, lo = config.learner, config.loss
-    loss = OPDLoss(
-        lo.kind,
-        tail=lo.tail,
-        advantage=lo.advantage,
-        correction=lo.correction,
-        clip_eps=lo.clip_eps,
-        behavior_weight_cap=lo.behavior_weight_cap,
-        m2po_tau=lo.m2po_tau,
-    )
+    lc = config.learner
     return Trainer(
         model,
-        loss,
+        loss_from_config(config.loss),
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         warmup_steps=lc.warmup_steps,

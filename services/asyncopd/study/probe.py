@@ -24,7 +24,7 @@ from torch import Tensor
 
 from asyncopd.config import RunConfig
 from asyncopd.learner.batching import collate
-from asyncopd.learner.trainer import response_logits
+from asyncopd.learner.trainer import loss_from_config, response_logits
 from asyncopd.opd import LossInputs, OPDLoss
 from asyncopd.rollout.sampling import behaviour_logprobs, draw_support, sample
 from asyncopd.samples import Rollout, SupportKind
@@ -111,19 +111,6 @@ def teacher_support_scorer(scorer: TeacherScorer, rollouts: Sequence[Rollout], k
     return score
 
 
-def loss_for(config: RunConfig, spec: EstimatorSpec) -> OPDLoss:
-    lc = config.loss
-    return OPDLoss(
-        spec.kind,  # type: ignore[arg-type]
-        tail=lc.tail,
-        advantage=lc.advantage,
-        correction=lc.correction,
-        clip_eps=lc.clip_eps,
-        behavior_weight_cap=lc.behavior_weight_cap,
-        m2po_tau=lc.m2po_tau,
-    )
-
-
 def probe_gradients(
     config: RunConfig,
     shared: StudyModels,
@@ -160,7 +147,7 @@ def probe_gradients(
         kind = support_kind_of(spec.kind)
         score = teacher_support_scorer(shared.scorer, rollouts, kind)
         grads = draw_gradients(
-            loss_for(config, spec),
+            loss_from_config(config.loss, spec.kind),  # type: ignore[arg-type]
             gradient_of,
             logmu,
             kind=kind,
