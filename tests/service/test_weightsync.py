@@ -60,11 +60,20 @@ def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyp
         time.sleep(0.05)
 
 
-def start_replica(address: str, name: str, log: Path) -> subprocess.Popen[bytes]:
+def start_replica(
+    address: str, name: str, log: Path, timeout_s: float = TIMEOUT_S, heartbeat_s: float = 0.5
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "weightsync_replica.py"), address, name, str(log), str(TIMEOUT_S)], env=env
-    )
+    argv = [
+        sys.executable,
+        str(HERE / "weightsync_replica.py"),
+        address,
+        name,
+        str(log),
+        str(timeout_s),
+        str(heartbeat_s),
+    ]
+    return subprocess.Popen(argv, env=env)
 
 
 def applied(log: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -110,6 +119,52 @@ def test_late_joiner_and_dead_replica(learner: tuple[Publisher, RunningServer], 
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
+
+
+def test_a_killed_or_frozen_replica_is_dropped_by_its_heartbeat_not_the_long_timeout(tmp_path: Path) -> None:
+    # timeout_s is long (a slow broadcast of a big model must fit in it); the heartbeat notices
+    # a dead replica in dead_after_s instead of the ~2 x timeout_s a rebuild would wait for it.
+    long_timeout, dead_after = 8.0, 2.0
+    config = WeightSyncConfig(timeout_s=long_timeout, bucket_mb=0.05, heartbeat_s=0.2, dead_after_s=dead_after)
+    publisher = Publisher(config)
+    server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
+    logs = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
+    procs = {n: start_replica(server.address, n, logs[n], long_timeout, heartbeat_s=0.2) for n in logs}
+    try:
+        wait_for(lambda: publisher.replicas == ["a", "b", "c"])
+        publisher.publish(1, weights(1))
+        wait_for(lambda: all(applied(log) for log in logs.values()))
+
+        procs["a"].kill()  # dies without unregistering
+        procs["a"].wait()
+        start = time.monotonic()
+        publisher.publish(2, weights(2))
+        # Survivors may sit in the broken broadcast until their own timeout_s; the dead one costs
+        # only dead_after_s on top (without heartbeats the rebuild waits 2 x timeout_s + 1 for it).
+        assert time.monotonic() - start < long_timeout + dead_after + 3, "the dead replica was waited for"
+        assert publisher.replicas == ["b", "c"]
+
+        procs["b"].send_signal(signal.SIGSTOP)  # alive but silent: stops beating
+        start = time.monotonic()
+        publisher.publish(3, weights(3))
+        # A frozen peer blocks the broadcast itself until its (gloo) timeout; after that its
+        # stale heartbeat drops it at once instead of a second ~2 x timeout_s wait.
+        assert time.monotonic() - start < 2 * long_timeout
+        assert publisher.replicas == ["c"]
+        wait_for(lambda: applied(logs["c"])[-1]["version"] == 3)
+        procs["b"].send_signal(signal.SIGCONT)
+        # Woken, it finds itself dropped, registers again and catches up.
+        wait_for(lambda: publisher.replicas == ["b", "c"], timeout=30.0)
+        publisher.publish(4, weights(4))
+        wait_for(lambda: applied(logs["b"])[-1]["version"] == 4, timeout=30.0)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+        publisher.close()
+        server.stop(0)
 
 
 def test_stop_unregisters_and_checks_names(learner: tuple[Publisher, RunningServer]) -> None:

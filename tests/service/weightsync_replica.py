@@ -1,6 +1,6 @@
 """A stand-alone weight-sync replica for the multi-process tests: subscribe, and log each update.
 
-`python weightsync_replica.py LEARNER_ADDRESS NAME LOG_PATH TIMEOUT_S` runs `run_subscriber`
+`python weightsync_replica.py LEARNER_ADDRESS NAME LOG_PATH TIMEOUT_S [HEARTBEAT_S]` runs `run_subscriber`
 until SIGTERM and appends one JSON line per applied update: version and a digest of every
 tensor's bytes (so the test can compare bit-for-bit with what the learner published).
 """
@@ -29,6 +29,7 @@ def digest(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
 
 def main() -> None:
     address, name, log_path, timeout_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    heartbeat_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.5
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -36,7 +37,14 @@ def main() -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps({"version": version, "digest": digest(named)}) + "\n")
 
-    run_subscriber(address, name, apply, stop, WeightSyncConfig(timeout_s=timeout_s, bucket_mb=0.05, checksum=True))
+    config = WeightSyncConfig(
+        timeout_s=timeout_s,
+        bucket_mb=0.05,
+        checksum=True,
+        heartbeat_s=heartbeat_s,
+        dead_after_s=max(5.0, 2 * heartbeat_s),
+    )
+    run_subscriber(address, name, apply, stop, config)
 
 
 if __name__ == "__main__":

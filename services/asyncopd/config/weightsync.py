@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
 
@@ -20,6 +20,17 @@ class WeightSyncConfig(Section):
     )
     bucket_mb: float = Field(64.0, gt=0, description="Size of one broadcast bucket, in MiB.")
     timeout_s: float = Field(30.0, gt=0, description="A replica slower than this is dropped from the group.")
+    heartbeat_s: float = Field(
+        0.5, gt=0, description="How often a replica bumps its heartbeat counter in the learner's store."
+    )
+    dead_after_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "A replica whose heartbeat stood still this long is dropped at once when the learner waits on it "
+            "(instead of after timeout_s, which must cover a slow broadcast)."
+        ),
+    )
     checksum: bool = Field(False, description="Verify a checksum of every update on the replica.")
     store_port: int = Field(0, ge=0, le=65535, description="TCPStore port the learner hosts; 0 = free port.")
     advertise_host: str | None = Field(
@@ -27,3 +38,12 @@ class WeightSyncConfig(Section):
         description="Host replicas dial for the store; default learner.server.host (this machine's FQDN when 0.0.0.0).",
     )
     grpc_chunk_mb: float = Field(4.0, gt=0, description="Largest WeightChunk of the gRPC fallback transport, in MiB.")
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> WeightSyncConfig:
+        if self.dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"weightsync.dead_after_s ({self.dead_after_s}) must be at least 2 x weightsync.heartbeat_s "
+                f"({self.heartbeat_s}), or live replicas would be dropped between two heartbeats"
+            )
+        return self

@@ -85,6 +85,11 @@ def assign_key(replica: str, registration: int, k: int) -> str:
     return f"ws/assign/{replica}/{registration}/{k}"
 
 
+def heartbeat_key(replica: str, registration: int) -> str:
+    """Counter one registration's heartbeat thread bumps every `weightsync.heartbeat_s`."""
+    return f"ws/hb/{replica}/{registration}"
+
+
 def ready_key(epoch: int, rank: int) -> str:
     return f"ws/g{epoch}/ready/{rank}"
 

@@ -13,7 +13,10 @@ Protocol (the subscriber module is the other half; keys in `asyncopd.weightsync.
    weights. Each update is announced as a command key (version, manifest JSON, checksum), then
    its buckets are broadcast; every member acks after receiving and verifying it. A broadcast
    error or a missing ack within `timeout_s` rebuilds the group without the dead member: a dead
-   replica costs the learner at most ~2 x timeout_s once, never a hang.
+   replica costs the learner at most ~2 x timeout_s once, never a hang — and usually far less:
+   every replica bumps a heartbeat counter in the store (`asyncopd.weightsync.liveness`), and a
+   member whose heartbeat stood still for `dead_after_s` is dropped as soon as the learner
+   notices it while waiting (for ready keys or acks).
 
 Scaling choice: one group per membership epoch (not one group per replica). A broadcast to R
 replicas is then one collective instead of R point-to-point sends; the price is a rebuild of
@@ -42,6 +45,7 @@ import torch.distributed as dist
 
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync import groups
+from asyncopd.weightsync.liveness import Liveness, MemberKey
 from asyncopd.weightsync.manifest import Manifest, checksum, pack, plan
 
 log = logging.getLogger(__name__)
@@ -146,6 +150,7 @@ class Publisher:
         self._group: _Group | None = None
         self._latest: Snapshot | None = None
         self._rebuilds = 0
+        self._liveness = Liveness(self._read_heartbeat, config.dead_after_s)
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._interval = maintenance_interval_s
@@ -301,9 +306,21 @@ class Publisher:
         # were still inside a broadcast of it (they then wait for their next assignment).
         group.group = None
 
+    def _read_heartbeat(self, key: MemberKey) -> int | None:
+        name = groups.heartbeat_key(*key)
+        if not self._store.check([name]):
+            return None
+        return int(self._store.add(name, 0))
+
+    def _dead(self, members: Sequence[_Member]) -> list[_Member]:
+        """Members whose heartbeat stood still for dead_after_s (see asyncopd.weightsync.liveness)."""
+        dead = set(self._liveness.dead([(m.replica, m.registration) for m in members]))
+        return [m for m in members if (m.replica, m.registration) in dead]
+
     def _drop(self, members: Sequence[_Member], reason: str) -> None:
         with self._members_lock:
             for member in members:
+                self._liveness.forget((member.replica, member.registration))
                 current = self._members.get(member.replica)
                 if current is member:
                     del self._members[member.replica]
@@ -342,10 +359,15 @@ class Publisher:
                     {"epoch": epoch, "rank": rank, "world": world, "backend": self.backend},
                 )
                 member.next_assignment += 1
-            missing = self._wait_ready(epoch, members, ready_s)
+            missing, dead = self._wait_ready(epoch, members, ready_s)
             if missing:
                 self._store.set(groups.go_key(epoch), "abort")
-                self._drop(missing, f"not ready for membership epoch {epoch} within {ready_s:.1f}s")
+                reason = (
+                    f"heartbeat stood still for {self._liveness.dead_after_s:.1f}s"
+                    if dead
+                    else f"not ready for membership epoch {epoch} within {ready_s:.1f}s"
+                )
+                self._drop(missing, reason)
                 ready_s = self.timeout_s
                 continue
             self._store.set(groups.go_key(epoch), "build")
@@ -365,15 +387,21 @@ class Publisher:
             )
             return
 
-    def _wait_ready(self, epoch: int, members: Sequence[_Member], timeout_s: float) -> list[_Member]:
+    def _wait_ready(self, epoch: int, members: Sequence[_Member], timeout_s: float) -> tuple[list[_Member], bool]:
+        """(members not ready within `timeout_s`, whether the wait ended early because all of them are dead)."""
         deadline = time.monotonic() + timeout_s
         pending = {rank: m for rank, m in enumerate(members, start=1)}
+        next_liveness = 0.0
         while pending and time.monotonic() < deadline and not self._closed.is_set():
             for rank in [r for r in pending if self._store.check([groups.ready_key(epoch, r)])]:
                 del pending[rank]
+            if pending and time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + 0.1
+                if len(self._dead(list(pending.values()))) == len(pending):
+                    return list(pending.values()), True
             if pending:
                 time.sleep(0.01)
-        return list(pending.values())
+        return list(pending.values()), False
 
     def _send(self, group: _Group, snapshot: Snapshot) -> bool:
         assert group.group is not None
@@ -398,7 +426,19 @@ class Publisher:
         expected = len(group.members)
         deadline = time.monotonic() + self.timeout_s
         key = groups.ack_key(group.epoch, seq)
+        next_liveness = 0.0
         while int(self._store.add(key, 0)) < expected:
+            if time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + 0.1
+                dead = self._dead(group.members)
+                if dead:
+                    log.warning(
+                        "weight sync epoch %d: %s stopped beating while version %d was acked; rebuilding",
+                        group.epoch,
+                        ", ".join(m.replica for m in dead),
+                        snapshot.version,
+                    )
+                    return False
             if time.monotonic() >= deadline:
                 log.warning(
                     "weight sync epoch %d: only %d of %d replicas acked version %d within %.1fs",

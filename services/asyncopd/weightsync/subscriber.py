@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 import torch
@@ -54,8 +55,10 @@ class Subscriber:
         device: torch.device | str = "cpu",
         expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
         verify_checksum: bool = False,
+        heartbeat_s: float = 0.5,
     ) -> None:
         self.client = client
+        self.heartbeat_s = heartbeat_s
         self.replica = replica
         self.apply = apply
         self.stop = stop
@@ -73,6 +76,11 @@ class Subscriber:
         self.version = -1
         store = groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s)
         log.info("replica %s registered with the learner (registration %d)", self.replica, reg.registration)
+        beating = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(reg, beating), name=f"weightsync-heartbeat-{self.replica}", daemon=True
+        )
+        beat.start()
         try:
             k = 0
             while not self.stop.is_set():
@@ -85,8 +93,21 @@ class Subscriber:
                     raise Dropped(str(assignment.get("reason", "dropped by the learner")))
                 self._join(store, assignment, reg.timeout_s)
         finally:
+            beating.set()
             if self.stop.is_set():
                 self._unregister(reg.registration)
+
+    def _heartbeat(self, reg: Any, done: threading.Event) -> None:
+        """Bump this registration's heartbeat counter until `done` (own store connection: it beats
+        even while the main thread sits in a broadcast); a store that went away ends it quietly."""
+        key = groups.heartbeat_key(self.replica, reg.registration)
+        try:
+            store = groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s)
+            while not done.is_set() and not self.stop.is_set():
+                store.add(key, 1)
+                done.wait(self.heartbeat_s)
+        except (dist.DistError, RuntimeError) as exc:
+            log.debug("replica %s: heartbeat ended: %s", self.replica, exc)
 
     def _unregister(self, registration: int) -> None:
         try:
@@ -165,7 +186,14 @@ def run_subscriber(  # noqa: PLR0917 - positional signature fixed by the contrac
     with channel(learner_address, tls=tls) as chan:
         client = LearnerClient(chan)
         subscriber = Subscriber(
-            client, replica, apply, stop, device=device, expected=expected, verify_checksum=config.checksum
+            client,
+            replica,
+            apply,
+            stop,
+            device=device,
+            expected=expected,
+            verify_checksum=config.checksum,
+            heartbeat_s=config.heartbeat_s,
         )
         while not stop.is_set():
             try:

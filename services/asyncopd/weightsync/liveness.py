@@ -1,0 +1,59 @@
+"""Which weight-sync members are dead, from the heartbeat counters they bump in the store.
+
+Every registered replica runs a heartbeat thread (its own store connection, so it beats even
+while the replica's main thread sits in a broadcast) that adds 1 to its counter every
+`weightsync.heartbeat_s`. The publisher reads the counters while it waits for members (to be
+ready for a new group, or to ack an update): a member whose counter has not moved for
+`weightsync.dead_after_s` of the publisher's own clock is dead — killed, frozen, or cut off —
+and is dropped at once instead of after the full `timeout_s` (which must stay long enough for
+a slow broadcast of a large model). A member that never beat (nothing read yet) is not judged.
+
+Clock-free across machines: only the publisher's monotonic clock is used. Pure bookkeeping
+over a `read(member_key) -> int | None` function, so it is tested without a store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+# A member: (replica name, registration id).
+MemberKey = tuple[str, int]
+
+
+class Liveness:
+    """Last heartbeat value of each member and when (publisher clock) it last changed."""
+
+    def __init__(
+        self,
+        read: Callable[[MemberKey], int | None],
+        dead_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self.dead_after_s = dead_after_s
+        self._clock = clock
+        self._seen: dict[MemberKey, tuple[int, float]] = {}
+
+    def observe(self, key: MemberKey) -> None:
+        value = self._read(key)
+        if value is None:
+            return
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is None or value != last[0]:
+            self._seen[key] = (value, now)
+
+    def dead(self, keys: Iterable[MemberKey]) -> list[MemberKey]:
+        """The members among `keys` whose heartbeat stood still for `dead_after_s` (reads them first)."""
+        out = []
+        now = self._clock()
+        for key in keys:
+            self.observe(key)
+            last = self._seen.get(key)
+            if last is not None and now - last[1] >= self.dead_after_s:
+                out.append(key)
+        return out
+
+    def forget(self, key: MemberKey) -> None:
+        self._seen.pop(key, None)
