@@ -136,13 +136,16 @@ def regressions(versions: Sequence[tuple[float, int]]) -> list[str]:
 
 
 def longest_gap(step_times: Sequence[float], start: float, end: float) -> float | None:
-    """The longest gap between consecutive learner steps that overlaps [start, end] (seconds).
+    """The longest time without a learner step inside [start, end] (seconds).
 
-    A fault at `start` that stalls training shows as one long gap from the last step before
-    it to the first step after; None when no step came after `start`.
+    Each gap between consecutive steps is clipped to the window, so a stall that began before
+    `start` (an earlier fault's) or runs past `end` (a later one's) counts only for its part
+    inside. None when no step came after `start`.
     """
     times = sorted(step_times)
-    gaps = [b - a for a, b in itertools.pairwise(times) if b >= start and a <= end]
+    if not times or times[-1] <= start:
+        return None
+    gaps = [min(b, end) - max(a, start) for a, b in itertools.pairwise(times) if b > start and a < end]
     return max(gaps) if gaps else None
 
 

@@ -126,10 +126,15 @@ def assess(
     if failure is not None:
         problems.append(f"the run did not finish: {failure}")
     step_times = [float(r["time_unix"]) for r in step_records if r.get("event") == "step" and "time_unix" in r]
-    for o in injector.outcomes:
+    fired_at = [o.fired_unix for o in injector.outcomes]
+    for i, o in enumerate(injector.outcomes):
         if o.fired_unix is not None:
-            # Up to 5 s past recovery: the first steps after a restart are part of its cost.
+            # Up to 5 s past recovery (the first steps after a restart are part of its cost), but
+            # not into the next fault's stall.
             end = (o.recovered_unix or o.fired_unix) + 5.0
+            later = [t for t in fired_at[i + 1 :] if t is not None]
+            if later:
+                end = min(end, later[0])
             gap = longest_gap(step_times, o.fired_unix, end)
             o.stall_s = None if gap is None else round(gap, 2)
     faults = [o.as_dict() for o in injector.outcomes]
