@@ -143,7 +143,8 @@ def test_interrupted_run_stops_every_process(tmp_path: Path) -> None:
     try:
         steps = out / "learner_steps.jsonl"
         deadline = time.monotonic() + 400
-        while not (steps.exists() and steps.stat().st_size > 0):
+        # mid-training: a step logged (the learner's first line is its start event)
+        while not (steps.exists() and '"event": "step"' in steps.read_text()):
             assert proc.poll() is None, f"asyncopd run exited early with {proc.returncode}"
             assert time.monotonic() < deadline, "training never started"
             time.sleep(1)

@@ -97,6 +97,9 @@ class Injector:
             recovered = outcome.recovered_version
             if recovered is not None and not outcome.survived and snap.version > recovered:
                 outcome.survived = True
+        if snap.version >= snap.steps_total:
+            self._run_ended(now, snap)
+            return
         if self._active is not None:
             if now >= self._active.due:
                 self._recover(now, snap)
@@ -112,6 +115,18 @@ class Injector:
         self._waiting_since = None
         self._pending.pop(0)
         self._fire(run, spec, snap, now)
+
+    def _run_ended(self, now: float, snap: Snapshot) -> None:
+        """The learner finished while a fault was still in effect (e.g. a replica frozen): undo
+        it now; the run going on to its last step during the fault is what surviving it means."""
+        active = self._active
+        if active is None:
+            return
+        self._recover(now, snap)
+        outcome = active.outcome
+        if outcome.error is None and outcome.fired_version is not None and snap.version > outcome.fired_version:
+            outcome.survived = True
+            outcome.detail += "; the run reached its last step while the fault was in effect"
 
     def finished(self) -> bool:
         return not self._pending and self._active is None

@@ -81,7 +81,8 @@ class LaunchOptions:
     private_redis: bool = False
     # With private_redis: keep an fsync-always append-only file here (a restart loses nothing).
     redis_persistence_dir: Path | None = None
-    # Called once per progress tick with the run and the latest snapshot (fault injection).
+    # Called once per progress tick with the run and the latest snapshot (fault injection),
+    # the last time when the learner has finished (before anything is stopped).
     on_tick: Callable[[LocalRun, Snapshot], None] | None = None
 
 
@@ -417,7 +418,7 @@ class LocalRun:
             while True:
                 self.supervisor.check()
                 snap, finished = self._poll(ready, metrics_urls, rollout_rate, train_rate)
-                if opts.on_tick is not None and not finished:
+                if opts.on_tick is not None:
                     opts.on_tick(self, snap)
                 if live is not None:
                     live.update(progress_table(snap))
