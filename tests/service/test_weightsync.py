@@ -139,17 +139,18 @@ def test_a_killed_or_frozen_replica_is_dropped_by_its_heartbeat_not_the_long_tim
         procs["a"].wait()
         start = time.monotonic()
         publisher.publish(2, weights(2))
-        # Survivors may sit in the broken broadcast until their own timeout_s; the dead one costs
-        # only dead_after_s on top (without heartbeats the rebuild waits 2 x timeout_s + 1 for it).
-        assert time.monotonic() - start < long_timeout + dead_after + 3, "the dead replica was waited for"
+        # ~dead_after_s: survivors abandon the broken broadcast when the rebuild is announced, and
+        # the dead one is dropped by its heartbeat (before: timeout_s for the survivors, then
+        # 2 x timeout_s + 1 more for the dead one).
+        assert time.monotonic() - start < 0.75 * long_timeout, "the dead replica was waited for"
         assert publisher.replicas == ["b", "c"]
 
         procs["b"].send_signal(signal.SIGSTOP)  # alive but silent: stops beating
         start = time.monotonic()
         publisher.publish(3, weights(3))
-        # A frozen peer blocks the broadcast itself until its (gloo) timeout; after that its
-        # stale heartbeat drops it at once instead of a second ~2 x timeout_s wait.
-        assert time.monotonic() - start < 2 * long_timeout
+        # A frozen peer would hold the broadcast until its timeout: its stale heartbeat makes the
+        # learner abandon the broadcast and drop it after ~dead_after_s.
+        assert time.monotonic() - start < 0.75 * long_timeout, "the frozen replica was waited for"
         assert publisher.replicas == ["c"]
         wait_for(lambda: applied(logs["c"])[-1]["version"] == 3)
         procs["b"].send_signal(signal.SIGCONT)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -70,11 +71,55 @@ def make_group(store: dist.Store, epoch: int, *, rank: int, world: int, backend:
     return dist.ProcessGroupGloo(prefixed, rank, world, timeout)
 
 
-def broadcast(group: Group, tensor: torch.Tensor, timeout_s: float) -> None:
-    """Broadcast from rank 0 (the learner); raises if any peer fails within the timeout."""
+def retire(group: Group | None, keep_s: float) -> None:
+    """Let go of a group that may still have an abandoned collective in flight.
+
+    Destroying a process group waits for its in-flight work, i.e. for an abandoned broadcast's
+    full timeout. The caller drops its own references and hands the group here: a daemon thread
+    keeps the last one for `keep_s` (the collective's timeout) and the destructor then blocks
+    that thread, not the weight-sync path.
+    """
+    if group is None:
+        return
+    holder = [group]
+
+    def hold() -> None:
+        time.sleep(keep_s + 1.0)
+        holder.clear()
+
+    threading.Thread(target=hold, name="weightsync-retired-group", daemon=True).start()
+
+
+def broadcast(
+    group: Group,
+    tensor: torch.Tensor,
+    timeout_s: float,
+    abandon: Callable[[], bool] | None = None,
+    check_every_s: float = 0.05,
+) -> bool:
+    """Broadcast from rank 0 (the learner); raises if any peer fails within the timeout.
+
+    With `abandon`, the collective is watched instead of waited on: when `abandon()` turns true
+    (checked every `check_every_s`) the call returns False at once and leaves the collective to
+    fail on its own later (the group is not used again). That is how a peer stuck in a
+    broadcast that can no longer complete — a member died or froze — gets out before its
+    timeout. Returns True when the broadcast completed.
+    """
     timeout = timedelta(seconds=timeout_s)
     # the (tensor, root, timeout) overload exists at run time; torch's stubs list only the other
-    group.broadcast(tensor, 0, timeout).wait(timeout)  # type: ignore[attr-defined]
+    work = group.broadcast(tensor, 0, timeout)  # type: ignore[attr-defined]
+    if abandon is not None:
+        deadline = time.monotonic() + timeout_s
+        next_check = 0.0
+        while not work.is_completed() and time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_check:
+                if abandon():
+                    return False
+                next_check = now + check_every_s
+            time.sleep(0.001)
+    work.wait(timeout)
+    return True
 
 
 # ---- store keys (the protocol both sides share) -------------------------------------------

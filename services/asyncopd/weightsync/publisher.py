@@ -302,9 +302,11 @@ class Publisher:
             return
         group.seq += 1
         groups.put_json(self._store, groups.command_key(group.epoch, group.seq), {"op": "rebuild"})
-        # Dropping the last reference closes the group's connections, which wakes members that
-        # were still inside a broadcast of it (they then wait for their next assignment).
-        group.group = None
+        # Members still inside a broadcast of it see the rebuild command and abandon it; the group
+        # itself may hold an abandoned broadcast until its timeout, so it is retired, not destroyed
+        # here (destroying waits for that broadcast).
+        pg, group.group = group.group, None
+        groups.retire(pg, self.timeout_s)
 
     def _read_heartbeat(self, key: MemberKey) -> int | None:
         name = groups.heartbeat_key(*key)
@@ -417,9 +419,21 @@ class Publisher:
                 "checksum": snapshot.digest,
             },
         )
+        members = group.members
+
+        def abandon() -> bool:
+            return bool(self._dead(members))
+
         try:
             for bucket in snapshot.buckets:
-                groups.broadcast(group.group, bucket, self.timeout_s)
+                if not groups.broadcast(group.group, bucket, self.timeout_s, abandon=abandon):
+                    log.warning(
+                        "weight sync epoch %d: %s stopped beating during the broadcast of version %d; rebuilding",
+                        group.epoch,
+                        ", ".join(m.replica for m in self._dead(members)),
+                        snapshot.version,
+                    )
+                    return False
         except (dist.DistError, RuntimeError) as exc:
             log.warning("weight sync epoch %d: broadcast of version %d failed: %s", group.epoch, snapshot.version, exc)
             return False

@@ -143,9 +143,19 @@ class Subscriber:
             version = int(command["version"])
             manifest = Manifest.from_json(command["manifest"])
             buckets = manifest.empty_buckets(buffers)
+            # The learner announces a rebuild as the next command: then this broadcast cannot
+            # complete (a member died or froze), so stop waiting for it instead of timing out.
+            rebuild = groups.command_key(epoch, seq + 1)
+
+            def abandon(rebuild: str = rebuild) -> bool:
+                return self.stop.is_set() or bool(store.check([rebuild]))
+
             try:
                 for bucket in buckets:
-                    groups.broadcast(pg, bucket, timeout_s)
+                    if not groups.broadcast(pg, bucket, timeout_s, abandon=abandon):
+                        log.info("replica %s: broadcast of version %d abandoned for a rebuild", self.replica, version)
+                        groups.retire(pg, timeout_s)
+                        return
             except (dist.DistError, RuntimeError) as exc:
                 log.warning(
                     "replica %s: broadcast of version %d failed (%s); waiting for a rebuild", self.replica, version, exc
