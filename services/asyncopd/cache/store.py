@@ -226,7 +226,7 @@ class ExperienceStore:
                     raise CacheUnavailable(f"Redis unreachable for {self.policy.retry_s:.0f}s: {exc}") from exc
                 log.warning("Redis error (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.5)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise

@@ -70,7 +70,7 @@ class LoopSettings:
     # Write each step's sample ids into the step log (chaos checks: no sample trained twice).
     log_sample_ids: bool = False
     # Longest back-off between retries of a cache call that found the cache unreachable.
-    max_retry_delay_s: float = 2.0
+    max_retry_delay_s: float = 0.5
 
 
 Evaluate = Callable[[], dict[str, float]]
