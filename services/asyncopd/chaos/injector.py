@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +67,7 @@ class FaultOutcome:
 class _Active:
     spec: FaultSpec
     outcome: FaultOutcome
-    due: float
-    recover: Callable[[], None] | None
+    recovery: threading.Thread | None = None  # runs the recovery after its delay
 
 
 @dataclass
@@ -101,8 +101,9 @@ class Injector:
             self._run_ended(now, snap)
             return
         if self._active is not None:
-            if now >= self._active.due:
-                self._recover(now, snap)
+            recovery = self._active.recovery
+            if recovery is None or not recovery.is_alive():
+                self._settle(snap)
             return
         if not self._pending or snap.version < self._pending[0].at_version:
             return
@@ -122,7 +123,9 @@ class Injector:
         active = self._active
         if active is None:
             return
-        self._recover(now, snap)
+        if active.recovery is not None:
+            active.recovery.join(timeout=300.0)
+        self._settle(snap)
         outcome = active.outcome
         if outcome.error is None and outcome.fired_version is not None and snap.version > outcome.fired_version:
             outcome.survived = True
@@ -144,21 +147,36 @@ class Injector:
             log.exception("chaos: %s could not be injected", spec.label)
             outcome.error = f"{type(exc).__name__}: {exc}"
             return
-        self._active = _Active(spec, outcome, now + delay, recover)
+        active = _Active(spec, outcome)
+        if recover is not None:
+            # On its own thread, so the recovery runs on time even while the launcher's poll is
+            # blocked on the very service the fault took down.
+            active.recovery = threading.Thread(
+                target=self._recover, args=(outcome, recover, delay), name=f"chaos-{spec.kind}", daemon=True
+            )
+            active.recovery.start()
+        else:
+            outcome.recovered_s = round(time.monotonic() - self._started, 2)
+            outcome.recovered_unix = time.time()
+        self._active = active
 
-    def _recover(self, now: float, snap: Snapshot) -> None:
+    def _recover(self, outcome: FaultOutcome, recover: Callable[[], None], delay: float) -> None:
+        time.sleep(delay)
+        try:
+            recover()
+        except Exception as exc:
+            log.exception("chaos: recovery from %s failed", outcome.label)
+            outcome.error = f"recovery failed: {type(exc).__name__}: {exc}"
+            return
+        outcome.recovered_s = round(time.monotonic() - self._started, 2)
+        outcome.recovered_unix = time.time()
+
+    def _settle(self, snap: Snapshot) -> None:
+        """The active fault's recovery is done: note the version it was back at, go to the next."""
         assert self._active is not None
         active, self._active = self._active, None
-        try:
-            if active.recover is not None:
-                active.recover()
-        except Exception as exc:
-            log.exception("chaos: recovery from %s failed", active.spec.label)
-            active.outcome.error = f"recovery failed: {type(exc).__name__}: {exc}"
-            return
-        active.outcome.recovered_s = round(time.monotonic() - self._started, 2)
-        active.outcome.recovered_unix = time.time()
-        active.outcome.recovered_version = snap.version
+        if active.outcome.error is None:
+            active.outcome.recovered_version = snap.version
 
     def _inject(self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome) -> tuple[Callable[[], None] | None, float]:
         """Do the fault; return (recovery action or None, seconds until it runs)."""
