@@ -8,6 +8,7 @@ bound was served, and the report, plots and logs are where the launcher says the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -140,6 +141,7 @@ def test_interrupted_run_stops_every_process(tmp_path: Path) -> None:
         "--no-eval",
     ]
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    children: list[dict] = []  # type: ignore[type-arg]
     try:
         steps = out / "learner_steps.jsonl"
         deadline = time.monotonic() + 400
@@ -156,8 +158,18 @@ def test_interrupted_run_stops_every_process(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            # The launcher did not stop its children (the test failed): stop them by handle,
+            # each child's own process group, so a failure leaves nothing running.
+            for child in children or _children(out):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child["pid"], signal.SIGKILL)
     for child in children:
         assert not _alive(child["pid"]), f"{child['name']} (pid {child['pid']}) still running"
+
+
+def _children(out: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = out / "processes.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _alive(pid: int) -> bool:
