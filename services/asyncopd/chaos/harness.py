@@ -202,12 +202,9 @@ def _brief(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def _clean(directory: Path) -> None:
     """A chaos run resumes from its own checkpoints: never from an earlier run's."""
-    for sub in ("checkpoints", "redis", STEP_LOG_NAME):
-        path = directory / sub
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    # (the launcher itself starts a fresh step log)
+    for sub in ("checkpoints", "redis"):
+        shutil.rmtree(directory / sub, ignore_errors=True)
 
 
 def fault_table(result: Mapping[str, Any]) -> Table:

@@ -98,7 +98,7 @@ class Injector:
             if recovered is not None and not outcome.survived and snap.version > recovered:
                 outcome.survived = True
         if snap.version >= snap.steps_total:
-            self._run_ended(now, snap)
+            self._run_ended(snap)
             return
         if self._active is not None:
             recovery = self._active.recovery
@@ -117,7 +117,7 @@ class Injector:
         self._pending.pop(0)
         self._fire(run, spec, snap, now)
 
-    def _run_ended(self, now: float, snap: Snapshot) -> None:
+    def _run_ended(self, snap: Snapshot) -> None:
         """The learner finished while a fault was still in effect (e.g. a replica frozen): undo
         it now; the run going on to its last step during the fault is what surviving it means."""
         active = self._active
@@ -130,9 +130,6 @@ class Injector:
         if outcome.error is None and outcome.fired_version is not None and snap.version > outcome.fired_version:
             outcome.survived = True
             outcome.detail += "; the run reached its last step while the fault was in effect"
-
-    def finished(self) -> bool:
-        return not self._pending and self._active is None
 
     # -- firing and recovering ---------------------------------------------------------------
 
@@ -261,7 +258,7 @@ class Injector:
         def restart() -> None:
             started = time.monotonic()
             fresh = run.restart_child("redis")
-            wait_redis(fresh, redis_cfg, run.redis.url if run.redis else "")
+            wait_redis(fresh, redis_cfg, redis_cfg.url)
             outcome.detail += f"; restarted, answering after {time.monotonic() - started:.1f}s"
 
         return restart, spec.restart_after_s

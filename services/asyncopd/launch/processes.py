@@ -183,7 +183,7 @@ class Supervisor:
 
     def restart(self, name: str) -> ChildProcess:
         """Start again a child that exited (or was killed): same argv, env and log file."""
-        index = next(i for i, c in enumerate(self.children) if c.name == self.child(name).name)
+        index = self.children.index(self.child(name))
         fresh = self.children[index].respawn()
         self.children[index] = fresh
         return fresh

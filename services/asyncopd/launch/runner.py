@@ -231,11 +231,11 @@ class LocalRun:
         self.metrics_urls[name] = f"http://127.0.0.1:{metrics_port}/metrics"
         return child
 
-    def restart_child(self, name: str, wait: bool = True) -> ChildProcess:
+    def restart_child(self, name: str) -> ChildProcess:
         """Start a stopped/killed child again with its own argv (same ports); wait until it serves."""
         child = self.supervisor.restart(name)
         self._write_process_table()
-        if wait and name != "redis":
+        if name != "redis":  # Redis has no gRPC health check: the caller waits for it
             address = self._address_of(name)
             wait_serving(address, child, self.options.startup_timeout_s, tls=self.config.tls)
         return child

@@ -32,8 +32,6 @@ def teacher_topk(config: RunConfig) -> int:
 
 def build_scorer(config: RunConfig, name: str) -> TeacherScorer:
     """The scorer, after checking teacher and student share one tokenizer."""
-    if config.teacher.backend != "torch":
-        raise ValueError(f"teacher.backend: {config.teacher.backend!r} cannot serve; allowed here: 'torch'")
     tokenizer = load_tokenizer(config.models.teacher)
     check_same_tokenizer(load_tokenizer(config.models.student), tokenizer)
     model = load_model(config.models.teacher, config.models.dtype, config.teacher.device)
