@@ -420,9 +420,11 @@ class Publisher:
             },
         )
         members = group.members
+        dead: list[_Member] = []
 
         def abandon() -> bool:
-            return bool(self._dead(members))
+            dead[:] = self._dead(members)
+            return bool(dead)
 
         try:
             for bucket in snapshot.buckets:
@@ -430,7 +432,7 @@ class Publisher:
                     log.warning(
                         "weight sync epoch %d: %s stopped beating during the broadcast of version %d; rebuilding",
                         group.epoch,
-                        ", ".join(m.replica for m in self._dead(members)),
+                        ", ".join(m.replica for m in dead),
                         snapshot.version,
                     )
                     return False
@@ -444,12 +446,12 @@ class Publisher:
         while int(self._store.add(key, 0)) < expected:
             if time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + 0.1
-                dead = self._dead(group.members)
-                if dead:
+                silent = self._dead(members)
+                if silent:
                     log.warning(
                         "weight sync epoch %d: %s stopped beating while version %d was acked; rebuilding",
                         group.epoch,
-                        ", ".join(m.replica for m in dead),
+                        ", ".join(m.replica for m in silent),
                         snapshot.version,
                     )
                     return False

@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import grpc
 import torch
@@ -31,7 +30,7 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.rpc import channel
 from asyncopd.weightsync import groups
 from asyncopd.weightsync.manifest import Manifest, ManifestError, checksum
-from asyncopd.wire.learner_client import LearnerClient
+from asyncopd.wire.learner_client import LearnerClient, ReplicaRegistration
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Subscriber:
             if self.stop.is_set():
                 self._unregister(reg.registration)
 
-    def _heartbeat(self, reg: Any, done: threading.Event) -> None:
+    def _heartbeat(self, reg: ReplicaRegistration, done: threading.Event) -> None:
         """Bump this registration's heartbeat counter until `done` (own store connection: it beats
         even while the main thread sits in a broadcast); a store that went away ends it quietly."""
         key = groups.heartbeat_key(self.replica, reg.registration)
