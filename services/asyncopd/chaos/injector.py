@@ -3,10 +3,11 @@
 The launcher calls the injector once per progress tick (`LaunchOptions.on_tick`). A fault
 fires when the learner has reached its version (and, for kills "mid-work", when the target
 has work in hand: leased prompts for a rollout kill, rollouts being scored for a teacher
-kill — or after a few seconds of waiting for that); its recovery (restart, SIGCONT) runs on a
-later tick, so the launcher keeps polling, checking the other children and showing progress
-in between. A fault counts as *survived* when its recovery finished and the learner then made
-progress; how long it cost training is measured afterwards from the step log
+kill — or after a few seconds of waiting for that); its recovery (restart, SIGCONT) runs on its
+own thread after its delay (the launcher's poll may block on the service the fault took down),
+and the next fault waits until it is done; the launcher keeps polling, checking the other
+children and showing progress in between. A fault counts as *survived* when its recovery
+finished and the learner then made progress; how long it cost training is measured afterwards from the step log
 (`asyncopd.chaos.checks.longest_gap`). Versions polled from the learner on every tick are kept
 for the monotonicity check.
 
