@@ -120,6 +120,16 @@ def channel(address: str, max_message_mb: int = 64, tls: TLSConfig | None = None
     return grpc.insecure_channel(address, options=options)
 
 
+# A server that is (re)starting or overloaded answers with these: try again. Anything else is
+# a real error to surface.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """True for errors a client should retry with back-off (see RETRYABLE)."""
+    return err.code() in RETRYABLE  # type: ignore[attr-defined]
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

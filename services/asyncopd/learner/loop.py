@@ -38,14 +38,13 @@ from asyncopd.learner import checkpoint
 from asyncopd.learner.servicer import Progress
 from asyncopd.learner.trainer import StepStats, Trainer
 from asyncopd.metrics import LearnerMetrics
+from asyncopd.rpc import retryable
 from asyncopd.samples import ScoredSample
 from asyncopd.weightsync.publisher import Publisher, PublishReport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# The cache (or its Redis) is restarting: retry. Anything else is a real error.
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class BatchSource(Protocol):
@@ -182,7 +181,7 @@ class LearnerLoop:
             try:
                 return op()
             except grpc.RpcError as err:
-                if err.code() not in TRANSIENT or self.stop.is_set():  # type: ignore[attr-defined]
+                if not retryable(err) or self.stop.is_set():
                     raise
                 self.cache_retries += 1
                 log.warning("cache %s: %s; retrying in %.1fs", what, err.code(), delay)  # type: ignore[attr-defined]

@@ -24,18 +24,13 @@ import torch
 from asyncopd.metrics import RolloutMetrics
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
+from asyncopd.rpc import retryable
 from asyncopd.samples import Prompt, Rollout, SupportKind
 from asyncopd.wire.cache_client import CacheClient, CacheFull
 
 log = logging.getLogger(__name__)
 
 _THROUGHPUT_WINDOW_S = 30.0
-# The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def retryable(err: grpc.RpcError) -> bool:
-    return err.code() in RETRYABLE  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

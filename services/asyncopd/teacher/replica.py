@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import grpc
 
 from asyncopd.metrics import TeacherMetrics
+from asyncopd.rpc import retryable
 from asyncopd.samples import Rollout, TeacherScores
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.wire.cache_client import CacheClient, CacheFull
 
 log = logging.getLogger(__name__)
 # The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class TeacherReplica:
@@ -71,7 +71,7 @@ class TeacherLoop:
             try:
                 rollouts = self._cache.claim_rollouts(self._replica.name, self._claim_batch, self._wait_ms)
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE:  # type: ignore[attr-defined]
+                if not retryable(err):
                     raise
                 log.warning("%s: cache unreachable (%s); retrying", self._replica.name, err.code())  # type: ignore[attr-defined]
                 stop.wait(1.0)
@@ -89,7 +89,7 @@ class TeacherLoop:
                     break
                 except (CacheFull, grpc.RpcError) as err:
                     # Re-sending is safe: the cache counts scores it already holds as duplicates.
-                    if isinstance(err, grpc.RpcError) and err.code() not in _RETRYABLE:  # type: ignore[attr-defined]
+                    if isinstance(err, grpc.RpcError) and not retryable(err):
                         raise
                     if stop.wait(delay):
                         return  # unsent scores: the cache re-delivers the claims after the lease
