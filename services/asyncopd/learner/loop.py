@@ -108,14 +108,20 @@ class LearnerLoop:
         self._steps_run = 0
         self.resumed_from = resumed_from
         self.acks_refused = 0
+        self._delivered: int | None = None
         self.cache_retries = 0
         self.finished = trainer.version >= settings.steps
         if step_log is not None:
             step_log.parent.mkdir(parents=True, exist_ok=True)
 
-    def progress(self) -> Progress:
+    def progress(self) -> Progress | None:
+        """Status: the last version this learner *delivered* (replicas and cache have it); None
+        before its first delivery. A step in progress is not reported: if the process dies
+        before delivering it, a restarted learner would report a lower version."""
+        if self._delivered is None:
+            return None
         return Progress(
-            version=self.trainer.version,
+            version=self._delivered,
             steps_total=self.settings.steps,
             last_loss=self._last_loss,
             train_tokens_per_second=self._tokens_per_second,
@@ -237,6 +243,7 @@ class LearnerLoop:
         if self.publisher is not None and version > self.publisher.latest_version:
             report = self.publisher.publish(version, self.trainer.named_weights())
         self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=False))
+        self._delivered = version
         return report
 
     def _run_eval(self) -> None:

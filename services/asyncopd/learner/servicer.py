@@ -31,7 +31,8 @@ class Progress:
 class LearnerServicer(pb_grpc.LearnerServiceServicer):
     """Registration of rollout replicas for the weight broadcast, and training status."""
 
-    def __init__(self, publisher: Publisher, progress: Callable[[], Progress]) -> None:
+    def __init__(self, publisher: Publisher, progress: Callable[[], Progress | None]) -> None:
+        """`progress()` is None while the learner has not published its first version (UNAVAILABLE)."""
         self._publisher = publisher
         self._progress = progress
 
@@ -70,6 +71,8 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
     @status_errors
     def Status(self, request: pb.LearnerStatusRequest, context: grpc.ServicerContext) -> pb.LearnerStatusResponse:  # noqa: N802
         p = self._progress()
+        if p is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the learner is starting: no version published yet")
         return pb.LearnerStatusResponse(
             version=p.version,
             steps_total=p.steps_total,
