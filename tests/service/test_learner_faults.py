@@ -86,7 +86,10 @@ def run_loop(student: Path, cache: FlakyCache, steps: int, log: Path) -> Learner
     trainer = Trainer(load(student), OPDLoss("reverse_kl_mc", correction="is"), lr=1e-3, micro_batch_size=4)
     settings = LoopSettings(steps=steps, batch_size=4, log_sample_ids=True, max_retry_delay_s=0.05)
     loop = LearnerLoop(trainer, cache, None, settings, stop=threading.Event(), step_log=log)
+    assert loop.progress() is None, "Status has nothing to report before the first delivered version"
     loop.run()
+    progress = loop.progress()
+    assert progress is not None and progress.version == cache.published, "Status = the last delivered version"
     return loop
 
 
