@@ -63,6 +63,7 @@ def test_every_fault_kind_is_survived_without_losing_a_sample(tmp_path: Path) ->
     assert accounting["redis_epochs"] == 2, "the wipe starts a second Redis epoch"
     assert accounting["produced"] == accounting["trained"] + accounting["dropped_total"] + accounting["in_flight"]
     assert accounting["trained"] >= STEPS * 32 // 2
+    assert result["run"]["steps"] >= STEPS, "the run trains at least the steps asked for"
     step_log = result["step_log"]
     assert step_log["starts"] == 2, "the learner was killed once and resumed once"
     assert step_log["trained_twice"] == [] and step_log["version_regressions"] == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from asyncopd.chaos.checks import (
     WIPED,
@@ -12,6 +14,8 @@ from asyncopd.chaos.checks import (
     regressions,
 )
 from asyncopd.chaos.faults import KINDS, FaultSpec, default_schedule, parse_fault, parse_schedule
+from asyncopd.chaos.injector import Injector
+from asyncopd.launch.progress import Snapshot
 
 
 def step(version: int, *ids: str) -> dict[str, object]:
@@ -125,3 +129,60 @@ def test_longest_gap_measures_the_stall_inside_a_faults_window() -> None:
     # the 12 s stall after 8.0 belongs to a later fault: only its part inside this window counts
     assert longest_gap(times, start=7.2, end=9.0) == pytest.approx(1.0)
     assert longest_gap(times, start=30.0, end=31.0) is None
+
+
+# -- when the injector lets the run end ------------------------------------------------------
+
+
+class _Run:
+    """The one launcher call a start-rollout fault makes (`add_replica`); nothing else is touched."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add_replica(self, role: str) -> SimpleNamespace:
+        self.added.append(role)
+        return SimpleNamespace(name=f"{role}-{len(self.added) + 1}", pid=1000 + len(self.added))
+
+
+def tick(injector: Injector, run: _Run, version: int, steps_total: int = 300) -> bool:
+    snap = Snapshot(elapsed_s=0.0, steps_total=steps_total, version=version, learner={"version": version})
+    return injector(run, snap)  # type: ignore[arg-type]
+
+
+def test_the_run_goes_on_past_the_steps_asked_for_until_the_schedule_is_survived() -> None:
+    run = _Run()
+    injector = Injector([FaultSpec("start-rollout", 20)], finish_at=100, tail_steps=10)
+    assert not tick(injector, run, 5)
+    # the fault's version slipped past the steps asked for: it still fires, and the run waits for it
+    assert not tick(injector, run, 150)
+    assert run.added == ["rollout"] and injector.outcomes[0].fired_version == 150
+    assert not tick(injector, run, 151)  # settled: back at 151, not yet survived
+    assert not tick(injector, run, 152)  # progress after recovery: survived, tail not yet trained
+    assert injector.outcomes[0].survived
+    assert not tick(injector, run, 160)
+    assert tick(injector, run, 161), "survived, 10 steps past the recovery at 151 and past 100"
+
+
+def test_the_run_does_not_end_before_the_steps_asked_for() -> None:
+    run = _Run()
+    injector = Injector([FaultSpec("start-rollout", 2)], finish_at=100, tail_steps=1)
+    for version in (2, 3, 4, 50, 99):
+        assert not tick(injector, run, version)
+    assert tick(injector, run, 100)
+
+
+def test_a_fault_that_could_not_be_injected_does_not_hold_the_run_forever() -> None:
+    run = _Run()
+    injector = Injector([FaultSpec("kill-rollout", 2, "rollout-0")], finish_at=10, tail_steps=5)
+    assert not tick(injector, run, 2)  # fires; the stand-in run has no rollout-0 to kill
+    assert injector.outcomes[0].error is not None
+    assert not tick(injector, run, 9)
+    assert tick(injector, run, 10)
+
+
+def test_reaching_the_step_budget_ends_the_run_and_never_fired_faults_stay_pending() -> None:
+    run = _Run()
+    injector = Injector([FaultSpec("start-rollout", 400)], finish_at=100)
+    assert tick(injector, run, 300, steps_total=300)
+    assert injector.outcomes == [] and not injector.done(300)

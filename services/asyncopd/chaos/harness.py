@@ -1,7 +1,9 @@
 """`asyncopd chaos`: a local pipeline run with faults injected on a schedule, then checked.
 
 Optionally first a fault-free run of the same config (the accuracy reference), then the run
-with faults: its own private Redis with an fsync-always append-only file (so Redis can be
+with faults, which trains at least `learner.steps` and goes on past them until every fault has
+been survived (recoveries take wall time while the learner trains, so the versions a schedule
+reaches depend on the machine): its own private Redis with an fsync-always append-only file (so Redis can be
 killed and restarted, or wiped), the learner resuming from checkpoints and logging its sample
 ids. Afterwards: the fault table (injected / survived / recovery), the accounting summed over
 Redis epochs (produced = trained + dropped + in_flight; samples lost silently must be 0), the
@@ -41,6 +43,10 @@ class ChaosSettings:
     tolerance: float = 0.1
     max_wall_s: float = 1800.0
     evaluate: bool = True
+    # learner.steps is the least the run trains; it goes on (to at most `overrun` x that) until
+    # every fault is survived and the learner is `tail_steps` past the last recovery.
+    overrun: float = 3.0
+    tail_steps: int = 10
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -76,8 +82,16 @@ def run_chaos(
     console.rule(f"run with {len(settings.schedule)} faults")
     run_dir = out / "faults"
     _clean(run_dir)
-    config = load_config(config_path, [*overrides, *REQUIRED, f"output_dir={run_dir}"])
-    injector = Injector(list(settings.schedule), redis_dir=run_dir / "redis")
+    asked = load_config(config_path, [*overrides, *REQUIRED, f"output_dir={run_dir}"]).learner.steps
+    room = max(asked, round(asked * settings.overrun))
+    config = load_config(config_path, [*overrides, *REQUIRED, f"output_dir={run_dir}", f"learner.steps={room}"])
+    console.print(
+        f"training at least {asked} steps: on until every fault is survived and {settings.tail_steps} "
+        f"steps past the last recovery (at most {room})"
+    )
+    injector = Injector(
+        list(settings.schedule), redis_dir=run_dir / "redis", finish_at=asked, tail_steps=settings.tail_steps
+    )
     options = LaunchOptions(
         live=False,
         evaluate=settings.evaluate,

@@ -11,6 +11,12 @@ finished and the learner then made progress; how long it cost training is measur
 (`asyncopd.chaos.checks.longest_gap`). Versions polled from the learner on every tick are kept
 for the monotonicity check.
 
+Recoveries take wall time (a restarted replica loads its model for seconds) while the learner
+goes on training, so the schedule slips by a machine-dependent number of versions. The run is
+therefore given room (`learner.steps` raised by the harness) and the injector ends it, through
+the tick's return value, once every fault has been survived, the learner has trained
+`tail_steps` past the last recovery and `finish_at` (the steps asked for) has been reached.
+
 It knows the launcher's handles (children, ports, the private Redis); the checks are in
 `asyncopd.chaos.checks`.
 """
@@ -77,6 +83,10 @@ class Injector:
 
     schedule: list[FaultSpec]
     redis_dir: Path | None = None
+    # End the run (return True) from this version on, once the schedule is done (0: never).
+    finish_at: int = 0
+    # ... and once the learner has made this many steps past the last recovery.
+    tail_steps: int = 10
     outcomes: list[FaultOutcome] = field(default_factory=list)
     versions: list[tuple[float, int]] = field(default_factory=list)
     redis_epochs: list[dict[str, Any]] = field(default_factory=list)
@@ -90,7 +100,8 @@ class Injector:
 
     # -- the tick ----------------------------------------------------------------------------
 
-    def __call__(self, run: LocalRun, snap: Snapshot) -> None:
+    def __call__(self, run: LocalRun, snap: Snapshot) -> bool:
+        """One tick: fire or settle a fault; True when the run may end now (see `done`)."""
         now = time.monotonic() - self._started
         if snap.learner is not None:
             self.versions.append((round(now, 2), int(snap.learner["version"])))
@@ -100,23 +111,36 @@ class Injector:
                 outcome.survived = True
         if snap.version >= snap.steps_total:
             self._run_ended(snap)
-            return
+            return True
         if self._active is not None:
             recovery = self._active.recovery
             if recovery is None or not recovery.is_alive():
                 self._settle(snap)
-            return
-        if not self._pending or snap.version < self._pending[0].at_version:
-            return
+            return False
+        if not self._pending:
+            return self.done(snap.version)
+        if snap.version < self._pending[0].at_version:
+            return False
         spec = self._pending[0]
         if not self._target_busy(run, spec, snap):
             if self._waiting_since is None:
                 self._waiting_since = now
             if now - self._waiting_since < _WORK_WAIT_S:
-                return
+                return False
         self._waiting_since = None
         self._pending.pop(0)
         self._fire(run, spec, snap, now)
+        return False
+
+    def done(self, version: int) -> bool:
+        """Every fault fired and settled, each survived or failed for good, the learner
+        `tail_steps` past the last recovery and at `finish_at` or beyond."""
+        if self.finish_at <= 0 or self._pending or self._active is not None or version < self.finish_at:
+            return False
+        if any(o.error is None and not o.survived for o in self.outcomes):
+            return False
+        recovered = [o.recovered_version for o in self.outcomes if o.recovered_version is not None]
+        return not recovered or version >= max(recovered) + self.tail_steps
 
     def _run_ended(self, snap: Snapshot) -> None:
         """The learner finished while a fault was still in effect (e.g. a replica frozen): undo

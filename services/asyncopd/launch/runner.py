@@ -82,8 +82,10 @@ class LaunchOptions:
     # With private_redis: keep an fsync-always append-only file here (a restart loses nothing).
     redis_persistence_dir: Path | None = None
     # Called once per progress tick with the run and the latest snapshot (fault injection),
-    # the last time when the learner has finished (before anything is stopped).
-    on_tick: Callable[[LocalRun, Snapshot], None] | None = None
+    # the last time when the learner has finished (before anything is stopped). Returning True
+    # ends the run at that tick, before learner.steps: the learner is stopped first (SIGTERM:
+    # it finishes its step and writes a checkpoint), then the rest as at a normal end.
+    on_tick: Callable[[LocalRun, Snapshot], bool] | None = None
 
 
 @dataclass
@@ -418,14 +420,17 @@ class LocalRun:
             while True:
                 self.supervisor.check()
                 snap, finished = self._poll(ready, metrics_urls, rollout_rate, train_rate)
-                if opts.on_tick is not None:
-                    opts.on_tick(self, snap)
+                ended_early = opts.on_tick is not None and opts.on_tick(self, snap) and not finished
                 if live is not None:
                     live.update(progress_table(snap))
                 elif snap.elapsed_s >= next_line_s:
                     console.print(f"step {snap.version}/{config.learner.steps} after {snap.elapsed_s:.0f}s")
                     next_line_s += 30.0
                 if finished:
+                    break
+                if ended_early:
+                    console.print(f"run ended at version {snap.version} by its on_tick hook")
+                    self.supervisor.child("learner").stop(opts.stop_grace_s)
                     break
                 if opts.max_wall_s is not None and time.monotonic() - ready > opts.max_wall_s:
                     raise TimeoutError(
