@@ -1,6 +1,7 @@
 """gRPC plumbing every service shares: servers with health checking, deliberate message
 limits and optional (mutual) TLS; client channels to match; and the mapping of domain errors
-to status codes so servicers stay thin.
+to status codes so servicers stay thin; and how a client loop rides through a server it cannot
+reach (`retryable`, `Outage`).
 
 It knows nothing about any particular service.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
@@ -128,6 +130,56 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 def retryable(err: grpc.RpcError) -> bool:
     """True for errors a client should retry with back-off (see RETRYABLE)."""
     return err.code() in RETRYABLE  # type: ignore[attr-defined]
+
+
+@dataclass
+class Outage:
+    """A client loop's view of a server it cannot reach (retryable errors): how long to wait
+    before the next try, and what to log.
+
+    The wait doubles from `first_delay_s` up to `max_delay_s`, so a restarted server is found
+    within `max_delay_s` of serving again. The first failure is logged as a warning, then one
+    line every `report_every_s` while it lasts, and one line when the server answers again:
+    a long outage is a few lines in the log, not one per try.
+    """
+
+    what: str
+    first_delay_s: float = 0.05
+    max_delay_s: float = 0.5
+    report_every_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0  # retryable failures seen, over all outages
+    _since: float | None = None
+    _delay: float = 0.0
+    _reported: float = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        return self._since is not None
+
+    def failed(self, err: grpc.RpcError, during: str = "") -> float:
+        """Note one retryable failure (of the call named `during`); returns the seconds to wait
+        before the next try."""
+        now = self.clock()
+        self.failures += 1
+        code = getattr(err.code(), "name", err.code())  # type: ignore[attr-defined]
+        if self._since is None:
+            self._since = self._reported = now
+            self._delay = self.first_delay_s
+            on = f" on {during}" if during else ""
+            log.warning("%s unreachable (%s%s); retrying every <= %.1fs", self.what, code, on, self.max_delay_s)
+        else:
+            self._delay = min(self._delay * 2, self.max_delay_s)
+            if now - self._reported >= self.report_every_s:
+                self._reported = now
+                log.warning("%s still unreachable after %.0fs (%s)", self.what, now - self._since, code)
+        return self._delay
+
+    def ok(self) -> None:
+        """The server answered: end the outage (logged once, with its length)."""
+        if self._since is not None:
+            log.info("%s reachable again after %.1fs", self.what, self.clock() - self._since)
+            self._since = None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -38,7 +38,7 @@ from asyncopd.learner import checkpoint
 from asyncopd.learner.servicer import Progress
 from asyncopd.learner.trainer import StepStats, Trainer
 from asyncopd.metrics import LearnerMetrics
-from asyncopd.rpc import retryable
+from asyncopd.rpc import Outage, retryable
 from asyncopd.samples import ScoredSample
 from asyncopd.weightsync.publisher import Publisher, PublishReport
 
@@ -109,7 +109,7 @@ class LearnerLoop:
         self.resumed_from = resumed_from
         self.acks_refused = 0
         self._delivered: int | None = None
-        self.cache_retries = 0
+        self._cache_outage = Outage("learner: the cache", first_delay_s=0.1, max_delay_s=settings.max_retry_delay_s)
         self.finished = trainer.version >= settings.steps
         if step_log is not None:
             step_log.parent.mkdir(parents=True, exist_ok=True)
@@ -182,17 +182,21 @@ class LearnerLoop:
 
     def _cache_call(self, what: str, op: Callable[[], T]) -> T:
         """`op()`, retried with backoff while the cache is unreachable, until it answers or `stop` is set."""
-        delay = 0.1
         while True:
             try:
-                return op()
+                result = op()
             except grpc.RpcError as err:
                 if not retryable(err) or self.stop.is_set():
                     raise
-                self.cache_retries += 1
-                log.warning("cache %s: %s; retrying in %.1fs", what, err.code(), delay)  # type: ignore[attr-defined]
-                self.stop.wait(delay)
-                delay = min(delay * 2, self.settings.max_retry_delay_s)
+                self.stop.wait(self._cache_outage.failed(err, what))
+                continue
+            self._cache_outage.ok()
+            return result
+
+    @property
+    def cache_retries(self) -> int:
+        """Cache calls retried because the cache (or its Redis) was unreachable."""
+        return self._cache_outage.failures
 
     def _ack(self, batch_id: str) -> None:
         try:

@@ -24,7 +24,7 @@ import torch
 from asyncopd.metrics import RolloutMetrics
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
-from asyncopd.rpc import retryable
+from asyncopd.rpc import Outage, retryable
 from asyncopd.samples import Prompt, Rollout, SupportKind
 from asyncopd.wire.cache_client import CacheClient, CacheFull
 
@@ -139,6 +139,7 @@ class RolloutLoop:
 
     def run(self, stop: threading.Event) -> None:
         name = self._replica.name
+        outage = Outage(f"{name}: the cache")
         while not stop.is_set():
             start = time.monotonic()
             try:
@@ -146,9 +147,9 @@ class RolloutLoop:
             except grpc.RpcError as err:
                 if not retryable(err):
                     raise
-                log.warning("%s: cache unreachable (%s); retrying", name, err.code())  # type: ignore[attr-defined]
-                stop.wait(1.0)
+                stop.wait(outage.failed(err))
                 continue
+            outage.ok()
             if self._metrics is not None:
                 self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
                 self._metrics.engine_queue_depth.set(len(prompts))

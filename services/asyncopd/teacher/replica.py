@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import grpc
 
 from asyncopd.metrics import TeacherMetrics
-from asyncopd.rpc import retryable
+from asyncopd.rpc import Outage, retryable
 from asyncopd.samples import Rollout, TeacherScores
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.wire.cache_client import CacheClient, CacheFull
@@ -66,6 +66,7 @@ class TeacherLoop:
         self.scored = 0
 
     def run(self, stop: threading.Event) -> None:
+        outage = Outage(f"{self._replica.name}: the cache")
         while not stop.is_set():
             start = time.monotonic()
             try:
@@ -73,9 +74,9 @@ class TeacherLoop:
             except grpc.RpcError as err:
                 if not retryable(err):
                     raise
-                log.warning("%s: cache unreachable (%s); retrying", self._replica.name, err.code())  # type: ignore[attr-defined]
-                stop.wait(1.0)
+                stop.wait(outage.failed(err))
                 continue
+            outage.ok()
             if self._metrics is not None:
                 self._metrics.claim_wait_seconds.inc(time.monotonic() - start)
             if not rollouts:
