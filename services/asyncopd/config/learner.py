@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from asyncopd.config.base import Section
 from asyncopd.config.endpoints import ServerConfig
+
+# LR after warm-up (asyncopd.learner.lr_schedule has the formulas).
+LRSchedule = Literal["constant", "linear", "cosine"]
 
 
 class LearnerConfig(Section):
@@ -21,6 +26,13 @@ class LearnerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    lr_schedule: LRSchedule = Field(
+        "constant",
+        description="LR after warm-up: constant, or a linear or cosine decay to min_lr_ratio x lr at the last step.",
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Where a linear or cosine decay ends, as a fraction of lr."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     device: str = Field("cpu", description="torch device of the learner.")
     checkpoint_dir: str = Field("runs/latest/checkpoints", description="Where checkpoints are written.")

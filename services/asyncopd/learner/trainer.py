@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncopd.config.learner import LRSchedule
 from asyncopd.config.loss import EstimatorKind, LossConfig
 from asyncopd.config.run import RunConfig
 from asyncopd.learner.batching import TrainBatch, collate
+from asyncopd.learner.lr_schedule import lr_multiplier
 from asyncopd.opd import LossInputs, OPDLoss, gather_logprobs
 from asyncopd.samples import ScoredSample
 
@@ -72,6 +74,9 @@ class Trainer:
         lr: float,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: LRSchedule = "constant",
+        total_steps: int = 0,
+        min_lr_ratio: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 8,
         mini_batches: int = 1,
@@ -91,9 +96,12 @@ class Trainer:
         self.pad_id = pad_id
         self.version = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        warmup = warmup_steps
+        # (LambdaLR evaluates step 0 here: a bad schedule or ratio fails at construction)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            self.optimizer,
+            lambda step: lr_multiplier(
+                step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=lr_schedule, min_ratio=min_lr_ratio
+            ),
         )
 
     def named_weights(self) -> list[tuple[str, Tensor]]:
@@ -202,6 +210,9 @@ def trainer_from_config(
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         warmup_steps=lc.warmup_steps,
+        lr_schedule=lc.lr_schedule,
+        total_steps=lc.steps,
+        min_lr_ratio=lc.min_lr_ratio,
         grad_clip=lc.grad_clip,
         micro_batch_size=lc.micro_batch_size,
         mini_batches=lc.mini_batches,
