@@ -4,38 +4,59 @@ Decoding is zero-copy where the dtype allows (a read-only numpy view or `torch.f
 over the message's bytes). numpy has no bfloat16, so bfloat16 decodes to float32 with numpy
 (one cheap widening) and zero-copy with torch. Every decode checks the dtype, the shape and
 the byte count before touching the data.
+
+torch is imported only when a torch tensor is encoded or decoded (or bfloat16 encoded), so a
+process that handles numpy only (the cache service) starts without loading it.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
-import torch
 
 from asyncopd.v1 import common_pb2 as pb
 from asyncopd.wire.errors import WireError
 
+if TYPE_CHECKING:
+    import torch
+
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("asyncopd's tensor codec assumes a little-endian host")
 
-# wire dtype -> (numpy dtype or None for bfloat16, torch dtype, bytes per element)
-_DTYPES: dict[int, tuple[np.dtype[Any] | None, torch.dtype, int]] = {
-    pb.DTYPE_FLOAT32: (np.dtype("<f4"), torch.float32, 4),
-    pb.DTYPE_FLOAT16: (np.dtype("<f2"), torch.float16, 2),
-    pb.DTYPE_BFLOAT16: (None, torch.bfloat16, 2),
-    pb.DTYPE_FLOAT64: (np.dtype("<f8"), torch.float64, 8),
-    pb.DTYPE_INT8: (np.dtype("i1"), torch.int8, 1),
-    pb.DTYPE_INT16: (np.dtype("<i2"), torch.int16, 2),
-    pb.DTYPE_INT32: (np.dtype("<i4"), torch.int32, 4),
-    pb.DTYPE_INT64: (np.dtype("<i8"), torch.int64, 8),
-    pb.DTYPE_UINT8: (np.dtype("u1"), torch.uint8, 1),
-    pb.DTYPE_BOOL: (np.dtype("?"), torch.bool, 1),
+# wire dtype -> (numpy dtype or None for bfloat16, torch dtype name, bytes per element)
+_DTYPES: dict[int, tuple[np.dtype[Any] | None, str, int]] = {
+    pb.DTYPE_FLOAT32: (np.dtype("<f4"), "float32", 4),
+    pb.DTYPE_FLOAT16: (np.dtype("<f2"), "float16", 2),
+    pb.DTYPE_BFLOAT16: (None, "bfloat16", 2),
+    pb.DTYPE_FLOAT64: (np.dtype("<f8"), "float64", 8),
+    pb.DTYPE_INT8: (np.dtype("i1"), "int8", 1),
+    pb.DTYPE_INT16: (np.dtype("<i2"), "int16", 2),
+    pb.DTYPE_INT32: (np.dtype("<i4"), "int32", 4),
+    pb.DTYPE_INT64: (np.dtype("<i8"), "int64", 8),
+    pb.DTYPE_UINT8: (np.dtype("u1"), "uint8", 1),
+    pb.DTYPE_BOOL: (np.dtype("?"), "bool", 1),
 }
 _FROM_NUMPY = {np_dt.str: code for code, (np_dt, _, _) in _DTYPES.items() if np_dt is not None}
-_FROM_TORCH = {t_dt: code for code, (_, t_dt, _) in _DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[int, torch.dtype], dict[torch.dtype, int]]:
+    """(wire code -> torch dtype, torch dtype -> wire code); imports torch on first use."""
+    import torch
+
+    to_torch = {code: getattr(torch, name) for code, (_, name, _) in _DTYPES.items()}
+    return to_torch, {t_dt: code for code, t_dt in to_torch.items()}
+
+
+def _is_torch_tensor(array: object) -> TypeGuard[torch.Tensor]:
+    # An object can only be a torch tensor if torch has been imported by someone.
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(array, torch_module.Tensor)
+
 
 # names accepted by `encode(..., dtype=...)`
 DTYPE_NAMES: dict[str, int] = {
@@ -63,11 +84,14 @@ def dtype_name(code: int) -> str:
 
 def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Tensor:
     """Encode an array as a wire Tensor, optionally casting to `dtype` (e.g. "float16")."""
-    if isinstance(array, torch.Tensor):
+    if _is_torch_tensor(array):
+        import torch
+
+        to_torch, from_torch = _torch_dtypes()
         t = array.detach().to("cpu")
         if dtype is not None:
-            t = t.to(_DTYPES[DTYPE_NAMES[dtype]][1])
-        code = _FROM_TORCH.get(t.dtype)
+            t = t.to(to_torch[DTYPE_NAMES[dtype]])
+        code = from_torch.get(t.dtype)
         if code is None:
             raise WireError(f"tensor dtype {t.dtype} has no wire encoding")
         t = t.contiguous()
@@ -75,6 +99,8 @@ def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Ten
         return pb.Tensor(dtype=code, shape=list(t.shape), data=raw)  # type: ignore[arg-type]
     a = np.asarray(array)
     if dtype == "bfloat16":
+        import torch
+
         return encode(torch.from_numpy(np.require(a, dtype=np.float32, requirements="C")), "bfloat16")
     if dtype is not None:
         np_dt = _DTYPES[DTYPE_NAMES[dtype]][0]
@@ -122,8 +148,10 @@ def decode_numpy(msg: pb.Tensor, field: str = "tensor", max_elements: int | None
 
 def decode_torch(msg: pb.Tensor, field: str = "tensor", max_elements: int | None = None) -> torch.Tensor:
     """Decode to a CPU torch tensor sharing the message's bytes (treat it as read-only)."""
+    import torch
+
     numel, shape = _check(msg, field, max_elements)
-    t_dt = _DTYPES[msg.dtype][1]
+    t_dt = _torch_dtypes()[0][msg.dtype]
     if numel == 0:
         return torch.empty(shape, dtype=t_dt)
     # frombuffer warns on read-only buffers; the tensor is never written through.
