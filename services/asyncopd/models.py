@@ -1,8 +1,7 @@
 """Loading the student and teacher: any Hugging Face causal LM, by directory or hub name.
 
-Relative directories are looked up in the working directory first, then in the project root,
-so the config defaults (`assets/toy-student`, `assets/toy-teacher`) work from anywhere in a
-checkout. When `HF_HUB_OFFLINE` is set, nothing is downloaded (`local_files_only`).
+Paths resolve as `asyncopd.model_files` says (working directory, then the project root; hub
+names with nothing downloaded when `HF_HUB_OFFLINE` is set).
 
 Teacher and student must share a tokenizer (the teacher scores the student's token ids);
 `check_same_tokenizer` enforces it. This module knows transformers; it knows nothing of tasks
@@ -11,15 +10,14 @@ or services.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from asyncopd.model_files import hub_offline, resolve_model_path
+
 DType = Literal["float32", "bfloat16", "float16"]
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -29,25 +27,6 @@ _DTYPES: dict[str, torch.dtype] = {
 
 class TokenizerMismatchError(ValueError):
     """Student and teacher tokenizers map tokens to ids differently."""
-
-
-def hub_offline() -> bool:
-    """Whether `HF_HUB_OFFLINE` forbids downloads (the one place this env var is read here)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A local directory if `name_or_path` names one (cwd first, then the project root), else
-    the string unchanged (a hub name)."""
-    candidate = Path(name_or_path).expanduser()
-    if candidate.is_dir():
-        return str(candidate)
-    if not candidate.is_absolute() and (PROJECT_ROOT / candidate).is_dir():
-        return str(PROJECT_ROOT / candidate)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
-    return name_or_path
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from asyncopd.models import load_model, load_tokenizer, resolve_model_path
+from asyncopd.model_files import resolve_model_path
+from asyncopd.models import load_model, load_tokenizer
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.transformers_engine import TransformersEngine
 from asyncopd.rollout.vllm_engine import VLLMEngine, vllm_available

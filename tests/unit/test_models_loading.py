@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from asyncopd.model_files import resolve_model_path
 from asyncopd.models import (
     TokenizerMismatchError,
     check_same_tokenizer,
     load_model,
     load_tokenizer,
-    resolve_model_path,
 )
 from asyncopd.toy.tokenizer import VOCAB_SIZE, build_tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from asyncopd.model_files import Tokenize
 from asyncopd.samples import Prompt, TaskInfo
 from asyncopd.tasks import PromptItem
-
-Tokenize = Callable[[str], Sequence[int]]
 
 
 class PromptCatalog:

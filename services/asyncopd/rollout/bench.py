@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from asyncopd.models import load_model, load_tokenizer, resolve_model_path
+from asyncopd.model_files import resolve_model_path
+from asyncopd.models import load_model, load_tokenizer
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.samples import Prompt, SupportKind, TaskInfo

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from asyncopd import metrics
 from asyncopd.config import RunConfig
 from asyncopd.config.loss import LossConfig
-from asyncopd.models import load_model, load_tokenizer, resolve_model_path
+from asyncopd.model_files import resolve_model_path
+from asyncopd.models import load_model, load_tokenizer
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
 from asyncopd.rollout.sampling import Sampling
