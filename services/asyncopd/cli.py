@@ -13,31 +13,36 @@ from collections.abc import Sequence
 
 from asyncopd.config import ConfigError
 
-# module path of each subcommand group; each exposes `add_parser(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "asyncopd.serve_cli",
-    "asyncopd.config.cli",
-    "asyncopd.eval_cli",
-    "asyncopd.toy.cli",
-    "asyncopd.launch.cli",
-    "asyncopd.chaos.cli",
-    "asyncopd.benchmarks",
-    "asyncopd.study.cli",
-)
+# command -> module that registers it (`add_parser(subparsers)`), in the order --help lists them.
+COMMANDS: dict[str, str] = {
+    "serve": "asyncopd.serve_cli",
+    "config": "asyncopd.config.cli",
+    "eval": "asyncopd.eval_cli",
+    "toy": "asyncopd.toy.cli",
+    "run": "asyncopd.launch.cli",
+    "chaos": "asyncopd.chaos.cli",
+    "bench": "asyncopd.benchmarks",
+    "study": "asyncopd.study.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command` alone: registering a command imports its
+    module, and some (bench, eval) import torch and transformers, which a service started with
+    `asyncopd serve cache` should not wait for."""
     parser = argparse.ArgumentParser(
         prog="asyncopd", description="Asynchronous on-policy distillation of language models."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in _COMMAND_MODULES:
-        importlib.import_module(module_name).add_parser(subparsers)
+    for name, module_name in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

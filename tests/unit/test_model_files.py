@@ -51,9 +51,12 @@ def test_falls_back_where_it_would_not_be_exact(tmp_path: Path) -> None:
     assert light_tokenizer(str(model)) is None
 
 
-def test_the_cache_service_builds_its_tokenizer_without_importing_torch() -> None:
+def test_the_cache_service_starts_without_importing_torch() -> None:
+    # what `asyncopd serve cache` runs before serving: the CLI, the cache's modules, its tokenizer
     code = (
         "import sys\n"
+        "from asyncopd.cli import build_parser\n"
+        "build_parser('serve')\n"
         "from asyncopd.cache.main import student_tokenizer\n"
         "from asyncopd.config import load_config\n"
         "tokenize, vocab = student_tokenizer(load_config('configs/toy.yaml', []))\n"
