@@ -7,7 +7,7 @@ so the config defaults (`assets/toy-student`, `assets/toy-teacher`) work from an
 checkout. When `HF_HUB_OFFLINE` is set, nothing is downloaded (`local_files_only`).
 
 A process that tokenizes but never runs a model (the cache service) uses `light_tokenizer`
-and starts in about a second instead of spending seconds importing torch and transformers;
+and does not spend seconds importing torch and transformers at every start;
 `asyncopd.models` loads models and full tokenizers.
 """
 

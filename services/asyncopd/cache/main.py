@@ -51,8 +51,8 @@ def student_tokenizer(config: RunConfig) -> tuple[Tokenize, int]:
     """The student's tokenizer and vocabulary size (the larger of tokenizer and embedding).
 
     Read with the `tokenizers` library alone where that is exact (a local model directory with
-    a plain fast tokenizer): a restarted cache then serves in about a second, instead of first
-    importing transformers and torch."""
+    a plain fast tokenizer): a restarted cache then does ~1 s of start-up work, not ~5 s, most
+    of which was importing transformers and torch."""
     light = light_tokenizer(config.models.student)
     if light is not None:
         return light
