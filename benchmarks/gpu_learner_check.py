@@ -66,7 +66,7 @@ def estimator_cases(device: torch.device) -> list[dict[str, object]]:
 def qwen_vocab_step(device: torch.device) -> dict[str, object]:
     """One reverse_kl_mc step (N=64) on a 2-layer random Qwen3 with the real vocabulary."""
     import numpy as np
-    from asyncopd.samples import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
+    from asyncopd.records import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
 
     cfg = Qwen3Config(
         vocab_size=151_669,

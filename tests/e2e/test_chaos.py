@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from asyncopd.chaos.faults import KINDS
+from asyncopd.lab.chaos.faults import KINDS
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from asyncopd.records import Prompt, Rollout, SupportKind, TaskInfo
 from asyncopd.rollout.sampling import Sampling, behaviour_logprobs
-from asyncopd.samples import Prompt, Rollout, SupportKind, TaskInfo
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TOY_PROMPTS = ("Q:8+8-4-6=? A:", "Q:(2-1)*1*6=? A:", "Q:3*3=? A:", "Q:9-2+1=? A:")

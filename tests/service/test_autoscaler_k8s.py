@@ -308,14 +308,15 @@ def test_signals_from_a_real_cache_drive_the_scale(apiserver: ApiServerStandIn) 
 def test_the_autoscaler_process_loop_against_real_cache_and_learner_services(apiserver: ApiServerStandIn) -> None:
     """`asyncopd serve autoscaler` minus signal handling and in-cluster credentials: the real
     cache and learner services on loopback, the stand-in API server, its own health server."""
-    from asyncopd import metrics, rpc
     from asyncopd.autoscaler.main import run
     from asyncopd.config import config_from_dict
     from asyncopd.config.endpoints import ServerConfig
     from asyncopd.config.weightsync import WeightSyncConfig
-    from asyncopd.health_probe import check
     from asyncopd.learner.servicer import LearnerServicer, Progress, add_to_server
+    from asyncopd.observability import metrics
+    from asyncopd.observability.health_probe import check
     from asyncopd.weightsync.publisher import Publisher
+    from asyncopd.wire import rpc
     from test_cache_harness import make_config, running_cache, unique_prefix
 
     publisher = Publisher(WeightSyncConfig())

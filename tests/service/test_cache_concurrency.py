@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 from asyncopd.cache.main import start_cache
-from asyncopd.rpc import channel
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel
 from test_cache_harness import VOCAB, make_config, make_rollout, make_scores, running_cache, tiny_prompts, tokenize
 
 pytestmark = pytest.mark.service

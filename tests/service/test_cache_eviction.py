@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from asyncopd.config import RunConfig
-from asyncopd.samples import Prompt, Rollout, TeacherScores
+from asyncopd.records import Prompt, Rollout, TeacherScores
 from asyncopd.wire import rollout_to_proto, scores_to_proto
 from asyncopd.wire.cache_client import CacheClient, CacheFull
-from asyncopd.wire.records import rollout_from_proto, scores_from_proto
+from asyncopd.wire.convert import rollout_from_proto, scores_from_proto
 from test_cache_harness import PrivateRedis, make_config, make_rollout, make_scores, running_cache, unique_prefix
 
 pytestmark = pytest.mark.service
@@ -30,7 +30,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRe
 
 def stored_bytes(r: Rollout, s: TeacherScores | None = None) -> int:
     """What the cache keeps: the validated records re-encoded with float16 log-probs."""
-    from asyncopd.wire.records import Limits
+    from asyncopd.wire.convert import Limits
 
     r2 = rollout_from_proto(rollout_to_proto(r), Limits())
     n = len(rollout_to_proto(r2, "float16").SerializeToString())

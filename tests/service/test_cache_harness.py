@@ -23,10 +23,10 @@ import redis
 from asyncopd.cache.connection import delete_prefix
 from asyncopd.cache.main import RunningCache, start_cache
 from asyncopd.config import RunConfig, config_from_dict
-from asyncopd.rpc import channel
-from asyncopd.samples import Prompt, Rollout, SupportKind, TeacherScores
+from asyncopd.records import Prompt, Rollout, SupportKind, TeacherScores
 from asyncopd.tasks import PromptItem
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel
 
 VOCAB = 64
 SHARED_REDIS = "redis://127.0.0.1:6379/0"

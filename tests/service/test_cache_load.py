@@ -7,8 +7,8 @@ import argparse
 import json
 
 import pytest
-from asyncopd.benchmarks import BENCHMARKS
-from asyncopd.cache import load
+from asyncopd.lab.bench import BENCHMARKS
+from asyncopd.lab.bench import cache_load as load
 
 pytestmark = pytest.mark.service
 

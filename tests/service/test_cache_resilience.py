@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from asyncopd.rpc import channel
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel
 from test_cache_harness import (
     SHARED_REDIS,
     PrivateRedis,

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 from asyncopd.cache.main import start_cache
-from asyncopd.rpc import channel
-from asyncopd.samples import SupportKind
+from asyncopd.records import SupportKind
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.wire import encode, rollout_to_proto, scores_to_proto
 from asyncopd.wire.cache_client import CacheClient, CacheStats
+from asyncopd.wire.rpc import channel
 from test_cache_harness import (
     VOCAB,
     make_config,

@@ -8,11 +8,11 @@ import threading
 
 import numpy as np
 import pytest
-from asyncopd.fleet import bench
-from asyncopd.fleet.engines import LengthModel, SimulatedRollout, SimulatedTeacher, SimulatedWeights
-from asyncopd.samples import Prompt, SupportKind, TaskInfo
+from asyncopd.lab.bench import fleet as bench
+from asyncopd.lab.fleet.engines import LengthModel, SimulatedRollout, SimulatedTeacher, SimulatedWeights
+from asyncopd.records import Prompt, SupportKind, TaskInfo
 from asyncopd.wire import rollout_from_proto, rollout_to_proto
-from asyncopd.wire.records import Limits, scores_from_proto, scores_to_proto
+from asyncopd.wire.convert import Limits, scores_from_proto, scores_to_proto
 
 pytestmark = pytest.mark.service
 

@@ -1,4 +1,4 @@
-"""`python -m asyncopd.health_probe`, the chart's exec probe when TLS is on, against real gRPC
+"""`python -m asyncopd.observability.health_probe`, the chart's exec probe when TLS is on, against real gRPC
 servers (plain and mutual TLS) on loopback, with certificates made by the openssl CLI."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from asyncopd import rpc
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.security import TLSConfig
-from asyncopd.health_probe import check
+from asyncopd.observability.health_probe import check
+from asyncopd.wire import rpc
 
 pytestmark = pytest.mark.service
 
@@ -83,7 +83,15 @@ def test_mutual_tls_probe(pki: Path) -> None:
         # plain gRPC (the kubelet's own grpc probe) cannot reach a TLS server: why the chart execs this
         assert check(server.port, server_name=None, ca=None, cert=None, key=None, timeout_s=1) is False
         # and the module runs as the chart invokes it
-        cmd = [sys.executable, "-m", "asyncopd.health_probe", "--port", str(server.port), "--server-name", SERVICE_DNS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "asyncopd.observability.health_probe",
+            "--port",
+            str(server.port),
+            "--server-name",
+            SERVICE_DNS,
+        ]
         cmd += ["--ca", files["ca"], "--cert", files["cert"], "--key", files["key"]]
         assert subprocess.run(cmd, check=False, capture_output=True, timeout=60).returncode == 0
     finally:

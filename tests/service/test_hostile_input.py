@@ -19,18 +19,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from asyncopd import metrics
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import LearnerServicer, Progress, add_to_server
-from asyncopd.models import load_model, load_tokenizer
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.observability import metrics
+from asyncopd.records import SupportKind
 from asyncopd.rollout.replica import RolloutReplica
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.servicer import SERVICE_NAME as ROLLOUT_SERVICE
 from asyncopd.rollout.servicer import RolloutServicer
 from asyncopd.rollout.transformers_engine import TransformersEngine
-from asyncopd.rpc import channel, start_server
-from asyncopd.samples import SupportKind
 from asyncopd.teacher.replica import TeacherReplica
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.teacher.servicer import SERVICE_NAME as TEACHER_SERVICE
@@ -49,6 +48,7 @@ from asyncopd.v1 import (
 from asyncopd.weightsync.publisher import Publisher
 from asyncopd.wire import encode, rollout_to_proto, scores_to_proto
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cache_harness import VOCAB, make_config, make_rollout, make_scores, running_cache, unique_prefix

@@ -6,20 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from asyncopd import rpc
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.redis import RedisConfig
-from asyncopd.launch.health import check_serving, wait_serving
-from asyncopd.launch.ports import free_port
-from asyncopd.launch.processes import ChildDied, Supervisor
-from asyncopd.launch.progress import RateMeter, scrape_counter, scrape_sums
-from asyncopd.launch.redis_server import (
+from asyncopd.lab.launch.health import check_serving, wait_serving
+from asyncopd.lab.launch.ports import free_port
+from asyncopd.lab.launch.processes import ChildDied, Supervisor
+from asyncopd.lab.launch.progress import RateMeter, scrape_counter, scrape_sums
+from asyncopd.lab.launch.redis_server import (
     delete_prefix,
     ensure_redis,
     find_redis_server,
     redis_reachable,
     start_private_redis,
 )
+from asyncopd.wire import rpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 pytestmark = pytest.mark.service

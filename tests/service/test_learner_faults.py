@@ -14,7 +14,7 @@ import pytest
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import Trainer
 from asyncopd.opd import OPDLoss
-from asyncopd.samples import ScoredSample
+from asyncopd.records import ScoredSample
 from asyncopd.wire.cache_client import Batch
 from test_learner_step import generate, load, scored_samples
 from tiny_models import make_tiny_qwen3

@@ -25,10 +25,10 @@ import torch
 import yaml
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner import checkpoint
-from asyncopd.rpc import channel
-from asyncopd.toy.tokenizer import build_tokenizer
+from asyncopd.tasks.toy.tokenizer import build_tokenizer
 from asyncopd.weightsync.subscriber import run_subscriber
 from asyncopd.wire.learner_client import LearnerClient, LearnerStatus
+from asyncopd.wire.rpc import channel
 from test_cache_harness import VOCAB, free_port, make_config, running_cache, unique_prefix
 from test_cache_service import produce_and_score
 from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -16,7 +16,7 @@ import torch
 from asyncopd.learner.batching import collate
 from asyncopd.learner.trainer import Trainer, response_logits
 from asyncopd.opd import OPDLoss, forward_kl_full, reverse_kl_full
-from asyncopd.samples import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
+from asyncopd.records import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
 from tiny_models import make_tiny_qwen3
 from transformers import Qwen3ForCausalLM
 

@@ -1,6 +1,6 @@
 """A real Prometheus (the Debian package) on loopback scrapes a process exposing AsyncOPD metrics.
 
-The exporter here records into the real metric objects of asyncopd.metrics (one registry per
+The exporter here records into the real metric objects of asyncopd.observability.metrics (one registry per
 service, as each service process does) from a background thread, at known rates; the test then
 asks Prometheus, through its HTTP API, for the series the dashboard and alerts are built on.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asyncopd import metrics
-from asyncopd.prometheus_local import LocalPrometheus, find_binary
+from asyncopd.lab.prometheus_local import LocalPrometheus, find_binary
+from asyncopd.observability import metrics
 
 pytestmark = pytest.mark.service
 

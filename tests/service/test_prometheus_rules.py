@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from asyncopd.prometheus_local import ScrapeTarget, find_binary, write_config
+from asyncopd.lab.prometheus_local import ScrapeTarget, find_binary, write_config
 
 pytestmark = pytest.mark.service
 

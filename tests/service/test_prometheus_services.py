@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from asyncopd import metrics
 from asyncopd.cache.main import start_cache
 from asyncopd.config import load_config
-from asyncopd.prometheus_local import LocalPrometheus, find_binary
-from asyncopd.rpc import channel
+from asyncopd.lab.prometheus_local import LocalPrometheus, find_binary
+from asyncopd.observability import metrics
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel
 from prometheus_client.parser import text_string_to_metric_families
 from test_cache_harness import (
     VOCAB,

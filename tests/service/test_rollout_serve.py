@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from asyncopd.rpc import channel
-from asyncopd.samples import Prompt, TaskInfo
+from asyncopd.records import Prompt, TaskInfo
 from asyncopd.wire.rollout_client import RolloutClient
+from asyncopd.wire.rpc import channel
 
 pytestmark = pytest.mark.service
 

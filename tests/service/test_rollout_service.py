@@ -10,16 +10,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from asyncopd import metrics
 from asyncopd.cache.main import start_cache
 from asyncopd.config.endpoints import ServerConfig
-from asyncopd.models import load_model, load_tokenizer
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.observability import metrics
+from asyncopd.records import Prompt, SupportKind, TaskInfo
 from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.servicer import SERVICE_NAME, RolloutServicer
 from asyncopd.rollout.transformers_engine import TransformersEngine
-from asyncopd.rpc import channel, start_server
-from asyncopd.samples import Prompt, SupportKind, TaskInfo
 from asyncopd.tasks import load_toy_dataset
 from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
 from asyncopd.teacher.scorer import TeacherScorer
@@ -27,6 +26,7 @@ from asyncopd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from asyncopd.wire import Limits, encode, prompt_to_proto
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rollout_client import RolloutClient
+from asyncopd.wire.rpc import channel, start_server
 from rollout_checks import toy_prompts
 from test_cache_harness import make_config, unique_prefix, wipe
 

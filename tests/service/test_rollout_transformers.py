@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from asyncopd.models import load_model, load_tokenizer
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.records import SupportKind
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.transformers_engine import TransformersEngine
-from asyncopd.samples import SupportKind
 from rollout_checks import assert_matches_recomputation, recomputed_logmu, toy_prompts
 
 pytestmark = pytest.mark.service

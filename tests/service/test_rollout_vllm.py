@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from asyncopd.model_files import resolve_model_path
-from asyncopd.models import load_model, load_tokenizer
+from asyncopd.models.files import resolve_model_path
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.records import SupportKind
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.transformers_engine import TransformersEngine
 from asyncopd.rollout.vllm_engine import VLLMEngine, vllm_available
-from asyncopd.samples import SupportKind
 from rollout_checks import assert_matches_recomputation, toy_prompts
 
 STUDENT = "assets/toy-student"

@@ -11,18 +11,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from asyncopd import metrics
 from asyncopd.config import config_from_dict
 from asyncopd.config.endpoints import ServerConfig
-from asyncopd.models import TokenizerMismatchError, load_model
-from asyncopd.rpc import channel, start_server
-from asyncopd.samples import Rollout, SupportKind, TaskInfo
+from asyncopd.models.loading import TokenizerMismatchError, load_model
+from asyncopd.observability import metrics
+from asyncopd.records import Rollout, SupportKind, TaskInfo
 from asyncopd.teacher.main import build_scorer
 from asyncopd.teacher.replica import TeacherReplica
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.teacher.servicer import SERVICE_NAME, TeacherServicer
 from asyncopd.v1 import teacher_pb2, teacher_pb2_grpc
 from asyncopd.wire import Limits, rollout_to_proto
+from asyncopd.wire.rpc import channel, start_server
 from asyncopd.wire.teacher_client import TeacherClient
 
 pytestmark = pytest.mark.service

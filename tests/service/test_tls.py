@@ -16,9 +16,9 @@ import pytest
 from asyncopd.cache.main import start_cache
 from asyncopd.config import config_from_dict
 from asyncopd.config.security import TLSConfig
-from asyncopd.rpc import channel
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel
 from test_cache_harness import SHARED_REDIS, VOCAB, PrivateRedis, tiny_prompts, tokenize, unique_prefix, wipe
 
 pytestmark = pytest.mark.service

@@ -18,10 +18,10 @@ import torch
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
-from asyncopd.rpc import RunningServer, start_server
 from asyncopd.weightsync.manifest import ManifestError
 from asyncopd.weightsync.publisher import Publisher
 from asyncopd.weightsync.subscriber import run_subscriber
+from asyncopd.wire.rpc import RunningServer, start_server
 from weightsync_replica import digest
 
 pytestmark = pytest.mark.service
@@ -209,8 +209,8 @@ def test_manifest_rejects_a_model_mismatch() -> None:
 
 def test_bad_registrations_are_invalid_argument(learner: tuple[Publisher, RunningServer]) -> None:
     import grpc
-    from asyncopd.rpc import channel
     from asyncopd.wire.learner_client import LearnerClient
+    from asyncopd.wire.rpc import channel
 
     publisher, server = learner
     with channel(server.address) as chan:

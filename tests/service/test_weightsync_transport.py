@@ -15,12 +15,12 @@ import pytest
 import torch
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
-from asyncopd.rpc import start_server, status_errors
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
 from asyncopd.weightsync.grpc_transport import WeightAssembler, chunks, push_weights
 from asyncopd.weightsync.manifest import ManifestError, checksum, pack, plan
 from asyncopd.weightsync.publisher import Publisher
+from asyncopd.wire.rpc import start_server, status_errors
 
 pytestmark = pytest.mark.service
 

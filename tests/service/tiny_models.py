@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from asyncopd.toy.tokenizer import VOCAB_SIZE, build_tokenizer
+from asyncopd.tasks.toy.tokenizer import VOCAB_SIZE, build_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from asyncopd.chaos.checks import (
+from asyncopd.lab.chaos.checks import (
     WIPED,
     accuracy_in_line,
     check_step_log,
@@ -13,9 +13,9 @@ from asyncopd.chaos.checks import (
     longest_gap,
     regressions,
 )
-from asyncopd.chaos.faults import KINDS, FaultSpec, default_schedule, parse_fault, parse_schedule
-from asyncopd.chaos.injector import Injector
-from asyncopd.launch.progress import Snapshot
+from asyncopd.lab.chaos.faults import KINDS, FaultSpec, default_schedule, parse_fault, parse_schedule
+from asyncopd.lab.chaos.injector import Injector
+from asyncopd.lab.launch.progress import Snapshot
 
 
 def step(version: int, *ids: str) -> dict[str, object]:

@@ -114,7 +114,7 @@ def test_with_tls_the_probes_check_grpc_health_over_mtls() -> None:
     cache = find(docs, "Deployment", "rel-asyncopd-cache")
     (c,) = cache["spec"]["template"]["spec"]["containers"]
     cmd = c["readinessProbe"]["exec"]["command"]
-    assert cmd[:3] == ["python", "-m", "asyncopd.health_probe"]
+    assert cmd[:3] == ["python", "-m", "asyncopd.observability.health_probe"]
     assert cmd[cmd.index("--port") + 1] == "50051"
     assert cmd[cmd.index("--server-name") + 1] == "rel-asyncopd-cache"
     assert {"/etc/asyncopd-tls/ca.crt", "/etc/asyncopd-tls/tls.crt", "/etc/asyncopd-tls/tls.key"} <= set(cmd)

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from asyncopd.launch.ports import free_port, free_ports, is_listening
-from asyncopd.launch.processes import ChildDied, Supervisor, tail_lines
+from asyncopd.lab.launch.ports import free_port, free_ports, is_listening
+from asyncopd.lab.launch.processes import ChildDied, Supervisor, tail_lines
 
 pytestmark = pytest.mark.unit
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 from asyncopd.config import config_from_dict
-from asyncopd.launch.accuracy import final_student_dir
-from asyncopd.launch.plots import throughput_series, wall_times, write_plots
-from asyncopd.launch.progress import Snapshot, progress_table
-from asyncopd.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
-from asyncopd.launch.runner import Ports, resolved_config_data
-from asyncopd.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
+from asyncopd.lab.launch.accuracy import final_student_dir
+from asyncopd.lab.launch.plots import throughput_series, wall_times, write_plots
+from asyncopd.lab.launch.progress import Snapshot, progress_table
+from asyncopd.lab.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
+from asyncopd.lab.launch.runner import Ports, resolved_config_data
+from asyncopd.lab.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
 from rich.console import Console
 
 pytestmark = pytest.mark.unit
@@ -201,7 +201,7 @@ def test_record_key_variants() -> None:
 
 
 def test_moving_average_is_a_trailing_mean() -> None:
-    from asyncopd.launch.plots import moving_average
+    from asyncopd.lab.launch.plots import moving_average
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([], 3) == []
@@ -250,7 +250,7 @@ def test_final_student_dir_picks_the_newest_model_dir(tmp_path: Path) -> None:
 
 
 def test_bench_pipeline_comparison_and_ideal_ratio() -> None:
-    from asyncopd.launch.bench import compare, comparison_table, ideal_ratio
+    from asyncopd.lab.bench.pipeline import compare, comparison_table, ideal_ratio
 
     # rollout 6 s, teacher 2 s, learner 2 s: perfect overlap is (6+2+2)/6 faster than serial
     stages = {

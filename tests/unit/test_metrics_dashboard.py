@@ -1,7 +1,7 @@
 """The Grafana dashboard passes the project's schema, lays out cleanly, and reads only real series.
 
 "Real" means: every metric a dashboard query or a Prometheus rule names is in the catalogue of
-asyncopd.metrics (histograms via _bucket/_sum/_count), a recording rule, or Prometheus's `up`.
+asyncopd.observability.metrics (histograms via _bucket/_sum/_count), a recording rule, or Prometheus's `up`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from asyncopd import metrics
+from asyncopd.observability import metrics
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from asyncopd.config.metrics import MetricsConfig
-from asyncopd.prometheus_local import (
+from asyncopd.lab.prometheus_local import (
     RULES_DIR,
     LocalPrometheus,
     PrometheusError,

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from asyncopd.model_files import PROJECT_ROOT, light_tokenizer
-from asyncopd.models import load_tokenizer
+from asyncopd.models.files import PROJECT_ROOT, light_tokenizer
+from asyncopd.models.loading import load_tokenizer
 from transformers import AutoConfig
 
 pytestmark = pytest.mark.unit

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from asyncopd.model_files import resolve_model_path
-from asyncopd.models import (
+from asyncopd.models.files import resolve_model_path
+from asyncopd.models.loading import (
     TokenizerMismatchError,
     check_same_tokenizer,
     load_model,
     load_tokenizer,
 )
-from asyncopd.toy.tokenizer import VOCAB_SIZE, build_tokenizer
+from asyncopd.tasks.toy.tokenizer import VOCAB_SIZE, build_tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 pytestmark = pytest.mark.unit

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from asyncopd import benchmarks
 from asyncopd.cli import main
-from asyncopd.opd.benchmark import REFERENCE
+from asyncopd.lab import bench as benchmarks
+from asyncopd.lab.bench.estimators import REFERENCE
 
 pytestmark = pytest.mark.unit
 

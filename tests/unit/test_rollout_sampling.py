@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from asyncopd.records import SupportKind
 from asyncopd.rollout.sampling import Sampling, behaviour_logprobs, draw_support, sample
-from asyncopd.samples import SupportKind
 
 pytestmark = pytest.mark.unit
 

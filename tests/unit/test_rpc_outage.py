@@ -1,4 +1,4 @@
-"""`asyncopd.rpc.Outage`: back-off toward a server that is down, and a log that stays short."""
+"""`asyncopd.wire.rpc.Outage`: back-off toward a server that is down, and a log that stays short."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import grpc
 import pytest
-from asyncopd.rpc import Outage
+from asyncopd.wire.rpc import Outage
 
 
 class _Unavailable(grpc.RpcError):
@@ -36,7 +36,7 @@ def test_waits_double_up_to_the_cap_and_start_again_after_recovery() -> None:
 def test_a_long_outage_is_a_few_log_lines_not_one_per_try(caplog: pytest.LogCaptureFixture) -> None:
     clock = _Clock()
     outage = Outage("r0: the cache", report_every_s=10.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger="asyncopd.rpc"):
+    with caplog.at_level(logging.INFO, logger="asyncopd.wire.rpc"):
         for _ in range(120):  # 30 s of tries, one every 0.25 s
             outage.failed(_Unavailable(), "acquire_prompts")
             clock.now += 0.25

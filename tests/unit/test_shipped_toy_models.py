@@ -7,11 +7,11 @@ import json
 
 import pytest
 from asyncopd.cli import main
-from asyncopd.evaluation import evaluate, generate_greedy
-from asyncopd.models import check_same_tokenizer, load_model, load_tokenizer
+from asyncopd.evaluation.greedy import evaluate, generate_greedy
+from asyncopd.lab.toytrain.train import MAX_NEW_TOKENS
+from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
 from asyncopd.tasks import load_toy_dataset
-from asyncopd.toy.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
-from asyncopd.toy.train import MAX_NEW_TOKENS
+from asyncopd.tasks.toy.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.unit
 

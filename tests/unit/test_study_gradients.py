@@ -16,11 +16,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from asyncopd.lab.study.gradients import flat_gradient, gradient_stats, variance_slope
+from asyncopd.lab.study.harness import SnapshotRing, behaviour_version
+from asyncopd.lab.study.probe import draw_gradients
 from asyncopd.opd import LossInputs, OPDLoss
-from asyncopd.samples import SupportKind
-from asyncopd.study.gradients import flat_gradient, gradient_stats, variance_slope
-from asyncopd.study.harness import SnapshotRing, behaviour_version
-from asyncopd.study.probe import draw_gradients
+from asyncopd.records import SupportKind
 
 pytestmark = pytest.mark.unit
 
@@ -208,7 +208,7 @@ def test_snapshot_ring_copies_the_weights() -> None:
 
 def test_harness_generates_step_t_with_version_t_minus_s_and_reruns_identically() -> None:
     from asyncopd.config import load_config
-    from asyncopd.study.harness import StalenessHarness, load_study_models
+    from asyncopd.lab.study.harness import StalenessHarness, load_study_models
 
     torch.set_num_threads(1)
     config = load_config(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from asyncopd.tasks import get_grader, load_toy_dataset
-from asyncopd.toy import task
+from asyncopd.tasks.toy import task
 
 pytestmark = pytest.mark.unit
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from asyncopd.toy import task
-from asyncopd.toy.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
-from asyncopd.toy.train import model_config
+from asyncopd.lab.toytrain.train import model_config
+from asyncopd.tasks.toy import task
+from asyncopd.tasks.toy.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.unit

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from asyncopd.models import load_model, load_tokenizer
-from asyncopd.toy import task
-from asyncopd.toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
-from asyncopd.toy.train import METADATA_FILE, default_settings, encode_examples, save, train
+from asyncopd.lab.toytrain.train import METADATA_FILE, default_settings, encode_examples, save, train
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.tasks.toy import task
+from asyncopd.tasks.toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from asyncopd.samples import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
+from asyncopd.records import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
 from asyncopd.wire import (
     Limits,
     WireError,

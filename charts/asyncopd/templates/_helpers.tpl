@@ -144,7 +144,7 @@ imagePullSecrets:
 {{- $p := $.Values.probes -}}
 {{- $check := dict -}}
 {{- if $.Values.tls.enabled }}
-{{- $cmd := list "python" "-m" "asyncopd.health_probe" "--port" (toString .port) "--server-name" .host "--ca" "/etc/asyncopd-tls/ca.crt" "--cert" "/etc/asyncopd-tls/tls.crt" "--key" "/etc/asyncopd-tls/tls.key" }}
+{{- $cmd := list "python" "-m" "asyncopd.observability.health_probe" "--port" (toString .port) "--server-name" .host "--ca" "/etc/asyncopd-tls/ca.crt" "--cert" "/etc/asyncopd-tls/tls.crt" "--key" "/etc/asyncopd-tls/tls.key" }}
 {{- $check = dict "exec" (dict "command" $cmd) }}
 {{- else }}
 {{- $check = dict "grpc" (dict "port" (int .port)) }}

@@ -15,13 +15,14 @@ import grpc
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from asyncopd import metrics, rpc
 from asyncopd.autoscaler.controller import Controller
 from asyncopd.autoscaler.kube import DeploymentScale, in_cluster_api, own_namespace
 from asyncopd.autoscaler.policy import Decision, PolicyParams, ScalingPolicy
 from asyncopd.autoscaler.signals import SignalWindow
 from asyncopd.config import RunConfig
 from asyncopd.config.autoscaler import AutoscalerConfig
+from asyncopd.observability import metrics
+from asyncopd.wire import rpc
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.learner_client import LearnerClient
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import redis
 
-from asyncopd import metrics
 from asyncopd.cache.connection import connect
 from asyncopd.cache.prompts import PromptCatalog, Tokenize
 from asyncopd.cache.servicer import CacheServicer, ServicerLimits
 from asyncopd.cache.store import ExperienceStore, StorePolicy
 from asyncopd.config import RunConfig
-from asyncopd.model_files import hub_offline, light_tokenizer, resolve_model_path
-from asyncopd.rpc import RunningServer, start_server
+from asyncopd.models.files import hub_offline, light_tokenizer, resolve_model_path
+from asyncopd.observability import metrics
 from asyncopd.tasks import PromptItem, load_task
 from asyncopd.v1 import cache_pb2_grpc
+from asyncopd.wire.rpc import RunningServer, start_server
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "asyncopd.v1.CacheService"
@@ -58,7 +58,7 @@ def student_tokenizer(config: RunConfig) -> tuple[Tokenize, int]:
         return light
     from transformers import AutoConfig
 
-    from asyncopd.models import load_tokenizer
+    from asyncopd.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(config.models.student)
     model_cfg = AutoConfig.from_pretrained(resolve_model_path(config.models.student), local_files_only=hub_offline())

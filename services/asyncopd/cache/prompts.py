@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from asyncopd.model_files import Tokenize
-from asyncopd.samples import Prompt, TaskInfo
+from asyncopd.models.files import Tokenize
+from asyncopd.records import Prompt, TaskInfo
 from asyncopd.tasks import PromptItem
 
 

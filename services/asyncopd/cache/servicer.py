@@ -18,19 +18,19 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from asyncopd import metrics
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PutOutcome, StoredRollout
-from asyncopd.rpc import status_errors
+from asyncopd.observability import metrics
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
-from asyncopd.wire.errors import WireError
-from asyncopd.wire.records import (
+from asyncopd.wire.convert import (
     Limits,
     LogprobDType,
     prompt_to_proto,
     rollout_from_proto,
     scores_from_proto,
 )
+from asyncopd.wire.errors import WireError
+from asyncopd.wire.rpc import status_errors
 from asyncopd.wire.tensors import DTYPE_NAMES, encode
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from typing import Any, Literal, TypeVar
 import redis
 
 from asyncopd.cache import scripts
-from asyncopd.rpc import FailedPrecondition, ResourceExhausted
 from asyncopd.wire.errors import WireError
+from asyncopd.wire.rpc import FailedPrecondition, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

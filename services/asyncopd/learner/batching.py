@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncopd.samples import ScoredSample, SupportKind
+from asyncopd.records import ScoredSample, SupportKind
 
 # kinds whose teacher signal arrives with the sample (the *_full kinds need a colocated teacher)
 _SUPPORT: dict[str, SupportKind | None] = {

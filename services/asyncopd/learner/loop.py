@@ -37,10 +37,10 @@ import grpc
 from asyncopd.learner import checkpoint
 from asyncopd.learner.servicer import Progress
 from asyncopd.learner.trainer import StepStats, Trainer
-from asyncopd.metrics import LearnerMetrics
-from asyncopd.rpc import Outage, retryable
-from asyncopd.samples import ScoredSample
+from asyncopd.observability.metrics import LearnerMetrics
+from asyncopd.records import ScoredSample
 from asyncopd.weightsync.publisher import Publisher, PublishReport
+from asyncopd.wire.rpc import Outage, retryable
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncopd import metrics
 from asyncopd.config.run import RunConfig
 from asyncopd.learner import checkpoint
 from asyncopd.learner.loop import LearnerLoop, LoopSettings, checkpointer
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, add_to_server
 from asyncopd.learner.trainer import trainer_from_config
-from asyncopd.models import load_model, load_tokenizer
-from asyncopd.rpc import RunningServer, channel, start_server
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.observability import metrics
 from asyncopd.weightsync.grpc_transport import push_weights
 from asyncopd.weightsync.publisher import Publisher, Snapshot
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import RunningServer, channel, start_server
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     cache = CacheClient(channel(config.endpoints.cache, lc.server.max_message_mb, config.tls))
     evaluate = None
     if lc.eval_every:
-        from asyncopd.evaluation import evaluate as run_eval
+        from asyncopd.evaluation.greedy import evaluate as run_eval
         from asyncopd.tasks import load_task
 
         items = list(load_task(config.task, "test"))[: lc.eval_size]

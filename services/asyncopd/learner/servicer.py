@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from asyncopd.rpc import status_errors
 from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.v1 import learner_pb2_grpc as pb_grpc
 from asyncopd.weightsync.publisher import Publisher
+from asyncopd.wire.rpc import status_errors
 
 _MAX_NAME_CHARS = 256
 

@@ -34,7 +34,7 @@ from asyncopd.config.run import RunConfig
 from asyncopd.learner.batching import TrainBatch, collate
 from asyncopd.learner.lr_schedule import lr_multiplier
 from asyncopd.opd import LossInputs, OPDLoss, gather_logprobs
-from asyncopd.samples import ScoredSample
+from asyncopd.records import ScoredSample
 
 # metrics that combine across micro-batches by min / max rather than a token-weighted mean
 _MIN = {"ratio_min"}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.sampling import Sampling
-from asyncopd.samples import Prompt, Rollout, SupportKind
 
 
 @dataclass(frozen=True)

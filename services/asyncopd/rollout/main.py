@@ -13,19 +13,19 @@ import signal
 import threading
 from collections.abc import Callable
 
-from asyncopd import metrics
 from asyncopd.config import RunConfig
 from asyncopd.config.loss import LossConfig
-from asyncopd.model_files import resolve_model_path
-from asyncopd.models import load_model, load_tokenizer
+from asyncopd.models.files import resolve_model_path
+from asyncopd.models.loading import load_model, load_tokenizer
+from asyncopd.observability import metrics
+from asyncopd.records import SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.servicer import SERVICE_NAME, RolloutServicer
-from asyncopd.rpc import channel, start_server
-from asyncopd.samples import SupportKind
 from asyncopd.v1 import rollout_pb2_grpc
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel, start_server
 
 log = logging.getLogger(__name__)
 

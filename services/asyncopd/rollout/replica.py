@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from asyncopd.metrics import RolloutMetrics
+from asyncopd.observability.metrics import RolloutMetrics
+from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
-from asyncopd.rpc import Outage, retryable
-from asyncopd.samples import Prompt, Rollout, SupportKind
 from asyncopd.wire.cache_client import CacheClient, CacheFull
+from asyncopd.wire.rpc import Outage, retryable
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asyncopd.samples import SupportKind
+from asyncopd.records import SupportKind
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import grpc
 import torch
 
+from asyncopd.records import SupportKind
 from asyncopd.rollout.replica import RolloutReplica
 from asyncopd.rollout.sampling import Sampling
-from asyncopd.rpc import status_errors
-from asyncopd.samples import SupportKind
 from asyncopd.v1 import rollout_pb2, rollout_pb2_grpc
 from asyncopd.wire import Limits, WireError, decode_torch, prompt_from_proto, rollout_to_proto
+from asyncopd.wire.rpc import status_errors
 
 SERVICE_NAME = "asyncopd.v1.RolloutService"
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine, EngineInfo, StopChecker, build_rollout, check_weights
 from asyncopd.rollout.sampling import Sampling, behaviour_logprobs, draw_support, sample
-from asyncopd.samples import Prompt, Rollout, SupportKind
 
 
 class TransformersEngine(Engine):

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine, EngineInfo, build_rollout, check_weights
 from asyncopd.rollout.sampling import Sampling, draw_support
-from asyncopd.samples import Prompt, Rollout, SupportKind
 
 # The one place the vLLM environment is set: before vllm is imported by this process.
 _VLLM_ENV = {

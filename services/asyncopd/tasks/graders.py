@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from asyncopd.toy import task as toy_task
+from asyncopd.tasks.toy import task as toy_task
 
 GSM8K_MARK = "####"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

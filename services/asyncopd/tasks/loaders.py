@@ -15,7 +15,7 @@ from typing import Any, Literal
 from asyncopd.config.model import TaskConfig
 from asyncopd.tasks.dataset import PromptDataset, PromptItem
 from asyncopd.tasks.graders import GSM8K_MARK, parse_gsm8k_number
-from asyncopd.toy import task as toy_task
+from asyncopd.tasks.toy import task as toy_task
 
 Split = Literal["train", "test"]
 

@@ -13,15 +13,15 @@ import logging
 import signal
 import threading
 
-from asyncopd import metrics
 from asyncopd.config import RunConfig
-from asyncopd.models import check_same_tokenizer, load_model, load_tokenizer
-from asyncopd.rpc import channel, start_server
+from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
+from asyncopd.observability import metrics
 from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.teacher.servicer import SERVICE_NAME, TeacherServicer
 from asyncopd.v1 import teacher_pb2_grpc
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import channel, start_server
 
 log = logging.getLogger(__name__)
 

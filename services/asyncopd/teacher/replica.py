@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import grpc
 
-from asyncopd.metrics import TeacherMetrics
-from asyncopd.rpc import Outage, retryable
-from asyncopd.samples import Rollout, TeacherScores
+from asyncopd.observability.metrics import TeacherMetrics
+from asyncopd.records import Rollout, TeacherScores
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.wire.cache_client import CacheClient, CacheFull
+from asyncopd.wire.rpc import Outage, retryable
 
 log = logging.getLogger(__name__)
 # The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from asyncopd.samples import Rollout, TeacherScores
+from asyncopd.records import Rollout, TeacherScores
 
 
 class TeacherScorer:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from asyncopd.rpc import status_errors
 from asyncopd.teacher.replica import TeacherReplica
 from asyncopd.v1 import teacher_pb2, teacher_pb2_grpc
 from asyncopd.wire import Limits, WireError, rollout_from_proto, scores_to_proto
+from asyncopd.wire.rpc import status_errors
 
 SERVICE_NAME = "asyncopd.v1.TeacherService"
 

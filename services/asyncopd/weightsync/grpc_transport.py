@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from asyncopd.config.security import TLSConfig
-from asyncopd.rpc import channel
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
 from asyncopd.weightsync.manifest import ManifestError
 from asyncopd.weightsync.publisher import Snapshot
+from asyncopd.wire.rpc import channel
 from asyncopd.wire.tensors import decode_torch, encode
 
 _MIB = 1 << 20

@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
-from asyncopd.rpc import channel
 from asyncopd.weightsync import groups
 from asyncopd.weightsync.manifest import Manifest, ManifestError, checksum
 from asyncopd.wire.learner_client import LearnerClient, ReplicaRegistration
+from asyncopd.wire.rpc import channel
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,10 @@
 """The wire layer: protobuf <-> domain records, the tensor codec, and validation.
 
 Protobuf types stop here: servicers call these functions, domain code sees only
-`asyncopd.samples` records and numpy/torch arrays.
+`asyncopd.records` records and numpy/torch arrays.
 """
 
-from asyncopd.wire.errors import WireError
-from asyncopd.wire.records import (
+from asyncopd.wire.convert import (
     Limits,
     prompt_from_proto,
     prompt_to_proto,
@@ -16,6 +15,7 @@ from asyncopd.wire.records import (
     scores_from_proto,
     scores_to_proto,
 )
+from asyncopd.wire.errors import WireError
 from asyncopd.wire.tensors import decode_numpy, decode_torch, encode
 
 __all__ = [

@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from asyncopd.samples import Prompt, Rollout, ScoredSample, TeacherScores
+from asyncopd.records import Prompt, Rollout, ScoredSample, TeacherScores
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
-from asyncopd.wire.records import (
+from asyncopd.wire.convert import (
     Limits,
     LogprobDType,
     prompt_from_proto,
@@ -81,7 +81,7 @@ class CacheStats:
 
 
 class CacheClient:
-    """Blocking client of `asyncopd.v1.CacheService` over a channel (see `asyncopd.rpc.channel`).
+    """Blocking client of `asyncopd.v1.CacheService` over a channel (see `asyncopd.wire.rpc.channel`).
 
     `limits` validates what the cache sends back (default: shapes, dtypes and NaN checks only);
     `logprob_dtype` is the wire dtype of log-probs this client sends; `timeout_s` is the

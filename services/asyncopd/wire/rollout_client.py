@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from asyncopd.samples import Prompt, Rollout, SupportKind
+from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.v1 import rollout_pb2, rollout_pb2_grpc
-from asyncopd.wire.records import Limits, prompt_to_proto, rollout_from_proto
+from asyncopd.wire.convert import Limits, prompt_to_proto, rollout_from_proto
 from asyncopd.wire.tensors import encode
 
 

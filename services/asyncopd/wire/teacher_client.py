@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from asyncopd.samples import Rollout, TeacherScores
+from asyncopd.records import Rollout, TeacherScores
 from asyncopd.v1 import teacher_pb2, teacher_pb2_grpc
-from asyncopd.wire.records import Limits, rollout_to_proto, scores_from_proto
+from asyncopd.wire.convert import Limits, rollout_to_proto, scores_from_proto
 
 
 class TeacherClient:

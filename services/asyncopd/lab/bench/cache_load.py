@@ -1,0 +1,289 @@
+"""`asyncopd bench cache-load`: many concurrent producers and consumers against one cache service.
+
+The cache service runs in its own process on loopback (as deployed, against the configured
+Redis under a fresh key prefix, wiped afterwards). Threads in this process play the pipeline:
+P rollout producers (AcquirePrompts -> PutRollouts), T teachers (ClaimRollouts -> PutScores) and
+one learner (PullBatch -> AckBatch -> PublishVersion). The run is bounded by --duration seconds
+and --max-steps learner steps, whichever comes first; then producers stop, the pipeline drains
+for up to --drain seconds, and the accounting is checked: produced = trained + dropped +
+in_flight exactly, every trained sample trained once, versions monotonic. It prints sustained
+ops/s and p50/p99 latency per RPC. It knows nothing of models: rollouts are synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
+
+import numpy as np
+
+from asyncopd.cache.connection import delete_prefix
+
+VOCAB = 512
+T = TypeVar("T")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--producers", type=int, default=16, help="rollout producer threads")
+    parser.add_argument("--teachers", type=int, default=8, help="teacher threads")
+    parser.add_argument("--batch-size", type=int, default=32, help="learner batch size")
+    parser.add_argument("--max-staleness", type=int, default=2, help="staleness bound of the run")
+    parser.add_argument("--chunk", type=int, default=4, help="items per acquire/put/claim request")
+    parser.add_argument("--tokens", type=int, default=128, help="response tokens per rollout")
+    parser.add_argument("--topk", type=int, default=16, help="teacher top-K per position")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load (at most 30)")
+    parser.add_argument("--max-steps", type=int, default=100_000, help="stop after this many learner steps")
+    parser.add_argument("--drain", type=float, default=10.0, help="seconds to let the pipeline drain")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (keys are removed)")
+    parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+
+
+def _config(args: argparse.Namespace, prefix: str) -> Any:
+    from asyncopd.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "max_staleness": args.max_staleness,
+            "learner": {"batch_size": args.batch_size},
+            "redis": {"url": args.redis_url, "key_prefix": prefix},
+            "cache": {"server": {"port": 0, "workers": 64}, "byte_budget_mb": 4096.0},
+        }
+    )
+
+
+def _tokenize(text: str) -> list[int]:
+    return [1 + (ord(c) % (VOCAB - 1)) for c in text]
+
+
+def _serve(args: argparse.Namespace, prefix: str, conn: Connection) -> None:
+    """Child process: the cache service over synthetic prompts, until told to stop."""
+    from asyncopd.cache.main import start_cache
+    from asyncopd.tasks import PromptItem
+
+    prompts = [PromptItem(prompt_id=f"p/{i}", prompt=f"{i}+{i}=", answer=str(2 * i), grader="toy") for i in range(4096)]
+    cache = start_cache(
+        _config(args, prefix), "cache-load", prompts=prompts, tokenize=_tokenize, vocab_size=VOCAB, serve_metrics=False
+    )
+    conn.send(cache.address)
+    conn.recv()
+    cache.stop(grace=1.0)
+
+
+@dataclass
+class Recorder:
+    """Latencies per RPC (seconds), appended from many threads."""
+
+    lat: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def timed(self, rpc: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        t0 = time.perf_counter()
+        out = call(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.lat[rpc].append(dt)
+        return out
+
+
+def _rollout(prompt: Any, version: int, tokens: int, rng: np.random.Generator) -> Any:
+    from asyncopd.records import Rollout, SupportKind
+
+    return Rollout(
+        sample_id=f"{prompt.ticket}/s",
+        prompt_id=prompt.prompt_id,
+        ticket=prompt.ticket,
+        task=prompt.task,
+        prompt_ids=prompt.prompt_ids,
+        response_ids=rng.integers(1, VOCAB, tokens).astype(np.int32),
+        behavior_logprobs=-rng.random(tokens).astype(np.float32),
+        versions=np.full(tokens, version, np.int32),
+        support_kind=SupportKind.NONE,
+        replica="load",
+    )
+
+
+def _scores(rollout: Any, topk: int, rng: np.random.Generator) -> Any:
+    from asyncopd.records import TeacherScores
+
+    t = rollout.num_tokens
+    return TeacherScores(
+        sample_id=rollout.sample_id,
+        token_logprobs=-rng.random(t).astype(np.float32),
+        topk_ids=rng.integers(0, VOCAB, (t, topk)).astype(np.int32),
+        topk_logprobs=-rng.random((t, topk)).astype(np.float32) * 4,
+        teacher="load",
+    )
+
+
+def drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the load against a cache at `address`; returns the measured figures and checks."""
+    from asyncopd.wire.cache_client import CacheClient
+    from asyncopd.wire.rpc import channel
+
+    rec = Recorder()
+    stop_producing, stop_all = threading.Event(), threading.Event()
+    errors: list[str] = []
+    trained_ids: list[str] = []
+    versions_seen: list[int] = []
+    ch = channel(address)
+    client = CacheClient(ch, timeout_s=60.0)
+
+    def guard(body: Callable[..., None], *body_args: Any) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body(*body_args)
+            except Exception as exc:  # a failed worker fails the run; report it, don't hang
+                errors.append(f"{threading.current_thread().name}: {exc!r}")
+                stop_producing.set()
+                stop_all.set()
+
+        return run
+
+    def producer(i: int) -> None:
+        rng = np.random.default_rng(i)
+        while not stop_producing.is_set():
+            prompts, version, finished = rec.timed(
+                "AcquirePrompts", lambda: client.acquire_prompts(f"r{i}", args.chunk, wait_ms=100)
+            )
+            if finished:
+                return
+            if prompts:
+                rollouts = [_rollout(p, version, args.tokens, rng) for p in prompts]
+                rec.timed("PutRollouts", client.put_rollouts, rollouts)
+
+    def teacher(j: int) -> None:
+        rng = np.random.default_rng(1000 + j)
+        while not stop_all.is_set():
+            claimed = rec.timed("ClaimRollouts", lambda: client.claim_rollouts(f"t{j}", args.chunk, wait_ms=100))
+            if claimed:
+                scores = [_scores(r, args.topk, rng) for r in claimed]
+                rec.timed("PutScores", client.put_scores, scores)
+
+    def learner() -> None:
+        version = client.stats_snapshot().learner_version
+        while not stop_all.is_set() and len(versions_seen) < args.max_steps:
+            batch = rec.timed("PullBatch", client.pull_batch, args.batch_size, version, wait_ms=200)
+            if batch is None:
+                continue
+            trained_ids.extend(s.rollout.sample_id for s in batch.samples)
+            rec.timed("AckBatch", client.ack_batch, batch.batch_id)
+            version += 1
+            rec.timed("PublishVersion", client.publish_version, version)
+            versions_seen.append(version)
+        stop_producing.set()
+
+    threads = [
+        threading.Thread(target=guard(lambda i=i: producer(i)), name=f"producer-{i}") for i in range(args.producers)
+    ]
+    threads += [
+        threading.Thread(target=guard(lambda j=j: teacher(j)), name=f"teacher-{j}") for j in range(args.teachers)
+    ]
+    learner_thread = threading.Thread(target=guard(learner), name="learner")
+    t0 = time.perf_counter()
+    for t in [*threads, learner_thread]:
+        t.start()
+    stop_producing.wait(min(args.duration, 30.0))
+    stop_producing.set()
+    load_s = time.perf_counter() - t0
+    ops_during_load = sum(len(v) for v in rec.lat.values())
+    # Drain: the learner and teachers go on until nothing is in flight or the drain time is up.
+    deadline = time.monotonic() + args.drain
+    while time.monotonic() < deadline and not errors:
+        s = client.stats_snapshot()
+        if s.in_flight < args.batch_size:  # a partial batch is never served; it stays counted
+            break
+        time.sleep(0.2)
+    stop_all.set()
+    for t in [*threads, learner_thread]:
+        t.join(timeout=30)
+    final = client.stats_snapshot()
+    ch.close()
+    per_rpc = {
+        rpc: {
+            "calls": len(v),
+            "p50_ms": float(np.percentile(v, 50) * 1e3),
+            "p99_ms": float(np.percentile(v, 99) * 1e3),
+        }
+        for rpc, v in sorted(rec.lat.items())
+    }
+    dropped = sum(final.dropped.values())
+    return {
+        "producers": args.producers,
+        "teachers": args.teachers,
+        "load_s": load_s,
+        "ops": ops_during_load,
+        "ops_per_s": ops_during_load / load_s,
+        "samples_trained_per_s": len(trained_ids) / max(load_s, 1e-9),
+        "per_rpc": per_rpc,
+        "produced": final.produced,
+        "trained": final.trained,
+        "dropped": dropped,
+        "dropped_by_reason": dict(final.dropped),
+        "in_flight": final.in_flight,
+        "steps": len(versions_seen),
+        "invariant_holds": final.produced == final.trained + dropped + final.in_flight,
+        "trained_twice": len(trained_ids) - len(set(trained_ids)),
+        "trained_matches": len(trained_ids) == final.trained,
+        "versions_monotonic": versions_seen == sorted(set(versions_seen)),
+        "errors": errors,
+    }
+
+
+def ok(result: dict[str, Any]) -> bool:
+    """Zero loss: exact accounting (drops, e.g. too stale, are counted by reason, never silent),
+    nothing trained twice, versions monotonic, no worker failed."""
+    return bool(
+        result["invariant_holds"]
+        and result["trained_twice"] == 0
+        and result["trained_matches"]
+        and result["versions_monotonic"]
+        and not result["errors"]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import redis
+
+    prefix = f"bench-cache-load-{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
+    server.start()
+    try:
+        result = drive(parent.recv(), args)
+    finally:
+        parent.send("stop")
+        server.join(timeout=30)
+        raw = redis.Redis.from_url(args.redis_url)
+        delete_prefix(raw, prefix)
+        raw.close()
+    _print(result)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if ok(result) else 1
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(
+        f"cache-load: {result['producers']} producers, {result['teachers']} teachers, 1 learner, "
+        f"{result['load_s']:.1f} s: {result['ops_per_s']:.0f} RPC/s sustained, "
+        f"{result['samples_trained_per_s']:.0f} samples trained/s, {result['steps']} learner steps"
+    )
+    print(f"{'rpc':<16}{'calls':>8}{'p50 ms':>10}{'p99 ms':>10}")
+    for rpc, r in result["per_rpc"].items():
+        print(f"{rpc:<16}{r['calls']:>8}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+    print(
+        f"accounting: produced {result['produced']} = trained {result['trained']} + dropped {result['dropped']} "
+        f"+ in_flight {result['in_flight']}: {'exact' if result['invariant_holds'] else 'BROKEN'} "
+        f"(dropped by reason: {result['dropped_by_reason'] or 'none'}); "
+        f"trained twice: {result['trained_twice']}; errors: {result['errors'] or 'none'}"
+    )

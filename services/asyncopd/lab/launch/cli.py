@@ -1,0 +1,69 @@
+"""`asyncopd run -c CONFIG [--set k=v ...] [--report PATH]`: the whole pipeline locally."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from asyncopd.cli.serve import add_config_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline locally (Redis, cache, teachers, rollouts, learner) and report",
+        description=(
+            "Start Redis (or reuse the configured one), the cache, teacher and rollout replicas and the "
+            "learner as local processes on loopback, show progress, stop them all, and write a report "
+            "(JSON + plots) into the run's output dir."
+        ),
+    )
+    add_config_args(p)
+    p.add_argument("--report", type=Path, default=None, help="report JSON path (default <output_dir>/report.json)")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after greedy evaluations")
+    p.add_argument("--no-teacher-eval", action="store_true", help="skip evaluating the teacher")
+    p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start a local Prometheus scraping every service (prints its URL; needs the binary)",
+    )
+    p.add_argument("--max-wall-s", type=float, default=None, help="give up if training takes longer than this")
+    p.add_argument(
+        "--startup-timeout-s", type=float, default=300.0, help="seconds each service may take to become healthy"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from asyncopd.config import load_config
+    from asyncopd.lab.launch.processes import ChildDied
+    from asyncopd.lab.launch.runner import LaunchOptions, RunStopped, run_pipeline
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.config, args.overrides)
+    options = LaunchOptions(
+        report_path=args.report,
+        evaluate=not args.no_eval,
+        evaluate_teacher=not args.no_teacher_eval,
+        live=not args.no_live,
+        plots=not args.no_plots,
+        prometheus=args.prometheus,
+        max_wall_s=args.max_wall_s,
+        startup_timeout_s=args.startup_timeout_s,
+    )
+    try:
+        report = run_pipeline(config, options)
+    except KeyboardInterrupt:
+        print("asyncopd run: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    except RunStopped as exc:
+        print(f"asyncopd run: {exc}; every process it started was stopped", file=sys.stderr)
+        return 143
+    except (ChildDied, TimeoutError) as exc:
+        print(f"asyncopd run failed: {exc}", file=sys.stderr)
+        return 1
+    return 1 if report.get("invariant_violations") else 0

@@ -1,0 +1,89 @@
+"""`asyncopd study`: run the staleness study and write study.md, study.json and plots under --out."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from asyncopd.cli.serve import add_config_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "study",
+        help="the paper's staleness study on the toy task (fixed staleness, in one process)",
+        description=(
+            "Train fresh students with rollouts exactly s versions stale, on the project's own engine, "
+            "teacher scorer, trainer and estimators: (1) forward vs reverse KL at s=0,1,2,4,8, (2) corrections "
+            "for stale reverse KL, (3) sparse top-K vs MC reverse KL (gradient bias/variance and accuracy). "
+            "Writes study.md, study.json and PNG plots under --out."
+        ),
+    )
+    add_config_args(p)
+    p.set_defaults(config="configs/toy.yaml")
+    p.add_argument("--out", type=Path, default=Path("results/study"), help="output folder (default results/study)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="learner steps per cell (default 150; --quick 3)")
+    p.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3 (default 1,2,3)")
+    p.add_argument("--test-size", type=int, default=None, help="test prompts per evaluation (default 200)")
+    p.add_argument("--draws", type=int, default=None, help="R: gradient draws per MC estimator in part 3a (default 32)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="cells trained in parallel, one process and one torch thread each (default: min(2, CPUs))",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render study.md and the plots from an existing <out>/study.json without training",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny study for tests: 1 seed, 3 steps, 2 staleness values, R=4"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from asyncopd.lab.study.plan import StudyPlan, StudySize, parse_parts, seeds_from
+    from asyncopd.lab.study.report import write_report
+    from asyncopd.lab.study.runner import Source, run_study
+    from asyncopd.lab.study.summary import Results
+
+    if args.report_only:
+        from asyncopd.lab.study.report import load_results
+
+        saved = args.out / "study.json"
+        if not saved.is_file():
+            raise SystemExit(f"--report-only: {saved} does not exist; run the study first")
+        results, saved_source, workers = load_results(saved)
+        written = write_report(results, saved_source, args.out, workers)
+        print(f"re-rendered {written['markdown']} from {saved}")
+        return 0
+    source = Source(args.config, tuple(args.overrides))
+    base = source.config()
+    size = StudySize.quick() if args.quick else StudySize()
+    changes: dict[str, object] = {"seeds": seeds_from(base.seed, args.seeds or len(size.seeds))}
+    for name, value in (("steps", args.steps), ("test_size", args.test_size), ("draws", args.draws)):
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            changes[name] = value
+    size = dataclasses.replace(size, **changes)  # type: ignore[arg-type]
+    try:
+        parts = parse_parts(args.parts)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
+    print(
+        f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps, "
+        f"seeds {list(size.seeds)}, {args.workers} worker(s) -> {args.out}",
+        file=sys.stderr,
+    )
+    run = run_study(source, plan, args.workers, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    written = write_report(Results(plan, run), source, args.out, args.workers)
+    print(f"wrote {written['markdown']} and {written['json']} ({run.wall_seconds / 60:.1f} min)")
+    return 0

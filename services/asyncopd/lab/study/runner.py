@@ -1,0 +1,169 @@
+"""Runs a `StudyPlan`: every training cell, the gradient probe and the before-training baseline.
+
+Each job builds its config with `load_config(path, base overrides + the cell's overrides +
+seed=...)` and runs in a worker process with one torch thread (or inline with `workers=1`), so a
+cell's result depends only on its config: same seed, same numbers, whatever the worker count.
+Worker processes keep the teacher and datasets of a config loaded between jobs.
+
+It knows the harness, the probe and the plan; it writes nothing (the report does).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from asyncopd.config import RunConfig, load_config
+from asyncopd.evaluation.greedy import evaluate
+from asyncopd.lab.study.harness import StalenessHarness, StudyModels, load_study_models
+from asyncopd.lab.study.plan import Cell, StudyPlan
+from asyncopd.lab.study.probe import EstimatorSpec, probe_gradients
+from asyncopd.models.loading import load_model
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where every cell's config comes from: a YAML path (None = defaults) and `--set` overrides."""
+
+    path: str | None
+    overrides: tuple[str, ...] = ()
+
+    def config(self, *extra: str) -> RunConfig:
+        return load_config(self.path, [*self.overrides, *extra])
+
+
+_MODELS: dict[tuple[str, int], StudyModels] = {}
+
+
+def quiet_process() -> None:
+    """One torch thread and no progress bars: what every study process runs with."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _shared(config: RunConfig, test_size: int) -> StudyModels:
+    key = (
+        config.models.model_dump_json() + config.task.model_dump_json() + config.teacher.model_dump_json(),
+        test_size,
+    )
+    if key not in _MODELS:
+        _MODELS[key] = load_study_models(config, test_size)
+    return _MODELS[key]
+
+
+def train_cell(source: Source, cell: Cell, steps: int, test_size: int) -> dict[str, Any]:
+    """Train one cell and return its record (study.json's `cells` entries)."""
+    overrides = (*cell.overrides, f"seed={cell.seed}")
+    config = source.config(*overrides)
+    harness = StalenessHarness(config, cell.staleness, _shared(config, test_size))
+    result = harness.run(steps)
+    return {"key": cell.key, "overrides": list(cell.overrides), **asdict(result)}
+
+
+def probe_seed(
+    source: Source,
+    overrides: Sequence[str],
+    estimators: Sequence[EstimatorSpec],
+    *,
+    seed: int,
+    draws: int,
+    test_size: int,
+) -> dict[str, Any]:
+    """Part 3a on the batch of one seed: {label: stats}."""
+    config = source.config(*overrides, f"seed={seed}")
+    stats = probe_gradients(config, _shared(config, test_size), estimators, draws)
+    return {"seed": seed, "stats": {label: s.as_dict() for label, s in stats.items()}}
+
+
+def baseline(source: Source, test_size: int) -> dict[str, Any]:
+    """Greedy test accuracy of the initial student and of the teacher (the bounds of every cell)."""
+    config = source.config()
+    shared = _shared(config, test_size)
+    max_tokens = config.rollout.sampling.max_tokens
+    student = load_model(config.models.student, config.models.dtype, config.learner.device)
+    return {
+        "student_accuracy": evaluate(student, shared.tokenizer, shared.test_items, max_tokens).accuracy,
+        "teacher_accuracy": evaluate(shared.teacher, shared.tokenizer, shared.test_items, max_tokens).accuracy,
+        "test_size": len(shared.test_items),
+    }
+
+
+def _cost(cell: Cell) -> float:
+    """Rough relative cost, to start the longest cells first."""
+    k = next((int(o.split("=")[1]) for o in cell.overrides if o.startswith("loss.k=")), 1)
+    return k + 0.1 * cell.staleness
+
+
+@dataclass
+class StudyRun:
+    """What `run_study` measured (raw, per cell and per seed)."""
+
+    cells: list[dict[str, Any]]
+    probes: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    wall_seconds: float
+
+
+def run_study(
+    source: Source, plan: StudyPlan, workers: int = 1, progress: Callable[[str], None] | None = None
+) -> StudyRun:
+    """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel."""
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    cells = sorted(plan.cells(), key=_cost, reverse=True)
+    estimators = [EstimatorSpec(label, kind, k) for label, kind, k in plan.probe_estimators()]
+    size = plan.size
+    # (name, job): module-level functions bound with functools.partial, so they pickle to workers
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("baseline", functools.partial(baseline, source, size.test_size))
+    ]
+    if 3 in plan.parts:
+        overrides = plan.probe_overrides()
+        jobs += [
+            (
+                f"probe seed={seed}",
+                functools.partial(
+                    probe_seed, source, overrides, estimators, seed=seed, draws=size.draws, test_size=size.test_size
+                ),
+            )
+            for seed in size.seeds
+        ]
+    jobs += [(cell.key, functools.partial(train_cell, source, cell, size.steps, size.test_size)) for cell in cells]
+    results: dict[str, dict[str, Any]] = {}
+    done = 0
+
+    def record(name: str, value: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        results[name] = value
+        extra = f" accuracy={value['accuracy']:.3f} ({value['seconds']:.0f}s)" if "accuracy" in value else ""
+        say(f"[{done}/{len(jobs)}] {name}{extra}  t={time.perf_counter() - start:.0f}s")
+
+    if workers <= 1:
+        quiet_process()
+        for name, job in jobs:
+            record(name, job())
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=quiet_process) as pool:
+            futures = {pool.submit(job): name for name, job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                record(futures[future], future.result())
+    return StudyRun(
+        cells=[results[cell.key] for cell in plan.cells()],
+        probes=[results[f"probe seed={seed}"] for seed in size.seeds] if 3 in plan.parts else [],
+        baseline=results["baseline"],
+        wall_seconds=time.perf_counter() - start,
+    )
