@@ -175,3 +175,18 @@ def test_a_planted_import_out_of_opd_and_across_services_is_caught(tmp_path: Pat
     graph = import_graph(tmp_path / "asyncopd")
     assert {module for module, _ in opd_imports_outside(graph)} == {"asyncopd.opd.loss"}
     assert {module for module, _ in cross_service_imports(graph)} == {"asyncopd.rollout.main"}
+
+
+def test_the_architecture_doc_lists_every_package_and_no_other() -> None:
+    doc = (PACKAGE_ROOT.parents[1] / "docs" / "architecture.md").read_text()
+    table = doc.split("<!-- layout:begin -->", 1)[1].split("<!-- layout:end -->", 1)[0]
+    listed = set(re.findall(r"^\| `(asyncopd(?:\.[a-z_]+)*)`", table, flags=re.M))
+    packages = {
+        module_name(PACKAGE_ROOT, init.parent / "__init__.py")
+        for init in PACKAGE_ROOT.rglob("__init__.py")
+        if "v1" not in init.relative_to(PACKAGE_ROOT).parts and init.parent != PACKAGE_ROOT
+    }
+    # one level below the root, plus the lab's and tasks' own packages, one line each
+    expected = {p for p in packages if p.count(".") == 1 or p.startswith(("asyncopd.lab.", "asyncopd.tasks."))}
+    expected |= {f"asyncopd.{p.stem}" for p in PACKAGE_ROOT.glob("*.py") if p.name != "__init__.py"}
+    assert listed == expected, f"docs/architecture.md Layout: missing {expected - listed}, stale {listed - expected}"
