@@ -51,6 +51,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return int(result or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
