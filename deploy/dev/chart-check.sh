@@ -63,6 +63,16 @@ if [ -f deploy/grafana/asyncopd.json ] && ! cmp -s deploy/grafana/asyncopd.json 
   cp deploy/grafana/asyncopd.json "$CHART/dashboards/asyncopd.json"
 fi
 
+# --- the alert and recording rules: the PrometheusRule (monitoring.prometheusRule.enabled) ships
+# a copy of deploy/prometheus/rules/*.yml for the same reason ---------------------------------
+for rules in deploy/prometheus/rules/*.yml; do
+  if ! cmp -s "$rules" "$CHART/rules/$(basename "$rules")"; then
+    echo "chart-check: syncing $CHART/rules/$(basename "$rules") from $rules"
+    mkdir -p "$CHART/rules"
+    cp "$rules" "$CHART/rules/$(basename "$rules")"
+  fi
+done
+
 echo "chart-check: $("$HELM" version --short), kubernetes-validate $("$VALIDATE" --version), Kubernetes $KUBE_VERSION"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -84,5 +94,6 @@ done
 # One validator process for all of them: loading the schemas is most of its time.
 "$VALIDATE" -k "$KUBE_VERSION" --strict --quiet --no-warn "${manifests[@]}"
 echo "chart-check: ok (${#manifests[@]} renders valid against Kubernetes $KUBE_VERSION)"
-# kubernetes-validate knows only built-in kinds; the ServiceMonitor (a Prometheus Operator CRD)
-# is checked field by field in tests/unit/test_chart.py.
+# kubernetes-validate knows only built-in kinds; the ServiceMonitor and PrometheusRule (Prometheus
+# Operator CRDs, rendered by ci/monitoring-on-values.yaml) are checked field by field in
+# tests/unit/test_chart.py, and their rules by promtool there.

@@ -280,11 +280,28 @@ def test_pod_disruption_budgets_cover_every_component() -> None:
     }
 
 
+OPERATOR_GROUP = "monitoring.coreos.com/"
+
+
+@pytest.mark.parametrize("values", [s for s in ALL_SETS if s != "monitoring-on-values.yaml"])
+def test_without_monitoring_values_no_prometheus_operator_kind_is_rendered(values: str) -> None:
+    # A cluster without the Prometheus Operator has no such CRDs: `helm install` would fail with
+    # "no matches for kind ServiceMonitor". Defaults and production must install there.
+    kinds = [(d["apiVersion"], d["kind"]) for d in render(values) if d["apiVersion"].startswith(OPERATOR_GROUP)]
+    assert not kinds, (values or "defaults", kinds)
+
+
 def test_monitoring_is_toggleable_and_scrapes_every_service_metrics_port() -> None:
-    docs = render()
+    docs = render("monitoring-on-values.yaml")
     monitor = find(docs, "ServiceMonitor", "rel-asyncopd")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    # kube-prometheus-stack's Prometheus selects ServiceMonitors by its release label
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"], "targetLabel": "release"} in (
+        monitor["spec"]["endpoints"][0]["relabelings"]
+    )
     components = set(monitor["spec"]["selector"]["matchExpressions"][0]["values"])
     services = [
         d
@@ -298,7 +315,24 @@ def test_monitoring_is_toggleable_and_scrapes_every_service_metrics_port() -> No
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["data"]["asyncopd.json"].strip() == (CHART / "dashboards/asyncopd.json").read_text().strip()
     off = render("monitoring-off-values.yaml")
-    assert not [d for d in off if d["kind"] == "ServiceMonitor" or d["metadata"]["name"].endswith("-dashboard")]
+    assert not [
+        d for d in off if d["kind"] in ("ServiceMonitor", "PrometheusRule") or d["metadata"]["name"].endswith("-dashboard")
+    ]
+
+
+def test_prometheus_rule_ships_the_rules_of_deploy_prometheus() -> None:
+    rule = find(render("monitoring-on-values.yaml"), "PrometheusRule", "rel-asyncopd")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    source = ROOT / "deploy" / "prometheus" / "rules"
+    expected = [g for f in ("recording.yml", "alerts.yml") for g in yaml.safe_load((source / f).read_text())["groups"]]
+    assert rule["spec"]["groups"] == expected
+    names = {r.get("record") or r.get("alert") for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"asyncopd:learner_idle:ratio5m", "AsyncOPDServiceDown"} <= names
+    for path in sorted(source.glob("*.yml")):
+        assert (CHART / "rules" / path.name).read_bytes() == path.read_bytes(), (
+            f"charts/asyncopd/rules/{path.name} is stale: run deploy/dev/chart-check.sh"
+        )
 
 
 def test_chart_dashboard_is_the_one_in_deploy_grafana() -> None:
