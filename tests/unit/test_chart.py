@@ -365,3 +365,76 @@ def test_notes_tell_how_to_watch_the_run() -> None:
     assert "kubectl -n opd logs -f statefulset/exp1-asyncopd-learner" in notes
     assert "kubectl -n opd scale deployment/exp1-asyncopd-rollout" in notes
     assert "port-forward svc/exp1-asyncopd-cache 9400" in notes
+
+
+def _pod(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    kind = "StatefulSet" if component == "learner" else "Deployment"
+    return find(docs, kind, f"rel-asyncopd-{component}")["spec"]["template"]
+
+
+def test_extension_points_reach_the_pods_of_their_role() -> None:
+    docs = render("extensions-values.yaml")
+    rollout = _pod(docs, "rollout")
+    spec, (c,) = rollout["spec"], rollout["spec"]["containers"]
+    assert rollout["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert rollout["metadata"]["labels"]["example.com/role"] == "generator"
+    assert rollout["metadata"]["annotations"]["example.com/owner"] == "ml-platform"
+    assert rollout["metadata"]["annotations"]["example.com/scrape"] == "true"
+    assert "checksum/config" in rollout["metadata"]["annotations"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert c["envFrom"] == [{"secretRef": {"name": "wandb"}}, {"configMapRef": {"name": "vllm-tuning"}}]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["datasets"] == {"name": "datasets", "mountPath": "/datasets", "readOnly": True}
+    assert mounts["vllm-cache"]["mountPath"] == "/var/cache/vllm"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["datasets"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
+    assert volumes["vllm-cache"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert spec["priorityClassName"] == "training-high"
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert "nodeAffinity" in spec["affinity"]
+    # the chart-wide keys reach every pod; a role's keys only that role
+    for component in ("cache", "teacher", "learner"):
+        pod = _pod(docs, component)
+        (container,) = pod["spec"]["containers"]
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", component
+        assert "datasets" in {m["name"] for m in container["volumeMounts"]}, component
+        assert container["envFrom"] == [{"secretRef": {"name": "wandb"}}], component
+        assert "HF_TOKEN" not in {e["name"] for e in container["env"]}, component
+        assert "example.com/role" not in pod["metadata"]["labels"], component
+    assert _pod(docs, "learner")["spec"]["priorityClassName"] == "training-critical"
+    assert "runtimeClassName" not in _pod(docs, "cache")["spec"]
+    assert {e["name"] for e in _pod(docs, "cache")["spec"]["containers"][0]["env"]} >= {"ASYNCOPD_LOG_LEVEL"}
+
+
+def test_pod_labels_never_override_the_selector_labels() -> None:
+    docs = render("extensions-values.yaml")
+    learner = find(docs, "StatefulSet", "rel-asyncopd-learner")
+    assert learner["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "learner"
+    assert learner["spec"]["selector"]["matchLabels"].items() <= learner["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_defaults_add_no_extension_fields() -> None:
+    for w in workloads(render()):
+        spec = w["spec"]["template"]["spec"]
+        assert not {"priorityClassName", "runtimeClassName", "topologySpreadConstraints"} & set(spec)
+        assert all("envFrom" not in c for c in spec["containers"])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "rollout.priorityClassName=1",
+        "teacher.podLabels.team=1",
+        "cache.extraVolumes[0].emptyDir=x",
+        "learner.topologySpreadConstraints[0].maxSkew=1",
+        "rollout.podlabels.a=b",
+    ],
+)
+def test_schema_rejects_malformed_extension_points(bad: str) -> None:
+    r = subprocess.run(
+        [_helm(), "template", "rel", str(CHART), "--set", bad], check=False, capture_output=True, text=True
+    )
+    assert r.returncode != 0, bad
+    assert "schema" in r.stderr, r.stderr

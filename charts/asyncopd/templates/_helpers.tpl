@@ -119,6 +119,13 @@ imagePullSecrets:
     {{- with $.Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+    {{- with .v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with concat (default (list) $.Values.extraEnvFrom) (default (list) .v.extraEnvFrom) }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- include "asyncopd.probes" (dict "ctx" $ "port" .port "host" .host) | nindent 2 }}
   {{- with .resources }}
   resources:
@@ -135,6 +142,9 @@ imagePullSecrets:
     {{- end }}
     {{- if and .models $.Values.models.existingClaim }}
     - {name: models, mountPath: {{ $.Values.models.mountPath }}, readOnly: true}
+    {{- end }}
+    {{- with concat (default (list) $.Values.extraVolumeMounts) (default (list) .v.extraVolumeMounts) }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}
 
@@ -193,5 +203,48 @@ livenessProbe:
   persistentVolumeClaim:
     claimName: {{ $.Values.models.existingClaim }}
     readOnly: true
+{{- end }}
+{{- with concat (default (list) $.Values.extraVolumes) (default (list) .v.extraVolumes) }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod labels and annotations of one component: selector labels (never overridden), then the
+role's podLabels, then the chart-wide ones (e.g. a Kueue queue label); the config checksum, then
+podAnnotations (role, then chart-wide). (dict "ctx" $ "component" "rollout" "v" .Values.rollout) */}}
+{{- define "asyncopd.podMetadata" -}}
+{{- $ := .ctx -}}
+{{- $sel := include "asyncopd.selectorLabels" (dict "ctx" $ "component" .component) | fromYaml -}}
+{{- $labels := merge (dict) $sel (default (dict) .v.podLabels) (default (dict) $.Values.podLabels) -}}
+{{- $annotations := merge (dict "checksum/config" (include (print $.Template.BasePath "/configmap.yaml") $ | sha256sum)) (default (dict) .v.podAnnotations) (default (dict) $.Values.podAnnotations) -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+annotations:
+  {{- toYaml $annotations | nindent 2 }}
+{{- end }}
+
+{{/* Scheduling of a pod from its role's values: (dict "v" .Values.rollout) */}}
+{{- define "asyncopd.podScheduling" -}}
+{{- with .v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .v.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
