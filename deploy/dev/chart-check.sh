@@ -63,6 +63,10 @@ if [ -f deploy/grafana/asyncopd.json ] && ! cmp -s deploy/grafana/asyncopd.json 
   cp deploy/grafana/asyncopd.json "$CHART/dashboards/asyncopd.json"
 fi
 
+# --- the run config's JSON schema (asyncopd.config.RunConfig) under `config` in values.schema.json,
+# so helm rejects a typo in `config:` at install time ------------------------------------------
+"$VENV/bin/python" deploy/dev/chart_config_schema.py
+
 # --- the alert and recording rules: the PrometheusRule (monitoring.prometheusRule.enabled) ships
 # a copy of deploy/prometheus/rules/*.yml for the same reason ---------------------------------
 for rules in deploy/prometheus/rules/*.yml; do

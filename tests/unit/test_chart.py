@@ -9,6 +9,7 @@ helm is missing outside CI (CI must have it: `make chart` runs first).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -315,9 +316,8 @@ def test_monitoring_is_toggleable_and_scrapes_every_service_metrics_port() -> No
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["data"]["asyncopd.json"].strip() == (CHART / "dashboards/asyncopd.json").read_text().strip()
     off = render("monitoring-off-values.yaml")
-    assert not [
-        d for d in off if d["kind"] in ("ServiceMonitor", "PrometheusRule") or d["metadata"]["name"].endswith("-dashboard")
-    ]
+    operator_kinds = ("ServiceMonitor", "PrometheusRule")
+    assert not [d for d in off if d["kind"] in operator_kinds or d["metadata"]["name"].endswith("-dashboard")]
 
 
 def test_prometheus_rule_ships_the_rules_of_deploy_prometheus() -> None:
@@ -412,7 +412,8 @@ def test_pod_labels_never_override_the_selector_labels() -> None:
     docs = render("extensions-values.yaml")
     learner = find(docs, "StatefulSet", "rel-asyncopd-learner")
     assert learner["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "learner"
-    assert learner["spec"]["selector"]["matchLabels"].items() <= learner["spec"]["template"]["metadata"]["labels"].items()
+    pod_labels = learner["spec"]["template"]["metadata"]["labels"]
+    assert learner["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
 def test_defaults_add_no_extension_fields() -> None:
@@ -438,3 +439,50 @@ def test_schema_rejects_malformed_extension_points(bad: str) -> None:
     )
     assert r.returncode != 0, bad
     assert "schema" in r.stderr, r.stderr
+
+
+def _schema_generator() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_config_schema", ROOT / "deploy/dev/chart_config_schema.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_values_schema_embeds_the_run_config_schema_as_generated() -> None:
+    gen = _schema_generator()
+    committed = (CHART / "values.schema.json").read_text()
+    assert committed == gen.render(gen.embedded(json.loads(committed))), (
+        "values.schema.json is stale: run python deploy/dev/chart_config_schema.py (make chart)"
+    )
+    schema = json.loads(committed)
+    from asyncopd.config import RunConfig
+
+    assert set(schema["properties"]["config"]["properties"]) == set(RunConfig.model_fields)
+    assert schema["properties"]["config"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "config.learner.stepz=3",  # a typo
+        "config.learner.steps=many",  # a wrong type
+        "config.rollout.engine=sglang",  # not one of the engines
+        "config.modelz.student=x",  # a misspelt section
+    ],
+)
+@pytest.mark.parametrize("command", ["template", "lint"])
+def test_a_typo_in_the_run_config_fails_helm_not_the_pods(bad: str, command: str) -> None:
+    args = [_helm(), command, *(["rel"] if command == "template" else []), str(CHART), "--set", bad]
+    r = subprocess.run(args, check=False, capture_output=True, text=True)
+    assert r.returncode != 0, (command, bad, r.stdout)
+    assert "schema" in (r.stderr + r.stdout), r.stderr + r.stdout
+    # ... and the project's own loader rejects the same value: the two schemas agree
+    section, _, rest = bad.removeprefix("config.").partition(".")
+    key, _, value = rest.partition("=")
+    from asyncopd.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError):
+        config_from_dict({section: {key: value}})
