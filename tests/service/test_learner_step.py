@@ -15,7 +15,7 @@ import pytest
 import torch
 from asyncopd.learner.batching import collate
 from asyncopd.learner.trainer import Trainer, response_logits
-from asyncopd.opd import OPDLoss, forward_kl_full, reverse_kl_full
+from asyncopd.opd import LossInputs, LossOutputs, OPDLoss, forward_kl_full, gather_logprobs, reverse_kl_full
 from asyncopd.records import Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
 from tiny_models import make_tiny_qwen3
 from transformers import Qwen3ForCausalLM
@@ -163,3 +163,44 @@ def test_micro_batching_matches_one_batch(models: tuple[Path, Path], generated: 
         Trainer(student, OPDLoss("reverse_kl_topk"), lr=5e-3, micro_batch_size=micro).train(samples)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-5)
+
+
+class RecordingLoss(OPDLoss):
+    """The real estimator, also keeping the inputs of every call (one per micro-batch)."""
+
+    calls: list[tuple[torch.Tensor, torch.Tensor | None]]
+
+    def __call__(self, inputs: LossInputs) -> LossOutputs:
+        proximal = None if inputs.proximal_logprobs is None else inputs.proximal_logprobs.detach().clone()
+        self.calls.append((inputs.student_logits.detach().clone(), proximal))
+        return super().__call__(inputs)
+
+
+def test_decoupled_proximal_is_the_snapshot_before_the_first_step_sliced_per_micro_batch(
+    models: tuple[Path, Path], generated: Generated
+) -> None:
+    """Decoupled PPO: every micro-batch of every mini-batch step gets, as its proximal log-probs,
+    its own rows of one snapshot of the student taken before the batch's first optimizer step —
+    not a fresh forward pass after earlier steps, not another micro-batch's rows."""
+    samples = scored_samples(generated, "reverse_kl_mc")[:7]
+    student = load(models[0])
+    snapshot = load(models[0])  # the same weights, never stepped
+    batch = collate(samples, "reverse_kl_mc")
+    assert batch.ids is not None
+    with torch.no_grad():
+        expected = gather_logprobs(response_logits(snapshot, batch), batch.ids).float()
+    loss = RecordingLoss("reverse_kl_mc", correction="decoupled")
+    loss.calls = []
+    # 7 samples, 2 mini-batches (rows 0-3 and 4-6), micro-batches of 2: rows 0-1, 2-3, 4-5, 6
+    trainer = Trainer(student, loss, lr=5e-2, micro_batch_size=2, mini_batches=2)
+    stats = trainer.train(samples)
+    assert len(stats) == 2 and [s.samples for s in stats] == [4, 3]
+    rows = [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert len(loss.calls) == len(rows)
+    for (lo, hi), (_, proximal) in zip(rows, loss.calls, strict=True):
+        assert proximal is not None and proximal.shape == expected[lo:hi].shape
+        torch.testing.assert_close(proximal, expected[lo:hi], rtol=1e-4, atol=1e-5)
+    # The second mini-batch ran on stepped weights: its current log-probs have moved away from
+    # the snapshot, so a proximal recomputed after the first step would differ from it.
+    now = gather_logprobs(loss.calls[2][0].float(), batch.ids[4:6])
+    assert (now - expected[4:6]).abs().max() > 1e-3, "the first step did not move the student"
