@@ -1,16 +1,29 @@
-"""Learner checkpoints: HF-format weights + optimizer/scheduler + version + RNG, written atomically.
+"""Learner checkpoints: HF-format weights + optimizer/scheduler + version + RNG, written durably.
 
 Layout under `checkpoint_dir`:  step-00000042/ (a loadable HF model directory plus
-`learner_state.pt` and `learner.json`) and `LATEST` (the name of the newest complete one).
-A checkpoint is written to a temporary directory and renamed into place, and `LATEST` is
-replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+`learner_state.pt`, `learner.json` and `digests.json`) and `LATEST` (the name of the newest
+complete one).
+
+Durability, in the order a write happens:
+- the space a checkpoint needs (the size of the newest one, or an estimate from the model)
+  is checked before anything is written; when it is short, older checkpoints are pruned first
+  (never the newest), and `CheckpointSpaceError` says how much is missing otherwise;
+- every file is written to a temporary directory, fsynced, listed with its SHA-256 in
+  `digests.json`, and the directory is renamed into place and its parent fsynced; `LATEST` is
+  replaced the same way, so a kill or power loss at any moment leaves a complete checkpoint;
+- `latest()` verifies the digests of the one `LATEST` names and falls back to the newest
+  older checkpoint that verifies (logging what it skipped and why) instead of raising;
+- `load_state` reads with `torch.load(weights_only=True)`: no pickle code runs from a shared
+  volume.
 
 It knows files, models and state dicts; it knows nothing of the training loop or services.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,15 +35,36 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 _LATEST = "LATEST"
 _STATE = "learner_state.pt"
+_DIGESTS = "digests.json"
+# Free space kept beyond the checkpoint's own size (filesystem metadata, the LATEST pointer).
+_SPACE_MARGIN = 1.1
+
+
+class CheckpointSpaceError(OSError):
+    """Not enough free space for a checkpoint even after pruning the old ones."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files do not match the digests written with it."""
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state in types `torch.load(weights_only=True)` accepts (no numpy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -40,9 +74,87 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _DIGESTS)
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir())
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def needed_bytes(root: Path, model: PreTrainedModel) -> int:
+    """What the next checkpoint will take: the newest one's size, or the model's weights x 3
+    (weights + AdamW's two moments) before the first."""
+    existing = _checkpoints(root)
+    if existing:
+        return _size(existing[-1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * weights
+
+
+def ensure_space(root: Path, needed: int, free_bytes: int | None = None) -> None:
+    """Prune the oldest checkpoints (never below one) until `needed` bytes fit, or raise.
+
+    `free_bytes` overrides the filesystem's answer (tests)."""
+
+    def free() -> int:
+        return free_bytes if free_bytes is not None else shutil.disk_usage(root).free
+
+    want = int(needed * _SPACE_MARGIN)
+    existing = _checkpoints(root)
+    # The newest checkpoint is what a resume needs; older ones go first when space is short.
+    while free() < want and len(existing) > 1:
+        oldest = existing.pop(0)
+        released = _size(oldest)
+        log.warning("checkpoint: pruning %s before writing (%.1f MiB short)", oldest.name, (want - free()) / 2**20)
+        shutil.rmtree(oldest)
+        if free_bytes is not None:
+            free_bytes += released
+    if free() < want:
+        raise CheckpointSpaceError(
+            f"checkpoint needs ~{want / 2**20:.1f} MiB in {root}, {free() / 2**20:.1f} MiB free "
+            f"after pruning to {len(existing)} checkpoint(s): free disk space or lower learner.keep_checkpoints"
+        )
 
 
 def save(
@@ -53,44 +165,83 @@ def save(
     tokenizer: PreTrainedTokenizerBase | None = None,
     info: dict[str, Any] | None = None,
     keep: int = 2,
+    free_bytes: int | None = None,
 ) -> Path:
-    """Write checkpoint `step-<version>`; point LATEST at it; keep the newest `keep` checkpoints."""
+    """Write checkpoint `step-<version>`; point LATEST at it; keep the newest `keep` checkpoints.
+
+    Raises `CheckpointSpaceError` (and writes nothing) when the space it needs is not there."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
+    ensure_space(root, needed_bytes(root, model), free_bytes)
     version = int(trainer_state["version"])
     final = root / f"step-{version:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save({"trainer": trainer_state, "rng": rng_state()}, tmp / _STATE)
-    (tmp / "learner.json").write_text(json.dumps({"version": version, "saved_unix": time.time(), **(info or {})}))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"trainer": trainer_state, "rng": rng_state()}, tmp / _STATE)
+        (tmp / "learner.json").write_text(json.dumps({"version": version, "saved_unix": time.time(), **(info or {})}))
+        digests = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+        (tmp / _DIGESTS).write_text(json.dumps(digests, indent=1, sort_keys=True))
+        for path in [*_files(tmp), tmp / _DIGESTS]:
+            _fsync_file(path)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written directory must not fill the disk
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = root / f".{_LATEST}.tmp"
     pointer.write_text(final.name)
+    _fsync_file(pointer)
     os.replace(pointer, root / _LATEST)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    _fsync_dir(root)
+    for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
+def verify(path: str | Path) -> None:
+    """Raise `CheckpointCorruptError` unless every file matches `digests.json`."""
+    path = Path(path)
+    listing = path / _DIGESTS
+    if not (path / _STATE).exists() or not listing.exists():
+        raise CheckpointCorruptError(f"{path.name} is incomplete (no {_STATE} or {_DIGESTS})")
+    digests: dict[str, str] = json.loads(listing.read_text())
+    present = {str(p.relative_to(path)) for p in _files(path)}
+    if missing := sorted(set(digests) - present):
+        raise CheckpointCorruptError(f"{path.name}: missing {missing}")
+    for name, want in digests.items():
+        if _sha256(path / name) != want:
+            raise CheckpointCorruptError(f"{path.name}: {name} does not match its SHA-256 digest")
+
+
 def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint under `directory`, or None."""
-    pointer = Path(directory) / _LATEST
-    if not pointer.exists():
-        return None
-    path = Path(directory) / pointer.read_text().strip()
-    if not (path / _STATE).exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
+    """The newest checkpoint under `directory` that verifies, or None when there is none.
+
+    `LATEST` names the newest; when it is missing, incomplete or corrupt, older checkpoints are
+    tried newest first and each one skipped is logged with the reason."""
+    root = Path(directory)
+    pointer = root / _LATEST
+    candidates = list(reversed(_checkpoints(root)))
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        candidates = [named, *[c for c in candidates if c != named]]
+    for path in candidates:
+        try:
+            verify(path)
+        except CheckpointCorruptError as exc:
+            log.error("checkpoint: skipping %s", exc)
+            continue
+        return path
+    return None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """The trainer state and RNG state of a checkpoint (the weights load with from_pretrained)."""
-    # Our own file with optimizer state and RNG tuples: not restricted to tensors.
-    state: dict[str, Any] = torch.load(Path(path) / _STATE, map_location="cpu", weights_only=False)
+    state: dict[str, Any] = torch.load(Path(path) / _STATE, map_location="cpu", weights_only=True)
     return state
