@@ -7,6 +7,7 @@ asks Prometheus, through its HTTP API, for the series the dashboard and alerts a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -194,3 +195,23 @@ def test_recorded_series_survive_a_restart_for_after_the_run_queries(prom: Local
         assert again.targets_health() == {}
         past = scalar(again, "max(asyncopd_learner_policy_version)", at=seen_at)
         assert past is not None and 0 < past <= version + 5
+
+
+def test_dashboard_queries_with_all_selected_answer_on_a_local_run(prom: LocalPrometheus, pipeline: Pipeline) -> None:
+    # A local run's series carry no namespace/release labels; the dashboard's filters with "All"
+    # selected ('.*') must still match them, or every panel would be empty outside Kubernetes.
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/asyncopd.json").read_text())
+    exprs = {p["title"]: p["targets"][0]["expr"] for p in dashboard["panels"] if p.get("targets")}
+    wait_for(lambda: (n := scalar(prom, "count_over_time(asyncopd_learner_steps_total[10s])")) and n >= 5)
+    for title in ("Steps / s", "Staleness p90", "Learner step time", "Tokens / s per stage", "Cache bytes vs budget"):
+        expr = exprs[title]
+        for var, value in {"$__rate_interval": "4s", "$namespace": ".*", "$release": ".*", "$replica": ".*"}.items():
+            expr = expr.replace(var, value)
+        assert 'namespace=~".*"' in expr, (title, expr)
+        result = wait_for(lambda e=expr: prom.query(e))
+        values = [float(r["value"][1]) for r in result]
+        assert values and all(v > 0 for v in values), (title, expr, result)
+    # ... and a release that does not exist selects nothing
+    assert not prom.query(
+        exprs["Steps / s"].replace("$__rate_interval", "4s").replace("$release", "other").replace("$namespace", ".*")
+    )

@@ -23,7 +23,15 @@ pytestmark = pytest.mark.service
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "asyncopd.json"
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    # The dashboard's label filters, as Grafana sends them with "All" selected.
+    "$namespace": ".*",
+    "$release": ".*",
+    "$replica": ".*",
+}
 
 
 @pytest.fixture(scope="module")

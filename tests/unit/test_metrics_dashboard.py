@@ -24,6 +24,22 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "asyncopd.json"
 SCHEMA = ROOT / "deploy" / "grafana" / "dashboard.schema.json"
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 NAME_RE = re.compile(r"\b(asyncopd[a-z0-9_:]*|up)\b")
+# Series other exporters publish, named as they publish them: kube-state-metrics (replica counts),
+# NVIDIA dcgm-exporter's default counters (GPU panels), and vLLM's engine metrics (rollout
+# engines; `gpu_cache_usage_perc` before vLLM 0.10, `kv_cache_usage_perc` since).
+EXTERNAL_RE = re.compile(r"\b(kube_[a-z0-9_]+|DCGM_FI_[A-Z0-9_]+|vllm:[a-z0-9_:]+)")
+EXTERNAL_SERIES = {
+    "kube_deployment_spec_replicas",
+    "kube_deployment_status_replicas_ready",
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_FB_FREE",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:num_preemptions_total",
+}
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -73,6 +89,10 @@ def referenced(expr: str) -> set[str]:
     return set(NAME_RE.findall(re.sub(r'"[^"]*"', '""', expr)))
 
 
+def referenced_external(expr: str) -> set[str]:
+    return set(EXTERNAL_RE.findall(re.sub(r'"[^"]*"', '""', expr)))
+
+
 def test_dashboard_passes_schema() -> None:
     errors = sorted(validator().iter_errors(load_dashboard()), key=lambda e: list(e.path))
     assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
@@ -87,6 +107,13 @@ def test_dashboard_passes_schema() -> None:
         pytest.param(lambda d: d["panels"][1]["gridPos"].update(w=25), id="too-wide"),
         pytest.param(lambda d: d["panels"][1]["targets"][0].update(expr=""), id="empty-expr"),
         pytest.param(lambda d: d.update(colour="blue"), id="unknown-key"),
+        pytest.param(lambda d: d["panels"][1]["fieldConfig"]["defaults"].update(unit="none"), id="unit-none"),
+        pytest.param(lambda d: d["panels"][1]["fieldConfig"]["defaults"].pop("unit"), id="no-unit"),
+        pytest.param(
+            lambda d: d["templating"].update(list=[v for v in d["templating"]["list"] if v["name"] != "release"]),
+            id="no-release-variable",
+        ),
+        pytest.param(lambda d: d["templating"]["list"][2].update(allValue="$__all"), id="all-not-regex"),
     ],
 )
 def test_schema_rejects_broken_dashboards(mutate: Any) -> None:
@@ -115,9 +142,10 @@ def test_every_series_named_by_dashboard_and_rules_exists() -> None:
     exprs = dashboard_exprs(load_dashboard()) + rule_exprs()
     assert exprs
     for where, expr in exprs:
-        names = referenced(expr)
-        assert names, (where, expr)
+        names, external = referenced(expr), referenced_external(expr)
+        assert names or external, (where, expr)
         assert names <= known, f"{where}: unknown series {sorted(names - known)} in {expr!r}"
+        assert external <= EXTERNAL_SERIES, f"{where}: unknown exporter series {sorted(external - EXTERNAL_SERIES)}"
 
 
 def test_dashboard_covers_what_operators_need() -> None:
@@ -166,3 +194,55 @@ def test_docs_list_every_metric() -> None:
     doc = (ROOT / "docs" / "observability.md").read_text()
     missing = [e.name for e in metrics.catalogue() if f"`{e.name}`" not in doc]
     assert not missing, f"docs/observability.md lacks {missing}"
+
+
+def test_every_query_is_scoped_to_the_chosen_namespace_and_release() -> None:
+    # Two releases in one namespace must not be summed together: every selector filters on the
+    # variables (DCGM series carry the pod, not the release; kube-state-metrics the Deployment).
+    selector = re.compile(r"\b(asyncopd_[a-z0-9_]+|up|vllm:[a-z0-9_:]+|DCGM_FI_[A-Z0-9_]+|kube_[a-z0-9_]+)(\{[^}]*\})?")
+    dashboard = load_dashboard()
+    assert {"namespace", "release", "replica"} <= {v["name"] for v in dashboard["templating"]["list"]}
+    for where, expr in dashboard_exprs(dashboard):
+        for name, matchers in selector.findall(expr):
+            assert 'namespace=~"$namespace"' in matchers, (where, name, expr)
+            if name.startswith("DCGM_FI_"):
+                assert 'pod=~"$release' in matchers, (where, expr)
+            elif name.startswith("kube_"):
+                assert 'deployment=~"$release' in matchers, (where, expr)
+            else:
+                assert 'release=~"$release"' in matchers, (where, name, expr)
+    per_replica = [(w, e) for w, e in dashboard_exprs(dashboard) if "by (le, replica)" in e or "by (replica)" in e]
+    assert per_replica
+    for where, expr in per_replica:
+        assert 'replica=~"$replica"' in expr, (where, expr)
+
+
+def _quantity(expr: str) -> str:
+    if "histogram_quantile" in expr and "_seconds_bucket" in expr:
+        return "seconds"
+    if "bytes" in expr and "_bytes_bucket" not in expr:
+        return "bytes"
+    return "other"
+
+
+def test_one_quantity_per_panel_axis() -> None:
+    # Bytes next to samples, or seconds next to errors/s, on one axis hides one of them.
+    for panel in load_dashboard()["panels"]:
+        quantities = {_quantity(t["expr"]) for t in panel.get("targets", [])}
+        assert len(quantities) <= 1, (panel["title"], quantities)
+
+
+def test_dashboard_has_gpu_engine_replica_and_step_time_panels() -> None:
+    dashboard = load_dashboard()
+    external = set().union(*(referenced_external(e) for _, e in dashboard_exprs(dashboard)))
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= external
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_preemptions_total"} <= external
+    assert {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"} <= external
+    titles = {p["title"]: p for p in dashboard["panels"]}
+    for role in ("Rollout", "Teacher"):
+        exprs = [t["expr"] for t in titles[f"{role} replicas: desired vs ready"]["targets"]]
+        assert any("kube_deployment_spec_replicas" in e for e in exprs), role
+        assert any("kube_deployment_status_replicas_ready" in e for e in exprs), role
+    step = titles["Learner step time"]
+    assert step["fieldConfig"]["defaults"]["unit"] == "s"
+    assert "asyncopd_learner_step_phase_seconds_sum" in step["targets"][0]["expr"]
