@@ -7,7 +7,6 @@ state on the shared Redis at 127.0.0.1:6379.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -27,6 +26,7 @@ from asyncopd.records import Prompt, Rollout, SupportKind, TeacherScores
 from asyncopd.tasks import PromptItem
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import channel
+from required_tools import require_tool
 
 VOCAB = 64
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -157,10 +157,7 @@ class PrivateRedis:
     """A `redis-server` of our own on a free port (for restarts and memory settings)."""
 
     def __init__(self, workdir: Path, *, appendonly: bool = False, password: str | None = None) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not on PATH")
-        self.exe = exe
+        self.exe = require_tool("redis-server")
         self.workdir = workdir
         self.appendonly = appendonly
         self.password = password
