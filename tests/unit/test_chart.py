@@ -486,3 +486,51 @@ def test_a_typo_in_the_run_config_fails_helm_not_the_pods(bad: str, command: str
 
     with pytest.raises(ConfigError):
         config_from_dict({section: {key: value}})
+
+
+def test_keda_scaled_object_scales_the_rollouts_on_the_learner_idle_fraction_of_this_release() -> None:
+    docs = render("keda-values.yaml")
+    scaled = find(docs, "ScaledObject", "rel-asyncopd-rollout")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "rel-asyncopd-rollout",
+    }
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (2, 12)
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert 'phase="data_wait"' in query and "asyncopd_learner_step_phase_seconds_sum" in query
+    assert query.count('namespace="ns", release="rel"') == 2
+    assert float(trigger["metadata"]["threshold"]) > 0
+    # the same signal as the recording rule the built-in autoscaler's alert reads
+    recording = (ROOT / "deploy/prometheus/rules/recording.yml").read_text()
+    assert 'asyncopd_learner_step_phase_seconds_sum{phase="data_wait"}' in recording
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    upgraded = find(render("keda-values.yaml", "--is-upgrade"), "Deployment", "rel-asyncopd-rollout")
+    assert "replicas" not in upgraded["spec"]
+
+
+def test_hpa_example_targets_the_rollouts_with_an_external_metric() -> None:
+    hpa = find(render("hpa-values.yaml"), "HorizontalPodAutoscaler", "rel-asyncopd-rollout")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "rel-asyncopd-rollout"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["selector"]["matchLabels"] == {"namespace": "ns", "release": "rel"}
+    assert not [d for d in render() if d["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["autoscaler.enabled=true", "hpa.enabled=true"],
+        ["keda.enabled=true", "keda.prometheusAddress=http://p:9090", "hpa.enabled=true"],
+        ["keda.enabled=true"],  # no Prometheus address
+    ],
+)
+def test_rollout_scaling_owners_are_exclusive_and_complete(sets: list[str]) -> None:
+    args = [_helm(), "template", "rel", str(CHART)] + [a for s in sets for a in ("--set", s)]
+    r = subprocess.run(args, check=False, capture_output=True, text=True)
+    assert r.returncode != 0, sets
