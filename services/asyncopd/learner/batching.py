@@ -18,16 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asyncopd.opd import EstimatorSpec, Support, estimator_spec
 from asyncopd.records import ScoredSample, SupportKind
 
-# kinds whose teacher signal arrives with the sample (the *_full kinds need a colocated teacher)
-_SUPPORT: dict[str, SupportKind | None] = {
-    "forward_kl_topk": None,
-    "reverse_kl_topk": SupportKind.STUDENT_TOPK,
-    "reverse_kl_mc": SupportKind.MC_SAMPLES,
-    "forward_kl_full": None,
-    "reverse_kl_full": None,
-}
+# what the rollout must have recorded for an estimator whose ids it supplies
+_ROLLOUT_SUPPORT = {Support.STUDENT_TOPK: SupportKind.STUDENT_TOPK, Support.MC_SAMPLES: SupportKind.MC_SAMPLES}
 
 
 @dataclass(frozen=True)
@@ -80,28 +75,29 @@ class TrainBatch:
 
 
 def _per_position(
-    samples: Sequence[ScoredSample], kind: str
+    samples: Sequence[ScoredSample], spec: EstimatorSpec
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None:
     """(ids [T,K], teacher log-probs [T,K], behaviour log-probs [T,K] or None) per sample."""
-    if kind.endswith("_full"):
-        return None
+    if spec.support is Support.DENSE:
+        return None  # dense teacher logits come from the learner's colocated teacher
+    kind = spec.kind
     out: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     for s in samples:
         r, sc = s.rollout, s.scores
         where = f"sample {r.sample_id!r}"
-        if kind == "forward_kl_topk":
+        if spec.support is Support.TEACHER_TOPK:
             if sc.topk_ids is None or sc.topk_logprobs is None:
-                raise ValueError(f"{where}: loss.kind=forward_kl_topk needs teacher topk_ids and topk_logprobs")
+                raise ValueError(f"{where}: loss.kind={kind} needs teacher topk_ids and topk_logprobs")
             out.append((sc.topk_ids, sc.topk_logprobs, None))
             continue
-        want = _SUPPORT[kind]
+        want = _ROLLOUT_SUPPORT[spec.support]
         if r.support_kind != want or r.support_ids is None:
             raise ValueError(f"{where}: loss.kind={kind} needs rollout support_kind={want!r}, got {r.support_kind!r}")
         if sc.support_logprobs is None:
             raise ValueError(f"{where}: loss.kind={kind} needs teacher support_logprobs")
-        if kind == "reverse_kl_mc" and r.support_logprobs is None:
-            raise ValueError(f"{where}: loss.kind=reverse_kl_mc needs the rollout's behaviour support_logprobs")
-        out.append((r.support_ids, sc.support_logprobs, r.support_logprobs if kind == "reverse_kl_mc" else None))
+        if spec.needs_behavior_logprobs and r.support_logprobs is None:
+            raise ValueError(f"{where}: loss.kind={kind} needs the rollout's behaviour support_logprobs")
+        out.append((r.support_ids, sc.support_logprobs, r.support_logprobs if spec.needs_behavior_logprobs else None))
     widths = {ids.shape[1] for ids, _, _ in out}
     if len(widths) > 1:
         raise ValueError(f"samples of one batch carry different K/N: {sorted(widths)}")
@@ -112,9 +108,8 @@ def collate(samples: Sequence[ScoredSample], kind: str, pad_id: int = 0) -> Trai
     """Pad `samples` into a `TrainBatch` for estimator `kind`."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    if kind not in _SUPPORT:
-        raise ValueError(f"unknown loss kind {kind!r}; allowed: {sorted(_SUPPORT)}")
-    per_position = _per_position(samples, kind)
+    spec = estimator_spec(kind)
+    per_position = _per_position(samples, spec)
     batch = len(samples)
     lengths = [len(s.rollout.prompt_ids) + s.rollout.num_tokens for s in samples]
     longest = max(lengths)
@@ -127,7 +122,9 @@ def collate(samples: Sequence[ScoredSample], kind: str, pad_id: int = 0) -> Trai
     ids = torch.zeros((batch, responses, k), dtype=torch.int64) if per_position else None
     teacher = torch.zeros((batch, responses, k), dtype=torch.float32) if per_position else None
     behavior = (
-        torch.zeros((batch, responses, k), dtype=torch.float32) if per_position and kind == "reverse_kl_mc" else None
+        torch.zeros((batch, responses, k), dtype=torch.float32)
+        if per_position and spec.needs_behavior_logprobs
+        else None
     )
     for i, s in enumerate(samples):
         prompt = torch.as_tensor(np.asarray(s.rollout.prompt_ids, dtype=np.int64))

@@ -27,6 +27,7 @@ from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, add_to_serv
 from asyncopd.learner.trainer import trainer_from_config
 from asyncopd.models.loading import load_model, load_tokenizer
 from asyncopd.observability import metrics
+from asyncopd.opd import estimator_spec
 from asyncopd.weightsync.grpc_transport import push_weights
 from asyncopd.weightsync.publisher import Publisher, Snapshot
 from asyncopd.wire.cache_client import CacheClient
@@ -67,7 +68,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     tokenizer = load_tokenizer(config.models.student)
     model = load_model(str(resume_from or config.models.student), config.models.dtype, lc.device)
     teacher = None
-    if config.loss.kind.endswith("_full"):
+    if estimator_spec(config.loss.kind).needs_teacher_logits:
         teacher = load_model(config.models.teacher, config.models.dtype, lc.device)
     trainer = trainer_from_config(config, model, pad_id=int(tokenizer.pad_token_id or 0), teacher=teacher)
     if resume_from is not None:

@@ -8,8 +8,8 @@ optimizer step bumps `version` by one (version = optimizer steps taken).
 Student logits are computed only at response positions: the decoder's hidden states are
 gathered there before the output projection, so [B, T, V] (not [B, L, V]) is materialised.
 For `correction="decoupled"` the proximal log-probs are a no-grad snapshot of the student
-taken before the batch's first optimizer step. For the `*_full` kinds a colocated teacher
-model gives the dense teacher logits.
+taken before the batch's first optimizer step. For the kinds that need dense teacher logits
+(`EstimatorSpec.needs_teacher_logits`) a colocated teacher model gives them.
 
 `trainer_from_config` is the one mapping from the run config's `loss` and `learner` sections
 to a Trainer (the learner service and `asyncopd study` both build theirs with it).
@@ -84,7 +84,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         pad_id: int = 0,
     ) -> None:
-        if loss.kind.endswith("_full") and teacher is None:
+        if loss.spec.needs_teacher_logits and teacher is None:
             raise ValueError(f"loss.kind={loss.kind} needs dense teacher logits: pass a colocated teacher model")
         self.model = model
         self.loss = loss
@@ -172,7 +172,7 @@ class Trainer:
 
     def _inputs(self, micro: TrainBatch, proximal: Tensor | None, offset: int) -> LossInputs:
         teacher_logits = None
-        if self.teacher is not None and self.loss.kind.endswith("_full"):
+        if self.teacher is not None and self.loss.spec.needs_teacher_logits:
             with torch.no_grad():
                 teacher_logits = response_logits(self.teacher, micro)
         return LossInputs(

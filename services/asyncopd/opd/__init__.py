@@ -1,4 +1,5 @@
-"""OPD estimators: pure torch math of docs/opd-math.md, imported by the learner and benchmarks.
+"""OPD estimators: pure torch math of docs/opd-math.md, imported by the learner and benchmarks,
+and each estimator's declared capabilities (`estimator_spec(kind)`), read by every service.
 
 This package imports nothing else of the project: tensors and plain numbers in, tensors out.
 """
@@ -15,15 +16,20 @@ from asyncopd.opd.estimators import (
 )
 from asyncopd.opd.loss import ESTIMATOR_KINDS, LossInputs, LossOutputs, OPDLoss, token_mean
 from asyncopd.opd.numerics import LOGPROB_FLOOR
+from asyncopd.opd.specs import ESTIMATOR_SPECS, EstimatorSpec, Support, estimator_spec
 from asyncopd.opd.vocab import gather_logprobs
 
 __all__ = [
     "ESTIMATOR_KINDS",
+    "ESTIMATOR_SPECS",
     "LOGPROB_FLOOR",
+    "EstimatorSpec",
     "LossInputs",
     "LossOutputs",
     "MCTerms",
     "OPDLoss",
+    "Support",
+    "estimator_spec",
     "forward_kl_full",
     "forward_kl_topk",
     "gather_logprobs",

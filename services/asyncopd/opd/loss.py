@@ -23,17 +23,12 @@ from asyncopd.opd.estimators import (
     reverse_kl_mc_terms,
     reverse_kl_topk,
 )
+from asyncopd.opd.specs import ESTIMATOR_SPECS, Support, estimator_spec
 
 EstimatorKind = Literal["forward_kl_topk", "reverse_kl_topk", "reverse_kl_mc", "forward_kl_full", "reverse_kl_full"]
 Tail = Literal["drop", "bucket", "renorm"]
 
-ESTIMATOR_KINDS: tuple[str, ...] = (
-    "forward_kl_topk",
-    "reverse_kl_topk",
-    "reverse_kl_mc",
-    "forward_kl_full",
-    "reverse_kl_full",
-)
+ESTIMATOR_KINDS: tuple[str, ...] = tuple(ESTIMATOR_SPECS)
 
 
 def token_mean(values: Tensor, valid: Tensor) -> Tensor:
@@ -104,7 +99,8 @@ class OPDLoss:
     ) -> None:
         if kind not in ESTIMATOR_KINDS:
             raise ValueError(f"kind must be one of {ESTIMATOR_KINDS}, got {kind!r}")
-        if tail == "renorm" and kind != "forward_kl_topk":
+        self.spec = estimator_spec(kind)
+        if tail == "renorm" and not self.spec.renorm_tail:
             raise ValueError(
                 f"tail='renorm' is only defined for kind='forward_kl_topk' (got kind={kind!r}); use 'drop' or 'bucket'"
             )
@@ -130,7 +126,7 @@ class OPDLoss:
                 f"{tuple(inputs.student_logits.shape[:-1])}"
             )
         extra: dict[str, Tensor] = {}
-        if self.kind == "reverse_kl_mc":
+        if self.spec.support is Support.MC_SAMPLES:
             per_position, kl, extra = self._mc(inputs, valid)
         else:
             per_position = self._kl(inputs)

@@ -1,7 +1,8 @@
 """`asyncopd serve rollout`: build the engine, serve gRPC, run the cache loop and weight sync.
 
-What the replica records follows the estimator: reverse_kl_topk → the student's top-K support
-(K = loss.k), reverse_kl_mc → N = loss.k MC draws per position, anything else → no support.
+What the replica records follows the estimator's declared support (`asyncopd.opd.estimator_spec`):
+the student's top-K (K = loss.k, reverse_kl_topk), N = loss.k MC draws per position
+(reverse_kl_mc), or nothing for estimators whose ids the teacher supplies or that need none.
 The process blocks until SIGTERM/SIGINT, then stops the loop (tickets of unfinished work go
 back to the cache), the weight-sync subscriber, the gRPC server and the metrics endpoint.
 """
@@ -18,6 +19,7 @@ from asyncopd.config.loss import LossConfig
 from asyncopd.models.files import resolve_model_path
 from asyncopd.models.loading import load_model, load_tokenizer
 from asyncopd.observability import metrics
+from asyncopd.opd import Support, estimator_spec
 from asyncopd.records import SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.replica import RolloutLoop, RolloutReplica
@@ -30,12 +32,15 @@ from asyncopd.wire.rpc import channel, start_server
 log = logging.getLogger(__name__)
 
 
+# what a rollout records for an estimator whose ids it supplies (K = N = loss.k)
+_RECORDS = {Support.STUDENT_TOPK: SupportKind.STUDENT_TOPK, Support.MC_SAMPLES: SupportKind.MC_SAMPLES}
+
+
 def support_for(loss: LossConfig) -> tuple[SupportKind, int]:
     """What per-position support the configured estimator needs from rollouts."""
-    if loss.kind == "reverse_kl_topk":
-        return SupportKind.STUDENT_TOPK, loss.k
-    if loss.kind == "reverse_kl_mc":
-        return SupportKind.MC_SAMPLES, loss.k
+    support = estimator_spec(loss.kind).support
+    if support in _RECORDS:
+        return _RECORDS[support], loss.k
     return SupportKind.NONE, 0
 
 

@@ -1,10 +1,11 @@
 """`asyncopd serve teacher`: load the teacher, check it shares the student's tokenizer, serve
 gRPC and run the cache loop until SIGTERM/SIGINT.
 
-The teacher top-K it returns is loss.k when the estimator is forward_kl_topk (the learner
-needs exactly K), teacher.topk otherwise. Startup refuses (TokenizerMismatchError) when the
-teacher's tokenizer maps tokens to ids differently from the student's: the teacher scores the
-student's token ids, so a mismatch would silently score the wrong tokens.
+The teacher top-K it returns is loss.k when the estimator's ids are the teacher's top-K
+(forward_kl_topk: the learner needs exactly K), teacher.topk otherwise. Startup refuses
+(TokenizerMismatchError) when the teacher's tokenizer maps tokens to ids differently from the
+student's: the teacher scores the student's token ids, so a mismatch would silently score the
+wrong tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 from asyncopd.config import RunConfig
 from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
 from asyncopd.observability import metrics
+from asyncopd.opd import Support, estimator_spec
 from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
 from asyncopd.teacher.scorer import TeacherScorer
 from asyncopd.teacher.servicer import SERVICE_NAME, TeacherServicer
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def teacher_topk(config: RunConfig) -> int:
-    return config.loss.k if config.loss.kind == "forward_kl_topk" else config.teacher.topk
+    return config.loss.k if estimator_spec(config.loss.kind).support is Support.TEACHER_TOPK else config.teacher.topk
 
 
 def build_scorer(config: RunConfig, name: str) -> TeacherScorer:

@@ -40,6 +40,7 @@ from asyncopd.config import RunConfig
 from asyncopd.evaluation.greedy import evaluate
 from asyncopd.learner.trainer import trainer_from_config
 from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
+from asyncopd.opd import estimator_spec
 from asyncopd.records import Prompt, Rollout, ScoredSample
 from asyncopd.rollout.main import sampling_from_config, support_for
 from asyncopd.rollout.sampling import Sampling
@@ -151,8 +152,8 @@ class StalenessHarness:
         tokenizer = shared.tokenizer
         self.pad_id = int(tokenizer.pad_token_id or 0)
         student = load_model(mc.student, mc.dtype, config.learner.device)
-        # the *_full kinds train against the shared (frozen) teacher's dense logits
-        teacher = shared.teacher if config.loss.kind.endswith("_full") else None
+        # kinds that need dense teacher logits train against the shared (frozen) teacher
+        teacher = shared.teacher if estimator_spec(config.loss.kind).needs_teacher_logits else None
         self.trainer = trainer_from_config(config, student, pad_id=self.pad_id, teacher=teacher)
         engine_model = load_model(mc.student, mc.dtype, config.rollout.device)
         self.engine = TransformersEngine(
