@@ -6,6 +6,8 @@ set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+# openssl CLI: the TLS tests make their certificates with it (gRPC mTLS, rediss://, the health probe).
+command -v openssl >/dev/null || need+=(openssl)
 # Prometheus server + promtool: the observability tests and `asyncopd run --prometheus`.
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import NoReturn
 
 import pytest
 
@@ -18,6 +19,11 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
+    missing_tool(name)
+
+
+def missing_tool(name: str) -> NoReturn:
+    """Tool `name` was not found: fail under CI, skip (with the reason) otherwise."""
     why = f"{name} is not on PATH (deploy/dev/sysdeps.sh installs it; `make test` runs that)"
     if os.environ.get("CI"):
         pytest.fail(f"{why}; under CI a missing tool is a failure, not a skip")
