@@ -534,3 +534,44 @@ def test_rollout_scaling_owners_are_exclusive_and_complete(sets: list[str]) -> N
     args = [_helm(), "template", "rel", str(CHART)] + [a for s in sets for a in ("--set", s)]
     r = subprocess.run(args, check=False, capture_output=True, text=True)
     assert r.returncode != 0, sets
+
+
+def test_model_cache_job_downloads_once_into_a_shared_volume_the_roles_mount_read_only() -> None:
+    docs = render("model-cache-values.yaml")
+    pvc = find(docs, "PersistentVolumeClaim", "rel-asyncopd-models")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    job = find(docs, "Job", "rel-asyncopd-model-cache")
+    assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
+    script, models, root = c["args"]
+    compile(script, "model-cache", "exec")  # the download script is valid Python
+    assert json.loads(models) == [
+        {"repo": "Qwen/Qwen3-1.7B", "revision": "main"},
+        {"repo": "Qwen/Qwen3-8B", "revision": "main"},
+    ]
+    assert root == "/models"
+    token = next(e for e in c["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    for component in ("rollout", "teacher", "learner", "cache"):
+        spec = _pod(docs, component)["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        if component == "cache":
+            assert "models" not in mounts
+            continue
+        assert env["HF_HUB_OFFLINE"] == "1", component
+        assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}, component
+        claim = next(v for v in spec["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+        assert claim == {"claimName": "rel-asyncopd-models", "readOnly": True}, component
+    config = yaml.safe_load(find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["models"]["student"].startswith("/models/Qwen/")
+    # off by default: no Job, no PVC, pods may download
+    default = render()
+    assert not [d for d in default if d["kind"] == "Job" or d["metadata"]["name"].endswith("-models")]
+    rollout_env = {e["name"] for e in _pod(default, "rollout")["spec"]["containers"][0]["env"]}
+    assert "HF_HUB_OFFLINE" not in rollout_env

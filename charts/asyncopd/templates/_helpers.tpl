@@ -116,6 +116,13 @@ imagePullSecrets:
           name: {{ include "asyncopd.redisSecretName" $ }}
           key: {{ include "asyncopd.redisSecretKey" $ }}
     {{- end }}
+    {{- if and $.Values.modelCache.enabled $.Values.modelCache.offline }}
+    # The model cache Job downloaded everything: never reach the Hub from a serving pod.
+    - name: HF_HUB_OFFLINE
+      value: "1"
+    - name: TRANSFORMERS_OFFLINE
+      value: "1"
+    {{- end }}
     {{- with $.Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -140,7 +147,7 @@ imagePullSecrets:
     {{- if $.Values.tls.enabled }}
     - {name: tls, mountPath: /etc/asyncopd-tls, readOnly: true}
     {{- end }}
-    {{- if and .models $.Values.models.existingClaim }}
+    {{- if and .models (include "asyncopd.modelsClaim" $) }}
     - {name: models, mountPath: {{ $.Values.models.mountPath }}, readOnly: true}
     {{- end }}
     {{- with concat (default (list) $.Values.extraVolumeMounts) (default (list) .v.extraVolumeMounts) }}
@@ -198,10 +205,10 @@ livenessProbe:
     secretName: {{ required "tls.secretName is required when tls.enabled" $.Values.tls.secretName }}
     defaultMode: 0440
 {{- end }}
-{{- if and .models $.Values.models.existingClaim }}
+{{- if and .models (include "asyncopd.modelsClaim" $) }}
 - name: models
   persistentVolumeClaim:
-    claimName: {{ $.Values.models.existingClaim }}
+    claimName: {{ include "asyncopd.modelsClaim" $ }}
     readOnly: true
 {{- end }}
 {{- with concat (default (list) $.Values.extraVolumes) (default (list) .v.extraVolumes) }}
@@ -246,5 +253,13 @@ affinity:
 {{- with .v.topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The PVC with model weights the roles mount read-only: models.existingClaim, else the model
+cache's (its existingClaim or the one the chart creates); empty when there is none. */}}
+{{- define "asyncopd.modelsClaim" -}}
+{{- if .Values.models.existingClaim }}{{ .Values.models.existingClaim }}
+{{- else if .Values.modelCache.enabled }}{{ default (printf "%s-models" (include "asyncopd.fullname" .)) .Values.modelCache.existingClaim }}
 {{- end }}
 {{- end }}
