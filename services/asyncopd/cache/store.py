@@ -5,7 +5,9 @@ Redis does not hold (several service processes may share one Redis, and any may 
 every change is one atomic Lua script (`asyncopd.cache.scripts`) or one stream command. It
 stores samples as opaque, already-validated bytes plus the few numbers it needs (oldest token
 version, lengths), so it knows nothing of protobuf or tensors; the servicer encodes and
-validates. It knows the admission formula, the eviction policies and the accounting:
+validates. The staleness rules (the admission window, the stale bound) are
+`asyncopd.cache.policy`'s: the store computes their numbers there and hands them to the
+scripts. It knows the eviction policies and the accounting:
 
   produced = trained + dropped (by reason) + in_flight
 
@@ -30,6 +32,7 @@ from typing import Any, Literal, TypeVar
 import redis
 
 from asyncopd.cache import scripts
+from asyncopd.cache.policy import StalenessPolicy
 from asyncopd.wire.errors import WireError
 from asyncopd.wire.rpc import FailedPrecondition, ResourceExhausted
 
@@ -141,6 +144,7 @@ class StoreStats:
     redis_errors: int
     counters: dict[str, int] = field(default_factory=dict)
     finished: bool = False
+    staleness_window: int = 0  # StalenessPolicy.window: samples admitted per learner version
 
 
 def _s(value: Any) -> str:
@@ -162,8 +166,7 @@ class ExperienceStore:
         on_redis_error: Callable[[str], None] | None = None,
     ) -> None:
         """`on_redis_error(reason)` is told of each failed Redis call ("connection" or "timeout")."""
-        if policy.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        self.staleness = StalenessPolicy(policy.max_staleness, policy.batch_size)
         self.redis = client
         self.prefix = key_prefix.rstrip(":") + ":"
         self.policy = policy
@@ -174,14 +177,10 @@ class ExperienceStore:
         # after Redis lost everything it is restored at once (otherwise replicas answering with
         # their current weights would look "from the future" until the learner's next publish).
         self._version_seen = 0
-        self._acquire = client.register_script(scripts.ACQUIRE)
-        self._release = client.register_script(scripts.RELEASE)
-        self._put_rollouts = client.register_script(scripts.PUT_ROLLOUTS)
-        self._put_scores = client.register_script(scripts.PUT_SCORES)
-        self._pull = client.register_script(scripts.PULL)
-        self._ack = client.register_script(scripts.ACK)
-        self._publish = client.register_script(scripts.PUBLISH)
-        self._drop_stale_unscored = client.register_script(scripts.DROP_STALE_UNSCORED)
+        # The learner version the version-dependent script arguments are computed for first (a
+        # guess: a script finding another version answers with it, and the call is rerun).
+        self._version_hint = 0
+        self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self._retrying(self._ensure_state)
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -198,7 +197,7 @@ class ExperienceStore:
         if self._run_id is not None and run_id != self._run_id:
             log.warning("Redis lost the cache state (run %s -> %s); in-flight work is redone", self._run_id, run_id)
             if self._version_seen > 0:
-                self._publish(keys=[self.prefix], args=[self._version_seen, 0])
+                self._scripts["publish"](keys=[self.prefix], args=[self._version_seen, 0])
         self._run_id = run_id
         try:
             self.redis.xgroup_create(self.key("q"), scripts.GROUP, id="0", mkstream=True)
@@ -232,8 +231,9 @@ class ExperienceStore:
                     raise
                 self._ensure_state()  # the stream vanished with the rest of Redis's data
 
-    def _script(self, script: Any, args: Sequence[Any]) -> Any:
-        """Run a Lua script; when it finds the run state gone (Redis lost it), rebuild and rerun."""
+    def _script(self, name: str, args: Sequence[Any]) -> Any:
+        """Run Lua script `name`; when it finds the run state gone (Redis lost it), rebuild and rerun."""
+        script = self._scripts[name]
 
         def run() -> Any:
             for _ in range(3):
@@ -244,6 +244,20 @@ class ExperienceStore:
             raise CacheUnavailable("Redis keeps losing the cache state (is something flushing it?)")
 
         return self._retrying(run)
+
+    def _at_version(self, name: str, args: Callable[[int], Sequence[Any]], version: int | None = None) -> Any:
+        """Run a script whose arguments depend on the learner version (`args(version)`).
+
+        The arguments are computed for `version` (default: the last version seen); the script
+        checks that version is still the published one and otherwise answers {'VERSION', v}, and
+        the call is rerun for v. Versions move once per learner step, so reruns are rare."""
+        ver = self._version_hint if version is None else version
+        for _ in range(8):
+            res = self._script(name, args(ver))
+            if not (isinstance(res, list) and _s(res[0]) == "VERSION"):
+                return res
+            ver = self._version_hint = int(res[1])
+        raise CacheUnavailable(f"the learner version kept moving under {name} (8 reruns); retry")
 
     def _wait(self, op: Callable[[], T | None], wait_ms: int) -> T | None:
         """Run `op` until it returns non-None or `wait_ms` has passed (at least once)."""
@@ -261,34 +275,30 @@ class ExperienceStore:
 
     def version(self) -> int:
         """The published learner version (never below one this process saw: versions only go up)."""
-        self._version_seen = max(self._version_seen, self._retrying(lambda: int(self.redis.get(self.key("ver")) or 0)))
+        current = self._retrying(lambda: int(self.redis.get(self.key("ver")) or 0))
+        self._version_hint = current
+        self._version_seen = max(self._version_seen, current)
         return self._version_seen
 
     def publish_version(self, version: int, finished: bool = False) -> int:
         if version < 0:
             raise ValueError(f"version: {version} is negative")
-        res = self._script(self._publish, [version, int(finished)])
+        res = self._script("publish", [version, int(finished)])
         if _s(res[0]) == "BEHIND":
             raise FailedPrecondition(f"version {version} is behind the published version {int(res[1])}")
         self._version_seen = max(self._version_seen, int(res[1]))
+        self._version_hint = int(res[1])
         return int(res[1])
 
     # -- prompts ------------------------------------------------------------------------------
 
     def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0) -> Admitted:
         """Admission tickets for up to `max_prompts` dataset positions (re-issues first)."""
-        p = self.policy
+        lease_ms = int(self.policy.prompt_lease_s * 1000)
 
         def once() -> Admitted | None:
-            args: list[Any] = [
-                self._now_ms(),
-                replica,
-                max_prompts,
-                p.max_staleness,
-                p.batch_size,
-                int(p.prompt_lease_s * 1000),
-            ]
-            res = self._script(self._acquire, args)
+            args = [self._now_ms(), replica, max_prompts, self.staleness.window, lease_ms]
+            res = self._script("acquire", args)
             tickets = [Admission(_s(res[i]), int(res[i + 1])) for i in range(3, len(res), 2)]
             out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
             return out if tickets or out.finished else None
@@ -302,7 +312,7 @@ class ExperienceStore:
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         if not tickets:
             return 0
-        return int(self._script(self._release, [replica, *tickets]))
+        return int(self._script("release", [replica, *tickets]))
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -319,10 +329,15 @@ class ExperienceStore:
     def put_rollouts(self, rollouts: Sequence[StoredRollout]) -> PutOutcome:
         """Store rollouts and queue them for teachers, atomically (all or nothing)."""
         p = self.policy
-        args: list[Any] = [self._now_ms(), p.max_staleness, p.byte_budget, p.eviction, len(rollouts)]
+        items: list[Any] = []
         for r in rollouts:
-            args += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size, r.blob]
-        res = self._script(self._put_rollouts, args)
+            items += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size, r.blob]
+
+        def args(version: int) -> list[Any]:
+            bound = self.staleness.oldest_usable(version)
+            return [self._now_ms(), version, bound, p.byte_budget, p.eviction, len(rollouts), *items]
+
+        res = self._at_version("put_rollouts", args)
         tag = _s(res[0])
         if tag == "UNKNOWN":
             raise WireError(
@@ -369,7 +384,8 @@ class ExperienceStore:
             sid = _s(fields.get(b"sid", fields.get("sid", b"")))
             pipe.hmget(self.key(f"s:{sid}"), "r", "st", "ov")
         version_raw, *rows = pipe.execute()
-        oldest_usable = int(version_raw or 0) - self.policy.max_staleness
+        version = int(version_raw or 0)
+        oldest_usable = self.staleness.oldest_usable(version)
         blobs: list[bytes] = []
         dead, stale = [], []
         for (eid, fields), (blob, st, ov) in zip(entries, rows, strict=True):
@@ -384,7 +400,10 @@ class ExperienceStore:
             self.redis.xdel(self.key("q"), *dead)
         dropped = 0
         if stale:
-            dropped = int(self._script(self._drop_stale_unscored, [self.policy.max_staleness, *stale]))
+            res = self._at_version(
+                "drop_stale_unscored", lambda v: [v, self.staleness.oldest_usable(v), *stale], version
+            )
+            dropped = int(res[1])
         if redelivered:
             self.redis.hincrby(self.key("cnt"), "redelivered", redelivered)
         return Claimed(blobs, redelivered, dropped)
@@ -407,10 +426,15 @@ class ExperienceStore:
     def put_scores(self, scores: Sequence[tuple[str, bytes]]) -> PutOutcome:
         """Attach teacher scores (sample_id, encoded bytes); unknown or already scored ones are late."""
         p = self.policy
-        args: list[Any] = [self._now_ms(), p.max_staleness, p.byte_budget, p.eviction, len(scores)]
+        items: list[Any] = []
         for sid, blob in scores:
-            args += [sid, blob]
-        res = self._script(self._put_scores, args)
+            items += [sid, blob]
+
+        def args(version: int) -> list[Any]:
+            bound = self.staleness.oldest_usable(version)
+            return [self._now_ms(), version, bound, p.byte_budget, p.eviction, len(scores), *items]
+
+        res = self._at_version("put_scores", args)
         if _s(res[0]) == "FULL":
             raise self._full(res)
         acc, late, stale, ev_n, ev_bytes, ev_stale = (int(x) for x in res[1:7])
@@ -422,16 +446,20 @@ class ExperienceStore:
         """Claim exactly `size` scored samples no staler than the bound, or none."""
         p = self.policy
         totals = {"returned": 0, "stale": 0, "version": learner_version}
+        # The batch is served at learner_version (an older one is refused as BEHIND), so the
+        # bound is exact here without a version check.
+        oldest_usable = self.staleness.oldest_usable(learner_version)
 
         def once() -> PulledBatch | None:
             bid = uuid.uuid4().hex
-            args = [self._now_ms(), learner_version, p.max_staleness, size, p.order, bid, learner]
-            res = self._script(self._pull, [*args, int(p.batch_claim_s * 1000)])
+            args = [self._now_ms(), learner_version, oldest_usable, size, p.order, bid, learner]
+            res = self._script("pull", [*args, int(p.batch_claim_s * 1000)])
             tag = _s(res[0])
             if tag == "BEHIND":
                 raise FailedPrecondition(
                     f"learner_version {learner_version} is behind the published version {int(res[1])}"
                 )
+            self._version_hint = int(res[1])
             totals["version"], totals["returned"] = int(res[1]), totals["returned"] + int(res[2])
             totals["stale"] += int(res[3])
             if tag == "WAIT":
@@ -448,7 +476,7 @@ class ExperienceStore:
         return PullOutcome(batch, totals["version"], totals["returned"], totals["stale"])
 
     def ack_batch(self, batch_id: str) -> int:
-        n = int(self._script(self._ack, [batch_id]))
+        n = int(self._script("ack", [batch_id]))
         if n < 0:
             raise FailedPrecondition(
                 f"batch {batch_id!r} is unknown or its claim expired (its samples went back to the pool)"
@@ -497,6 +525,7 @@ class ExperienceStore:
                 redis_errors=self.redis_errors,
                 counters=cnt,
                 finished=_s(fin or b"0") == "1",
+                staleness_window=self.staleness.window,
             )
 
         return self._retrying(read)

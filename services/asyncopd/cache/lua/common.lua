@@ -1,0 +1,126 @@
+-- Helpers every script starts with (asyncopd.cache.scripts prepends this file to each one).
+-- KEYS[1] is the run's key prefix; the key layout is described in asyncopd/cache/scripts.py.
+-- The numbers the rules compare against (the admission window, the oldest usable version) come
+-- in as arguments computed by asyncopd.cache.policy; no script derives them itself.
+local P = KEYS[1]
+local function k(s) return P .. s end
+local SHIFT = 4294967296
+local function num(x) return tonumber(x or '0') or 0 end
+local function fmt(x) return string.format('%.0f', x) end
+
+local function pool_add(sid, ov, seq, now)
+  redis.call('ZADD', k('scored'), fmt(ov * SHIFT + seq), sid)
+  redis.call('ZADD', k('fifo'), fmt(seq), sid)
+  redis.call('ZADD', k('lru'), fmt(now), sid)
+end
+
+local function pool_rem(sid)
+  redis.call('ZREM', k('scored'), sid)
+  redis.call('ZREM', k('fifo'), sid)
+  redis.call('ZREM', k('lru'), sid)
+end
+
+-- Remove a stored sample and count it dropped for `reason`; frees its admission slot.
+local function drop_sample(sid, reason)
+  local h = k('s:' .. sid)
+  local f = redis.call('HMGET', h, 'st', 'nb', 'xid')
+  if not f[1] then return 0 end
+  if f[1] == 'unscored' then
+    redis.call('HINCRBY', k('cnt'), 'unscored', -1)
+    if f[3] then
+      redis.call('XACK', k('q'), 'teachers', f[3])
+      redis.call('XDEL', k('q'), f[3])
+    end
+  elseif f[1] == 'scored' then
+    pool_rem(sid)
+  elseif f[1] == 'claimed' then
+    redis.call('HINCRBY', k('cnt'), 'claimed', -1)
+  end
+  redis.call('DEL', h)
+  local nb = num(f[2])
+  redis.call('HINCRBY', k('cnt'), 'bytes', -nb)
+  redis.call('HINCRBY', k('cnt'), 'slots', -1)
+  redis.call('HINCRBY', k('drop'), reason, 1)
+  return nb
+end
+
+-- Victims (scored, unclaimed samples) whose removal frees `need` bytes, without removing
+-- them; nil when even all of them would not free enough (or the policy refuses). Under
+-- stalest-first, victims older than `oldest_usable` are counted as stale rather than evicted.
+local function plan_evictions(need, policy, oldest_usable)
+  local victims = {}
+  if need <= 0 then return victims end
+  if policy == 'backpressure' then return nil end
+  local key = k('scored')
+  if policy == 'lru' then key = k('lru') elseif policy == 'fifo' then key = k('fifo') end
+  local freed, offset = 0, 0
+  while freed < need do
+    local ids = redis.call('ZRANGE', key, offset, offset + 63)
+    if #ids == 0 then return nil end
+    for _, sid in ipairs(ids) do
+      local f = redis.call('HMGET', k('s:' .. sid), 'nb', 'ov')
+      local reason = 'evicted'
+      if policy == 'stalest-first' and num(f[2]) < oldest_usable then reason = 'stale' end
+      victims[#victims + 1] = {sid, reason}
+      freed = freed + num(f[1])
+      if freed >= need then break end
+    end
+    offset = offset + 64
+  end
+  return victims
+end
+
+local function evict(victims, policy)
+  local n, bytes = 0, 0
+  for _, v in ipairs(victims) do
+    bytes = bytes + drop_sample(v[1], v[2])
+    n = n + 1
+  end
+  if n > 0 then redis.call('HINCRBY', k('evict'), policy, n) end
+  return n, bytes
+end
+
+-- Was `ticket` handed out by this run's state (its run id, a position below the cursor)?
+local function issued(ticket)
+  local tag = redis.call('GET', k('run'))
+  if not tag then return false end
+  local head = tag .. '-'
+  if string.sub(ticket, 1, #head) ~= head then return false end
+  local rest = string.sub(ticket, #head + 1)
+  if not string.match(rest, '^%d+$') then return false end
+  return tonumber(rest) < num(redis.call('GET', k('cursor')))
+end
+
+local function close_ticket(ticket)
+  redis.call('DEL', k('t:' .. ticket))
+  redis.call('ZREM', k('tlease'), ticket)
+end
+
+-- Batch claims past their deadline go back to the pool (a learner died or stalled).
+local function return_expired(now)
+  local bids = redis.call('ZRANGEBYSCORE', k('bclaim'), '-inf', fmt(now))
+  local returned = 0
+  for _, bid in ipairs(bids) do
+    redis.call('ZREM', k('bclaim'), bid)
+    local bh = k('b:' .. bid)
+    local bv = redis.call('HGET', bh, 'ver')
+    local ids = redis.call('LRANGE', bh .. ':ids', 0, -1)
+    for _, sid in ipairs(ids) do
+      local h = k('s:' .. sid)
+      local f = redis.call('HMGET', h, 'st', 'ov', 'seq')
+      if f[1] == 'claimed' then
+        redis.call('HSET', h, 'st', 'scored')
+        pool_add(sid, num(f[2]), num(f[3]), now)
+        redis.call('HINCRBY', k('cnt'), 'claimed', -1)
+        returned = returned + 1
+      end
+    end
+    if bv then redis.call('HINCRBY', k('pulled'), bv, -#ids) end
+    redis.call('DEL', bh, bh .. ':ids')
+    redis.call('HINCRBY', k('cnt'), 'batches_returned', 1)
+  end
+  return returned
+end
+
+-- Redis came back empty (restart without persistence): let the caller rebuild the run state.
+if redis.call('EXISTS', k('run')) == 0 then return {'RESET'} end

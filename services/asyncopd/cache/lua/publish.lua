@@ -1,0 +1,7 @@
+-- ARGV: version, finished(0/1) -> {'OK', version} | {'BEHIND', version}
+local v = tonumber(ARGV[1])
+local cur = num(redis.call('GET', k('ver')))
+if v < cur then return {'BEHIND', cur} end
+redis.call('SET', k('ver'), v)
+if ARGV[2] == '1' then redis.call('SET', k('fin'), '1') end
+return {'OK', v}
