@@ -17,9 +17,12 @@ import redis
 
 from asyncopd.cache.connection import connect
 from asyncopd.cache.prompts import PromptCatalog, Tokenize
-from asyncopd.cache.servicer import CacheServicer, ServicerLimits
+from asyncopd.cache.recorder import MetricsRecorder
+from asyncopd.cache.requests import ServicerLimits
+from asyncopd.cache.servicer import CacheServicer
 from asyncopd.cache.store import ExperienceStore, StorePolicy
 from asyncopd.config import RunConfig
+from asyncopd.models.chat import prompt_formatter
 from asyncopd.models.files import hub_offline, light_tokenizer, resolve_model_path
 from asyncopd.observability import metrics
 from asyncopd.tasks import PromptItem, load_task
@@ -105,19 +108,15 @@ def start_cache(
     c = config.cache
     if tokenize is None or vocab_size is None:
         tokenize, vocab_size = student_tokenizer(config)
-    items = list(prompts) if prompts is not None else list(load_task(config.task, "train"))
+    if prompts is None:  # the configured task, in the student's chat template when task.chat_template
+        prompts = list(load_task(config.task, "train", prompt_formatter(config.models.student, config.task)))
+    items = list(prompts)
     catalog = PromptCatalog(items, tokenize, vocab_size, seed=config.task.seed)
     redis_client = client or connect(config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0)
     registry = metrics.ServiceRegistry("cache", name)
-    recorder = metrics.CacheMetrics(registry, eviction_policy=c.eviction)
-    store = ExperienceStore(
-        redis_client,
-        config.redis.key_prefix,
-        store_policy(config),
-        on_redis_error=lambda reason: recorder.redis_errors.labels(reason=reason).inc(),
-    )
-    recorder.max_staleness.set(config.max_staleness)
-    recorder.budget_bytes.set(store.policy.byte_budget)
+    policy = store_policy(config)
+    recorder = MetricsRecorder(metrics.CacheMetrics(registry, eviction_policy=c.eviction), policy)
+    store = ExperienceStore(redis_client, config.redis.key_prefix, policy, on_redis_error=recorder.redis_error)
     limits = ServicerLimits(
         vocab_size=vocab_size,
         logprob_dtype=c.logprob_dtype,
@@ -138,18 +137,13 @@ def start_cache(
 
 def _refresh_gauges(cache: RunningCache, stop: threading.Event, every_s: float = 5.0) -> None:
     """Copy Redis-held gauges (in flight, bytes, queue depths) into this process's metrics."""
-    m = cache.servicer.m
-    while m is not None and not stop.wait(every_s):
+    while not stop.wait(every_s):
         try:
             s = cache.store.stats()
         except Exception as exc:  # a scrape gap is not worth dying for; the RPCs report outages
             log.warning("could not refresh cache gauges: %s", exc)
             continue
-        m.in_flight.set(s.in_flight)
-        m.bytes.set(s.bytes_held)
-        m.learner_version.set(s.learner_version)
-        for queue, depth in s.queue_depth.items():
-            m.queue_depth.labels(queue=queue).set(depth)
+        cache.servicer.recorder.refresh(s)
 
 
 def serve(config: RunConfig, name: str) -> None:

@@ -27,6 +27,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from asyncopd.learner.servicer import Progress
 from asyncopd.learner.trainer import StepStats, Trainer
 from asyncopd.observability.metrics import LearnerMetrics
 from asyncopd.records import ScoredSample
+from asyncopd.tracking import Tracker
 from asyncopd.weightsync.publisher import Publisher, PublishReport
 from asyncopd.wire.rpc import Outage, retryable
 
@@ -92,6 +94,7 @@ class LearnerLoop:
         save_checkpoint: SaveCheckpoint | None = None,
         evaluate: Evaluate | None = None,
         resumed_from: int | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         """`resumed_from`: the version of the checkpoint the trainer was restored from, if any."""
         self.trainer = trainer
@@ -103,6 +106,7 @@ class LearnerLoop:
         self.metrics = metrics
         self.save_checkpoint = save_checkpoint
         self.evaluate = evaluate
+        self.tracker = tracker  # receives every step-log record (asyncopd.tracking)
         self._last_loss = 0.0
         self._tokens_per_second = 0.0
         self._steps_run = 0
@@ -151,6 +155,8 @@ class LearnerLoop:
         finally:
             if self.save_checkpoint is not None and self.trainer.version != last_checkpoint:
                 self.save_checkpoint()
+            if self.tracker is not None:
+                self.tracker.close()
         if self.finished:
             version = self.trainer.version
             self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=True))
@@ -308,6 +314,7 @@ class LearnerLoop:
                 **{k: v for k, v in last.metrics.items()},
                 "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
                 "staleness_max": max(staleness) if staleness else 0,
+                "staleness_hist": {str(s): n for s, n in sorted(Counter(staleness).items())},
                 "seconds": times,
                 "broadcast": None
                 if report is None
@@ -317,6 +324,8 @@ class LearnerLoop:
         )
 
     def _write(self, record: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_record(record)
         if self.step_log is None:
             return
         with self.step_log.open("a") as f:

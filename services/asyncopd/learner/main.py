@@ -28,6 +28,7 @@ from asyncopd.learner.trainer import trainer_from_config
 from asyncopd.models.loading import load_model, load_tokenizer
 from asyncopd.observability import metrics
 from asyncopd.opd import estimator_spec
+from asyncopd.tracking import open_tracker
 from asyncopd.weightsync.grpc_transport import push_weights
 from asyncopd.weightsync.publisher import Publisher, Snapshot
 from asyncopd.wire.cache_client import CacheClient
@@ -101,9 +102,11 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     evaluate = None
     if lc.eval_every:
         from asyncopd.evaluation.greedy import evaluate as run_eval
+        from asyncopd.models.chat import prompt_formatter
         from asyncopd.tasks import load_task
 
-        items = list(load_task(config.task, "test"))[: lc.eval_size]
+        chat = prompt_formatter(config.models.student, config.task)
+        items = list(load_task(config.task, "test", chat))[: lc.eval_size]
         max_tokens = config.rollout.sampling.max_tokens
 
         def evaluate() -> dict[str, float]:
@@ -129,6 +132,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
         save_checkpoint=checkpointer(trainer, lc.checkpoint_dir, tokenizer=tokenizer, keep=lc.keep_checkpoints),
         evaluate=evaluate,
         resumed_from=trainer.version if resume_from is not None else None,
+        tracker=open_tracker(config.tracking, config.output_dir, config.name),
     )
     servicer = LearnerServicer(publisher, loop.progress)
     server = start_server(lc.server, [add_to_server(servicer)], [SERVICE_NAME], config.tls)

@@ -70,6 +70,7 @@ class CacheStats:
     redis_errors: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     finished: bool = False
+    staleness_window: int = 0  # (max_staleness + 1) * batch_size, as the cache's policy computes it
 
     @property
     def dropped_total(self) -> int:
@@ -187,6 +188,7 @@ class CacheClient:
             redis_errors=int(r.redis_errors),
             counters=dict(r.counters),
             finished=bool(r.finished),
+            staleness_window=int(r.staleness_window),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -208,4 +210,5 @@ class CacheClient:
             "redis_errors": s.redis_errors,
             "counters": dict(s.counters),
             "finished": s.finished,
+            "staleness_window": s.staleness_window,
         }
