@@ -16,6 +16,7 @@ from asyncopd.config.redis import RedisConfig
 from asyncopd.config.rollout import RolloutConfig
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.teacher import TeacherConfig
+from asyncopd.config.tracking import TrackingConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 
 
@@ -44,4 +45,7 @@ class RunConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus export.")
     autoscaler: AutoscalerConfig = Field(
         default_factory=AutoscalerConfig, description="Rollout autoscaler (Kubernetes)."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking fed from the learner's step records."
     )
