@@ -208,7 +208,14 @@ def test_rbac_refusal_and_missing_deployment_are_loud(apiserver: ApiServerStandI
 
 
 def _stats(scored: int) -> dict[str, Any]:
-    return {"queue_depth": {"scored": scored}, "max_staleness": 1, "bytes_held": 0, "byte_budget": 10**9}
+    # max_staleness 1, batch 8: the cache's Stats report the window (1 + 1) * 8
+    return {
+        "queue_depth": {"scored": scored},
+        "max_staleness": 1,
+        "staleness_window": 16,
+        "bytes_held": 0,
+        "byte_budget": 10**9,
+    }
 
 
 @dataclass

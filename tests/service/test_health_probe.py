@@ -3,7 +3,6 @@ servers (plain and mutual TLS) on loopback, with certificates made by the openss
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.security import TLSConfig
 from asyncopd.observability.health_probe import check
 from asyncopd.wire import rpc
+from required_tools import require_tool
 
 pytestmark = pytest.mark.service
 
@@ -23,9 +23,7 @@ SERVICE_DNS = "rel-asyncopd-cache"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not installed")
+    openssl = require_tool("openssl")
     d = tmp_path_factory.mktemp("pki")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
