@@ -109,10 +109,12 @@ def test_policy_params_follow_the_config_section() -> None:
     assert (params.min_replicas, params.max_replicas, params.sustain) == (2, 6, 4)
 
 
-def _stats(scored: int, max_staleness: int = 1, held: int = 0, budget: int = 1000) -> dict:
+def _stats(scored: int, max_staleness: int = 1, held: int = 0, budget: int = 1000, batch_size: int = 8) -> dict:
     return {
         "queue_depth": {"unscored": 0, "scoring": 0, "scored": scored, "claimed": 0},
         "max_staleness": max_staleness,
+        # what the cache's Stats report (its policy computes it; the autoscaler only reads it)
+        "staleness_window": (max_staleness + 1) * batch_size,
         "bytes_held": held,
         "byte_budget": budget,
     }
@@ -134,6 +136,18 @@ def test_signals_admission_blocks_at_the_staleness_capacity_or_full_budget() -> 
     w = SignalWindow(batch_size=8, window=1)
     assert w.observe(_stats(10, max_staleness=8, held=950), {"finished": False}).admission_blocked == 1.0
     assert w.observe(_stats(10, max_staleness=8, held=949), {"finished": False}).admission_blocked == 0.0
+
+
+def test_signals_read_the_staleness_window_from_the_cache_stats() -> None:
+    """The window the cache reports decides, not one re-derived from max_staleness and the
+    autoscaler's own batch size; a cache that reports none is refused loudly."""
+    w = SignalWindow(batch_size=8, window=1)
+    reported = {**_stats(0, max_staleness=1), "staleness_window": 10}  # (1 + 1) * 8 would be 16
+    assert w.observe({**reported, "queue_depth": {"scored": 10}}, {"finished": False}).admission_blocked == 1.0
+    assert w.observe({**reported, "queue_depth": {"scored": 9}}, {"finished": False}).admission_blocked == 0.0
+    missing = {k: v for k, v in _stats(0).items() if k != "staleness_window"}
+    with pytest.raises(ValueError, match="staleness_window"):
+        w.observe(missing, {"finished": False})
 
 
 def test_signals_window_forgets_old_observations() -> None:

@@ -9,9 +9,9 @@ Per observation:
   (its next PullBatch has to block);
 - admission *blocks rollouts* when the cache refused prompts since the previous observation
   (its `admission_blocked` counter grew: an AcquirePrompts got fewer than it asked for), or,
-  from the state alone, when the ready samples already cover every version the staleness
-  bound lets the learner consume ((max_staleness + 1) batches) or the byte budget is (nearly)
-  full: either way the cache admits nothing new.
+  from the state alone, when the ready samples already fill the staleness window (the cache
+  reports it in Stats as `staleness_window`, computed by its policy; it is not re-derived
+  here) or the byte budget is (nearly) full: either way the cache admits nothing new.
 A finished run (the learner's Status or the cache's `finished`) exerts no pressure. The
 pressures are the fractions of the last `window` observations in which each held.
 """
@@ -56,7 +56,12 @@ class SignalWindow:
     def observe(self, cache_stats: Mapping[str, Any], learner_status: Any) -> Pressures:
         queue = cache_stats.get("queue_depth") or {}
         ready = int(queue.get("scored", 0))
-        max_staleness = int(cache_stats.get("max_staleness", 0))
+        staleness_window = int(cache_stats.get("staleness_window", 0))
+        if staleness_window < 1:
+            raise ValueError(
+                f"the cache's Stats report no staleness_window (got {staleness_window}): the cache predates "
+                "that field; run a cache of the autoscaler's version"
+            )
         budget = int(cache_stats.get("byte_budget", 0))
         held = int(cache_stats.get("bytes_held", 0))
         finished = bool(_get(learner_status, "finished", False)) or bool(cache_stats.get("finished", False))
@@ -67,7 +72,7 @@ class SignalWindow:
 
         waiting = not finished and ready < self.batch_size
         budget_full = budget > 0 and held >= BUDGET_FULL_FRACTION * budget
-        at_capacity = ready >= (max_staleness + 1) * self.batch_size or budget_full
+        at_capacity = ready >= staleness_window or budget_full
         blocked = not finished and (refused or at_capacity)
         self._waits.append(waiting)
         self._blocks.append(blocked)

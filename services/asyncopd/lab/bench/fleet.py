@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from asyncopd.cache.connection import delete_prefix
+from asyncopd.cache.policy import StalenessPolicy
 
 _SUPPORT = {"none": 0, "topk": 1, "mc": 2}
 _CONFIG_KEYS = (
@@ -123,13 +124,17 @@ def ideal_rates(args: argparse.Namespace, mean_tokens: float) -> dict[str, float
     }
 
 
+def staleness_policy(args: argparse.Namespace) -> StalenessPolicy:
+    """The cache's staleness rules for this run's bound and learner batch."""
+    return StalenessPolicy(args.max_staleness, args.batch_size)
+
+
 def admission_bound(args: argparse.Namespace, mean_tokens: float) -> float:
-    """Little's law on the staleness window: at most (max_staleness + 1) * batch_size samples are
-    admitted and not yet trained, and each is held at least as long as its rollout batch takes to
+    """Little's law on the staleness window: at most `StalenessPolicy.window` samples are admitted
+    and not yet trained, and each is held at least as long as its rollout batch takes to
     generate, so throughput <= window / generation time. Not a stage capacity: an upper bound the
     staleness bound puts on the whole pipeline (the min over stages does not see it)."""
-    window = (args.max_staleness + 1) * args.batch_size
-    return window / (args.rollout_batch * mean_tokens / args.rollout_tps)
+    return staleness_policy(args).window / (args.rollout_batch * mean_tokens / args.rollout_tps)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -400,5 +405,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    ok = rep["invariant_holds"] and rep["max_staleness_trained"] <= args.max_staleness
+    ok = rep["invariant_holds"] and staleness_policy(args).within_bound(rep["max_staleness_trained"])
     return 0 if ok else 1
