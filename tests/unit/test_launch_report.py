@@ -10,10 +10,10 @@ import pytest
 import yaml
 from asyncopd.config import config_from_dict
 from asyncopd.lab.launch.accuracy import final_student_dir
+from asyncopd.lab.launch.child_config import Ports, resolved_config_data
 from asyncopd.lab.launch.plots import throughput_series, wall_times, write_plots
 from asyncopd.lab.launch.progress import Snapshot, progress_table
 from asyncopd.lab.launch.report import build_report, check_invariants, estimator_label, report_table, write_report
-from asyncopd.lab.launch.runner import Ports, resolved_config_data
 from asyncopd.lab.launch.steplog import StepLogReader, StepRecord, read_step_log, record_from_dict
 from rich.console import Console
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -166,6 +167,20 @@ def write_plots(
     plt.close(fig)
     written.append(out_dir / "staleness.png")
     return written
+
+
+def write_report_plots(
+    report: Mapping[str, Any], records: Sequence[StepRecord], out_dir: Path, t0: float | None = None
+) -> list[Path]:
+    """`write_plots` for a finished run's report: its staleness histogram and its before/after
+    accuracies (at version 0 and at its last step) as evaluation points."""
+    points: list[tuple[int, float, float]] = []
+    if report.get("accuracy_before") is not None:
+        points.append((0, 0.0, float(report["accuracy_before"])))
+    if report.get("accuracy_after") is not None:
+        points.append((int(report["steps"]), float(report["wall_seconds"]), float(report["accuracy_after"])))
+    hist = {int(k): int(v) for k, v in report["staleness_histogram"].items()}
+    return write_plots(records, out_dir, hist, t0=t0, accuracy_points=points)
 
 
 def _t0(records: Sequence[StepRecord]) -> float | None:
