@@ -26,6 +26,17 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when the package is imported uninstalled)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("asyncopd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of `command` alone: registering a command imports its
     module, and some (bench, eval) import torch and transformers, which a service started with
@@ -33,6 +44,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncopd", description="Asynchronous on-policy distillation of language models."
     )
+    parser.add_argument("-V", "--version", action="version", version=f"asyncopd {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         if command is None or name == command:
@@ -42,6 +54,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):  # without importing every command's module (torch, transformers)
+        print(f"asyncopd {version()}")
+        return 0
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
@@ -50,4 +65,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"asyncopd: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
-
