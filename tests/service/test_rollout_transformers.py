@@ -81,11 +81,17 @@ def test_stops_at_eos_or_stop_string_and_flags_truncation(engine: TransformersEn
     stopped = engine.generate(
         toy_prompts(tokenizer), Sampling(temperature=1.0, max_tokens=30, stop=(":", "="), seed=3), SupportKind.NONE, 0
     )
+    ended_by_stop = 0
     for r in stopped:
         text = tokenizer.decode(r.response_ids.tolist(), skip_special_tokens=False)
         hit = [i for i, c in enumerate(text) if c in ":="]
         if hit:
             assert hit[0] == len(text) - 1 and not r.truncated, "a stop string ends the response"
+            ended_by_stop += 1
+        else:
+            assert r.truncated or r.response_ids[-1] == eos, f"ended without eos, stop string or max_tokens: {text!r}"
+    # The check above must have run: at least one response met a stop string.
+    assert ended_by_stop > 0, "no response hit ':' or '=': the stop-string check never ran"
 
 
 def test_weight_switch_mid_generation_gives_per_token_versions() -> None:
