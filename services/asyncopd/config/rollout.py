@@ -19,6 +19,25 @@ class SamplingConfig(Section):
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="Strings that end a response.")
 
 
+class VLLMEngineConfig(Section):
+    """Settings of the vLLM engine (rollout.engine: vllm); defaults suit a real model on a GPU."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards the model over.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may take (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="Prompt + response tokens one sequence may hold; None = rollout.max_model_len."
+    )
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (and torch.compile): slower, starts faster.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (reset after every weight load)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights and activations of the engine; None = models.dtype."
+    )
+
+
 class RolloutConfig(Section):
     """A rollout replica."""
 
@@ -41,8 +60,4 @@ class RolloutConfig(Section):
     acquire_wait_ms: int = Field(
         500, ge=0, le=60000, description="How long one AcquirePrompts call may wait at the cache for admission."
     )
-    vllm_full_logprobs_max_vocab: int = Field(
-        4096,
-        ge=1,
-        description="vllm engine, MC support: largest vocabulary for which full-vocabulary log-probs are requested.",
-    )
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM engine settings.")

@@ -65,10 +65,11 @@ class Engine(abc.ABC):
     def check_request(self, prompts: Sequence[Prompt], support_kind: SupportKind, k: int) -> None:
         """Reject what no engine can serve, before any work is done (ValueError names the field)."""
         info = self.info
-        if support_kind != SupportKind.NONE and not 1 <= k <= info.vocab_size:
-            raise ValueError(
-                f"support_k: {k} must be in 1..{info.vocab_size} (the vocabulary size) for {support_kind.name}"
-            )
+        if support_kind == SupportKind.STUDENT_TOPK and not 1 <= k <= info.vocab_size:
+            raise ValueError(f"support_k: {k} must be in 1..{info.vocab_size} (the vocabulary size) for STUDENT_TOPK")
+        if support_kind == SupportKind.MC_SAMPLES and k < 1:
+            # Draws are with replacement: N may exceed the vocabulary.
+            raise ValueError(f"support_k: {k} must be >= 1 for MC_SAMPLES")
         for i, p in enumerate(prompts):
             ids = np.asarray(p.prompt_ids)
             if ids.ndim != 1 or ids.shape[0] == 0:

