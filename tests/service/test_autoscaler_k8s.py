@@ -322,11 +322,11 @@ def test_the_autoscaler_process_loop_against_real_cache_and_learner_services(api
     from asyncopd.learner.servicer import LearnerServicer, Progress, add_to_server
     from asyncopd.observability import metrics
     from asyncopd.observability.health_probe import check
-    from asyncopd.weightsync.publisher import Publisher
+    from asyncopd.weightsync.collective import CollectiveBroadcast
     from asyncopd.wire import rpc
     from test_cache_harness import make_config, running_cache, unique_prefix
 
-    publisher = Publisher(WeightSyncConfig())
+    publisher = CollectiveBroadcast(WeightSyncConfig())
     learner = rpc.start_server(
         ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, lambda: Progress(version=3)))], ["learner"]
     )

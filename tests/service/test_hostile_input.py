@@ -45,7 +45,7 @@ from asyncopd.v1 import (
     teacher_pb2,
     teacher_pb2_grpc,
 )
-from asyncopd.weightsync.publisher import Publisher
+from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.wire import encode, rollout_to_proto, scores_to_proto
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import channel, start_server
@@ -604,7 +604,7 @@ def test_rollout_push_weights_refuses_every_corruption_and_keeps_its_version(
 
 @pytest.fixture(scope="module")
 def learner() -> Iterator[learner_pb2_grpc.LearnerServiceStub]:
-    publisher = Publisher(WeightSyncConfig(timeout_s=5.0))
+    publisher = CollectiveBroadcast(WeightSyncConfig(timeout_s=5.0))
     server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], ["learner"])
     ch = channel(server.address)
     yield learner_pb2_grpc.LearnerServiceStub(ch)

@@ -18,8 +18,8 @@ import torch
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
+from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.manifest import ManifestError
-from asyncopd.weightsync.publisher import Publisher
 from asyncopd.weightsync.subscriber import run_subscriber
 from asyncopd.wire.rpc import RunningServer, start_server
 from weightsync_replica import digest
@@ -44,8 +44,8 @@ def weights(step: int) -> list[tuple[str, torch.Tensor]]:
 
 
 @pytest.fixture
-def learner() -> Iterator[tuple[Publisher, RunningServer]]:
-    publisher = Publisher(WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=True))
+def learner() -> Iterator[tuple[CollectiveBroadcast, RunningServer]]:
+    publisher = CollectiveBroadcast(WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=True))
     server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
     yield publisher, server
     publisher.close()
@@ -82,7 +82,7 @@ def applied(log: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def test_late_joiner_and_dead_replica(learner: tuple[Publisher, RunningServer], tmp_path: Path) -> None:
+def test_late_joiner_and_dead_replica(learner: tuple[CollectiveBroadcast, RunningServer], tmp_path: Path) -> None:
     publisher, server = learner
     log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = start_replica(server.address, "replica-a", log_a)
@@ -126,7 +126,7 @@ def test_a_killed_or_frozen_replica_is_dropped_by_its_heartbeat_not_the_long_tim
     # a dead replica in dead_after_s instead of the ~2 x timeout_s a rebuild would wait for it.
     long_timeout, dead_after = 8.0, 2.0
     config = WeightSyncConfig(timeout_s=long_timeout, bucket_mb=0.05, heartbeat_s=0.2, dead_after_s=dead_after)
-    publisher = Publisher(config)
+    publisher = CollectiveBroadcast(config)
     server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
     logs = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
     procs = {n: start_replica(server.address, n, logs[n], long_timeout, heartbeat_s=0.2) for n in logs}
@@ -168,7 +168,7 @@ def test_a_killed_or_frozen_replica_is_dropped_by_its_heartbeat_not_the_long_tim
         server.stop(0)
 
 
-def test_stop_unregisters_and_checks_names(learner: tuple[Publisher, RunningServer]) -> None:
+def test_stop_unregisters_and_checks_names(learner: tuple[CollectiveBroadcast, RunningServer]) -> None:
     publisher, server = learner
     got: list[tuple[int, dict[str, torch.Tensor]]] = []
 
@@ -207,7 +207,7 @@ def test_manifest_rejects_a_model_mismatch() -> None:
         manifest.check_against(expected)
 
 
-def test_bad_registrations_are_invalid_argument(learner: tuple[Publisher, RunningServer]) -> None:
+def test_bad_registrations_are_invalid_argument(learner: tuple[CollectiveBroadcast, RunningServer]) -> None:
     import grpc
     from asyncopd.wire.learner_client import LearnerClient
     from asyncopd.wire.rpc import channel

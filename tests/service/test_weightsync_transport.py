@@ -1,7 +1,7 @@
 """Bucket layout and the gRPC fallback transport of weight sync.
 
 The gRPC test runs a real RolloutService server whose PushWeights feeds `WeightAssembler`
-(the receiver this package offers), with the learner's Publisher pushing to a replica that
+(the receiver this package offers), with the collective transport pushing to a replica that
 registered with collective=false.
 """
 
@@ -17,9 +17,10 @@ from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
-from asyncopd.weightsync.grpc_transport import WeightAssembler, chunks, push_weights
+from asyncopd.weightsync.collective import CollectiveBroadcast
+from asyncopd.weightsync.grpc_transport import GrpcPush, WeightAssembler, chunks, push_weights
 from asyncopd.weightsync.manifest import ManifestError, checksum, pack, plan
-from asyncopd.weightsync.publisher import Publisher
+from asyncopd.weightsync.transport import transport_from_config
 from asyncopd.wire.rpc import start_server, status_errors
 
 pytestmark = pytest.mark.service
@@ -103,7 +104,7 @@ def test_publisher_pushes_over_grpc_to_non_collective_replicas() -> None:
     server = start_server(
         ServerConfig(port=0), [lambda s: pb_grpc.add_RolloutServiceServicer_to_server(receiver, s)], []
     )
-    publisher = Publisher(
+    publisher = CollectiveBroadcast(
         WeightSyncConfig(timeout_s=5.0, checksum=True),
         grpc_push=lambda address, snapshot, timeout: push_weights(address, snapshot, timeout, chunk_mb=0.01),
     )
@@ -126,4 +127,36 @@ def test_publisher_pushes_over_grpc_to_non_collective_replicas() -> None:
         assert publisher.replicas == []
     finally:
         publisher.close()
+        server.stop(0)
+
+
+def test_the_factory_picks_the_backend_and_the_grpc_one_needs_no_collective() -> None:
+    collective = transport_from_config(WeightSyncConfig(timeout_s=5.0))
+    try:
+        assert isinstance(collective, CollectiveBroadcast)
+        assert collective.register("c", collective=True).store_port == collective.store_port > 0
+    finally:
+        collective.close()
+
+    receiver = Receiver()
+    server = start_server(
+        ServerConfig(port=0), [lambda s: pb_grpc.add_RolloutServiceServicer_to_server(receiver, s)], []
+    )
+    transport = transport_from_config(WeightSyncConfig(transport="grpc", timeout_s=5.0, grpc_chunk_mb=0.01))
+    try:
+        assert isinstance(transport, GrpcPush)
+        with pytest.raises(ValueError, match=r"weightsync\.transport=grpc"):
+            transport.register("collective-replica", collective=True)
+        transport.publish(1, model())
+        transport.register("grpc-replica", address=server.address, collective=False)
+        deadline = time.monotonic() + 20
+        while not receiver.updates and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [v for v, _ in receiver.updates] == [1]  # a late joiner gets the current version
+        report = transport.publish(2, model())
+        assert (report.replicas, [v for v, _ in receiver.updates]) == (1, [1, 2])
+        for (name, got), (_, want) in zip(receiver.updates[-1][1], model(), strict=True):
+            assert torch.equal(got, want), name
+    finally:
+        transport.close()
         server.stop(0)

@@ -17,8 +17,8 @@ it had published before it died: it then continues numbering after the published
 and it logs a `start` event naming the checkpoint it resumed from (steps logged after that
 checkpoint by the previous incarnation were lost with it).
 
-It knows the trainer, the cache client, the publisher and the checkpoint files; the gRPC
-server and process signals belong to `asyncopd.learner.main`.
+It knows the trainer, the cache client, a `WeightTransport` (not which backend moves the bytes)
+and the checkpoint files; the gRPC server and process signals belong to `asyncopd.learner.main`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from asyncopd.learner.trainer import StepStats, Trainer
 from asyncopd.observability.metrics import LearnerMetrics
 from asyncopd.records import ScoredSample
 from asyncopd.tracking import Tracker
-from asyncopd.weightsync.publisher import Publisher, PublishReport
+from asyncopd.weightsync.transport import PublishReport, WeightTransport
 from asyncopd.wire.rpc import Outage, retryable
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LearnerLoop:
         self,
         trainer: Trainer,
         source: BatchSource,
-        publisher: Publisher | None,
+        weights: WeightTransport | None,
         settings: LoopSettings,
         *,
         stop: threading.Event,
@@ -96,10 +96,11 @@ class LearnerLoop:
         resumed_from: int | None = None,
         tracker: Tracker | None = None,
     ) -> None:
-        """`resumed_from`: the version of the checkpoint the trainer was restored from, if any."""
+        """`weights`: where new versions go (None: nowhere but the cache); `resumed_from`: the version of
+        the checkpoint the trainer was restored from, if any."""
         self.trainer = trainer
         self.source = source
-        self.publisher = publisher
+        self.weights = weights
         self.settings = settings
         self.stop = stop
         self.step_log = step_log
@@ -250,8 +251,8 @@ class LearnerLoop:
     def _deliver(self, version: int) -> PublishReport | None:
         """Broadcast the weights of `version`, then tell the cache (ordering: replicas first)."""
         report = None
-        if self.publisher is not None and version > self.publisher.latest_version:
-            report = self.publisher.publish(version, self.trainer.named_weights())
+        if self.weights is not None and version > self.weights.latest_version:
+            report = self.weights.publish(version, self.trainer.named_weights())
         self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=False))
         self._delivered = version
         return report

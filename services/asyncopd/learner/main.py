@@ -1,7 +1,7 @@
 """`asyncopd serve learner`: build the learner from a RunConfig and run it until SIGTERM/SIGINT.
 
 Builds: the student (from the newest checkpoint when `learner.resume`), the trainer with the
-configured estimator, the weight-sync publisher (hosting the broadcast rendezvous), the
+configured estimator, the weight transport `weightsync.transport` names, the
 LearnerService gRPC server, the metrics endpoint, the cache client, and the loop. SIGTERM
 stops the loop after the current step and writes a checkpoint; after the configured number
 of steps the process keeps serving Status (finished=true) until it is told to stop.
@@ -29,8 +29,7 @@ from asyncopd.models.loading import load_model, load_tokenizer
 from asyncopd.observability import metrics
 from asyncopd.opd import estimator_spec
 from asyncopd.tracking import open_tracker
-from asyncopd.weightsync.grpc_transport import push_weights
-from asyncopd.weightsync.publisher import Publisher, Snapshot
+from asyncopd.weightsync.transport import WeightTransport, transport_from_config
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import RunningServer, channel, start_server
 
@@ -43,11 +42,11 @@ class RunningLearner:
 
     loop: LearnerLoop
     server: RunningServer
-    publisher: Publisher
+    weights: WeightTransport
     metrics_server: metrics.MetricsServer | None
 
     def close(self) -> None:
-        self.publisher.close()
+        self.weights.close()
         self.server.stop(2.0)
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -78,22 +77,13 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at version %d", resume_from, trainer.version)
 
-    def grpc_push(address: str, snapshot: Snapshot, timeout_s: float) -> None:
-        push_weights(
-            address,
-            snapshot,
-            timeout_s,
-            tls=config.tls,
-            chunk_mb=config.weightsync.grpc_chunk_mb,
-            max_message_mb=lc.server.max_message_mb,
-        )
-
-    publisher = Publisher(
+    weights = transport_from_config(
         config.weightsync,
         device=lc.device,
         bind_host=lc.server.host,
         advertise_host=_advertised(config),
-        grpc_push=grpc_push,
+        tls=config.tls,
+        max_message_mb=lc.server.max_message_mb,
     )
     registry = metrics.ServiceRegistry("learner", name)
     recorder = metrics.LearnerMetrics(registry, estimator=config.loss.kind)
@@ -116,7 +106,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     loop = LearnerLoop(
         trainer,
         cache,
-        publisher,
+        weights,
         LoopSettings(
             steps=lc.steps,
             batch_size=lc.batch_size,
@@ -134,9 +124,9 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
         resumed_from=trainer.version if resume_from is not None else None,
         tracker=open_tracker(config.tracking, config.output_dir, config.name),
     )
-    servicer = LearnerServicer(publisher, loop.progress)
+    servicer = LearnerServicer(weights, loop.progress)
     server = start_server(lc.server, [add_to_server(servicer)], [SERVICE_NAME], config.tls)
-    return RunningLearner(loop, server, publisher, metrics_server)
+    return RunningLearner(loop, server, weights, metrics_server)
 
 
 def serve(config: RunConfig, name: str) -> None:

@@ -1,5 +1,6 @@
-"""LearnerService over gRPC: a thin adapter from requests to the weight-sync publisher and the
-trainer's progress. It parses, calls domain code, and builds responses; nothing else.
+"""LearnerService over gRPC: a thin adapter from requests to the weight transport and the
+trainer's progress. It parses, calls domain code, and builds responses; nothing else (it does not
+know which weight-sync backend runs).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import grpc
 
 from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.v1 import learner_pb2_grpc as pb_grpc
-from asyncopd.weightsync.publisher import Publisher
+from asyncopd.weightsync.transport import WeightTransport
 from asyncopd.wire.rpc import status_errors
 
 _MAX_NAME_CHARS = 256
@@ -29,11 +30,11 @@ class Progress:
 
 
 class LearnerServicer(pb_grpc.LearnerServiceServicer):
-    """Registration of rollout replicas for the weight broadcast, and training status."""
+    """Registration of rollout replicas for weight sync, and training status."""
 
-    def __init__(self, publisher: Publisher, progress: Callable[[], Progress | None]) -> None:
+    def __init__(self, weights: WeightTransport, progress: Callable[[], Progress | None]) -> None:
         """`progress()` is None while the learner has not published its first version (UNAVAILABLE)."""
-        self._publisher = publisher
+        self._weights = weights
         self._progress = progress
 
     @status_errors
@@ -42,7 +43,7 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
     ) -> pb.RegisterReplicaResponse:
         if len(request.replica) > _MAX_NAME_CHARS:  # names become store keys and metric labels
             raise ValueError(f"replica: {len(request.replica)} characters, at most {_MAX_NAME_CHARS}")
-        reg = self._publisher.register(
+        reg = self._weights.register(
             request.replica, device=request.device or "cpu", address=request.address, collective=request.collective
         )
         return pb.RegisterReplicaResponse(
@@ -65,7 +66,7 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
             raise ValueError("replica: must not be empty")
         if request.registration < 0:
             raise ValueError(f"registration: {request.registration} is negative (0 = whatever is current)")
-        self._publisher.unregister(request.replica, request.registration)
+        self._weights.unregister(request.replica, request.registration)
         return pb.UnregisterReplicaResponse()
 
     @status_errors
@@ -78,7 +79,7 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
             steps_total=p.steps_total,
             last_loss=p.last_loss,
             train_tokens_per_second=p.train_tokens_per_second,
-            replicas=len(self._publisher.replicas),
+            replicas=len(self._weights.replicas),
             finished=p.finished,
         )
 

@@ -1,4 +1,4 @@
-"""The gRPC fallback transport of weight updates: RolloutService.PushWeights as a chunk stream.
+"""The gRPC weight transport: RolloutService.PushWeights as a chunk stream, and the `GrpcPush` backend.
 
 For replicas that cannot join a collective (another network, no torch.distributed), the
 learner streams each update as `WeightChunk`s of at most `chunk_mb`: a tensor larger than a
@@ -7,32 +7,47 @@ whole tensor; each slice keeps the trailing shape, from which the receiver rebui
 shape; a tensor whose single row exceeds a chunk arrives flat). The last chunk carries
 `last=True` and, when checksums are on, a digest over every tensor (name, dtype, bytes).
 
-`chunks()`/`push_weights()` are the sender (used by the learner's Publisher);
+`GrpcPush` is the `WeightTransport` backend that pushes every snapshot to every registered
+replica's RolloutService (one sender thread each, under `timeout_s`; a failed push drops the
+replica). It runs alone (`weightsync.transport: grpc`) or inside the collective backend for the
+replicas that registered with `collective=false`. `chunks()`/`push_weights()` are its sender;
 `WeightAssembler` is the receiver a RolloutService servicer feeds, which returns the complete
 `(version, [(name, tensor), ...])` for the engine's `load_weights` and rejects anything
 inconsistent (mixed versions, overlapping or missing slices, a checksum mismatch) with
 `ManifestError` (a ValueError: INVALID_ARGUMENT through `rpc.status_errors`).
 
-It knows the wire messages; it knows nothing of engines or process groups.
+It knows the wire messages; it knows nothing of engines, process groups or the store.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from asyncopd.config.security import TLSConfig
+from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
 from asyncopd.weightsync.manifest import ManifestError
-from asyncopd.weightsync.publisher import Snapshot
+from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, SyncThread, WeightTransport
 from asyncopd.wire.rpc import channel
 from asyncopd.wire.tensors import decode_torch, encode
 
+log = logging.getLogger(__name__)
+
 _MIB = 1 << 20
+
+# (replica address, snapshot, timeout_s) -> anything; raises when the replica did not take it
+PushFn = Callable[[str, Snapshot, float], object]
 
 
 def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -180,3 +195,140 @@ class WeightAssembler:
         if self._checksum and tensors_checksum(named) != self._checksum:
             raise ManifestError(f"checksum mismatch in weight update version {self.version}")
         return self.version, named
+
+
+@dataclass
+class _Target:
+    replica: str
+    registration: int
+    address: str
+    pushed_version: int = -1  # last version it took
+
+
+class GrpcPush(WeightTransport):
+    """Push every snapshot to each registered replica's RolloutService; no group, no store."""
+
+    def __init__(
+        self,
+        config: WeightSyncConfig,
+        *,
+        push: PushFn | None = None,
+        ids: Iterator[int] | None = None,
+        maintenance_interval_s: float = 0.2,
+    ) -> None:
+        """`push` defaults to `push_weights` without TLS; `ids` hands out registration ids (shared
+        with the collective backend when this serves its `collective=false` replicas)."""
+        self.config = config
+        self.timeout_s = config.timeout_s
+        self._push: PushFn = push or (
+            lambda address, snapshot, timeout_s: push_weights(
+                address, snapshot, timeout_s, chunk_mb=config.grpc_chunk_mb
+            )
+        )
+        self._ids = ids if ids is not None else itertools.count(1)
+        self._targets: dict[str, _Target] = {}
+        self._lock = threading.Lock()  # registration never waits behind a push
+        self._sync_lock = threading.RLock()  # one push round at a time, in version order
+        self._latest: Snapshot | None = None
+        self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="weightsync-push")
+        self._maintenance = SyncThread("weightsync-push-maintenance", self._behind, self.sync, maintenance_interval_s)
+        self._maintenance.start()
+
+    def register(self, replica: str, device: str = "cpu", address: str = "", collective: bool = True) -> Registration:
+        if not replica:
+            raise ValueError("replica name must be non-empty")
+        if collective:
+            raise ValueError(
+                f"replica {replica!r}: this learner pushes weights over gRPC (weightsync.transport=grpc); "
+                "register with collective=false and the replica's RolloutService address"
+            )
+        if not address:
+            raise ValueError(f"replica {replica!r}: collective=false needs its RolloutService address for PushWeights")
+        with self._lock:
+            target = _Target(replica, next(self._ids), address)
+            self._targets[replica] = target
+            world = 1 + len(self._targets)
+        self._maintenance.wake()
+        return Registration(
+            store_host="",
+            store_port=0,
+            registration=target.registration,
+            membership_epoch=0,
+            world_size=world,
+            version=self.latest_version,
+            backend="grpc",
+            timeout_s=self.timeout_s,
+        )
+
+    def unregister(self, replica: str, registration: int = 0) -> bool:
+        with self._lock:
+            target = self._targets.get(replica)
+            if target is None or (registration and target.registration != registration):
+                return False
+            del self._targets[replica]
+        return True
+
+    @property
+    def replicas(self) -> list[str]:
+        with self._lock:
+            return sorted(self._targets)
+
+    @property
+    def latest_version(self) -> int:
+        return self._latest.version if self._latest is not None else -1
+
+    def publish(self, version: int, named: Sequence[tuple[str, torch.Tensor]]) -> PublishReport:
+        start = time.perf_counter()
+        snapshot = Snapshot.take(version, named, self._latest, self.config, torch.device("cpu"))
+        packed = time.perf_counter()
+        self.deliver(snapshot)
+        return PublishReport(
+            version=version,
+            replicas=len(self.replicas),
+            nbytes=snapshot.nbytes,
+            pack_seconds=packed - start,
+            sync_seconds=time.perf_counter() - packed,
+            rebuilds=0,
+        )
+
+    def sync(self) -> None:
+        latest = self._latest
+        if latest is not None:
+            self.deliver(latest)
+
+    def deliver(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` the latest (unless a newer one is) and push it to every replica behind it."""
+        with self._sync_lock:
+            if self._latest is None or snapshot.version > self._latest.version:
+                self._latest = snapshot
+            snapshot = self._latest
+            with self._lock:
+                targets = [t for t in self._targets.values() if t.pushed_version < snapshot.version]
+            if not targets:
+                return
+            jobs = {self._pool.submit(self._push, t.address, snapshot, self.timeout_s): t for t in targets}
+            failed: list[_Target] = []
+            for job, target in jobs.items():
+                try:
+                    job.result(timeout=self.timeout_s + 1)
+                    target.pushed_version = snapshot.version
+                except Exception as exc:
+                    log.warning("PushWeights to %s (%s) failed: %s", target.replica, target.address, exc)
+                    failed.append(target)
+            with self._lock:
+                for target in failed:
+                    if self._targets.get(target.replica) is target:
+                        del self._targets[target.replica]
+            for target in failed:
+                log.warning("replica %s dropped from weight sync: gRPC PushWeights failed", target.replica)
+
+    def close(self) -> None:
+        self._maintenance.stop(self.timeout_s + 5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _behind(self) -> bool:
+        latest = self._latest
+        if latest is None:
+            return False
+        with self._lock:
+            return any(t.pushed_version < latest.version for t in self._targets.values())

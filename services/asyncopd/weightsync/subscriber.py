@@ -1,9 +1,9 @@
 """A rollout replica's side of weight sync: register, join each membership epoch, receive updates.
 
 `run_subscriber(...)` blocks (run it in a thread) until `stop` is set. It registers with the
-learner over gRPC, follows its group assignments through the learner's store (see the protocol
-in `asyncopd.weightsync.publisher`), receives every update's buckets by broadcast, verifies
-them (manifest consistency, optional expected names/shapes, optional checksum), acks, and then
+learner over gRPC, follows its group assignments through the learner's store (the protocol is in
+`asyncopd.weightsync.membership` and `.collective`), receives every update's buckets by broadcast,
+verifies them (manifest consistency, optional expected names/shapes, optional checksum), acks, and then
 hands `(version, [(name, tensor), ...])` to `apply` — the engine's `load_weights`. An update
 whose version the replica already holds (a rebuilt group re-sending it) is acked, not re-applied.
 The tensors handed to `apply` are views into fresh receive buffers: `apply` may keep them.

@@ -3,7 +3,8 @@
 For each replica count R it spawns R subscriber processes on loopback. Each first joins a
 plain gloo group and receives one flat uint8 tensor of the model's byte size `repeats` times
 (the raw baseline: the fastest a single collective can move those bytes), then subscribes to
-a real Publisher (LearnerService registration, membership epoch, manifest + buckets + acks).
+the collective weight transport (LearnerService registration, membership epoch, manifest +
+buckets + acks).
 It prints, per R: raw GB/s, weightsync transfer GB/s (broadcast + acks), end-to-end GB/s
 (including packing the snapshot), the ratio weightsync/raw, and how long the group took to form.
 
@@ -28,8 +29,8 @@ import torch.distributed as dist
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
+from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.groups import broadcast, connect_store, host_store
-from asyncopd.weightsync.publisher import Publisher
 from asyncopd.weightsync.subscriber import run_subscriber
 from asyncopd.wire.rpc import start_server
 
@@ -76,8 +77,8 @@ def _replica(spec: dict[str, Any]) -> None:
 def _measure(replicas: int, named: list[tuple[str, torch.Tensor]], args: argparse.Namespace) -> dict[str, float]:
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
     cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, timeout_s=60.0, checksum=args.checksum)
-    publisher = Publisher(cfg)
-    server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
+    transport = CollectiveBroadcast(cfg)
+    server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(transport, Progress))], [SERVICE_NAME])
     raw_store = host_store("127.0.0.1", 0, 60.0)
     ctx = mp.get_context("spawn")
     procs = [
@@ -111,17 +112,17 @@ def _measure(replicas: int, named: list[tuple[str, torch.Tensor]], args: argpars
             raw.append(time.perf_counter() - start)
         del pg
         start = time.perf_counter()
-        publisher.publish(1, named)  # forms the group (R registrations) and delivers version 1
+        transport.publish(1, named)  # forms the group (R registrations) and delivers version 1
         deadline = time.monotonic() + 120
-        while len(publisher.replicas) < replicas:
+        while len(transport.replicas) < replicas:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(publisher.replicas)} of {replicas} replicas joined")
+                raise RuntimeError(f"only {len(transport.replicas)} of {replicas} replicas joined")
             time.sleep(0.01)
-        publisher.sync()
+        transport.sync()
         formed = time.perf_counter() - start
         sync, total = [], []
         for version in range(2, args.repeats + 2):
-            report = publisher.publish(version, named)
+            report = transport.publish(version, named)
             if report.rebuilds:
                 raise RuntimeError("the group was rebuilt during the measurement")
             sync.append(report.sync_seconds)
@@ -142,7 +143,7 @@ def _measure(replicas: int, named: list[tuple[str, torch.Tensor]], args: argpars
         }
     finally:
         raw_store.set("stop", "1")
-        publisher.close()
+        transport.close()
         server.stop(0)
         for p in procs:
             p.join(timeout=30)

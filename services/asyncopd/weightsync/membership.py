@@ -1,0 +1,242 @@
+"""Who is in the collective weight broadcast: registrations, membership epochs, liveness, rebuilds.
+
+The collective backend (`asyncopd.weightsync.collective`) owns one `Membership` over the
+learner's rendezvous store (keys in `asyncopd.weightsync.groups`; the other half of the
+protocol is `asyncopd.weightsync.subscriber`):
+
+1. A replica registers (`join`) and gets a registration id. Joins and leaves only mark the
+   membership dirty.
+2. At the next sync point the owner calls `rebuild`: it tells the old group to `rebuild`
+   (members still inside a broadcast of it abandon it), writes each member's next assignment
+   (epoch, rank, world), waits up to `timeout_s` for every member's ready key, drops those that
+   never came (writing them a `dropped` assignment so a slow one re-registers), says `go`, and
+   connects a fresh group (learner = rank 0).
+3. Every replica bumps a heartbeat counter in the store (`asyncopd.weightsync.liveness`); a
+   member whose heartbeat stood still for `dead_after_s` is judged dead (`dead`) as soon as the
+   learner looks while waiting — for ready keys here, for acks in the broadcast — and dropped.
+
+One group per membership epoch (not one per replica): a broadcast to R replicas is one
+collective; the price is a rebuild of the whole group on every membership change, which is rare.
+
+It knows the store protocol and how a group is formed; it knows nothing of snapshots, buckets,
+acks or gRPC.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from asyncopd.weightsync import groups
+from asyncopd.weightsync.liveness import Liveness, MemberKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One registration of a collective replica."""
+
+    replica: str
+    registration: int
+    device: str
+    next_assignment: int = 0
+
+
+@dataclass
+class Group:
+    """The group of one membership epoch (`group` None: no members, or torn down)."""
+
+    epoch: int
+    group: groups.Group | None
+    members: list[Member]
+    seq: int = 0  # last command key written for this group
+    sent_version: int = -1  # last version every member acked
+    broken: bool = False  # a broadcast or an ack failed: rebuild before the next send
+
+
+class Membership:
+    """The registered collective replicas and the group of the current membership epoch."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        *,
+        backend: groups.Backend,
+        timeout_s: float,
+        dead_after_s: float,
+        closed: threading.Event,
+        ids: Iterator[int] | None = None,
+    ) -> None:
+        """`closed` ends a wait for ready keys early; `ids` hands out registration ids (shared
+        with another registry of the same learner, so an id names one registration)."""
+        self._store = store
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self._closed = closed
+        self._ids = ids if ids is not None else itertools.count(1)
+        self._members: dict[str, Member] = {}
+        self._lock = threading.Lock()  # registration never waits behind a rebuild or a broadcast
+        self.dirty = False
+        self.epoch = 0
+        self.group: Group | None = None
+        self.rebuilds = 0
+        self._liveness = Liveness(self._read_heartbeat, dead_after_s)
+
+    # ---- registrations (gRPC handler threads) ---------------------------------------------------
+
+    def join(self, replica: str, device: str) -> Member:
+        """Register `replica` (replacing an earlier registration of it) for the next epoch."""
+        with self._lock:
+            member = Member(replica, next(self._ids), device)
+            replaced = self._members.get(replica)
+            self._members[replica] = member
+            self.dirty = True
+        if replaced is not None:
+            log.info(
+                "replica %s re-registered (registration %d replaces %d)",
+                replica,
+                member.registration,
+                replaced.registration,
+            )
+        return member
+
+    def leave(self, replica: str, registration: int = 0) -> bool:
+        with self._lock:
+            member = self._members.get(replica)
+            if member is None or (registration and member.registration != registration):
+                return False
+            del self._members[replica]
+            self.dirty = True
+        return True
+
+    @property
+    def registered(self) -> int:
+        with self._lock:
+            return len(self._members)
+
+    @property
+    def in_group(self) -> list[str]:
+        """Replicas in the live group."""
+        group = self.group
+        return [m.replica for m in (group.members if group else [])]
+
+    # ---- liveness -------------------------------------------------------------------------------
+
+    def _read_heartbeat(self, key: MemberKey) -> int | None:
+        name = groups.heartbeat_key(*key)
+        if not self._store.check([name]):
+            return None
+        return int(self._store.add(name, 0))
+
+    def dead(self, members: Sequence[Member]) -> list[Member]:
+        """Members whose heartbeat stood still for dead_after_s (see asyncopd.weightsync.liveness)."""
+        dead = set(self._liveness.dead([(m.replica, m.registration) for m in members]))
+        return [m for m in members if (m.replica, m.registration) in dead]
+
+    def drop(self, members: Sequence[Member], reason: str) -> None:
+        """Unregister `members` and tell each (a `dropped` assignment) so a live one registers again."""
+        with self._lock:
+            for member in members:
+                self._liveness.forget((member.replica, member.registration))
+                if self._members.get(member.replica) is member:
+                    del self._members[member.replica]
+                groups.put_json(
+                    self._store,
+                    groups.assign_key(member.replica, member.registration, member.next_assignment),
+                    {"dropped": True, "reason": reason},
+                )
+                member.next_assignment += 1
+        for member in members:
+            log.warning("replica %s dropped from weight sync: %s", member.replica, reason)
+
+    # ---- epochs (the owner's sync lock held) ------------------------------------------------------
+
+    def disband(self) -> None:
+        """Tell the current group to rebuild and let go of it (it may hold an abandoned broadcast)."""
+        group = self.group
+        if group is not None and group.group is not None:
+            group.seq += 1
+            groups.put_json(self._store, groups.command_key(group.epoch, group.seq), {"op": "rebuild"})
+            # Members still inside a broadcast of it see the rebuild command and abandon it; the
+            # group itself may hold an abandoned broadcast until its timeout, so it is retired, not
+            # destroyed here (destroying waits for that broadcast).
+            pg, group.group = group.group, None
+            groups.retire(pg, self.timeout_s)
+
+    def rebuild(self) -> Group:
+        """Form the next membership epoch's group from every registered member that becomes ready."""
+        self.rebuilds += 1
+        # Members of a failed group may sit in its broadcast until their own timeout before
+        # they look for the next assignment: give them that long on top before dropping them.
+        ready_s = self.timeout_s
+        if self.group is not None:
+            if self.group.broken:
+                ready_s = 2 * self.timeout_s + 1.0
+            self.disband()
+        while True:
+            with self._lock:
+                self.dirty = False
+                members = list(self._members.values())
+            self.epoch += 1
+            epoch = self.epoch
+            world = len(members) + 1
+            if not members:
+                self.group = Group(epoch=epoch, group=None, members=[])
+                return self.group
+            for rank, member in enumerate(members, start=1):
+                groups.put_json(
+                    self._store,
+                    groups.assign_key(member.replica, member.registration, member.next_assignment),
+                    {"epoch": epoch, "rank": rank, "world": world, "backend": self.backend},
+                )
+                member.next_assignment += 1
+            missing, dead = self._wait_ready(epoch, members, ready_s)
+            if missing:
+                self._store.set(groups.go_key(epoch), "abort")
+                reason = (
+                    f"heartbeat stood still for {self._liveness.dead_after_s:.1f}s"
+                    if dead
+                    else f"not ready for membership epoch {epoch} within {ready_s:.1f}s"
+                )
+                self.drop(missing, reason)
+                ready_s = self.timeout_s
+                continue
+            self._store.set(groups.go_key(epoch), "build")
+            try:
+                pg = groups.make_group(
+                    self._store, epoch, rank=0, world=world, backend=self.backend, timeout_s=self.timeout_s
+                )
+            except (dist.DistError, RuntimeError) as exc:
+                log.warning("membership epoch %d: group did not form (%s); retrying", epoch, exc)
+                continue
+            self.group = Group(epoch=epoch, group=pg, members=members)
+            log.info(
+                "weight sync: membership epoch %d formed with %d replica(s): %s",
+                epoch,
+                len(members),
+                ", ".join(m.replica for m in members),
+            )
+            return self.group
+
+    def _wait_ready(self, epoch: int, members: Sequence[Member], timeout_s: float) -> tuple[list[Member], bool]:
+        """(members not ready within `timeout_s`, whether the wait ended early because all of them are dead)."""
+        deadline = time.monotonic() + timeout_s
+        pending = {rank: m for rank, m in enumerate(members, start=1)}
+        next_liveness = 0.0
+        while pending and time.monotonic() < deadline and not self._closed.is_set():
+            for rank in [r for r in pending if self._store.check([groups.ready_key(epoch, r)])]:
+                del pending[rank]
+            if pending and time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + 0.1
+                if len(self.dead(list(pending.values()))) == len(pending):
+                    return list(pending.values()), True
+            if pending:
+                time.sleep(0.01)
+        return list(pending.values()), False
