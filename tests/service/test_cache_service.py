@@ -4,7 +4,9 @@ teacher and learner crashes, prompt re-issue, epochs, restarts of the service, a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +28,24 @@ from test_cache_harness import (
 )
 
 pytestmark = pytest.mark.service
+
+
+def poll_until(get: Callable[[], Any], collect: int = 0, deadline_s: float = 30.0) -> Any:
+    """What `get()` returns once it is truthy (a lease has run out), polled with a generous
+    deadline instead of sleeping just past the lease. With `collect`, results (lists) are
+    accumulated until there are that many (a lease may expire for some items a poll earlier)."""
+    deadline = time.monotonic() + deadline_s
+    got: list[Any] = []
+    while True:
+        value = get()
+        if collect:
+            got += value
+            if len(got) >= collect:
+                return got
+        elif value:
+            return value
+        assert time.monotonic() < deadline, f"not met within {deadline_s} s (got {got!r})"
+        time.sleep(0.02)
 
 
 def assert_accounting(stats: CacheStats) -> None:
@@ -135,15 +155,15 @@ def test_rollouts_gone_stale_in_the_queue_are_dropped_not_scored() -> None:
 
 
 def test_teacher_crash_redelivers_after_lease() -> None:
-    config = make_config(unique_prefix("tcrash"), **{"cache.teacher_lease_s": 0.3})
+    config = make_config(unique_prefix("tcrash"), **{"cache.teacher_lease_s": 1.0})
     with running_cache(config) as (_, client):
         prompts, _, _ = client.acquire_prompts("r0", 4)
         client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
         dead = client.claim_rollouts("teacher-dead", 4)
         assert len(dead) == 4
         assert client.claim_rollouts("teacher-ok", 4, wait_ms=50) == []
-        time.sleep(0.4)
-        again = client.claim_rollouts("teacher-ok", 4)
+        # polled, not slept past the lease: they come back once the lease has run out
+        again = poll_until(lambda: client.claim_rollouts("teacher-ok", 4, wait_ms=50), collect=4)
         assert sorted(r.sample_id for r in again) == sorted(r.sample_id for r in dead)
         assert client.put_scores([make_scores(r) for r in again]).accepted == 4
         late = client.put_scores([make_scores(r, teacher="teacher-dead") for r in dead])
@@ -155,15 +175,13 @@ def test_teacher_crash_redelivers_after_lease() -> None:
 
 
 def test_learner_crash_returns_claim_after_timeout() -> None:
-    config = make_config(unique_prefix("lcrash"), **{"cache.batch_claim_s": 0.3})
+    config = make_config(unique_prefix("lcrash"), **{"cache.batch_claim_s": 1.0})
     with running_cache(config) as (_, client):
         produce_and_score(client, "r0", 0, want=4)
         lost = client.pull_batch(4, 0)
         assert lost is not None
         assert client.pull_batch(4, 0, wait_ms=50) is None
-        time.sleep(0.4)
-        again = client.pull_batch(4, 0)
-        assert again is not None
+        again = poll_until(lambda: client.pull_batch(4, 0, wait_ms=50))
         assert sorted(s.rollout.sample_id for s in again.samples) == sorted(s.rollout.sample_id for s in lost.samples)
         with pytest.raises(grpc.RpcError) as err:
             client.ack_batch(lost.batch_id)
@@ -176,12 +194,11 @@ def test_learner_crash_returns_claim_after_timeout() -> None:
 
 
 def test_dead_replica_prompts_are_reissued_and_released_ones_too() -> None:
-    config = make_config(unique_prefix("reissue"), max_staleness=0, **{"cache.prompt_lease_s": 0.3})
+    config = make_config(unique_prefix("reissue"), max_staleness=0, **{"cache.prompt_lease_s": 1.0})
     with running_cache(config) as (_, client):
         mine, _, _ = client.acquire_prompts("r-dead", 4)
         assert len(mine) == 4 and client.acquire_prompts("r1", 4)[0] == []
-        time.sleep(0.4)
-        theirs, _, _ = client.acquire_prompts("r1", 4)
+        theirs = poll_until(lambda: client.acquire_prompts("r1", 4, wait_ms=50)[0], collect=4)
         assert [p.ticket for p in theirs] == [p.ticket for p in mine]
         assert client.release_prompts("r-other", [theirs[0].ticket]) == 0, "only the holder releases"
         assert client.release_prompts("r1", [p.ticket for p in theirs[:2]]) == 2
