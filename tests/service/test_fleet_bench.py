@@ -28,14 +28,20 @@ def fleet_args(**overrides: object) -> argparse.Namespace:
 
 @pytest.mark.parametrize("eta", [0, 1])
 def test_small_fleet_accounting_and_staleness(eta: int) -> None:
-    args = fleet_args(
-        rollouts=4, teachers=2, rollout_tps=2000.0, teacher_tps=8000.0, learner_step_s=0.05, batch_size=4,
-        max_staleness=eta, seconds=2.0, mean_tokens=64.0, max_tokens=256,
-    )  # fmt: skip
-    rep = bench.measure(args)
-    assert rep["invariant_holds"], rep
+    # The checks below mean something only after several learner steps. The fleet runs for a
+    # fixed time, so on a busy machine it gets longer runs (2, 4, ... 32 s) until it has them,
+    # rather than a fixed "3 steps in 2 s" that a slow machine fails.
+    for seconds in (2.0, 4.0, 8.0, 16.0, 32.0):
+        args = fleet_args(
+            rollouts=4, teachers=2, rollout_tps=2000.0, teacher_tps=8000.0, learner_step_s=0.05, batch_size=4,
+            max_staleness=eta, seconds=seconds, mean_tokens=64.0, max_tokens=256,
+        )  # fmt: skip
+        rep = bench.measure(args)
+        assert rep["invariant_holds"], rep
+        if rep["steps"] >= 3:
+            break
+    assert rep["steps"] >= 3, f"the learner trained {rep['steps']} steps in {seconds:.0f} s"
     assert rep["produced"] == rep["trained"] + sum(rep["dropped"].values()) + rep["in_flight"]
-    assert rep["steps"] >= 3, "the learner must have trained several steps in 2 s"
     assert rep["trained"] == rep["samples_trained"] == 4 * rep["steps"]
     hist = {int(k): v for k, v in rep["staleness_histogram"].items()}
     assert sum(hist.values()) == rep["samples_trained"]
