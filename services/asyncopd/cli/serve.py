@@ -18,7 +18,13 @@ SERVICES = ("cache", "rollout", "teacher", "learner", "autoscaler")
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The config options every config-driven command takes."""
-    parser.add_argument("-c", "--config", default=None, help="run config YAML (default: built-in defaults)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=None,
+        help="run config YAML (default: built-in defaults); repeat to compose files, later ones winning",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

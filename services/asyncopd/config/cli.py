@@ -10,7 +10,11 @@ from asyncopd.config.run import RunConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("config", help="inspect and validate run configs")
+    p = subparsers.add_parser(
+        "config",
+        help="inspect and validate run configs",
+        description="Defaults <- -c files in order <- ASYNCOPD_<SECTION>__<FIELD> environment variables <- --set.",
+    )
     sub = p.add_subparsers(dest="config_command", required=True)
     schema = sub.add_parser("schema", help="print the JSON schema of the run config (every field, documented)")
     schema.set_defaults(func=_schema)
@@ -19,8 +23,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         ("check", _check, "validate a config; exit 2 with the field path on errors"),
     ):
         q = sub.add_parser(name, help=text)
-        q.add_argument("-c", "--config", default=None)
-        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        q.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            default=None,
+            help="run config YAML; repeat to compose files in order (later ones win)",
+        )
+        q.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field after the files and ASYNCOPD_* environment variables (repeatable)",
+        )
         q.set_defaults(func=fn)
 
 

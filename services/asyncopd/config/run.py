@@ -49,3 +49,70 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="Experiment tracking fed from the learner's step records."
     )
+
+
+# Estimator kinds by what they consume, as asyncopd.opd.specs declares them (config stays free
+# of torch, so it names them here; tests/unit/test_config_ux.py checks the two agree).
+ROLLOUT_SUPPORT_KINDS = frozenset({"reverse_kl_topk", "reverse_kl_mc"})
+"""The rollout records N MC draws or the student's top-K per position (N = K = loss.k)."""
+DENSE_TEACHER_KINDS = frozenset({"forward_kl_full", "reverse_kl_full"})
+"""Dense teacher logits at the learner, from a teacher model the learner runs itself."""
+DENSE_LOGIT_TEACHER_BACKENDS = frozenset({"torch"})
+"""Teacher backends that can produce dense [T, V] logits (a full forward pass in torch)."""
+# Bytes one rollout carries per position and support column: an int32 id and a float32 log μ.
+_SUPPORT_BYTES = 8
+_FILE_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+
+def cross_field_errors(config: RunConfig) -> list[tuple[str, str]]:
+    """(field path, problem) for every rule that spans fields or sections — checked when a config
+    is loaded, so `asyncopd config check` reports what would otherwise fail at run time."""
+    errors: list[tuple[str, str]] = []
+    task = config.task
+    source = task.data_source
+    if task.name == "toy":
+        if source is not None:
+            errors.append(
+                ("task.source", f"set to {source!r} but task.name is 'toy' (set task.name: jsonl|parquet|hf)")
+            )
+    elif source is None:
+        errors.append(
+            ("task.source", f"required when task.name is {task.name!r} (the dataset file or name; or task.path)")
+        )
+    elif task.name in _FILE_SUFFIXES and not source.endswith(_FILE_SUFFIXES[task.name]):
+        allowed = "/".join(_FILE_SUFFIXES[task.name])
+        errors.append(("task.name", f"{task.name!r} reads {allowed} files, but task.source is {source!r}"))
+    if not task.chat_template:
+        for field in ("enable_thinking", "system_prompt"):
+            if getattr(task, field) is not None:
+                errors.append((f"task.{field}", "only applies with task.chat_template: true"))
+
+    kind = config.loss.kind
+    if kind in DENSE_TEACHER_KINDS and config.teacher.backend not in DENSE_LOGIT_TEACHER_BACKENDS:
+        errors.append(
+            (
+                "loss.kind",
+                f"{kind!r} needs dense teacher logits, which teacher.backend {config.teacher.backend!r} cannot "
+                f"give (only {sorted(DENSE_LOGIT_TEACHER_BACKENDS)}); use forward_kl_topk or reverse_kl_mc",
+            )
+        )
+    if kind in ROLLOUT_SUPPORT_KINDS:
+        # One PutRollouts request carries a replica's whole batch, each rollout with loss.k
+        # support columns at every generated position; the cache refuses larger requests.
+        per_rollout = config.rollout.sampling.max_tokens * config.loss.k * _SUPPORT_BYTES
+        request = per_rollout * config.rollout.batch_size
+        limit = config.cache.max_request_mb * (1 << 20)
+        if request > limit:
+            most = int(limit // (config.rollout.sampling.max_tokens * _SUPPORT_BYTES * config.rollout.batch_size))
+            what = "MC draws" if kind == "reverse_kl_mc" else "top-K ids"
+            errors.append(
+                (
+                    "loss.k",
+                    f"{config.loss.k} {what} per position × rollout.sampling.max_tokens "
+                    f"{config.rollout.sampling.max_tokens} × rollout.batch_size {config.rollout.batch_size} × "
+                    f"{_SUPPORT_BYTES} B = {request / (1 << 20):.1f} MiB per rollout request, more than "
+                    f"cache.max_request_mb {config.cache.max_request_mb}; at most {most} fits "
+                    "(or lower rollout.batch_size / raise cache.max_request_mb)",
+                )
+            )
+    return errors
