@@ -3,8 +3,9 @@
 `RolloutReplica` serializes generation calls on the engine (an engine runs one batch at a
 time), records throughput and metrics, and applies weight updates (which do NOT wait for a
 running generation: engines switch weights between two decode steps). `RolloutLoop` is the
-pull loop: acquire prompts from the cache (admission control), generate, put the rollouts,
-give back the tickets of work it will not finish, and exit when the cache says the run is over.
+pull loop (`asyncopd.wire.work_loop`): acquire prompts from the cache (admission control),
+generate, put the rollouts, give back the tickets of work it will not finish, and exit when
+the cache says the run is over.
 
 It knows the engine interface and the cache client; it knows nothing of gRPC servers.
 """
@@ -18,15 +19,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from asyncopd.observability.metrics import RolloutMetrics
 from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
-from asyncopd.wire.cache_client import CacheClient, CacheFull
-from asyncopd.wire.rpc import Outage, retryable
+from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import Outage
+from asyncopd.wire.work_loop import Claimed, Ended, run_work_loop
 
 log = logging.getLogger(__name__)
 
@@ -139,53 +140,33 @@ class RolloutLoop:
 
     def run(self, stop: threading.Event) -> None:
         name = self._replica.name
-        outage = Outage(f"{name}: the cache")
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                prompts, _, finished = self._cache.acquire_prompts(name, self._batch_size, self._wait_ms)
-            except grpc.RpcError as err:
-                if not retryable(err):
-                    raise
-                stop.wait(outage.failed(err))
-                continue
-            outage.ok()
-            if self._metrics is not None:
-                self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
-                self._metrics.engine_queue_depth.set(len(prompts))
-            if not prompts:
-                if finished:
-                    log.info("cache reports the run finished; rollout loop of %s exits", name)
-                    return
-                continue
-            try:
-                rollouts = self._replica.generate(prompts, self._sampling, self._support_kind, self._k)
-                self._put(rollouts, stop)
-            except InterruptedError:
-                self._release(prompts)
-                return
-            except BaseException:
-                # Work this replica will not deliver goes back to admission, then the error surfaces.
-                self._release(prompts)
-                raise
-            finally:
-                if self._metrics is not None:
-                    self._metrics.engine_queue_depth.set(0)
+        ended = run_work_loop(
+            stop,
+            Outage(f"{name}: the cache"),
+            claim=self._acquire,
+            work=lambda prompts: self._replica.generate(prompts, self._sampling, self._support_kind, self._k),
+            put=self._put,
+            give_back=self._release,
+            settled=self._idle,
+        )
+        if ended is Ended.FINISHED:
+            log.info("cache reports the run finished; rollout loop of %s exits", name)
 
-    def _put(self, rollouts: list[Rollout], stop: threading.Event) -> None:
-        delay = 0.05
-        while True:
-            try:
-                self._cache.put_rollouts(rollouts)
-                self.rollouts_put += len(rollouts)
-                return
-            except (CacheFull, grpc.RpcError) as err:
-                # Re-sending is safe: the cache counts a rollout it already holds as a duplicate.
-                if isinstance(err, grpc.RpcError) and not retryable(err):
-                    raise
-                if stop.wait(delay):
-                    raise InterruptedError("stopped before the cache took the rollouts") from None
-                delay = min(delay * 2, 2.0)
+    def _acquire(self) -> Claimed[Prompt]:
+        start = time.monotonic()
+        prompts, _, finished = self._cache.acquire_prompts(self._replica.name, self._batch_size, self._wait_ms)
+        if self._metrics is not None:
+            self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
+            self._metrics.engine_queue_depth.set(len(prompts))
+        return Claimed(prompts, finished)
+
+    def _put(self, rollouts: list[Rollout]) -> None:
+        self._cache.put_rollouts(rollouts)
+        self.rollouts_put += len(rollouts)
+
+    def _idle(self) -> None:
+        if self._metrics is not None:
+            self._metrics.engine_queue_depth.set(0)
 
     def _release(self, prompts: Sequence[Prompt]) -> None:
         tickets = [p.ticket for p in prompts if p.ticket]

@@ -1,9 +1,10 @@
 """A teacher replica's domain logic: the scorer shared by direct requests and the cache loop.
 
 `TeacherReplica` records metrics around `TeacherScorer.score`; `TeacherLoop` claims unscored
-rollouts from the cache, scores them and puts the scores, until `stop` is set. Claimed work
-that is never scored is re-delivered by the cache after the teacher lease, so a crash here
-loses nothing. It knows the scorer and the cache client; it knows nothing of gRPC servers.
+rollouts from the cache, scores them and puts the scores, until `stop` is set (the pull loop
+of `asyncopd.wire.work_loop`). Claimed work that is never scored is re-delivered by the cache
+after the teacher lease, so a crash here loses nothing. It knows the scorer and the cache
+client; it knows nothing of gRPC servers.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import threading
 import time
 from collections.abc import Sequence
 
-import grpc
-
 from asyncopd.observability.metrics import TeacherMetrics
 from asyncopd.records import Rollout, TeacherScores
 from asyncopd.teacher.scorer import TeacherScorer
-from asyncopd.wire.cache_client import CacheClient, CacheFull
-from asyncopd.wire.rpc import Outage, retryable
+from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.rpc import Outage
+from asyncopd.wire.work_loop import Claimed, run_work_loop
 
 log = logging.getLogger(__name__)
-# The cache may be (re)starting: these codes mean "try again", anything else is a bug to surface.
 
 
 class TeacherReplica:
@@ -66,32 +65,22 @@ class TeacherLoop:
         self.scored = 0
 
     def run(self, stop: threading.Event) -> None:
-        outage = Outage(f"{self._replica.name}: the cache")
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                rollouts = self._cache.claim_rollouts(self._replica.name, self._claim_batch, self._wait_ms)
-            except grpc.RpcError as err:
-                if not retryable(err):
-                    raise
-                stop.wait(outage.failed(err))
-                continue
-            outage.ok()
-            if self._metrics is not None:
-                self._metrics.claim_wait_seconds.inc(time.monotonic() - start)
-            if not rollouts:
-                continue
-            scores = self._replica.score(rollouts, self._topk, self._tail)
-            delay = 0.05
-            while True:
-                try:
-                    self._cache.put_scores(scores)
-                    self.scored += len(scores)
-                    break
-                except (CacheFull, grpc.RpcError) as err:
-                    # Re-sending is safe: the cache counts scores it already holds as duplicates.
-                    if isinstance(err, grpc.RpcError) and not retryable(err):
-                        raise
-                    if stop.wait(delay):
-                        return  # unsent scores: the cache re-delivers the claims after the lease
-                    delay = min(delay * 2, 2.0)
+        # unsent scores are not given back: the cache re-delivers the claims after the lease
+        run_work_loop(
+            stop,
+            Outage(f"{self._replica.name}: the cache"),
+            claim=self._claim,
+            work=lambda rollouts: self._replica.score(rollouts, self._topk, self._tail),
+            put=self._put,
+        )
+
+    def _claim(self) -> Claimed[Rollout]:
+        start = time.monotonic()
+        rollouts = self._cache.claim_rollouts(self._replica.name, self._claim_batch, self._wait_ms)
+        if self._metrics is not None:
+            self._metrics.claim_wait_seconds.inc(time.monotonic() - start)
+        return Claimed(rollouts)
+
+    def _put(self, scores: list[TeacherScores]) -> None:
+        self._cache.put_scores(scores)
+        self.scored += len(scores)
