@@ -46,6 +46,7 @@ def test_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["enable_prefix_caching"] is False
     assert seen["dtype"] == "bfloat16"
     assert seen["logprobs_mode"] == "processed_logprobs"
+    assert seen["disable_log_stats"] is False  # vLLM's engine metrics exist only with stats on
 
 
 def test_defaults_suit_a_real_model_and_fall_back_to_the_shared_fields(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 from asyncopd.observability import metrics
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.unit
@@ -136,3 +136,41 @@ def test_start_metrics_server_returns_bound_port() -> None:
     port = metrics.start_metrics_server(0, "127.0.0.1", registry=registry)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'asyncopd_autoscaler_desired_replicas{replica="a0",service="autoscaler"} 3.0' in body
+
+
+def test_reexported_families_carry_the_service_labels_and_only_the_prefix() -> None:
+    # vLLM records into prometheus_client's default registry; the rollout serves its own.
+    library = CollectorRegistry()
+    registry = metrics.ServiceRegistry("rollout", "rollout-0", process_metrics=False)
+    registry.register(metrics.ReexportedFamilies(metrics.VLLM_PREFIX, library))
+    metrics.RolloutMetrics(registry)
+    assert not any(name.startswith("vllm:") for name, _ in _samples(registry)), "nothing before the engine exists"
+    from prometheus_client import Gauge
+
+    running = Gauge("vllm:num_requests_running", "running", ["model_name", "engine"], registry=library)
+    running.labels(model_name="m", engine="0").set(3)
+    Counter("vllm:num_preemptions", "preemptions", ["model_name", "engine"], registry=library).labels("m", "0").inc(2)
+    Counter("other_library_total", "not vLLM's", registry=library).inc()
+    samples = _samples(registry)
+    stamped = {"replica": "rollout-0", "service": "rollout", "model_name": "m", "engine": "0"}
+    assert samples[("vllm:num_requests_running", frozenset(stamped.items()))] == 3
+    assert samples[("vllm:num_preemptions_total", frozenset(stamped.items()))] == 2
+    assert not any(name.startswith("other_library") for name, _ in samples)
+    own = frozenset({"replica": "rollout-0", "service": "rollout"}.items())
+    assert ("asyncopd_rollout_samples_total", own) in samples
+    with pytest.raises(ValueError, match="prefix"):
+        metrics.ReexportedFamilies("", library)
+
+
+def test_reexport_reads_the_default_registry_where_vllm_records() -> None:
+    from prometheus_client import Gauge
+
+    registry = metrics.ServiceRegistry("rollout", "rollout-1", process_metrics=False)
+    registry.register(metrics.ReexportedFamilies(metrics.VLLM_PREFIX))
+    gauge = Gauge("vllm:test_reexport_probe", "a probe in the default registry")  # registry=REGISTRY
+    try:
+        gauge.set(7)
+        labels = frozenset({"replica": "rollout-1", "service": "rollout"}.items())
+        assert _samples(registry)[("vllm:test_reexport_probe", labels)] == 7
+    finally:
+        REGISTRY.unregister(gauge)

@@ -28,7 +28,10 @@ prompt or batch id. Known label values are created at zero when the class is bui
 series exists (and `rate()` works) from the first scrape.
 
 Tests that run several services in one process give each its own `ServiceRegistry`; nothing
-here touches prometheus_client's global default registry.
+here registers in prometheus_client's global default registry. A rollout replica reads from it:
+vLLM records its engine metrics there (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+`vllm:num_preemptions_total`, ...), and `ReexportedFamilies(VLLM_PREFIX)` in the rollout's
+registry serves them on the same /metrics, stamped with the same `service` and `replica`.
 
 This module knows metric names, types, help and buckets. It does not know when a service
 records them (the services do), nor how Prometheus scrapes them (deploy/prometheus/ and
@@ -44,6 +47,7 @@ from typing import Final
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -81,6 +85,8 @@ CACHE_QUEUES: Final = ("prompts_leased", "prompts_reissue", "unscored", "scoring
 REDELIVERY_QUEUES: Final = ("admitted", "scoring", "batched")
 LEARNER_PHASES: Final = ("data_wait", "compute", "weight_sync")
 REDIS_ERROR_REASONS: Final = ("connection", "timeout", "response")
+# Metric-name prefix of vLLM's engine metrics (vllm.v1.metrics.loggers.PrometheusStatLogger).
+VLLM_PREFIX: Final = "vllm:"
 
 
 class ServiceRegistry(CollectorRegistry):
@@ -114,6 +120,32 @@ class ServiceRegistry(CollectorRegistry):
         for family in super().collect():
             family.samples = [s._replace(labels={**self._const, **s.labels}) for s in family.samples]
             yield family
+
+
+class ReexportedFamilies(Collector):
+    """The families of another registry whose names start with `prefix`, collected on each scrape.
+
+    For a library that records into prometheus_client's default registry (vLLM does, for its
+    engine metrics) while the service serves its own `ServiceRegistry`: registered there, the
+    library's families appear on the service's /metrics with the service's constant labels.
+    Families that do not exist yet (no engine built) are simply absent from that scrape.
+    """
+
+    def __init__(self, prefix: str, source: CollectorRegistry = REGISTRY) -> None:
+        if not prefix:
+            raise ValueError("prefix must be non-empty: re-exporting a whole registry duplicates process_* series")
+        self.prefix = prefix
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        # The names are the library's and appear only once it has built its metrics; describing
+        # none keeps the registry from reserving (or checking) names at registration time.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            if family.name.startswith(self.prefix):
+                yield family
 
 
 def _counter(registry: CollectorRegistry, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:

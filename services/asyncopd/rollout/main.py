@@ -92,6 +92,8 @@ def _thread(
 
 def serve(config: RunConfig, name: str) -> None:
     registry = metrics.ServiceRegistry("rollout", name)
+    # vLLM records its engine metrics in prometheus_client's default registry: serve them here too.
+    registry.register(metrics.ReexportedFamilies(metrics.VLLM_PREFIX))
     m = metrics.RolloutMetrics(registry)
     metrics_server = metrics.MetricsServer(registry, config.rollout.server.metrics_port, config.rollout.server.host)
     engine = build_engine(config, name)

@@ -98,6 +98,9 @@ class VLLMEngine(Engine):
             "async_scheduling": False,
             "enable_prefix_caching": enable_prefix_caching,
             "tensor_parallel_size": tensor_parallel_size,
+            # vLLM's engine metrics (vllm:num_requests_running, vllm:kv_cache_usage_perc, ...) exist
+            # only with stats on; `LLM` turns them off by default. The rollout re-exports them.
+            "disable_log_stats": False,
         }
         if gpu_memory_utilization is not None:
             args["gpu_memory_utilization"] = gpu_memory_utilization
