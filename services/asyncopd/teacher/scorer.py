@@ -7,9 +7,18 @@ the rollout's support ids (student top-K or MC draws, for reverse KL), the log-p
 optionally the tail log-mass log(1 - Σ_topK p) (computed as log Σ over the non-top-K ids).
 
 Rollouts are packed into forward passes of at most `max_batch_tokens` padded tokens (sorted by
-length so padding stays small), left-padded so every response ends at the right edge and only
-the last T_max + 1 positions' logits are materialized. This module knows torch and the model;
-it knows nothing of the cache or gRPC.
+length so padding stays small), left-padded. A rollout longer than `max_batch_tokens` is
+prefilled alone in segments of that many tokens with a KV cache, so no forward pass holds more.
+
+Memory: the forward pass returns hidden states, never logits. The response positions' hidden
+states are gathered (no padding) and projected to the vocabulary a chunk of positions at a time
+(`opd.vocab`'s chunk sizes: ~2 MB blocks on CPU, 64 MB on an accelerator); each chunk's
+log-normalizer, top-K, tail and gathers are taken before the next chunk is computed. Peak
+extra memory is one chunk of [positions, V] fp32 and its temporaries, not the [B, T, V]
+log-softmax plus its scattered copy (≈ 22 GB for one 18k-token row at V = 151,936). This
+needs logits = lm_head(hidden) (Qwen, Llama, Mistral...); models that scale or soft-cap their
+logits are refused. This module knows torch and the model; it knows nothing of the cache or
+gRPC.
 """
 
 from __future__ import annotations
@@ -17,26 +26,48 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from asyncopd.opd.numerics import rows_per_chunk
+from asyncopd.opd.vocab import default_chunk_elements, gather_logprobs
 from asyncopd.records import Rollout, TeacherScores
+
+_TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 class TeacherScorer:
     """Scores rollouts with a frozen causal LM."""
 
-    def __init__(self, model: PreTrainedModel, name: str = "", max_batch_tokens: int = 8192, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        name: str = "",
+        max_batch_tokens: int = 8192,
+        pad_id: int = 0,
+        *,
+        chunk_elements: int | None = None,
+    ) -> None:
         self._model = model.eval()
         self._name = name
         self._max_batch_tokens = max_batch_tokens
         self._pad_id = pad_id
         self._device = next(model.parameters()).device
         self._lock = threading.Lock()  # one forward at a time (gRPC threads + the cache loop)
-        self.vocab_size = int(model.config.vocab_size)
-        self.max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+        config = model.config
+        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                raise ValueError(f"teacher model: {attr} is set; the chunked scorer needs logits = lm_head(hidden)")
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+        if self._head is None:
+            raise ValueError("teacher model: no output embeddings (lm_head) to score with")
+        self.vocab_size = int(config.vocab_size)
+        self.max_len = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30
+        self._rows = rows_per_chunk(self.vocab_size, chunk_elements or default_chunk_elements(next(model.parameters())))
 
     def check(self, rollouts: Sequence[Rollout], topk: int, tail: bool) -> None:
         """Reject requests that cannot be scored (ValueError naming the field), before any work."""
@@ -82,10 +113,13 @@ class TeacherScorer:
             batches.append(current)
         return batches
 
-    def _score_batch(self, rollouts: Sequence[Rollout], topk: int, tail: bool) -> list[TeacherScores]:
+    def _hidden(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """Final hidden states at every response position (predicting y_1..y_T), rollouts
+        concatenated: [Σ T, H]."""
+        if len(rollouts) == 1 and len(rollouts[0].prompt_ids) + len(rollouts[0].response_ids) > self._max_batch_tokens:
+            return self._hidden_segmented(rollouts[0])
         seqs = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int64) for r in rollouts]
         width = max(len(s) for s in seqs)
-        keep = max(len(r.response_ids) for r in rollouts) + 1
         ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long, device=self._device)
         mask = torch.zeros_like(ids)
         for row, s in enumerate(seqs):
@@ -93,42 +127,85 @@ class TeacherScorer:
             mask[row, width - len(s) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._lock, torch.no_grad():
-            logits = self._model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-        # logits[:, j] predicts the token at column width - keep + j + 1; a response of t tokens
-        # occupies the last t columns, so its predictions are logits[row, keep - 1 - t : keep - 1].
-        logp = torch.log_softmax(logits[:, : keep - 1].float(), dim=-1)  # [B, keep - 1, V]
-        n, span = len(rollouts), keep - 1
-        targets = torch.zeros((n, span), dtype=torch.long, device=logp.device)
+            hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        # Column c predicts the token at c + 1; a response of t tokens occupies the last t
+        # columns, so its predictions are columns width - 1 - t .. width - 2.
+        return torch.cat([hidden[row, width - 1 - len(r.response_ids) : width - 1] for row, r in enumerate(rollouts)])
+
+    def _hidden_segmented(self, rollout: Rollout) -> torch.Tensor:
+        """`_hidden` for one rollout longer than max_batch_tokens: prefill in segments with a KV cache."""
+        from transformers import DynamicCache
+
+        seq = torch.from_numpy(np.concatenate([rollout.prompt_ids, rollout.response_ids]).astype(np.int64))
+        seq = seq.to(self._device)[None]
+        n, first = seq.shape[1], len(rollout.prompt_ids) - 1  # first position that predicts a response token
+        cache: Any = DynamicCache()
+        parts = []
+        with self._lock, torch.no_grad():
+            for start in range(0, n - 1, self._max_batch_tokens):
+                stop = min(start + self._max_batch_tokens, n - 1)  # the last token predicts nothing
+                out = self._decoder(
+                    input_ids=seq[:, start:stop],
+                    attention_mask=torch.ones((1, stop), dtype=torch.long, device=self._device),
+                    position_ids=torch.arange(start, stop, device=self._device)[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = out.past_key_values
+                if stop > first:
+                    parts.append(out.last_hidden_state[0, max(first, start) - start :])
+        return torch.cat(parts)
+
+    def _score_batch(self, rollouts: Sequence[Rollout], topk: int, tail: bool) -> list[TeacherScores]:
+        hidden = self._hidden(rollouts)  # [P, H]
+        lengths = [len(r.response_ids) for r in rollouts]
+        total = sum(lengths)
+        targets = torch.from_numpy(np.concatenate([r.response_ids for r in rollouts]).astype(np.int64))
+        width = max((r.support_ids.shape[1] for r in rollouts if r.support_ids is not None), default=0)
+        support_ids = torch.zeros((total, width), dtype=torch.long)
+        offsets = np.cumsum([0, *lengths])
         for row, r in enumerate(rollouts):
-            targets[row, span - len(r.response_ids) :] = torch.from_numpy(np.array(r.response_ids, dtype=np.int64))
-        token = logp.gather(-1, targets[..., None]).squeeze(-1).cpu().numpy()
-        topk_ids = topk_lps = tail_mass = None
-        if topk:
-            values, indices = logp.topk(topk, dim=-1)
-            topk_lps, topk_ids = values.cpu().numpy(), indices.to(torch.int32).cpu().numpy()
-            if tail:
-                # log Σ_{v ∉ top-K} p(v) directly, not log(1 - Σ_top-K p): no cancellation when the
-                # tail is tiny. An empty tail (K = V) is floored at log(smallest normal), as
-                # `opd.numerics.log1mexp` does, so it stays finite.
-                rest = logp.scatter(-1, indices, float("-inf"))
-                floor = math.log(torch.finfo(torch.float32).tiny)
-                tail_mass = torch.logsumexp(rest, dim=-1).clamp(min=floor).cpu().numpy()
+            if r.support_ids is not None:
+                support_ids[offsets[row] : offsets[row + 1], : r.support_ids.shape[1]] = torch.from_numpy(
+                    r.support_ids.astype(np.int64)
+                )
+        # Gathered together: the response token in column 0, then the support ids.
+        gather_ids = torch.cat([targets[:, None], support_ids], dim=-1).to(self._device)
+        gathered = torch.empty(gather_ids.shape, dtype=torch.float32)
+        topk_ids = torch.empty((total, topk), dtype=torch.int32)
+        topk_lps = torch.empty((total, topk), dtype=torch.float32)
+        tail_mass = torch.empty((total,), dtype=torch.float32)
+        with self._lock, torch.no_grad():
+            for start in range(0, total, self._rows):
+                stop = min(start + self._rows, total)
+                logits = self._head(hidden[start:stop]).float()  # one chunk of [positions, V]
+                gathered[start:stop] = gather_logprobs(logits, gather_ids[start:stop], chunk_elements=logits.numel())
+                if topk:
+                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                    values, indices = logits.topk(topk, dim=-1)
+                    topk_ids[start:stop] = indices.int().cpu()
+                    topk_lps[start:stop] = (values - lse).cpu()
+                    if tail:
+                        # log Σ_{v ∉ top-K} p(v) directly, not log(1 - Σ_top-K p): no cancellation
+                        # when the tail is tiny. An empty tail (K = V) is floored at log(smallest
+                        # normal), as `opd.numerics.log1mexp` does, so it stays finite.
+                        rest = logits.scatter_(-1, indices, float("-inf"))
+                        tail_mass[start:stop] = (torch.logsumexp(rest, dim=-1) - lse[:, 0]).clamp(min=_TAIL_FLOOR).cpu()
+        token, support_lps = gathered[:, 0].numpy(), gathered[:, 1:].numpy()
         results = []
         for row, r in enumerate(rollouts):
-            t = len(r.response_ids)
-            cols = slice(span - t, span)
+            cols = slice(int(offsets[row]), int(offsets[row + 1]))
             support = None
             if r.support_ids is not None:
-                ids_t = torch.from_numpy(np.array(r.support_ids, dtype=np.int64)).to(logp.device)
-                support = logp[row, cols].gather(-1, ids_t).cpu().numpy()
+                support = support_lps[cols, : r.support_ids.shape[1]]
             results.append(
                 TeacherScores(
                     sample_id=r.sample_id,
-                    token_logprobs=token[row, cols],
-                    topk_ids=None if topk_ids is None else topk_ids[row, cols],
-                    topk_logprobs=None if topk_lps is None else topk_lps[row, cols],
+                    token_logprobs=token[cols],
+                    topk_ids=topk_ids[cols].numpy() if topk else None,
+                    topk_logprobs=topk_lps[cols].numpy() if topk else None,
                     support_logprobs=support,
-                    tail_logmass=None if tail_mass is None else tail_mass[row, cols],
+                    tail_logmass=tail_mass[cols].numpy() if topk and tail else None,
                     teacher=self._name,
                 )
             )
