@@ -1,7 +1,7 @@
 """gRPC plumbing every service shares: servers with health checking, deliberate message
-limits and optional (mutual) TLS; client channels to match; and the mapping of domain errors
-to status codes so servicers stay thin; and how a client loop rides through a server it cannot
-reach (`retryable`, `Outage`).
+limits and optional (mutual) TLS with per-method authorisation (`wire/authz.py`); client
+channels to match; and the mapping of domain errors to status codes so servicers stay thin; and
+how a client loop rides through a server it cannot reach (`retryable`, `Outage`).
 
 It knows nothing about any particular service.
 """
@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from asyncopd.config.endpoints import ServerConfig
 from asyncopd.config.security import TLSConfig
+from asyncopd.wire.authz import Authorizer
 from asyncopd.wire.errors import WireError
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,24 @@ def start_server(
     service_names: Iterable[str],
     tls: TLSConfig | None = None,
 ) -> RunningServer:
-    """Create, register and start a server with health checking; returns the bound port."""
+    """Create, register and start a server with health checking; returns the bound port.
+
+    With TLS on, every call is authorised by the caller's role (`wire/authz.py`); with TLS off
+    there is no identity to authorise, so every peer may call every method (local runs only).
+    """
+    secure = tls is not None and tls.enabled
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers), options=_options(config.max_message_mb)
+        futures.ThreadPoolExecutor(max_workers=config.workers),
+        options=_options(config.max_message_mb),
+        interceptors=[Authorizer()] if secure else None,
     )
     for add in register:
         add(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
-    if tls is not None and tls.enabled:
+    if secure:
+        assert tls is not None
         key, cert = _read(tls.key_file), _read(tls.cert_file)
         if key is None or cert is None:
             raise ValueError("tls.enabled needs tls.key_file and tls.cert_file")
@@ -105,7 +114,15 @@ def start_server(
     running = RunningServer(server=server, port=port, health=health_servicer)
     for name in service_names:
         running.set_serving(name, True)
-    log.info("gRPC server listening on %s:%d", config.host, port)
+    if secure:
+        log.info("gRPC server listening on %s:%d (mutual TLS, per-method authorisation on)", config.host, port)
+    else:
+        log.warning(
+            "gRPC server listening on %s:%d without TLS: authorisation is OFF, any peer may call any method "
+            "(fine for a local run; set tls.enabled for anything reachable by others)",
+            config.host,
+            port,
+        )
     return running
 
 
