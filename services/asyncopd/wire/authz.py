@@ -39,7 +39,7 @@ _TEACHER = "/asyncopd.v1.TeacherService/"
 _HEALTH = "/grpc.health.v1.Health/"
 
 # The whole policy. A method missing here is refused to everyone (default deny): a new RPC
-# needs a decision here before anyone can call it (tests/unit/test_authz.py checks every
+# needs a decision here before anyone can call it (tests/unit/test_authz_table.py checks every
 # method of every service has one).
 METHOD_ROLES: Mapping[str, frozenset[str]] = {
     # The prompt feed and rollouts: only rollout replicas.
