@@ -14,6 +14,7 @@ from typing import get_args, get_type_hints
 import pytest
 import torch
 from asyncopd.config.loss import EstimatorKind, LossConfig
+from asyncopd.config.run import DENSE_TEACHER_KINDS, ROLLOUT_SUPPORT_KINDS
 from asyncopd.opd import ESTIMATOR_KINDS, ESTIMATOR_SPECS, LossInputs, OPDLoss, Support, estimator_spec
 from asyncopd.opd.loss import EstimatorKind as LossEstimatorKind
 from pydantic import ValidationError
@@ -37,6 +38,13 @@ def test_every_configurable_kind_has_a_spec() -> None:
     for kind, spec in ESTIMATOR_SPECS.items():
         assert spec.kind == kind
         assert estimator_spec(kind) is spec
+
+
+def test_the_torch_free_config_rules_agree_with_the_specs() -> None:
+    # config/ cannot import opd (torch), so its load-time rules keep their own kind sets
+    assert {k for k, s in ESTIMATOR_SPECS.items() if s.needs_teacher_logits} == DENSE_TEACHER_KINDS
+    recorded = {Support.STUDENT_TOPK, Support.MC_SAMPLES}
+    assert {k for k, s in ESTIMATOR_SPECS.items() if s.support in recorded} == ROLLOUT_SUPPORT_KINDS
 
 
 def test_unknown_kind_names_the_allowed_ones() -> None:
