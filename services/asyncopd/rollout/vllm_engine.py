@@ -175,7 +175,7 @@ class VLLMEngine(Engine):
             stop=list(sampling.stop) or None,
             seed=seed,
             logprobs=None,  # log μ and the support come from the support sampler, not vLLM's log-probs
-            detokenize=True,
+            detokenize=bool(sampling.stop),  # only stop strings need text; EOS is an id
             skip_special_tokens=False,
             extra_args=vllm_sampling.support_args(support_kind, k, self.info.vocab_size, seed),
         )
