@@ -64,7 +64,11 @@ def support_args(kind: SupportKind, k: int, vocab_size: int, seed: int | None) -
         k = 0
     else:
         raise ValueError(f"support_kind: unknown kind {kind!r}")
-    return {EXTRA_ARGS_KEY: [int(kind), int(k), int(seed) if seed is not None else -1]}
+    if seed is not None:
+        # The draws get their own stream: vLLM seeds the request's sampling generator with `seed`
+        # itself, and the same stream would correlate the draws with the sampled token.
+        seed = (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)
+    return {EXTRA_ARGS_KEY: [int(kind), int(k), seed if seed is not None else -1]}
 
 
 @dataclass
