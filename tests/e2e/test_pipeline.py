@@ -77,7 +77,12 @@ def _check(report: dict, out: Path, bound: int) -> None:
     assert served, "no staleness recorded for served samples"
     assert max(served) <= bound
     assert sum(report["staleness_histogram"].values()) >= STEPS * BATCH
-    assert report["wall_seconds"] > 0
+    assert report["max_staleness_served"] == max(served)
+    # the report's throughput is its tokens over its wall time (not a free-standing number)
+    assert report["tokens_trained"] > 0
+    assert report["train_tokens_per_second"] == pytest.approx(
+        report["tokens_trained"] / report["wall_seconds"], rel=1e-3
+    )
     assert 0.0 <= report["accuracy_before"] <= 1.0
     assert 0.0 <= report["accuracy_after"] <= 1.0
     for name in ("accuracy.png", "kl.png", "throughput.png", "staleness.png"):
@@ -117,7 +122,14 @@ def test_async_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "async"
     report = _run("configs/toy.yaml", out)
     assert report["mode"] == "async"
+    assert report["max_staleness"] >= 1
     _check(report, out, bound=report["max_staleness"])
+    # An async run that degenerated to sync (every sample trained by the weights that made it)
+    # would pass every check above: some sample must actually have been served stale. Admission
+    # hands out (max_staleness + 1) batches up front, and a sample's staleness counts from its
+    # oldest token, so generation overlapping training shows up here.
+    stale = {k: v for k, v in report["staleness_histogram"].items() if int(k) > 0 and v > 0}
+    assert stale, f"no sample was served stale: {report['staleness_histogram']}"
     assert report["max_staleness"] > 0
 
 
