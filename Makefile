@@ -24,7 +24,7 @@ $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e '.[dev,k8s,parquet]'
+	$(PIP) install -q -e '.[dev,k8s,parquet,train,plots]'
 	touch $@
 
 $(VENV)/.vllm: $(VENV)/.base
@@ -63,7 +63,7 @@ pytest: setup
 test: setup lint chart pytest
 
 run: setup
-	$(VENV)/bin/asyncopd run -c $(CONFIG) --report runs/latest/report.json
+	$(VENV)/bin/asyncopd run -c $(CONFIG)
 
 bench: setup
 	$(VENV)/bin/asyncopd bench estimators
