@@ -63,7 +63,7 @@ pytest: setup
 test: setup lint chart pytest
 
 run: setup
-	$(VENV)/bin/asyncopd run -c $(CONFIG)
+	$(VENV)/bin/asyncopd run -c $(CONFIG) --report runs/latest/report.json
 
 bench: setup
 	$(VENV)/bin/asyncopd bench estimators
