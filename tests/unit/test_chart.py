@@ -95,7 +95,7 @@ def test_every_pod_runs_restricted(values: str) -> None:
 
 @pytest.mark.parametrize("values", ["", "replicas-8-values.yaml"])
 def test_probes_ask_the_grpc_health_service_on_the_serving_port(values: str) -> None:
-    docs = render(values)
+    docs = render(values, "--set", "tls.enabled=false")  # the kubelet's grpc probe speaks no TLS
     seen = set()
     for w in workloads(docs):
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -122,7 +122,7 @@ def test_with_tls_the_probes_check_grpc_health_over_mtls() -> None:
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["tls"]["mountPath"] == "/etc/asyncopd-tls" and mounts["tls"]["readOnly"] is True
     vols = {v["name"]: v for v in cache["spec"]["template"]["spec"]["volumes"]}
-    assert vols["tls"]["secret"]["secretName"] == "asyncopd-mtls"
+    assert vols["tls"]["secret"]["secretName"] == "asyncopd-mtls-cache"
 
 
 @pytest.mark.parametrize(
@@ -192,6 +192,58 @@ def test_configmap_loads_with_the_project_config_loader(values: str, tmp_path: P
         env = {e["name"] for c in w["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
         assert ("ASYNCOPD_REDIS_PASSWORD" in env) == (component == "cache"), component
+
+
+ROLE_CERTS = ["cache", "learner", "rollout", "teacher"]
+
+
+@pytest.mark.parametrize("values", ["", "values-production.yaml"])
+def test_tls_is_on_by_default_with_a_cert_manager_certificate_per_role(values: str) -> None:
+    docs = render(values)
+    config = yaml.safe_load(find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["tls"]["enabled"] is True and config["tls"]["require_client_cert"] is True
+    roles = ROLE_CERTS + (["autoscaler"] if values else [])  # production runs the autoscaler
+    for role in roles:
+        cert = find(docs, "Certificate", f"rel-asyncopd-tls-{role}")["spec"]
+        assert cert["uris"] == [f"spiffe://asyncopd/{role}"], role  # the role the servers authorise
+        assert cert["secretName"] == f"rel-asyncopd-tls-{role}"
+        assert f"rel-asyncopd-{role}" in cert["dnsNames"] and {"server auth", "client auth"} <= set(cert["usages"])
+        assert cert["issuerRef"]["name"] == "rel-asyncopd-ca"
+    learner = find(docs, "Certificate", "rel-asyncopd-tls-learner")["spec"]
+    assert "rel-asyncopd-learner-0.rel-asyncopd-learner.ns.svc" in learner["dnsNames"]  # endpoints.learner
+    assert find(docs, "Certificate", "rel-asyncopd-ca")["spec"]["isCA"] is True
+    assert find(docs, "Issuer", "rel-asyncopd-ca")["spec"]["ca"]["secretName"] == "rel-asyncopd-ca"
+    # Every pod mounts its own role's identity, never another's.
+    for w in workloads(docs):
+        component = w["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in SERVE_COMPONENTS:  # Redis speaks its own protocol (redis.*), not gRPC
+            vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+            assert vols["tls"]["secret"]["secretName"] == f"rel-asyncopd-tls-{component}", component
+
+
+def test_an_issuer_of_your_own_replaces_the_bootstrapped_ca() -> None:
+    docs = render(
+        "", "--set", "tls.certManager.issuerRef.name=corp-ca", "--set", "tls.certManager.issuerRef.kind=ClusterIssuer"
+    )
+    assert not [d for d in docs if d["kind"] == "Issuer"]
+    cert = find(docs, "Certificate", "rel-asyncopd-tls-rollout")["spec"]
+    assert cert["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+
+
+def test_existing_secret_path_renders_no_certificate_and_mounts_one_secret_per_role() -> None:
+    docs = render("tls-values.yaml")
+    assert not [d for d in docs if d["kind"] in ("Certificate", "Issuer")]
+    mounted = {}
+    for w in workloads(docs):
+        component = w["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in SERVE_COMPONENTS:
+            vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+            mounted[component] = vols["tls"]["secret"]["secretName"]
+    assert mounted == {role: f"asyncopd-mtls-{role}" for role in ROLE_CERTS}
+    # An unnamed role falls back to <fullname>-tls-<role>.
+    docs = render("", "--set", "tls.certManager.enabled=false", "--set", "autoscaler.enabled=true")
+    auto = find(docs, "Deployment", "rel-asyncopd-autoscaler")["spec"]["template"]["spec"]["volumes"]
+    assert {v["name"]: v for v in auto}["tls"]["secret"]["secretName"] == "rel-asyncopd-tls-autoscaler"
 
 
 def test_tls_values_configure_mtls_and_external_redis_the_url() -> None:

@@ -183,6 +183,17 @@ livenessProbe:
   failureThreshold: {{ $p.failureThreshold }}
 {{- end }}
 
+{{/* The Secret with the TLS identity of one role (tls.crt, tls.key, ca.crt): the one cert-manager
+issues (templates/certificates.yaml), or tls.existingSecrets.<role>, by default <fullname>-tls-<role>.
+Each role has its own certificate naming it (URI SAN spiffe://asyncopd/<role>): the servers
+authorise every RPC by that role (services/asyncopd/wire/authz.py). (dict "ctx" $ "component" "cache") */}}
+{{- define "asyncopd.tlsSecret" -}}
+{{- $default := printf "%s-tls-%s" (include "asyncopd.fullname" .ctx) .component -}}
+{{- if .ctx.Values.tls.certManager.enabled }}{{ $default }}
+{{- else }}{{ default $default (index .ctx.Values.tls.existingSecrets .component) }}
+{{- end }}
+{{- end }}
+
 {{/* Volumes of a serve pod; `data` is an emptyDir unless the pod brings its own (the learner's PVC). */}}
 {{- define "asyncopd.volumes" -}}
 {{- $ := .ctx -}}
@@ -202,7 +213,7 @@ livenessProbe:
 {{- if $.Values.tls.enabled }}
 - name: tls
   secret:
-    secretName: {{ required "tls.secretName is required when tls.enabled" $.Values.tls.secretName }}
+    secretName: {{ include "asyncopd.tlsSecret" (dict "ctx" $ "component" .component) }}
     defaultMode: 0440
 {{- end }}
 {{- if and .models (include "asyncopd.modelsClaim" $) }}
