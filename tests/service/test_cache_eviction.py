@@ -29,14 +29,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRe
 
 
 def stored_bytes(r: Rollout, s: TeacherScores | None = None) -> int:
-    """What the cache keeps: the validated records re-encoded with float16 log-probs."""
+    """What the cache counts: the payload frames of the validated records, float16 log-probs."""
+    from asyncopd.wire import payload
     from asyncopd.wire.convert import Limits
 
     r2 = rollout_from_proto(rollout_to_proto(r), Limits())
-    n = len(rollout_to_proto(r2, "float16").SerializeToString())
+    n = payload.encode_rollout(r2, "float16").nbytes
     if s is not None:
         s2 = scores_from_proto(scores_to_proto(s), Limits())
-        n += len(scores_to_proto(s2, "float16").SerializeToString())
+        n += payload.encode_scores(s2, "float16").nbytes
     return n
 
 

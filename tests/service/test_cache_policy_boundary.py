@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import redis
 from asyncopd.cache.main import store_policy
-from asyncopd.cache.store import ExperienceStore, StoredRollout
+from asyncopd.cache.store import ExperienceStore, PayloadRef, StoredRollout
+from asyncopd.wire.payload import payload_key
 from test_cache_harness import (
     SHARED_REDIS,
     make_config,
@@ -76,7 +77,10 @@ def test_a_bound_computed_for_an_old_version_is_recomputed() -> None:
         tickets = a.acquire("r0", 2).tickets
         assert len(tickets) == 2
         b.publish_version(5)
-        rollouts = [StoredRollout(f"s{i}", tickets[i].ticket, ov, 4, 0, b"x" * 8) for i, ov in enumerate([2, 3])]
+        refs = [PayloadRef(payload_key(prefix, "r", f"s{i}", "00000000"), 8, 0) for i in range(2)]
+        for ref in refs:  # the frames a producer wrote before sending the metadata
+            a_client.set(ref.key, b"x" * 8)
+        rollouts = [StoredRollout(f"s{i}", tickets[i].ticket, ov, 4, 0, refs[i]) for i, ov in enumerate([2, 3])]
         out = a.put_rollouts(rollouts)
         assert (out.accepted, out.stale) == (2, 1)  # ov 2 < 5 - 2 is stale; ov 3 is kept
         assert a.stats().queue_depth["unscored"] == 1

@@ -185,13 +185,14 @@ def test_configmap_loads_with_the_project_config_loader(values: str, tmp_path: P
     learner = find(docs, "StatefulSet", "rel-asyncopd-learner")["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in learner["containers"][0]["volumeMounts"]}
     assert any(config.learner.checkpoint_dir.startswith(m + "/") for m in mounts)
-    # the password reaches the cache only, through the env var the loader reads
+    # the password reaches the data plane only (the cache for metadata; rollout, teacher and
+    # learner read and write payload frames), through the env var the loader reads
     monkeypatch.setenv("ASYNCOPD_REDIS_PASSWORD", "s3cret")
     assert load_config(path).redis.password is not None
     for w in workloads(docs):
         env = {e["name"] for c in w["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
-        assert ("ASYNCOPD_REDIS_PASSWORD" in env) == (component == "cache"), component
+        assert ("ASYNCOPD_REDIS_PASSWORD" in env) == (component in DATA_PLANE), component
 
 
 ROLE_CERTS = ["cache", "learner", "rollout", "teacher"]
@@ -268,22 +269,25 @@ def test_tls_values_configure_mtls_and_external_redis_the_url() -> None:
     assert ref == {"name": "managed-redis", "key": "password"}
 
 
-def test_only_the_cache_reaches_redis() -> None:
+# Who reaches Redis: the cache (metadata) and the services that move payload frames themselves.
+DATA_PLANE = ("cache", "rollout", "teacher", "learner")
+
+
+def test_only_the_data_plane_reaches_redis() -> None:
     docs = render()
     policy = find(docs, "NetworkPolicy", "rel-asyncopd-redis")
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/name": "asyncopd",
-        "app.kubernetes.io/instance": "rel",
-        "app.kubernetes.io/component": "cache",
-    }
+    peers = rule["from"]
+    assert [p["podSelector"]["matchLabels"] for p in peers] == [
+        {"app.kubernetes.io/name": "asyncopd", "app.kubernetes.io/instance": "rel", "app.kubernetes.io/component": c}
+        for c in DATA_PLANE
+    ]  # never the autoscaler
     assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
     # the cache pods carry exactly the labels that rule selects
     cache_labels = find(docs, "Deployment", "rel-asyncopd-cache")["spec"]["template"]["metadata"]["labels"]
-    assert peer["podSelector"]["matchLabels"].items() <= cache_labels.items()
+    assert peers[0]["podSelector"]["matchLabels"].items() <= cache_labels.items()
     assert not [d for d in render("monitoring-off-values.yaml") if d["kind"] == "NetworkPolicy"]
 
 

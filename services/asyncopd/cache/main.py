@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from asyncopd.cache.connection import connect
+from asyncopd.cache.connection import check_eviction_policy, connect
 from asyncopd.cache.prompts import PromptCatalog, Tokenize
 from asyncopd.cache.recorder import MetricsRecorder
 from asyncopd.cache.requests import ServicerLimits
@@ -47,6 +47,7 @@ def store_policy(config: RunConfig) -> StorePolicy:
         batch_claim_s=c.batch_claim_s,
         retry_s=c.redis_retry_s,
         poll_s=c.poll_interval_ms / 1000.0,
+        payload_ttl_s=c.payload_ttl_s,
     )
 
 
@@ -113,6 +114,7 @@ def start_cache(
     items = list(prompts)
     catalog = PromptCatalog(items, tokenize, vocab_size, seed=config.task.seed)
     redis_client = client or connect(config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0)
+    check_eviction_policy(redis_client)  # an evicting Redis would lose samples silently: refuse it
     registry = metrics.ServiceRegistry("cache", name)
     policy = store_policy(config)
     recorder = MetricsRecorder(metrics.CacheMetrics(registry, eviction_policy=c.eviction), policy)
@@ -123,6 +125,7 @@ def start_cache(
         max_request_bytes=int(c.max_request_mb * _MIB),
         max_items=c.max_items_per_request,
         max_wait_ms=c.max_wait_ms,
+        key_prefix=config.redis.key_prefix,
     )
     servicer = CacheServicer(store, catalog, limits, recorder)
     server = start_server(

@@ -1,9 +1,13 @@
 """Parsing cache requests: a protobuf request in, validated values and store records out.
 
-Every put is validated in full (shapes, ids < vocab, finite log-probs, versions not from the
-future, sizes) before the store sees any of it, so a bad request stores nothing. Validated
-records are re-encoded with the configured log-prob dtype and kept as serialized protobuf
-bytes (raw tensors inside, no second codec); batches are rebuilt from those bytes.
+A put comes one of two ways. By reference (`metas`, the normal path): the producer wrote its
+payload frame to Redis itself and sends metadata only (ids, lengths, versions, byte count,
+checksum, key); this module checks the metadata (the key must be this sample's, versions not
+from the future, shapes matching the rollout) and the store checks the frame is there with that
+length. Inline (`rollouts`/`scores`, clients without Redis access): validated in full (shapes,
+ids < vocab, finite log-probs, versions not from the future, sizes) and encoded as a payload
+frame (`asyncopd.wire.payload`, the configured log-prob dtype) that the store writes. Either
+way a bad request stores nothing, and the store sees the same records.
 
 Refusals are `WireError`/`ValueError`s naming the field (the servicer's `status_errors` maps
 them to INVALID_ARGUMENT). The staleness rules come from `asyncopd.cache.policy`. It knows the
@@ -12,39 +16,19 @@ wire messages and the request limits; it knows nothing of Redis and calls no sto
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from asyncopd.cache.policy import StalenessPolicy, check_unique
-from asyncopd.cache.store import StoredRollout
+from asyncopd.cache.store import PayloadRef, StoredRollout, StoredScores
+from asyncopd.wire import payload
 from asyncopd.wire.convert import Limits, LogprobDType, rollout_from_proto, scores_from_proto
 from asyncopd.wire.errors import WireError
-from asyncopd.wire.tensors import DTYPE_NAMES, encode
 
-# Tensor fields of Rollout / TeacherScores and how they are stored (the record attributes
-# have the same names as the message fields).
-_ID_FIELDS = ("prompt_ids", "response_ids", "versions", "support_ids", "topk_ids")
-_LOGPROB_FIELDS = ("behavior_logprobs", "support_logprobs", "token_logprobs", "topk_logprobs", "tail_logmass")
-
-
-def compact_bytes(msg: Any, record: object, logprob_dtype: LogprobDType) -> bytes:
-    """The validated message as stored: ids int32, log-probs in `logprob_dtype`.
-
-    Tensors already in the stored dtype keep their bytes (no decode/re-encode round trip);
-    others are re-encoded from the validated record. Mutates `msg` (the request's own copy).
-    """
-    for name in _ID_FIELDS + _LOGPROB_FIELDS:
-        if not hasattr(record, name) or not msg.HasField(name):
-            continue
-        is_ids = name in _ID_FIELDS
-        tensor = getattr(msg, name)
-        if tensor.dtype != DTYPE_NAMES["int32" if is_ids else logprob_dtype]:
-            value = np.asarray(getattr(record, name))
-            tensor.CopyFrom(encode(value.astype(np.int32), None) if is_ids else encode(value, logprob_dtype))
-    return bytes(msg.SerializeToString())
+# Why a reader may refuse a frame (becomes the drop reason; anything else is refused).
+REFUSAL_REASONS = frozenset({"corrupt", "invalid", "payload_missing"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +42,8 @@ class ServicerLimits:
     max_wait_ms: int = 10000
     max_prompt_tokens: int = 32768
     max_response_tokens: int = 32768
+    key_prefix: str = "asyncopd"  # the run's redis.key_prefix: payload keys must be under it
+    max_support: int = 4096
 
 
 def name(value: str, field: str) -> str:
@@ -109,9 +95,26 @@ class RequestParser:
             raise WireError(f"tickets: {len(request.tickets)} exceed the limit of {self.limits.max_items}")
         return [name(t, f"tickets[{i}]") for i, t in enumerate(request.tickets)]
 
+    def _ref(self, msg: Any, kind: payload.PayloadKind, sample_id: str, field: str) -> PayloadRef:
+        if not msg.HasField("payload"):
+            raise WireError(f"{field}.payload: required")
+        ref = msg.payload
+        key = payload.check_key(ref.key, self.limits.key_prefix, kind, sample_id, f"{field}.payload.key")
+        if ref.nbytes < 1 or ref.nbytes > self.limits.max_request_bytes * 64:
+            raise WireError(f"{field}.payload.nbytes: {ref.nbytes} is not a plausible frame length")
+        return PayloadRef(key, int(ref.nbytes), int(ref.checksum))
+
+    def _new_ref(self, kind: payload.PayloadKind, sample_id: str, frame: payload.Frame) -> PayloadRef:
+        key = payload.payload_key(self.limits.key_prefix, kind, sample_id, uuid.uuid4().hex[:16])
+        return PayloadRef(key, frame.nbytes, frame.checksum)
+
     def rollouts(self, request: Any, published: int) -> list[StoredRollout]:
         """The request's rollouts as the store keeps them; `published` is the cache's learner version."""
         self._size(request)
+        if len(request.rollouts) and len(request.metas):
+            raise WireError("rollouts and metas: send one or the other in a request")
+        if len(request.metas):
+            return self._rollout_metas(request, published)
         self.count("rollouts", len(request.rollouts), "rollouts")
         check_unique((msg.sample_id for msg in request.rollouts), "rollouts")
         limits = self._wire_limits()
@@ -119,40 +122,102 @@ class RequestParser:
         for i, msg in enumerate(request.rollouts):
             field = f"rollouts[{i}]"
             r = rollout_from_proto(msg, limits, field)
-            self.policy.check_token_version(int(r.versions.max()), published, f"{field}.versions")
+            newest = int(r.versions.max())
+            self.policy.check_token_version(newest, published, f"{field}.versions")
             name(r.ticket, f"{field}.ticket")
-            blob = compact_bytes(msg, r, self.limits.logprob_dtype)
+            frame = payload.encode_rollout(r, self.limits.logprob_dtype)
             k = 0 if r.support_ids is None else int(r.support_ids.shape[1])
-            stored.append(StoredRollout(r.sample_id, r.ticket, r.oldest_version, r.num_tokens, k, blob))
+            ref = self._new_ref("r", r.sample_id, frame)
+            stored.append(
+                StoredRollout(r.sample_id, r.ticket, r.oldest_version, r.num_tokens, k, ref, newest, frame.data)
+            )
+        return stored
+
+    def _rollout_metas(self, request: Any, published: int) -> list[StoredRollout]:
+        self.count("metas", len(request.metas), "rollouts")
+        check_unique((m.sample_id for m in request.metas), "metas")
+        stored = []
+        for i, m in enumerate(request.metas):
+            field = f"metas[{i}]"
+            sid = name(m.sample_id, f"{field}.sample_id")
+            ticket = name(m.ticket, f"{field}.ticket")
+            if not 1 <= m.num_tokens <= self.limits.max_response_tokens:
+                raise WireError(f"{field}.num_tokens: {m.num_tokens} outside 1..{self.limits.max_response_tokens}")
+            if not 0 <= m.support_size <= self.limits.max_support:
+                raise WireError(f"{field}.support_size: {m.support_size} outside 0..{self.limits.max_support}")
+            if not 0 <= m.oldest_version <= m.newest_version:
+                raise WireError(
+                    f"{field}.oldest_version: {m.oldest_version} must be >= 0 and <= newest_version {m.newest_version}"
+                )
+            self.policy.check_token_version(int(m.newest_version), published, f"{field}.newest_version")
+            ref = self._ref(m, "r", sid, field)
+            stored.append(
+                StoredRollout(
+                    sid, ticket, int(m.oldest_version), int(m.num_tokens), int(m.support_size), ref,
+                    int(m.newest_version),
+                )
+            )  # fmt: skip
         return stored
 
     def score_ids(self, request: Any) -> list[str]:
         """The sample ids a PutScores request scores (checked before their shapes are looked up)."""
         self._size(request)
-        self.count("scores", len(request.scores), "scores")
-        sids = [name(s.sample_id, f"scores[{i}].sample_id") for i, s in enumerate(request.scores)]
-        check_unique(sids, "scores")
+        if len(request.scores) and len(request.metas):
+            raise WireError("scores and metas: send one or the other in a request")
+        what, msgs = ("metas", request.metas) if len(request.metas) else ("scores", request.scores)
+        if len(msgs) or not len(request.refused):
+            self.count(what, len(msgs), "scores")
+        sids = [name(s.sample_id, f"{what}[{i}].sample_id") for i, s in enumerate(msgs)]
+        check_unique(sids, what)
         return sids
 
-    def scores(
-        self, request: Any, shapes: Callable[[Sequence[str]], dict[str, tuple[int, int]]]
-    ) -> list[tuple[str, bytes]]:
-        """(sample_id, stored bytes) per score; `shapes(ids)` gives (num_tokens, support_size) of
-        each sample still waiting for scores. Scores for any other sample are late work: passed
-        on with empty bytes, for the store to count."""
+    def refused(self, refused: Any, field: str = "refused") -> dict[str, str]:
+        """sample id -> reason of frames a reader refused (reasons from REFUSAL_REASONS)."""
+        if len(refused) > self.limits.max_items:
+            raise WireError(f"{field}: {len(refused)} entries exceed the limit of {self.limits.max_items}")
+        out = {}
+        for sid, reason in refused.items():
+            name(sid, f"{field} key")
+            if reason not in REFUSAL_REASONS:
+                raise WireError(f"{field}[{sid!r}]: reason {reason!r}, expected one of {sorted(REFUSAL_REASONS)}")
+            out[sid] = reason
+        return out
+
+    def scores(self, request: Any, shapes: Callable[[Sequence[str]], dict[str, tuple[int, int]]]) -> list[StoredScores]:
+        """The request's scores as the store keeps them; `shapes(ids)` gives (num_tokens,
+        support_size) of each sample still waiting for scores. Scores for any other sample are
+        late work: passed on (inline ones without a frame) for the store to count."""
         shape_of = shapes(self.score_ids(request))
+        if len(request.metas):
+            return self._score_metas(request, shape_of)
         limits = self._wire_limits()
         items = []
         for i, msg in enumerate(request.scores):
             shape = shape_of.get(msg.sample_id)
             if shape is None:  # unknown, already scored, or gone: late work, ignored and counted
-                items.append((msg.sample_id, b""))
+                late = payload.payload_key(self.limits.key_prefix, "s", msg.sample_id, "late")
+                items.append(StoredScores(msg.sample_id, PayloadRef(late, 0, 0)))
                 continue
             t, k = shape
             if k == 0 and msg.HasField("support_logprobs"):
                 raise WireError(f"scores[{i}].support_logprobs: given, but the rollout carries no support")
             s = scores_from_proto(msg, limits, t, k or None, f"scores[{i}]")
-            items.append((s.sample_id, compact_bytes(msg, s, self.limits.logprob_dtype)))
+            frame = payload.encode_scores(s, self.limits.logprob_dtype)
+            items.append(StoredScores(s.sample_id, self._new_ref("s", s.sample_id, frame), frame.data))
+        return items
+
+    def _score_metas(self, request: Any, shape_of: dict[str, tuple[int, int]]) -> list[StoredScores]:
+        items = []
+        for i, m in enumerate(request.metas):
+            field = f"metas[{i}]"
+            ref = self._ref(m, "s", m.sample_id, field)
+            shape = shape_of.get(m.sample_id)
+            if shape is not None and (m.num_tokens, m.support_size) != shape:
+                raise WireError(
+                    f"{field}: scores of {m.num_tokens} tokens x support {m.support_size}, but the rollout has "
+                    f"{shape[0]} x {shape[1]}"
+                )
+            items.append(StoredScores(m.sample_id, ref))
         return items
 
     def pull(self, request: Any) -> tuple[int, int, str, int]:

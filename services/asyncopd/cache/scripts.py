@@ -25,11 +25,18 @@ declared one by one). The key layout:
   tlease         zset ticket -> lease deadline (ms)   reissue  list of tickets to hand out again
   (tickets are "<run id>-<cursor position>": a ticket of this run below the cursor without an
    open t:<ticket> hash was answered already, so closed tickets need no storage)
-  s:<sid>        hash of a sample: r (Rollout bytes), s (TeacherScores bytes), st, ov, seq, nb, xid, T, K
+  s:<sid>        hash of a sample's metadata: st (unscored/scored/claimed), ov/nv oldest/newest token
+                 version, T, K, seq, ticket, xid (queue entry), nb (bytes counted against the budget),
+                 kr/nr/cr rollout frame key/bytes/CRC-32, ks/ns/cs the same for the scores frame
+  pr:<sid>:<nonce>, ps:<sid>:<nonce>
+                 payload frames (asyncopd.wire.payload) written by the rollout replica / teacher
+                 with a TTL; a put checks STRLEN = declared bytes and PERSISTs them, every script
+                 that removes a sample DELs them with its hash; never passed as script arguments
   q              stream of unscored sample ids; consumer group `teachers`
   scored         zset sid -> ov * 2^32 + seq  (scored, unclaimed; oldest version first)
   fifo, lru      zset sid -> seq / last touch ms (same members; eviction orders)
-  b:<bid>        hash ver, learner, n, acked of a batch claim; b:<bid>:ids list of its sids
+  b:<bid>        hash ver, learner, n, acked of a batch claim; b:<bid>:ids list of its sids;
+                 b:<bid>:refused hash sid -> reason of frames the cache could not read (inline pulls)
   bclaim         zset bid -> claim deadline (ms)
 
 This module loads Lua source only; `asyncopd.cache.store` runs it.
@@ -43,7 +50,17 @@ from importlib import resources
 # The stream's consumer group (the Lua names it too, in drop_sample and put_scores).
 GROUP = "teachers"
 
-NAMES = ("acquire", "release", "put_rollouts", "put_scores", "pull", "ack", "drop_stale_unscored", "publish")
+NAMES = (
+    "acquire",
+    "release",
+    "put_rollouts",
+    "put_scores",
+    "pull",
+    "ack",
+    "drop_stale_unscored",
+    "refuse_unscored",
+    "publish",
+)
 
 
 def _read(name: str) -> str:

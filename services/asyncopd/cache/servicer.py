@@ -3,6 +3,9 @@
 Parsing and validation are `asyncopd.cache.requests`' (a bad request stores nothing), the rules
 are `asyncopd.cache.policy`'s, the state is `asyncopd.cache.store`'s, and every event goes to a
 `Recorder` (a no-op one when the cache has no metrics). This module only wires them together.
+
+Payloads: clients that reach Redis send and receive metadata only (`by_reference`, `metas`);
+for the others (the inline path) the servicer turns stored frames back into messages here.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import grpc
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.cache.recorder import NullRecorder, Recorder
 from asyncopd.cache.requests import RequestParser, ServicerLimits, name
-from asyncopd.cache.store import CacheUnavailable, ExperienceStore
+from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PayloadRef, SampleMeta
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
-from asyncopd.wire.convert import prompt_to_proto
+from asyncopd.v1 import common_pb2 as pb
+from asyncopd.wire import payload
+from asyncopd.wire.convert import Limits, prompt_to_proto, rollout_to_proto, scores_to_proto
 from asyncopd.wire.rpc import status_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +42,29 @@ def unavailable(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _ref(ref: PayloadRef) -> Any:
+    return cache_pb2.PayloadRef(key=ref.key, nbytes=ref.nbytes, checksum=ref.checksum)
+
+
+def rollout_meta(m: SampleMeta) -> Any:
+    return cache_pb2.RolloutMeta(
+        sample_id=m.sample_id,
+        ticket=m.ticket,
+        oldest_version=m.oldest_version,
+        newest_version=m.newest_version,
+        num_tokens=m.num_tokens,
+        support_size=m.support_size,
+        payload=_ref(m.rollout),
+    )
+
+
+def scores_meta(m: SampleMeta) -> Any:
+    assert m.scores is not None
+    return cache_pb2.ScoresMeta(
+        sample_id=m.sample_id, num_tokens=m.num_tokens, support_size=m.support_size, payload=_ref(m.scores)
+    )
+
+
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     """Thin adapter between the wire protocol and `ExperienceStore`."""
 
@@ -51,6 +79,34 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.catalog = catalog
         self.parse = RequestParser(limits, store.staleness)
         self.recorder: Recorder = recorder or NullRecorder()
+        self._dtype = limits.logprob_dtype
+
+    def _inline(self, metas: list[SampleMeta], scores: bool) -> tuple[list[Any], dict[str, str]]:
+        """Messages of stored frames (inline path), and sid -> reason for frames unreadable."""
+        keys = [m.rollout.key for m in metas] + ([m.scores.key for m in metas if m.scores] if scores else [])
+        frames = self.store.read_frames(keys)
+        out, refused = [], {}
+        for i, m in enumerate(metas):
+            try:
+                r_frame = frames[i]
+                if r_frame is None:
+                    raise payload.PayloadError("rollout frame gone", "payload_missing")
+                r = payload.decode_rollout(r_frame, Limits(), sample_id=m.sample_id, checksum=m.rollout.checksum)
+                msg: Any = rollout_to_proto(r, self._dtype)
+                if scores:
+                    s_frame, ref = frames[len(metas) + i], m.scores
+                    if s_frame is None or ref is None:
+                        raise payload.PayloadError("scores frame gone", "payload_missing")
+                    k = m.support_size or None
+                    sc = payload.decode_scores(
+                        s_frame, Limits(), sample_id=m.sample_id, num_tokens=m.num_tokens, support_size=k,
+                        checksum=ref.checksum,
+                    )  # fmt: skip
+                    msg = pb.ScoredSample(rollout=msg, scores=scores_to_proto(sc, self._dtype))
+                out.append(msg)
+            except payload.PayloadError as exc:
+                refused[m.sample_id] = exc.reason
+        return out, refused
 
     @unavailable
     @status_errors
@@ -83,16 +139,20 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         want = self.parse.count("max_rollouts", request.max_rollouts, "rollouts")
         claimed = self.store.claim_rollouts(teacher, want, self.parse.wait_ms("wait_ms", request.wait_ms))
         self.recorder.claimed(claimed)
-        resp = cache_pb2.ClaimRolloutsResponse()
-        for blob in claimed.blobs:
-            resp.rollouts.add().ParseFromString(blob)
-        return resp
+        if request.by_reference:
+            return cache_pb2.ClaimRolloutsResponse(metas=[rollout_meta(m) for m in claimed.samples])
+        rollouts, refused = self._inline(claimed.samples, scores=False)
+        self.store.refuse_unscored(refused)
+        return cache_pb2.ClaimRolloutsResponse(rollouts=rollouts)
 
     @unavailable
     @status_errors
     def PutScores(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         with self.recorder.timed():
-            out = self.store.put_scores(self.parse.scores(request, self.store.sample_shapes))
+            refused = self.parse.refused(request.refused)
+            scores = self.parse.scores(request, self.store.sample_shapes)
+            self.store.refuse_unscored(refused)
+            out = self.store.put_scores(scores)
         self.recorder.scores_put(out)
         return cache_pb2.PutScoresResponse(accepted=out.accepted, duplicates=out.duplicates)
 
@@ -105,17 +165,22 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if out.batch is None:
             return resp
         resp.batch_id = out.batch.batch_id
-        for (r, s), stale in zip(out.batch.samples, out.batch.staleness, strict=True):
-            sample = resp.samples.add()
-            sample.rollout.ParseFromString(r)
-            sample.scores.ParseFromString(s)
-            resp.staleness.append(stale)
+        if request.by_reference:
+            for m, stale in zip(out.batch.samples, out.batch.staleness, strict=True):
+                resp.refs.add(rollout=rollout_meta(m), scores=scores_meta(m), staleness=stale)
+            return resp
+        samples, refused = self._inline(out.batch.samples, scores=True)
+        self.store.note_refused(out.batch.batch_id, refused)
+        resp.samples.extend(samples)
+        pairs = zip(out.batch.samples, out.batch.staleness, strict=True)
+        resp.staleness.extend(st for m, st in pairs if m.sample_id not in refused)
         return resp
 
     @unavailable
     @status_errors
     def AckBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        trained = self.store.ack_batch(name(request.batch_id, "batch_id"))
+        refused = self.parse.refused(request.refused)
+        trained = self.store.ack_batch(name(request.batch_id, "batch_id"), refused)
         self.recorder.trained(trained)
         return cache_pb2.AckBatchResponse(trained=trained)
 

@@ -3,9 +3,14 @@
 `ExperienceStore` is the cache service's domain logic. It holds no state of its own that
 Redis does not hold (several service processes may share one Redis, and any may restart):
 every change is one atomic Lua script (`asyncopd.cache.scripts`) or one stream command. It
-stores samples as opaque, already-validated bytes plus the few numbers it needs (oldest token
-version, lengths), so it knows nothing of protobuf or tensors; the servicer encodes and
-validates. The staleness rules (the admission window, the stale bound) are
+stores sample metadata only (oldest token version, lengths, byte counts, checksums, and the keys
+of the payload frames its producers wrote to Redis themselves, `asyncopd.wire.payload_store`),
+so no payload byte passes through it or through a script argument: a put checks each frame
+exists with the declared length and makes it permanent, and removing a sample (trained,
+dropped, evicted) deletes its frames in the same script. It knows nothing of protobuf or
+tensors; the servicer parses and validates. `write_frames`/`read_frames` serve the servicer's
+inline path (clients without Redis access): the servicer encodes there, the store only moves
+bytes. The staleness rules (the admission window, the stale bound) are
 `asyncopd.cache.policy`'s: the store computes their numbers there and hands them to the
 scripts. It knows the eviction policies and the accounting:
 
@@ -61,6 +66,7 @@ class StorePolicy:
     batch_claim_s: float = 120.0
     retry_s: float = 30.0
     poll_s: float = 0.01
+    payload_ttl_s: float = 600.0  # frames without accepted metadata expire after this long
 
 
 @dataclass(frozen=True)
@@ -80,15 +86,51 @@ class Admitted:
 
 
 @dataclass(frozen=True)
+class PayloadRef:
+    """Where a sample's frame is: its key, length and CRC-32 (`asyncopd.wire.payload`)."""
+
+    key: str
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True)
 class StoredRollout:
-    """A validated rollout as the store keeps it: encoded bytes plus what the store must know."""
+    """A rollout as the store keeps it: what the store must know, and where its frame is.
+
+    `frame` is set on the inline path only (the store writes it before the put script)."""
 
     sample_id: str
     ticket: str
     oldest_version: int
     num_tokens: int
     support_size: int  # 0 when the rollout carries no support
-    blob: bytes
+    payload: PayloadRef
+    newest_version: int = 0
+    frame: bytes | None = None
+
+
+@dataclass(frozen=True)
+class StoredScores:
+    """Teacher scores as the store keeps them (`frame` as in `StoredRollout`)."""
+
+    sample_id: str
+    payload: PayloadRef
+    frame: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """A stored sample's metadata: the rollout's, and the scores' once scored."""
+
+    sample_id: str
+    ticket: str
+    oldest_version: int
+    newest_version: int
+    num_tokens: int
+    support_size: int
+    rollout: PayloadRef
+    scores: PayloadRef | None = None
 
 
 @dataclass(frozen=True)
@@ -104,9 +146,9 @@ class PutOutcome:
 
 @dataclass(frozen=True)
 class Claimed:
-    """Rollouts handed to a teacher: encoded bytes, and how many were re-deliveries."""
+    """Rollouts handed to a teacher (metadata), and how many were re-deliveries."""
 
-    blobs: list[bytes]
+    samples: list[SampleMeta]
     redelivered: int
     stale_dropped: int = 0  # rollouts beyond the bound, dropped instead of handed out
 
@@ -115,7 +157,7 @@ class Claimed:
 class PulledBatch:
     batch_id: str
     version: int
-    samples: list[tuple[bytes, bytes]]  # (rollout bytes, scores bytes)
+    samples: list[SampleMeta]  # with scores
     staleness: list[int]
 
 
@@ -153,6 +195,20 @@ def _s(value: Any) -> str:
 
 def _int_map(raw: dict[Any, Any]) -> dict[str, int]:
     return {_s(k): int(v) for k, v in raw.items()}
+
+
+# Fields of a sample's hash that make its SampleMeta (see asyncopd.cache.scripts for the layout).
+_META_FIELDS = ("ticket", "ov", "nv", "T", "K", "kr", "nr", "cr", "ks", "ns", "cs")
+
+
+def _meta(sid: str, row: Sequence[Any]) -> SampleMeta | None:
+    ticket, ov, nv, t, k, kr, nr, cr, ks, ns, cs = row
+    if kr is None:
+        return None
+    scores = None if ks is None else PayloadRef(_s(ks), int(ns), int(cs))
+    return SampleMeta(
+        sid, _s(ticket or b""), int(ov), int(nv or ov), int(t), int(k), PayloadRef(_s(kr), int(nr), int(cr)), scores
+    )
 
 
 class ExperienceStore:
@@ -331,14 +387,24 @@ class ExperienceStore:
         p = self.policy
         items: list[Any] = []
         for r in rollouts:
-            items += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size, r.blob]
+            ref = r.payload
+            items += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size]
+            items += [ref.key, ref.nbytes, ref.checksum, r.newest_version]
+        inline = [(r.payload.key, r.frame) for r in rollouts if r.frame is not None]
+        self.write_frames(inline)
 
         def args(version: int) -> list[Any]:
             bound = self.staleness.oldest_usable(version)
             return [self._now_ms(), version, bound, p.byte_budget, p.eviction, len(rollouts), *items]
 
-        res = self._at_version("put_rollouts", args)
+        try:
+            res = self._at_version("put_rollouts", args)
+        except BaseException:
+            self._forget(inline)
+            raise
         tag = _s(res[0])
+        if tag != "OK":
+            self._forget(inline)
         if tag == "UNKNOWN":
             raise WireError(
                 f"rollouts[{int(res[1])}].ticket: unknown ticket {_s(res[2])!r} "
@@ -347,6 +413,35 @@ class ExperienceStore:
         if tag == "FULL":
             raise self._full(res)
         return PutOutcome(*(int(x) for x in res[1:8]))
+
+    def write_frames(self, frames: Sequence[tuple[str, bytes]]) -> None:
+        """SET inline frames (key, bytes) with the orphan TTL (the put script persists them)."""
+        if not frames:
+            return
+        ttl_ms = int(self.policy.payload_ttl_s * 1000)
+
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, frame in frames:
+                pipe.set(key, frame, px=ttl_ms)
+            pipe.execute()
+
+        self._retrying(write)
+
+    def read_frames(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Frames by key (None where gone), for the inline path."""
+        if not keys:
+            return []
+        frames: list[Any] = self._retrying(lambda: self.redis.mget(list(keys)))
+        return frames
+
+    def _forget(self, frames: Sequence[tuple[str, bytes]]) -> None:
+        """Remove inline frames of a refused put (they would expire anyway)."""
+        if frames:
+            try:
+                self.redis.delete(*(key for key, _ in frames))
+            except redis.RedisError:
+                log.warning("could not remove %d frames of a refused put; they expire by TTL", len(frames))
 
     def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> Claimed:
         """Unscored rollouts for `teacher`: expired leases of other teachers first, then new ones."""
@@ -380,21 +475,22 @@ class ExperienceStore:
     def _load_claimed(self, entries: list[tuple[Any, Any]], redelivered: int) -> Claimed:
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.key("ver"))
-        for _, fields in entries:
-            sid = _s(fields.get(b"sid", fields.get("sid", b"")))
-            pipe.hmget(self.key(f"s:{sid}"), "r", "st", "ov")
+        sids = [_s(fields.get(b"sid", fields.get("sid", b""))) for _, fields in entries]
+        for sid in sids:
+            pipe.hmget(self.key(f"s:{sid}"), "st", *_META_FIELDS)
         version_raw, *rows = pipe.execute()
         version = int(version_raw or 0)
         oldest_usable = self.staleness.oldest_usable(version)
-        blobs: list[bytes] = []
+        metas: list[SampleMeta] = []
         dead, stale = [], []
-        for (eid, fields), (blob, st, ov) in zip(entries, rows, strict=True):
-            if blob is None or _s(st) != "unscored":
+        for (eid, _), sid, (st, *row) in zip(entries, sids, rows, strict=True):
+            meta = _meta(sid, row)
+            if meta is None or _s(st) != "unscored":
                 dead.append(eid)  # scored or dropped meanwhile: the queue entry is stale
-            elif int(ov) < oldest_usable:
-                stale.append(_s(fields.get(b"sid", fields.get("sid", b""))))
+            elif meta.oldest_version < oldest_usable:
+                stale.append(sid)
             else:
-                blobs.append(blob)
+                metas.append(meta)
         if dead:
             self.redis.xack(self.key("q"), scripts.GROUP, *dead)
             self.redis.xdel(self.key("q"), *dead)
@@ -406,7 +502,7 @@ class ExperienceStore:
             dropped = int(res[1])
         if redelivered:
             self.redis.hincrby(self.key("cnt"), "redelivered", redelivered)
-        return Claimed(blobs, redelivered, dropped)
+        return Claimed(metas, redelivered, dropped)
 
     def sample_shapes(self, sample_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(num_tokens, support_size) of each known, still unscored sample (to validate scores)."""
@@ -423,22 +519,37 @@ class ExperienceStore:
 
         return self._retrying(read)
 
-    def put_scores(self, scores: Sequence[tuple[str, bytes]]) -> PutOutcome:
-        """Attach teacher scores (sample_id, encoded bytes); unknown or already scored ones are late."""
+    def put_scores(self, scores: Sequence[StoredScores]) -> PutOutcome:
+        """Attach teacher scores by reference; unknown or already scored ones are late (their
+        frames are deleted), ones whose frame is missing are ignored (the rollout is re-delivered)."""
         p = self.policy
         items: list[Any] = []
-        for sid, blob in scores:
-            items += [sid, blob]
+        for sc in scores:
+            items += [sc.sample_id, sc.payload.key, sc.payload.nbytes, sc.payload.checksum]
+        inline = [(sc.payload.key, sc.frame) for sc in scores if sc.frame is not None]
+        self.write_frames(inline)
 
         def args(version: int) -> list[Any]:
             bound = self.staleness.oldest_usable(version)
             return [self._now_ms(), version, bound, p.byte_budget, p.eviction, len(scores), *items]
 
-        res = self._at_version("put_scores", args)
+        try:
+            res = self._at_version("put_scores", args)
+        except BaseException:
+            self._forget(inline)
+            raise
         if _s(res[0]) == "FULL":
+            self._forget(inline)
             raise self._full(res)
         acc, late, stale, ev_n, ev_bytes, ev_stale = (int(x) for x in res[1:7])
         return PutOutcome(acc, late, stale=stale, evicted=ev_n, evicted_bytes=ev_bytes, evicted_stale=ev_stale)
+
+    def refuse_unscored(self, refused: dict[str, str]) -> int:
+        """Drop unscored samples whose rollout frame a teacher refused (sid -> reason)."""
+        if not refused:
+            return 0
+        args = [x for sid, reason in refused.items() for x in (sid, reason)]
+        return int(self._script("refuse_unscored", args))
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -468,15 +579,25 @@ class ExperienceStore:
             ovs = [int(res[i]) for i in range(5, len(res), 2)]
             pipe = self.redis.pipeline(transaction=False)
             for sid in sids:
-                pipe.hmget(self.key(f"s:{sid}"), "r", "s")
-            samples = [(r, s) for r, s in pipe.execute()]
-            return PulledBatch(bid, int(res[1]), samples, [int(res[1]) - ov for ov in ovs])
+                pipe.hmget(self.key(f"s:{sid}"), *_META_FIELDS)
+            metas = [_meta(sid, row) for sid, row in zip(sids, pipe.execute(), strict=True)]
+            # claimed samples stay until acked (only ack and claim expiry touch them)
+            kept = [(m, int(res[1]) - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
+            return PulledBatch(bid, int(res[1]), [m for m, _ in kept], [st for _, st in kept])
 
         batch = self._wait(once, wait_ms)
         return PullOutcome(batch, totals["version"], totals["returned"], totals["stale"])
 
-    def ack_batch(self, batch_id: str) -> int:
-        n = int(self._script("ack", [batch_id]))
+    def note_refused(self, batch_id: str, refused: dict[str, str]) -> None:
+        """Frames of a claimed batch the cache could not read (inline path): its ack drops them."""
+        if refused:
+            mapping: dict[Any, Any] = dict(refused)
+            self._retrying(lambda: self.redis.hset(self.key(f"b:{batch_id}:refused"), mapping=mapping))
+
+    def ack_batch(self, batch_id: str, refused: dict[str, str] | None = None) -> int:
+        """Count the batch trained, except `refused` samples (sid -> reason): dropped with that reason."""
+        extra = [x for sid, reason in (refused or {}).items() for x in (sid, reason)]
+        n = int(self._script("ack", [batch_id, *extra]))
         if n < 0:
             raise FailedPrecondition(
                 f"batch {batch_id!r} is unknown or its claim expired (its samples went back to the pool)"

@@ -59,6 +59,18 @@ class CacheConfig(Section):
     poll_interval_ms: float = Field(
         10.0, gt=0, description="How often a waiting request re-checks Redis for prompts or a full batch."
     )
+    payload_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description="Payload frames written to Redis by rollout replicas and teachers expire after this long unless "
+        "the cache accepted their metadata (a producer that crashed in between leaves nothing behind).",
+    )
+    direct_payloads: bool = Field(
+        True,
+        description="Rollout replicas, teachers and the learner read and write payload frames in Redis themselves "
+        "(redis.url, credentials) and send the cache metadata only; false sends payloads through the cache "
+        "(for producers that cannot reach Redis).",
+    )
     redis_retry_s: float = Field(
         30.0, gt=0, description="How long a request retries a lost Redis connection before failing UNAVAILABLE."
     )

@@ -88,7 +88,7 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     registry = metrics.ServiceRegistry("learner", name)
     recorder = metrics.LearnerMetrics(registry, estimator=config.loss.kind)
     metrics_server = metrics.MetricsServer(registry, lc.server.metrics_port, lc.server.host) if serve_metrics else None
-    cache = CacheClient(channel(config.endpoints.cache, lc.server.max_message_mb, config.tls))
+    cache = CacheClient.for_run(channel(config.endpoints.cache, lc.server.max_message_mb, config.tls), config)
     evaluate = None
     if lc.eval_every:
         from asyncopd.evaluation.greedy import evaluate as run_eval

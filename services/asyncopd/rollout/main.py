@@ -116,7 +116,7 @@ def serve(config: RunConfig, name: str) -> None:
     cache_channel = channel(config.endpoints.cache, config.rollout.server.max_message_mb, config.tls)
     loop = RolloutLoop(
         replica,
-        CacheClient(cache_channel),
+        CacheClient.for_run(cache_channel, config),
         sampling=sampling,
         support_kind=kind,
         k=k,

@@ -63,7 +63,7 @@ def serve(config: RunConfig, name: str) -> None:
     cache_channel = channel(config.endpoints.cache, config.teacher.server.max_message_mb, config.tls)
     loop = TeacherLoop(
         replica,
-        CacheClient(cache_channel),
+        CacheClient.for_run(cache_channel, config),
         topk=topk,
         tail=config.teacher.tail and topk > 0,
         claim_batch=config.teacher.claim_batch,

@@ -6,7 +6,14 @@ converts records to and from the wire protocol (validating what comes back with
 RESOURCE_EXHAUSTED (the cache is full under backpressure) into `CacheFull` so producers can
 back off. Every other gRPC error propagates as `grpc.RpcError`.
 
-It knows the cache service's RPCs; it knows nothing about Redis or admission policy.
+Payloads: given a `PayloadStore` (the run's Redis), the client writes its rollouts' and scores'
+frames to Redis itself and sends the cache metadata only, and reads claimed rollouts and pulled
+batches back from Redis, verifying each frame's checksum and contents. A frame it refuses
+(corrupt, invalid, gone) is not returned: a teacher reports it at once (PutScores.refused), the
+learner with the batch's ack (AckBatch.refused); the cache counts it dropped with that reason.
+Without one, payloads travel inline through the cache RPCs (bounded by gRPC message limits).
+
+It knows the cache service's RPCs and the payload frames; it knows nothing of admission policy.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from typing import Any
 
 import grpc
 
+from asyncopd.config import RunConfig
 from asyncopd.records import Prompt, Rollout, ScoredSample, TeacherScores
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
+from asyncopd.wire import payload
 from asyncopd.wire.convert import (
     Limits,
     LogprobDType,
@@ -28,6 +37,7 @@ from asyncopd.wire.convert import (
     scored_from_proto,
     scores_to_proto,
 )
+from asyncopd.wire.payload_store import PayloadStore
 
 
 class CacheFull(RuntimeError):
@@ -41,6 +51,7 @@ class Batch:
     batch_id: str
     samples: list[ScoredSample]
     staleness: list[int]  # per sample: learner_version - oldest token version
+    refused: dict[str, str] = field(default_factory=dict)  # sid -> reason: frames refused (not in samples)
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,8 @@ class CacheClient:
 
     `limits` validates what the cache sends back (default: shapes, dtypes and NaN checks only);
     `logprob_dtype` is the wire dtype of log-probs this client sends; `timeout_s` is the
-    deadline of each call on top of any server-side wait it asks for.
+    deadline of each call on top of any server-side wait it asks for; `payloads` (the run's
+    Redis) moves payload frames directly, in `payload_dtype` log-probs.
     """
 
     def __init__(
@@ -95,11 +107,26 @@ class CacheClient:
         limits: Limits | None = None,
         logprob_dtype: LogprobDType = "float32",
         timeout_s: float = 30.0,
+        *,
+        payloads: PayloadStore | None = None,
+        payload_dtype: LogprobDType = "float16",
     ) -> None:
         self._stub = cache_pb2_grpc.CacheServiceStub(channel)
         self._limits = limits or Limits()
         self._dtype: LogprobDType = logprob_dtype
         self._timeout = timeout_s
+        self.payloads = payloads
+        self._payload_dtype: LogprobDType = payload_dtype
+        self._refused: dict[str, dict[str, str]] = {}  # batch id -> frames refused, sent with its ack
+        self._shapes: dict[str, tuple[int, int]] = {}  # claimed sid -> (T, K), to check scores against
+
+    @classmethod
+    def for_run(cls, channel: grpc.Channel, config: RunConfig) -> CacheClient:
+        """The client a service of run `config` uses: direct payloads through `config.redis`
+        unless `cache.direct_payloads` is off."""
+        c = config.cache
+        payloads = PayloadStore.from_config(config.redis, c.payload_ttl_s) if c.direct_payloads else None
+        return cls(channel, payloads=payloads, payload_dtype=c.logprob_dtype)
 
     def _call(self, method: Any, request: Any, wait_ms: int = 0) -> Any:
         try:
@@ -125,38 +152,160 @@ class CacheClient:
 
     def put_rollouts(self, rollouts: Sequence[Rollout]) -> PutResult:
         """Store finished rollouts (queued for teachers). Raises CacheFull under backpressure."""
-        req = cache_pb2.PutRolloutsRequest(rollouts=[rollout_to_proto(r, self._dtype) for r in rollouts])
+        if self.payloads is None:
+            req = cache_pb2.PutRolloutsRequest(rollouts=[rollout_to_proto(r, self._dtype) for r in rollouts])
+        else:
+            req = cache_pb2.PutRolloutsRequest(metas=self._write_rollouts(rollouts, self.payloads))
         resp = self._call(self._stub.PutRollouts, req)
         return PutResult(int(resp.accepted), int(resp.duplicates))
+
+    def _write_rollouts(self, rollouts: Sequence[Rollout], store: PayloadStore) -> list[Any]:
+        metas, frames = [], []
+        for i, r in enumerate(rollouts):
+            payload.check_rollout(r, self._limits, f"rollouts[{i}]")
+            frame = payload.encode_rollout(r, self._payload_dtype)
+            key = store.new_key("r", r.sample_id)
+            frames.append((key, frame.data))
+            metas.append(
+                cache_pb2.RolloutMeta(
+                    sample_id=r.sample_id,
+                    ticket=r.ticket,
+                    oldest_version=int(r.versions.min()),
+                    newest_version=int(r.versions.max()),
+                    num_tokens=r.num_tokens,
+                    support_size=0 if r.support_ids is None else int(r.support_ids.shape[1]),
+                    payload=cache_pb2.PayloadRef(key=key, nbytes=frame.nbytes, checksum=frame.checksum),
+                )
+            )
+        store.write(frames)
+        return metas
 
     # -- teachers ---------------------------------------------------------------------------
 
     def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> list[Rollout]:
         """Claim unscored rollouts; unscored claims are re-delivered after the teacher lease."""
-        req = cache_pb2.ClaimRolloutsRequest(teacher=teacher, max_rollouts=max_rollouts, wait_ms=wait_ms)
+        req = cache_pb2.ClaimRolloutsRequest(
+            teacher=teacher, max_rollouts=max_rollouts, wait_ms=wait_ms, by_reference=self.payloads is not None
+        )
         resp = self._call(self._stub.ClaimRollouts, req, wait_ms)
-        return [rollout_from_proto(r, self._limits, f"rollouts[{i}]") for i, r in enumerate(resp.rollouts)]
+        if self.payloads is None:
+            return [rollout_from_proto(r, self._limits, f"rollouts[{i}]") for i, r in enumerate(resp.rollouts)]
+        metas = list(resp.metas)
+        frames = self.payloads.read([m.payload.key for m in metas], [m.payload.nbytes for m in metas])
+        out, refused = [], {}
+        for i, (m, frame) in enumerate(zip(metas, frames, strict=True)):
+            try:
+                if frame is None:
+                    raise payload.PayloadError(f"rollouts[{i}]: frame {m.payload.key} is gone", "payload_missing")
+                r = payload.decode_rollout(
+                    frame, self._limits, sample_id=m.sample_id, checksum=m.payload.checksum, field=f"rollouts[{i}]"
+                )
+                if r.oldest_version != m.oldest_version or r.num_tokens != m.num_tokens:
+                    raise payload.PayloadError(f"rollouts[{i}]: the frame does not match its metadata")
+            except payload.PayloadError as exc:
+                refused[m.sample_id] = exc.reason
+                continue
+            if len(self._shapes) > 65536:  # claims never scored (the teacher gave up on them)
+                self._shapes.clear()
+            self._shapes[m.sample_id] = (m.num_tokens, m.support_size)
+            out.append(r)
+        if refused:
+            self._call(self._stub.PutScores, cache_pb2.PutScoresRequest(refused=refused))
+        return out
 
     def put_scores(self, scores: Sequence[TeacherScores]) -> PutResult:
         """Store teacher scores of claimed rollouts. Raises CacheFull under backpressure."""
-        req = cache_pb2.PutScoresRequest(scores=[scores_to_proto(s, self._dtype) for s in scores])
+        if self.payloads is None:
+            req = cache_pb2.PutScoresRequest(scores=[scores_to_proto(s, self._dtype) for s in scores])
+        else:
+            req = cache_pb2.PutScoresRequest(metas=self._write_scores(scores, self.payloads))
         resp = self._call(self._stub.PutScores, req)
         return PutResult(int(resp.accepted), int(resp.duplicates))
+
+    def _write_scores(self, scores: Sequence[TeacherScores], store: PayloadStore) -> list[Any]:
+        metas, frames = [], []
+        for i, sc in enumerate(scores):
+            t = int(sc.token_logprobs.shape[0])
+            k = 0 if sc.support_logprobs is None else int(sc.support_logprobs.shape[1])
+            t, k = self._shapes.pop(sc.sample_id, (t, k))
+            payload.check_scores(sc, self._limits, t, k or None, f"scores[{i}]")
+            frame = payload.encode_scores(sc, self._payload_dtype)
+            key = store.new_key("s", sc.sample_id)
+            frames.append((key, frame.data))
+            metas.append(
+                cache_pb2.ScoresMeta(
+                    sample_id=sc.sample_id,
+                    num_tokens=t,
+                    support_size=k,
+                    payload=cache_pb2.PayloadRef(key=key, nbytes=frame.nbytes, checksum=frame.checksum),
+                )
+            )
+        store.write(frames)
+        return metas
 
     # -- learner ----------------------------------------------------------------------------
 
     def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch | None:
         """Claim exactly `size` scored samples no staler than the bound, or None if not ready."""
-        req = cache_pb2.PullBatchRequest(size=size, learner_version=learner_version, wait_ms=wait_ms, learner=learner)
+        req = cache_pb2.PullBatchRequest(
+            size=size,
+            learner_version=learner_version,
+            wait_ms=wait_ms,
+            learner=learner,
+            by_reference=self.payloads is not None,
+        )
         resp = self._call(self._stub.PullBatch, req, wait_ms)
         if not resp.batch_id:
             return None
-        samples = [scored_from_proto(s, self._limits, f"samples[{i}]") for i, s in enumerate(resp.samples)]
-        return Batch(batch_id=resp.batch_id, samples=samples, staleness=[int(s) for s in resp.staleness])
+        if self.payloads is None:
+            samples = [scored_from_proto(s, self._limits, f"samples[{i}]") for i, s in enumerate(resp.samples)]
+            return Batch(batch_id=resp.batch_id, samples=samples, staleness=[int(s) for s in resp.staleness])
+        batch = self._read_batch(resp.batch_id, list(resp.refs), self.payloads)
+        if batch.refused and not batch.samples:
+            self.ack_batch(batch.batch_id)  # nothing to train: every sample counted dropped
+            return None
+        return batch
+
+    def _read_batch(self, batch_id: str, refs: list[Any], store: PayloadStore) -> Batch:
+        keys, sizes = [], []
+        for ref in refs:
+            keys += [ref.rollout.payload.key, ref.scores.payload.key]
+            sizes += [ref.rollout.payload.nbytes, ref.scores.payload.nbytes]
+        frames = store.read(keys, sizes)
+        samples, staleness, refused = [], [], {}
+        for i, ref in enumerate(refs):
+            r_meta, s_meta, field = ref.rollout, ref.scores, f"samples[{i}]"
+            try:
+                r_frame, s_frame = frames[2 * i], frames[2 * i + 1]
+                if r_frame is None or s_frame is None:
+                    raise payload.PayloadError(f"{field}: a frame of {r_meta.sample_id!r} is gone", "payload_missing")
+                r = payload.decode_rollout(
+                    r_frame, self._limits, sample_id=r_meta.sample_id, checksum=r_meta.payload.checksum,
+                    field=f"{field}.rollout",
+                )  # fmt: skip
+                if r.oldest_version != r_meta.oldest_version or r.num_tokens != r_meta.num_tokens:
+                    raise payload.PayloadError(f"{field}.rollout: the frame does not match its metadata")
+                sc = payload.decode_scores(
+                    s_frame, self._limits, sample_id=r_meta.sample_id, num_tokens=r.num_tokens,
+                    support_size=None if r.support_ids is None else int(r.support_ids.shape[1]),
+                    checksum=s_meta.payload.checksum, field=f"{field}.scores",
+                )  # fmt: skip
+            except payload.PayloadError as exc:
+                refused[r_meta.sample_id] = exc.reason
+                continue
+            samples.append(ScoredSample(rollout=r, scores=sc))
+            staleness.append(int(ref.staleness))
+        if refused:
+            self._refused[batch_id] = refused
+        return Batch(batch_id=batch_id, samples=samples, staleness=staleness, refused=refused)
 
     def ack_batch(self, batch_id: str) -> int:
-        """The batch was trained: its samples are removed and counted; returns how many."""
-        return int(self._call(self._stub.AckBatch, cache_pb2.AckBatchRequest(batch_id=batch_id)).trained)
+        """The batch was trained: its samples are removed and counted (frames this client refused
+        when it read the batch are counted dropped with their reason); returns how many trained."""
+        req = cache_pb2.AckBatchRequest(batch_id=batch_id, refused=self._refused.get(batch_id, {}))
+        trained = int(self._call(self._stub.AckBatch, req).trained)
+        self._refused.pop(batch_id, None)
+        return trained
 
     def publish_version(self, version: int, finished: bool = False) -> int:
         """Publish the learner's version (optimizer steps taken); `finished` stops admission."""

@@ -8,7 +8,7 @@ caller stores anything. Encoding chooses the wire dtype of log-probs (fp32, fp16
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -45,8 +45,8 @@ def _present(parent: object, name: str) -> bool:
     return bool(parent.HasField(name))  # type: ignore[attr-defined]
 
 
-def _ids(msg: pb.Tensor, field: str, shape: tuple[int | None, ...], limits: Limits) -> np.ndarray:
-    arr = decode_numpy(msg, field)
+def check_ids(arr: np.ndarray, field: str, shape: tuple[int | None, ...], limits: Limits) -> np.ndarray:
+    """Token ids already decoded: an integer dtype, `shape`, within [0, vocab); returned as int32."""
     if arr.dtype.kind not in _INT_KINDS:
         raise WireError(f"{field}: token ids must be an integer dtype, got {arr.dtype}")
     _shape(arr, field, shape)
@@ -59,8 +59,8 @@ def _ids(msg: pb.Tensor, field: str, shape: tuple[int | None, ...], limits: Limi
     return arr.astype(np.int32, copy=False)
 
 
-def _logprobs(msg: pb.Tensor, field: str, shape: tuple[int | None, ...], allow_neg_inf: bool) -> np.ndarray:
-    arr = decode_numpy(msg, field)
+def check_logprobs(arr: np.ndarray, field: str, shape: tuple[int | None, ...], allow_neg_inf: bool) -> np.ndarray:
+    """Log-probs already decoded: a float dtype, `shape`, no NaN/+inf, <= 0; returned as float32."""
     if arr.dtype.kind != "f":
         raise WireError(f"{field}: log-probs must be a float dtype, got {arr.dtype}")
     _shape(arr, field, shape)
@@ -73,6 +73,24 @@ def _logprobs(msg: pb.Tensor, field: str, shape: tuple[int | None, ...], allow_n
         if float(arr.max()) > 1e-3:
             raise WireError(f"{field}: log-prob {float(arr.max()):.4g} > 0 is not a log-probability")
     return arr
+
+
+class TensorSource(Protocol):
+    """Where a record's tensors come from: a protobuf message or a payload frame."""
+
+    def has(self, name: str) -> bool: ...
+    def get(self, name: str, field: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class _ProtoTensors:
+    msg: Any
+
+    def has(self, name: str) -> bool:
+        return bool(self.msg.HasField(name))
+
+    def get(self, name: str, field: str) -> np.ndarray:
+        return decode_numpy(getattr(self.msg, name), field)
 
 
 def _shape(arr: np.ndarray, field: str, shape: tuple[int | None, ...]) -> None:
@@ -102,7 +120,7 @@ def prompt_to_proto(p: Prompt) -> pb.Prompt:
 
 
 def prompt_from_proto(msg: pb.Prompt, limits: Limits, field: str = "prompt") -> Prompt:
-    prompt_ids = _ids(msg.prompt_ids, f"{field}.prompt_ids", (None,), limits)
+    prompt_ids = check_ids(decode_numpy(msg.prompt_ids, f"{field}.prompt_ids"), f"{field}.prompt_ids", (None,), limits)
     _check_length(prompt_ids, f"{field}.prompt_ids", limits.max_prompt_tokens)
     return Prompt(
         prompt_id=_ident(msg.prompt_id, f"{field}.prompt_id"),
@@ -147,13 +165,49 @@ def rollout_from_proto(msg: pb.Rollout, limits: Limits, field: str = "rollout") 
     """Decode and validate a rollout; raises WireError naming the first bad field."""
     sample_id = _ident(msg.sample_id, f"{field}.sample_id")
     prompt_id = _ident(msg.prompt_id, f"{field}.prompt_id")
-    prompt_ids = _ids(msg.prompt_ids, f"{field}.prompt_ids", (None,), limits)
+    return rollout_from_tensors(
+        Rollout(
+            sample_id=sample_id,
+            prompt_id=prompt_id,
+            ticket=msg.ticket,
+            task=task_from_proto(msg.task),
+            prompt_ids=_NO_ARRAY,
+            response_ids=_NO_ARRAY,
+            behavior_logprobs=_NO_ARRAY,
+            versions=_NO_ARRAY,
+            support_kind=msg.support_kind,  # type: ignore[arg-type]  # checked below
+            replica=msg.replica,
+            truncated=msg.truncated,
+            created_unix=msg.created_unix,
+        ),
+        _ProtoTensors(msg),
+        limits,
+        field,
+    )
+
+
+_NO_ARRAY = np.zeros(0, np.int32)
+
+
+def rollout_from_tensors(head: Rollout, src: TensorSource, limits: Limits, field: str = "rollout") -> Rollout:
+    """Validate a rollout whose scalar fields are in `head` and whose tensors come from `src`
+    (its array fields are ignored; `support_kind` may still be an unchecked integer)."""
+
+    def ids(name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+        return check_ids(src.get(name, f"{field}.{name}"), f"{field}.{name}", shape, limits)
+
+    prompt_ids = ids("prompt_ids", (None,))
     _check_length(prompt_ids, f"{field}.prompt_ids", limits.max_prompt_tokens)
-    response_ids = _ids(msg.response_ids, f"{field}.response_ids", (None,), limits)
+    response_ids = ids("response_ids", (None,))
     _check_length(response_ids, f"{field}.response_ids", limits.max_response_tokens)
     t = int(response_ids.shape[0])
-    behavior = _logprobs(msg.behavior_logprobs, f"{field}.behavior_logprobs", (t,), allow_neg_inf=False)
-    versions_raw = decode_numpy(msg.versions, f"{field}.versions")
+    behavior = check_logprobs(
+        src.get("behavior_logprobs", f"{field}.behavior_logprobs"),
+        f"{field}.behavior_logprobs",
+        (t,),
+        allow_neg_inf=False,
+    )
+    versions_raw = src.get("versions", f"{field}.versions")
     if versions_raw.dtype.kind not in _INT_KINDS:
         raise WireError(f"{field}.versions: must be an integer dtype, got {versions_raw.dtype}")
     _shape(versions_raw, f"{field}.versions", (t,))
@@ -165,31 +219,36 @@ def rollout_from_proto(msg: pb.Rollout, limits: Limits, field: str = "rollout") 
             f"{field}.versions: version {int(versions.max())} is from the future "
             f"(the learner is at {limits.max_version})"
         )
-    if msg.support_kind not in SupportKind._value2member_map_:
-        raise WireError(f"{field}.support_kind: unknown value {msg.support_kind}")
-    kind = SupportKind(msg.support_kind)
+    if head.support_kind not in SupportKind._value2member_map_:
+        raise WireError(f"{field}.support_kind: unknown value {head.support_kind}")
+    kind = SupportKind(head.support_kind)
     support_ids = support_logprobs = None
-    has_ids, has_lps = _present(msg, "support_ids"), _present(msg, "support_logprobs")
+    has_ids, has_lps = src.has("support_ids"), src.has("support_logprobs")
     if kind == SupportKind.NONE:
         if has_ids or has_lps:
             raise WireError(f"{field}.support_ids: given but support_kind is SUPPORT_NONE")
     else:
         if not (has_ids and has_lps):
             raise WireError(f"{field}: support_kind {kind.name} needs support_ids and support_logprobs")
-        support_ids = _ids(msg.support_ids, f"{field}.support_ids", (t, None), limits)
+        support_ids = ids("support_ids", (t, None))
         k = int(support_ids.shape[1])
         if not 1 <= k <= limits.max_support:
             raise WireError(f"{field}.support_ids: support size {k} outside 1..{limits.max_support}")
         if limits.vocab_size is not None and k > limits.vocab_size:
             raise WireError(f"{field}.support_ids: support size {k} exceeds the vocabulary ({limits.vocab_size})")
-        support_logprobs = _logprobs(msg.support_logprobs, f"{field}.support_logprobs", (t, k), allow_neg_inf=True)
+        support_logprobs = check_logprobs(
+            src.get("support_logprobs", f"{field}.support_logprobs"),
+            f"{field}.support_logprobs",
+            (t, k),
+            allow_neg_inf=True,
+        )
         if kind == SupportKind.MC_SAMPLES and not np.array_equal(support_ids[:, 0], response_ids):
             raise WireError(f"{field}.support_ids: MC column 0 must be the generated tokens")
     return Rollout(
-        sample_id=sample_id,
-        prompt_id=prompt_id,
-        ticket=msg.ticket,
-        task=task_from_proto(msg.task),
+        sample_id=head.sample_id,
+        prompt_id=head.prompt_id,
+        ticket=head.ticket,
+        task=head.task,
         prompt_ids=prompt_ids,
         response_ids=response_ids,
         behavior_logprobs=behavior,
@@ -197,9 +256,9 @@ def rollout_from_proto(msg: pb.Rollout, limits: Limits, field: str = "rollout") 
         support_kind=kind,
         support_ids=support_ids,
         support_logprobs=support_logprobs,
-        replica=msg.replica,
-        truncated=msg.truncated,
-        created_unix=msg.created_unix,
+        replica=head.replica,
+        truncated=head.truncated,
+        created_unix=head.created_unix,
     )
 
 
@@ -230,25 +289,51 @@ def scores_from_proto(
     sample_id = _ident(msg.sample_id, f"{field}.sample_id")
     if not _present(msg, "token_logprobs"):
         raise WireError(f"{field}.token_logprobs: required")
-    token = _logprobs(msg.token_logprobs, f"{field}.token_logprobs", (num_tokens,), allow_neg_inf=True)
+    return scores_from_tensors(
+        sample_id,
+        msg.teacher,
+        _ProtoTensors(msg),
+        limits,
+        num_tokens=num_tokens,
+        support_size=support_size,
+        field=field,
+    )
+
+
+def scores_from_tensors(
+    sample_id: str,
+    teacher: str,
+    src: TensorSource,
+    limits: Limits,
+    *,
+    num_tokens: int | None = None,
+    support_size: int | None = None,
+    field: str = "scores",
+) -> TeacherScores:
+    """Validate teacher scores whose tensors come from `src` (see `scores_from_proto`)."""
+
+    def lps(name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+        return check_logprobs(src.get(name, f"{field}.{name}"), f"{field}.{name}", shape, allow_neg_inf=True)
+
+    if not src.has("token_logprobs"):
+        raise WireError(f"{field}.token_logprobs: required")
+    token = lps("token_logprobs", (num_tokens,))
     t = int(token.shape[0])
     topk_ids = topk_lps = support_lps = tail = None
-    if _present(msg, "topk_ids") != _present(msg, "topk_logprobs"):
+    if src.has("topk_ids") != src.has("topk_logprobs"):
         raise WireError(f"{field}: topk_ids and topk_logprobs come together")
-    if _present(msg, "topk_ids"):
-        topk_ids = _ids(msg.topk_ids, f"{field}.topk_ids", (t, None), limits)
+    if src.has("topk_ids"):
+        topk_ids = check_ids(src.get("topk_ids", f"{field}.topk_ids"), f"{field}.topk_ids", (t, None), limits)
         kt = int(topk_ids.shape[1])
         if not 1 <= kt <= limits.max_support:
             raise WireError(f"{field}.topk_ids: top-k size {kt} outside 1..{limits.max_support}")
-        topk_lps = _logprobs(msg.topk_logprobs, f"{field}.topk_logprobs", (t, kt), allow_neg_inf=True)
-    if _present(msg, "support_logprobs"):
-        support_lps = _logprobs(
-            msg.support_logprobs, f"{field}.support_logprobs", (t, support_size), allow_neg_inf=True
-        )
+        topk_lps = lps("topk_logprobs", (t, kt))
+    if src.has("support_logprobs"):
+        support_lps = lps("support_logprobs", (t, support_size))
     elif support_size is not None:
         raise WireError(f"{field}.support_logprobs: required, the rollout carries support of size {support_size}")
-    if _present(msg, "tail_logmass"):
-        tail = _logprobs(msg.tail_logmass, f"{field}.tail_logmass", (t,), allow_neg_inf=True)
+    if src.has("tail_logmass"):
+        tail = lps("tail_logmass", (t,))
     return TeacherScores(
         sample_id=sample_id,
         token_logprobs=token,
@@ -256,7 +341,7 @@ def scores_from_proto(
         topk_logprobs=topk_lps,
         support_logprobs=support_lps,
         tail_logmass=tail,
-        teacher=msg.teacher,
+        teacher=teacher,
     )
 
 

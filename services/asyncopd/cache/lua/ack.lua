@@ -1,6 +1,12 @@
--- ARGV: batch_id -> trained count, or -1 for an unknown (or already returned) batch.
+-- ARGV: batch_id, then pairs (sid, reason) of samples the learner refused (their frames were
+-- corrupt or gone) -> trained count, or -1 for an unknown (or already returned) batch.
+-- Refused samples of the batch are dropped with their reason instead of counted trained.
 -- Acking twice returns the first ack's count (a retried ack after a lost reply is harmless).
 local bh = k('b:' .. ARGV[1])
+local refused = {}
+local noted = redis.call('HGETALL', bh .. ':refused')  -- frames the cache itself could not read
+for i = 1, #noted - 1, 2 do refused[noted[i]] = noted[i + 1] end
+for i = 2, #ARGV - 1, 2 do refused[ARGV[i]] = ARGV[i + 1] end
 if redis.call('EXISTS', bh) == 0 then return -1 end
 local acked = redis.call('HGET', bh, 'acked')
 if acked then return tonumber(acked) end
@@ -9,8 +15,10 @@ local n = 0
 for _, sid in ipairs(ids) do
   local h = k('s:' .. sid)
   local f = redis.call('HMGET', h, 'st', 'nb')
-  if f[1] == 'claimed' then
-    redis.call('DEL', h)
+  if f[1] == 'claimed' and refused[sid] then
+    drop_sample(sid, refused[sid])
+  elseif f[1] == 'claimed' then
+    del_sample(h)
     redis.call('HINCRBY', k('cnt'), 'bytes', -num(f[2]))
     n = n + 1
   end
@@ -19,7 +27,7 @@ redis.call('HINCRBY', k('cnt'), 'claimed', -n)
 redis.call('HINCRBY', k('cnt'), 'slots', -n)
 redis.call('HINCRBY', k('cnt'), 'trained', n)
 redis.call('HSET', bh, 'acked', n)
-redis.call('DEL', bh .. ':ids')
+redis.call('DEL', bh .. ':ids', bh .. ':refused')
 redis.call('ZREM', k('bclaim'), ARGV[1])
 redis.call('EXPIRE', bh, 3600)
 return n

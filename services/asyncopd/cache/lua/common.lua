@@ -20,6 +20,19 @@ local function pool_rem(sid)
   redis.call('ZREM', k('lru'), sid)
 end
 
+-- Delete a sample's hash and its payload frames (the keys its producers wrote) together.
+local function del_sample(h)
+  local f = redis.call('HMGET', h, 'kr', 'ks')
+  redis.call('DEL', h)
+  if f[1] then redis.call('DEL', f[1]) end
+  if f[2] then redis.call('DEL', f[2]) end
+end
+
+-- Does the frame at `key` exist with the declared length? (STRLEN is 0 for a missing key.)
+local function frame_ok(key, nbytes)
+  return nbytes > 0 and redis.call('STRLEN', key) == nbytes
+end
+
 -- Remove a stored sample and count it dropped for `reason`; frees its admission slot.
 local function drop_sample(sid, reason)
   local h = k('s:' .. sid)
@@ -36,7 +49,7 @@ local function drop_sample(sid, reason)
   elseif f[1] == 'claimed' then
     redis.call('HINCRBY', k('cnt'), 'claimed', -1)
   end
-  redis.call('DEL', h)
+  del_sample(h)
   local nb = num(f[2])
   redis.call('HINCRBY', k('cnt'), 'bytes', -nb)
   redis.call('HINCRBY', k('cnt'), 'slots', -1)
@@ -116,7 +129,7 @@ local function return_expired(now)
       end
     end
     if bv then redis.call('HINCRBY', k('pulled'), bv, -#ids) end
-    redis.call('DEL', bh, bh .. ':ids')
+    redis.call('DEL', bh, bh .. ':ids', bh .. ':refused')
     redis.call('HINCRBY', k('cnt'), 'batches_returned', 1)
   end
   return returned

@@ -1,7 +1,12 @@
--- ARGV: now_ms, version, oldest_usable, budget, policy, n, then n x (sid, ticket, ov, T, K, blob)
+-- ARGV: now_ms, version, oldest_usable, budget, policy, n,
+--       then n x (sid, ticket, ov, T, K, payload key, payload bytes, checksum, newest version)
 -- -> {'OK', accepted, duplicates, stale, lost, evicted, evicted_bytes, ev_stale}
 --  | {'UNKNOWN', index, ticket} | {'FULL', bytes_held, bytes_new, budget}
 --  | {'VERSION', version}: oldest_usable was computed for another learner version; recompute, rerun
+-- The producer wrote each frame at its payload key (with a TTL) before this call; a stored
+-- sample's frame is made permanent here, and a frame that is missing or of another length makes
+-- the sample produced-then-dropped ('payload_missing'). Frames of samples not stored are deleted.
+local W = 9
 local now, expected, oldest_usable = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local budget, policy, n = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local ver = num(redis.call('GET', k('ver')))
@@ -9,7 +14,7 @@ if ver ~= expected then return {'VERSION', ver} end
 local resets = num(redis.call('HGET', k('cnt'), 'resets'))
 local kinds, seen, total = {}, {}, 0
 for i = 1, n do
-  local b = 6 + (i - 1) * 6
+  local b = 6 + (i - 1) * W
   local sid, ticket, ov = ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3])
   local kind
   local open = redis.call('EXISTS', k('t:' .. ticket)) == 1
@@ -25,9 +30,11 @@ for i = 1, n do
     end
   elseif ov < oldest_usable then
     kind = 'stale'
+  elseif not frame_ok(ARGV[b + 6], tonumber(ARGV[b + 7])) then
+    kind = 'nopayload'
   else
     kind = 'new'
-    total = total + #ARGV[b + 6]
+    total = total + tonumber(ARGV[b + 7])
   end
   seen[ticket] = true
   kinds[i] = kind
@@ -40,31 +47,36 @@ for _, v in ipairs(victims) do if v[2] == 'stale' then ev_stale = ev_stale + 1 e
 local ev_n, ev_bytes = evict(victims, policy)
 local acc, dup, stale, lost = 0, 0, 0, 0
 for i = 1, n do
-  local b = 6 + (i - 1) * 6
-  local sid, ticket = ARGV[b + 1], ARGV[b + 2]
+  local b = 6 + (i - 1) * W
+  local sid, ticket, key = ARGV[b + 1], ARGV[b + 2], ARGV[b + 6]
   local kind = kinds[i]
   if kind == 'dup' then
     dup = dup + 1
+    -- a re-sent frame under a new key is an orphan; a retried request's own key is the stored one
+    if redis.call('HGET', k('s:' .. sid), 'kr') ~= key then redis.call('DEL', key) end
   else
     redis.call('HINCRBY', k('cnt'), 'produced', 1)
     acc = acc + 1
     if kind == 'lost' then
       redis.call('HINCRBY', k('drop'), 'lost', 1)
+      redis.call('DEL', key)
       lost = lost + 1
     else
       close_ticket(ticket)
-      if kind == 'stale' then
-        redis.call('HINCRBY', k('drop'), 'stale', 1)
+      if kind == 'stale' or kind == 'nopayload' then
+        redis.call('HINCRBY', k('drop'), kind == 'stale' and 'stale' or 'payload_missing', 1)
         redis.call('HINCRBY', k('cnt'), 'slots', -1)
-        stale = stale + 1
+        redis.call('DEL', key)
+        if kind == 'stale' then stale = stale + 1 end
       else
-        local blob = ARGV[b + 6]
+        local nb = tonumber(ARGV[b + 7])
         local seq = redis.call('INCR', k('seq'))
         local xid = redis.call('XADD', k('q'), '*', 'sid', sid)
-        redis.call('HSET', k('s:' .. sid), 'r', blob, 'st', 'unscored', 'ov', ARGV[b + 3], 'T', ARGV[b + 4],
-          'K', ARGV[b + 5], 'seq', seq, 'nb', #blob, 'xid', xid, 'ticket', ticket)
+        redis.call('PERSIST', key)
+        redis.call('HSET', k('s:' .. sid), 'st', 'unscored', 'ov', ARGV[b + 3], 'nv', ARGV[b + 9], 'T', ARGV[b + 4],
+          'K', ARGV[b + 5], 'seq', seq, 'nb', nb, 'xid', xid, 'ticket', ticket, 'kr', key, 'nr', nb, 'cr', ARGV[b + 8])
         redis.call('HINCRBY', k('cnt'), 'unscored', 1)
-        redis.call('HINCRBY', k('cnt'), 'bytes', #blob)
+        redis.call('HINCRBY', k('cnt'), 'bytes', nb)
       end
     end
   end

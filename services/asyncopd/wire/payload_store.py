@@ -1,0 +1,88 @@
+"""Payload frames in Redis, read and written by the services that produce and consume them.
+
+Rollout replicas and teachers `write` their frames (`asyncopd.wire.payload`) with a TTL, then
+send the cache only metadata; the cache's put script makes an accepted frame permanent
+(PERSIST) and deletes it with its sample (trained, dropped, evicted) in the same atomic step. A
+frame whose metadata never arrived (the producer crashed in between) expires after `ttl_s`.
+Teachers and the learner `read` frames in chunks of at most `chunk_bytes` (one MGET each), so a
+batch of any size streams through bounded replies.
+
+It knows the key layout (`payload_key`) and the Redis connection settings (`RedisConfig`); it
+knows nothing of admission, budgets or accounting (the cache's).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+
+from asyncopd.config.redis import RedisConfig
+from asyncopd.wire.payload import PayloadKind, payload_key
+
+
+def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
+    """A client for `config.url` with its ACL user, password and TLS CA (no driver retries)."""
+    kwargs: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": 5.0}
+    if config.password is not None:
+        kwargs["password"] = config.password.get_secret_value()
+    if config.username is not None:
+        kwargs["username"] = config.username
+    if config.url.startswith("rediss://") and config.tls_ca_file:
+        kwargs["ssl_ca_certs"] = config.tls_ca_file
+    return redis.Redis.from_url(config.url, **kwargs)
+
+
+class PayloadStore:
+    """Frames of one run (`key_prefix`, the cache's `redis.key_prefix`) in `client`'s Redis."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str, ttl_s: float = 600.0, chunk_bytes: int = 32 << 20) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.redis = client
+        self.prefix = key_prefix
+        self.ttl_ms = int(ttl_s * 1000)
+        self.chunk_bytes = chunk_bytes
+
+    @classmethod
+    def from_config(cls, config: RedisConfig, ttl_s: float = 600.0) -> PayloadStore:
+        return cls(connect(config), config.key_prefix, ttl_s)
+
+    def new_key(self, kind: PayloadKind, sample_id: str) -> str:
+        """A fresh key for a frame of `sample_id` (a random nonce: re-sends never collide)."""
+        return payload_key(self.prefix, kind, sample_id, uuid.uuid4().hex[:16])
+
+    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """SET each (key, frame) with the orphan TTL, pipelined in chunks."""
+        for chunk in self._chunks([len(v) for _, v in items]):
+            pipe = self.redis.pipeline(transaction=False)
+            for i in chunk:
+                key, frame = items[i]
+                pipe.set(key, frame, px=self.ttl_ms)
+            pipe.execute()
+
+    def read(self, keys: Sequence[str], sizes: Sequence[int]) -> list[bytes | None]:
+        """The frames at `keys` (None where gone); `sizes` (from metadata) bound each MGET."""
+        out: list[Any] = []
+        for chunk in self._chunks(sizes):
+            out += self.redis.mget([keys[i] for i in chunk])
+        return out  # bytes (the client does not decode responses)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        if keys:
+            self.redis.delete(*keys)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def _chunks(self, sizes: Sequence[int]) -> Iterator[range]:
+        lo, total = 0, 0
+        for i, n in enumerate(sizes):
+            if i > lo and total + n > self.chunk_bytes:
+                yield range(lo, i)
+                lo, total = i, 0
+            total += n
+        if lo < len(sizes):
+            yield range(lo, len(sizes))
