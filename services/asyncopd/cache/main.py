@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from asyncopd.cache.connection import check_eviction_policy, connect
+from asyncopd.cache.connection import connect
 from asyncopd.cache.prompts import PromptCatalog, Tokenize
 from asyncopd.cache.recorder import MetricsRecorder
 from asyncopd.cache.requests import ServicerLimits
@@ -114,7 +114,6 @@ def start_cache(
     items = list(prompts)
     catalog = PromptCatalog(items, tokenize, vocab_size, seed=config.task.seed)
     redis_client = client or connect(config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0)
-    check_eviction_policy(redis_client)  # an evicting Redis would lose samples silently: refuse it
     registry = metrics.ServiceRegistry("cache", name)
     policy = store_policy(config)
     recorder = MetricsRecorder(metrics.CacheMetrics(registry, eviction_policy=c.eviction), policy)
