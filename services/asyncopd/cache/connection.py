@@ -1,18 +1,91 @@
-"""A redis-py client from the run's `redis` config section (URL, ACL user, password, TLS CA).
+"""A redis-py client from the run's `redis` config section (URL, ACL user, password, TLS CA),
+and the checks that the Redis behind it is safe to keep samples in.
 
 The client does not retry by itself: `ExperienceStore` retries with backoff and counts every
-failure, so a Redis restart is visible in the stats rather than hidden in the driver.
+failure, so a Redis restart is visible in the stats rather than hidden in the driver. A write
+Redis refuses for lack of memory (OOM under `maxmemory`) raises `RedisFull`, a
+`ResourceExhausted`: the servicer answers RESOURCE_EXHAUSTED and producers back off, as when the
+cache's own byte budget is full. `check_eviction_policy` refuses a Redis that may evict keys.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.client import Pipeline
 from redis.retry import Retry
 
 from asyncopd.config.redis import RedisConfig
+from asyncopd.wire.rpc import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+class RedisFull(ResourceExhausted, redis.ResponseError):
+    """Redis refused a write: it is at `maxmemory` and evicts nothing (OOM)."""
+
+
+def _full(exc: redis.exceptions.OutOfMemoryError) -> RedisFull:
+    return RedisFull(
+        f"Redis is out of memory (maxmemory reached; nothing is evicted): {exc}; retry after the learner consumes"
+    )
+
+
+class _Pipeline(Pipeline):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return super().execute(raise_on_error)
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise _full(exc) from exc
+
+
+class _Redis(redis.Redis):
+    """redis.Redis whose OOM refusals are `RedisFull` (for commands, scripts and pipelines)."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute_command(*args, **options)
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise _full(exc) from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class UnsafeRedis(RuntimeError):
+    """The Redis configuration would lose samples silently."""
+
+
+def check_eviction_policy(client: redis.Redis) -> str | None:
+    """Refuse a Redis whose `maxmemory-policy` is not `noeviction`: an `allkeys-*` or
+    `volatile-*` policy deletes samples, counters and claims behind the cache's back instead of
+    refusing writes. Returns the policy, or None when Redis will not say (managed services often
+    refuse CONFIG GET): then a warning, and the operator's word is taken for it."""
+    try:
+        reply = client.config_get("maxmemory-policy")
+    except redis.ResponseError as exc:
+        log.warning(
+            "could not read Redis maxmemory-policy (%s); make sure it is 'noeviction', or samples and "
+            "counters may be evicted silently",
+            exc,
+        )
+        return None
+    policy = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy is None:
+        log.warning("Redis did not report maxmemory-policy; make sure it is 'noeviction'")
+        return None
+    if policy != "noeviction":
+        raise UnsafeRedis(
+            f"Redis maxmemory-policy is {policy!r}: it would evict samples, counters and claims silently. "
+            "Set maxmemory-policy noeviction (redis.conf, CONFIG SET maxmemory-policy noeviction, or your "
+            "managed Redis's parameter group); the cache then refuses writes when full (RESOURCE_EXHAUSTED)."
+        )
+    return str(policy)
 
 
 def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
@@ -29,7 +102,7 @@ def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
         kwargs["username"] = config.username
     if config.url.startswith("rediss://") and config.tls_ca_file:
         kwargs["ssl_ca_certs"] = config.tls_ca_file
-    return redis.Redis.from_url(config.url, **kwargs)
+    return _Redis.from_url(config.url, **kwargs)
 
 
 def delete_prefix(client: redis.Redis, prefix: str, batch: int = 500) -> int:

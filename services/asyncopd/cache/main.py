@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from asyncopd.cache.connection import connect
+from asyncopd.cache.connection import check_eviction_policy, connect
 from asyncopd.cache.prompts import PromptCatalog, Tokenize
 from asyncopd.cache.recorder import MetricsRecorder
 from asyncopd.cache.requests import ServicerLimits
@@ -118,6 +118,7 @@ def start_cache(
     policy = store_policy(config)
     recorder = MetricsRecorder(metrics.CacheMetrics(registry, eviction_policy=c.eviction), policy)
     store = ExperienceStore(redis_client, config.redis.key_prefix, policy, on_redis_error=recorder.redis_error)
+    check_eviction_policy(redis_client)  # once reachable: an evicting Redis would lose samples silently
     limits = ServicerLimits(
         vocab_size=vocab_size,
         logprob_dtype=c.logprob_dtype,
