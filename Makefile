@@ -63,7 +63,7 @@ pytest: setup
 test: setup lint chart pytest
 
 run: setup
-	$(VENV)/bin/asyncopd run -c $(CONFIG) --report runs/latest/report.json
+	$(VENV)/bin/asyncopd run -c $(CONFIG)
 
 bench: setup
 	$(VENV)/bin/asyncopd bench estimators

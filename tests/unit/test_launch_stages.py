@@ -22,7 +22,7 @@ from rich.console import Console
 pytestmark = pytest.mark.unit
 
 RUN_ORDER = [
-    "fresh step log",
+    "run dir",
     "evaluate before",
     "redis",
     "child config",

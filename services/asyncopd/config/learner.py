@@ -36,7 +36,14 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     device: str = Field("cpu", description="torch device of the learner.")
     checkpoint_dir: str = Field("runs/latest/checkpoints", description="Where checkpoints are written.")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on exit/SIGTERM).")
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description=(
+            "Checkpoint every N steps, and always on exit/SIGTERM (0 = only then); what a crash can lose and "
+            "where `asyncopd run --resume` continues from."
+        ),
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate greedy test accuracy every N steps (0 = off).")
     eval_size: int = Field(200, ge=1, description="Test prompts per evaluation.")
     resume: bool = Field(

@@ -30,7 +30,14 @@ class RunConfig(Section):
         ge=0,
         description="Largest learner-version lag of a trained sample. 0 = strict synchronous training.",
     )
-    output_dir: str = Field("runs/latest", description="Report, plots and checkpoints of a local run.")
+    output_dir: str = Field(
+        "runs/{name}/{timestamp}",
+        description=(
+            "Report, plots, logs and checkpoints of a local run. {name} and {timestamp} are filled in at start: "
+            "each run its own directory, a 'latest' link beside them; a fixed directory holding an earlier run "
+            "has it moved aside, never deleted."
+        ),
+    )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Student and teacher.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and grader.")
     loss: LossConfig = Field(default_factory=LossConfig, description="OPD estimator.")

@@ -1,4 +1,5 @@
-"""`asyncopd run -c CONFIG [--set k=v ...] [--report PATH]`: the whole pipeline locally."""
+"""`asyncopd run -c CONFIG [--set k=v ...] [--report PATH] [--resume [auto|PATH]]`: the whole
+pipeline locally, each run in its own directory (`output_dir`, default `runs/{name}/{timestamp}`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         description=(
             "Start Redis (or reuse the configured one), the cache, teacher and rollout replicas and the "
             "learner as local processes on loopback, show progress, stop them all, and write a report "
-            "(JSON + plots) into the run's output dir."
+            "(JSON + plots) into the run's own directory (output_dir: default runs/{name}/{timestamp}, "
+            "with a 'latest' link beside it; an earlier run is never deleted). --resume continues an "
+            "interrupted run from its learner's newest checkpoint."
         ),
     )
     add_config_args(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|PATH",
+        help=(
+            "continue a run from its newest learner checkpoint, appending to its step log: 'auto' (the "
+            "default when no value is given) = the run the 'latest' link of output_dir points at, or a run "
+            "directory; without -c the run's own run-config.yaml is used (--set still applies)"
+        ),
+    )
     p.add_argument("--report", type=Path, default=None, help="report JSON path (default <output_dir>/report.json)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after greedy evaluations")
     p.add_argument("--no-teacher-eval", action="store_true", help="skip evaluating the teacher")
@@ -41,10 +56,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def _run(args: argparse.Namespace) -> int:
     from asyncopd.config import load_config
     from asyncopd.lab.launch.processes import ChildDied
+    from asyncopd.lab.launch.rundir import RUN_CONFIG_NAME, ResumeError, find_run, resume_point
     from asyncopd.lab.launch.runner import LaunchOptions, RunStopped, run_pipeline
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = resume_point(find_run(args.resume, config.output_dir, config.name))
+        except ResumeError as exc:
+            print(f"asyncopd run: {exc}", file=sys.stderr)
+            return 2
+        saved = resume.run_dir / RUN_CONFIG_NAME
+        if not args.config:
+            if not saved.is_file():
+                print(f"asyncopd run: {saved} is missing; give the run's config with -c", file=sys.stderr)
+                return 2
+            config = load_config([str(saved)], args.overrides)
     options = LaunchOptions(
         report_path=args.report,
         evaluate=not args.no_eval,
@@ -54,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         prometheus=args.prometheus,
         max_wall_s=args.max_wall_s,
         startup_timeout_s=args.startup_timeout_s,
+        resume=resume,
     )
     try:
         report = run_pipeline(config, options)

@@ -1,13 +1,20 @@
 """`asyncopd run`: the whole pipeline on one machine, start to report.
 
-The run is `LocalRun.stages()`, a declared list read top to bottom: evaluate the student (and
-teacher) before training → Redis (reused or private) → the resolved config the children read
+The run is `LocalRun.stages()`, a declared list read top to bottom: the run's own directory
+(`runs/<name>/<timestamp>/` by default, see `rundir`; an earlier run is never deleted) →
+evaluate the student (and teacher) before training → Redis (reused or private) → the resolved config the children read
 → cache → learner → teachers → rollout replicas (each a `python -m asyncopd.cli serve ...`
 child on loopback with free ports, started only once what it depends on answers its gRPC
 health check) → train (poll progress until the learner reaches its last version) → drain (stop
 the producers, take the cache's final accounting, stop the learner — it checkpoints on
 SIGTERM — and the cache) → evaluate the trained student → report and plots. A stage that
 raises ends the run; every process started so far is then stopped by handle, newest first.
+
+A resumed run (`LaunchOptions.resume`) goes back into its directory: the learner starts from
+its newest checkpoint and appends to the same step log (versions go on from the checkpoint's);
+the services start afresh under a new Redis key prefix, so the cache re-admits prompts cleanly
+rather than trusting claims of processes that are gone. Its report accounts for the resumed
+segment; its plots show the whole run.
 
 The children read one resolved config file written into the run's output dir (no password
 in it: the password travels in the environment). Every child logs to `<output_dir>/logs/`.
@@ -48,8 +55,9 @@ from asyncopd.lab.launch.processes import ChildProcess, Supervisor
 from asyncopd.lab.launch.progress import Snapshot, progress_table
 from asyncopd.lab.launch.redis_server import RedisEndpoint, delete_prefix, ensure_redis, start_private_redis
 from asyncopd.lab.launch.report import build_report, report_table, write_report
+from asyncopd.lab.launch.rundir import RUN_CONFIG_NAME, ResumePoint, plan_run_dir, point_latest, prepare_run_dir
 from asyncopd.lab.launch.services import Services
-from asyncopd.lab.launch.steplog import StepLogReader
+from asyncopd.lab.launch.steplog import StepLogReader, read_step_log
 from asyncopd.lab.prometheus_local import INSTALL_HINT, LocalPrometheus, start_for_run
 
 
@@ -84,6 +92,8 @@ class LaunchOptions:
     # ends the run at that tick, before learner.steps: the learner is stopped first (SIGTERM:
     # it finishes its step and writes a checkpoint), then the rest as at a normal end.
     on_tick: Callable[[LocalRun, Snapshot], bool] | None = None
+    # Continue this run (its directory and newest checkpoint) instead of starting a new one.
+    resume: ResumePoint | None = None
 
 
 @dataclass(frozen=True)
@@ -107,16 +117,22 @@ class RunFindings:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # busy seconds per pipeline stage
     final_stats: dict[str, Any] | None = None  # the cache's accounting once the producers stopped
     report: dict[str, Any] | None = None
+    records_before: int = 0  # step-log records an earlier segment of a resumed run wrote
 
 
 class LocalRun:
     """One local run of the pipeline; `execute()` runs `stages()` and returns the report."""
 
     def __init__(self, config: RunConfig, options: LaunchOptions | None = None, console: Console | None = None):
-        self.config = config
         self.options = options or LaunchOptions()
+        resume = self.options.resume
+        if resume is not None:
+            learner = config.learner.model_copy(update={"resume": True})
+            config = config.model_copy(update={"learner": learner})
+        self.config = config
         self.console = console or Console(stderr=True)
-        self.out_dir = Path(config.output_dir).resolve()
+        # `output_dir` is a template (`{name}`, `{timestamp}`); a resumed run goes back into its own.
+        self.out_dir = resume.run_dir.resolve() if resume is not None else plan_run_dir(config.output_dir, config.name)
         self.run_id = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.key_prefix = f"{config.redis.key_prefix}:{self.run_id}"
         self.supervisor = Supervisor(self.out_dir / "logs", env=child_env(config))
@@ -145,7 +161,7 @@ class LocalRun:
         """The run, in order. A stage that raises ends it, and `execute` stops every process
         started so far, newest first."""
         return [
-            Stage("fresh step log", self._remove_old_step_log),
+            Stage("run dir", self._prepare_run_dir),
             Stage("evaluate before", self._evaluate_before),
             Stage("redis", self._start_redis),
             Stage("child config", self._write_child_config),
@@ -163,7 +179,6 @@ class LocalRun:
         ]
 
     def execute(self) -> dict[str, Any]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._execute()
@@ -200,13 +215,30 @@ class LocalRun:
 
     # -- the stages, in their order ----------------------------------------------------------
 
-    def _remove_old_step_log(self) -> None:
-        if self.steps.path.exists():
-            self.steps.path.unlink()  # a previous run's log in the same dir
+    def _prepare_run_dir(self) -> None:
+        """A new run: its own directory (an earlier run in a fixed one is moved aside), and the
+        user's config kept for `--resume`. A resumed run: its directory as it was."""
+        resume = self.options.resume
+        if resume is not None:
+            self.found.records_before = len(read_step_log(self.steps.path))
+            if (self.out_dir.parent / "latest").is_symlink():
+                point_latest(self.out_dir)
+            self.console.print(
+                f"resuming {self.out_dir} from its checkpoint at version {resume.version} "
+                f"({self.found.records_before} step-log records so far)"
+            )
+            return
+        moved = prepare_run_dir(self.out_dir, self.config.output_dir)
+        if moved is not None:
+            self.console.print(f"an earlier run in {self.out_dir} was moved to {moved}")
+        data = self.config.model_dump(mode="json")
+        data["redis"]["password"] = None  # travels in the environment, never in a file
+        (self.out_dir / RUN_CONFIG_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
+        self.console.print(f"run directory: {self.out_dir}")
 
     def _evaluate_before(self) -> None:
         config, opts, found = self.config, self.options, self.found
-        if not opts.evaluate or opts.skip_eval_before:
+        if not opts.evaluate or opts.skip_eval_before or opts.resume is not None:
             return
         t = time.monotonic()
         self.console.print(f"evaluating the student ({config.models.student}) before training ...")
@@ -346,10 +378,12 @@ class LocalRun:
     def _report(self) -> None:
         found, opts = self.found, self.options
         assert found.final_stats is not None and self.redis is not None
+        # The report accounts for this segment (the cache's counts start afresh on a resume);
+        # the plots show every step the run has logged.
         report = build_report(
             self.config,
             found.final_stats,
-            self.steps.records,
+            self.steps.records[found.records_before :],
             wall_seconds=found.wall_seconds,
             accuracy_before=found.accuracy_before,
             accuracy_after=found.accuracy_after,
@@ -360,11 +394,13 @@ class LocalRun:
                 "stage_seconds": found.stage_seconds,
                 "redis": "private" if self.redis.private else "shared",
                 "output_dir": str(self.out_dir),
+                "resumed_from_version": None if opts.resume is None else opts.resume.version,
             },
         )
         report_path = opts.report_path or self.out_dir / "report.json"
         if opts.plots:
-            plots = write_report_plots(report, self.steps.records, report_path.parent, t0=found.wall_start)
+            t0 = found.wall_start if opts.resume is None else None  # None: the run's first logged step
+            plots = write_report_plots(report, self.steps.records, report_path.parent, t0=t0)
             report["plots"] = [str(p) for p in plots]
         write_report(report, report_path)
         self.console.print(report_table(report))
