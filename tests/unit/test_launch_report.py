@@ -290,3 +290,81 @@ def test_progress_table_shows_the_pipeline_state() -> None:
     text = console.export_text()
     for expected in ("100/400 (25%)", "mean 1.00, max 2", "1436.8", "1363.6", "unscored 5", "dropped 20", "0.745"):
         assert expected in text, expected
+
+
+def _zigzag_steps(n: int = 120) -> list[StepRecord]:
+    """Batches alternating between mostly-1 and mostly-2 staleness (as an async run's log reads),
+    then, after version 60, half 0 and half 1."""
+    return [
+        StepRecord(
+            version=v,
+            time=1000.0 + v,
+            loss=1.0,
+            tokens=100,
+            staleness_hist=({1: 6, 2: 2} if v % 2 else {1: 2, 2: 6}) if v <= 60 else {0: 4, 1: 4},
+        )
+        for v in range(1, n + 1)
+    ]
+
+
+def test_staleness_is_a_rolling_mean_with_a_quantile_band_not_a_zigzag() -> None:
+    from asyncopd.lab.launch.plots import pooled_quantile, staleness_bands, staleness_grid
+
+    # the learner logs each step's histogram with string keys (JSON)
+    logged = record_from_dict({"event": "step", "version": 3, "loss": 1.0, "staleness_hist": {"0": 2, "1": 3}})
+    assert logged is not None and logged.staleness_hist == {0: 2, 1: 3}
+    assert pooled_quantile({0: 1, 1: 8, 5: 1}, 0.1) == 0.0
+    assert pooled_quantile({0: 1, 1: 8, 5: 1}, 0.9) == 1.0
+    assert pooled_quantile({0: 1, 1: 8, 5: 1}, 0.95) == 5.0
+    xs, mean, low, high = staleness_bands(_zigzag_steps(), window=10)
+    assert xs == list(range(1, 121))
+    # pooled over 10 steps the alternation averages out: 1.5 while both kinds alternate ...
+    assert mean[20:58] == pytest.approx([1.5] * 38)
+    assert low[30] == 1.0 and high[30] == 2.0
+    # ... and the drop after version 60 shows as a trend, not as noise
+    assert mean[-1] == pytest.approx(0.5) and (low[-1], high[-1]) == (0.0, 1.0)
+    columns, rows = staleness_grid(_zigzag_steps(), max_columns=12)
+    assert columns == list(range(1, 121, 10)) and len(rows) == 3
+    for c in range(12):
+        assert sum(row[c] for row in rows) == pytest.approx(1.0)
+    assert rows[2][0] == pytest.approx(0.5) and rows[0][-1] == pytest.approx(0.5) and rows[2][-1] == 0.0
+
+
+def test_every_plot_title_names_the_run_and_its_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncopd.lab.launch.plots import write_report_plots
+    from matplotlib.figure import Figure
+
+    titles: dict[str, str] = {}
+    save = Figure.savefig
+
+    def recording_savefig(fig: Figure, path: Path, *args: object, **kwargs: object) -> None:
+        texts = [fig._suptitle.get_text()] if fig._suptitle is not None else []  # type: ignore[attr-defined]
+        titles[Path(path).name] = " | ".join(texts + [ax.get_title() for ax in fig.axes])
+        save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    report = {
+        "name": "toy",
+        "mode": "async",
+        "max_staleness": 2,
+        "estimator": "forward_kl_topk(K=8, tail=bucket)",
+        "staleness_histogram": {"0": 10, "1": 300, "2": 200},
+        "accuracy_before": 0.4,
+        "accuracy_after": 0.9,
+        "steps": 120,
+        "wall_seconds": 120.0,
+    }
+    paths = write_report_plots(report, _zigzag_steps(), tmp_path)
+    assert (
+        sorted(titles)
+        == sorted(p.name for p in paths)
+        == [
+            "accuracy.png",
+            "kl.png",
+            "staleness.png",
+            "throughput.png",
+        ]
+    )
+    for name, text in titles.items():
+        assert "toy: async (max_staleness 2)" in text, f"{name}: {text}"
+    assert "staleness over training" in titles["staleness.png"] and "staleness by version" in titles["staleness.png"]

@@ -48,6 +48,8 @@ class StepRecord:
     staleness_max: int | None = None
     accuracy: float | None = None
     tokens_per_second: float | None = None
+    # Samples of the step's batch by staleness (versions): {staleness: count}.
+    staleness_hist: Mapping[int, int] | None = None
 
     @property
     def is_step(self) -> bool:
@@ -92,6 +94,18 @@ def record_from_dict(raw: Mapping[str, Any]) -> StepRecord | None:
     def as_float(key: str) -> float | None:
         return _num(_first(raw, _KEYS[key]))
 
+    hist: dict[int, int] | None = None
+    raw_hist = raw.get("staleness_hist")
+    if isinstance(raw_hist, Mapping):
+        try:
+            hist = {int(k): int(v) for k, v in raw_hist.items() if int(v) > 0}
+        except (TypeError, ValueError):
+            hist = None
+    elif isinstance(staleness, list) and staleness and all(isinstance(s, int) for s in staleness):
+        hist = {}
+        for s in staleness:
+            hist[s] = hist.get(s, 0) + 1
+
     return StepRecord(
         version=int(version),
         time=as_float("time"),
@@ -104,6 +118,7 @@ def record_from_dict(raw: Mapping[str, Any]) -> StepRecord | None:
         staleness_max=None if smax is None else int(smax),
         accuracy=accuracy,
         tokens_per_second=as_float("tokens_per_second"),
+        staleness_hist=hist or None,
     )
 
 
