@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint and render the Helm chart for the default values and every value set in
-# charts/asyncopd/ci/ (+ values-production.yaml), then validate every rendered manifest against
-# the Kubernetes 1.33 OpenAPI schemas with `kubernetes-validate --strict`.
+# charts/asyncopd/ci/ (+ values-production.yaml and the recipes' values-qwen3-*.yaml), then
+# validate every rendered manifest against the Kubernetes 1.33 OpenAPI schemas with
+# `kubernetes-validate --strict`.
 #
 # No live cluster exists here: render + schema validation is how the chart is checked
 # (tests/unit/test_chart.py asserts the security context, probes, replicas and the config).
@@ -83,7 +84,8 @@ trap 'rm -rf "$out"' EXIT
 
 manifests=()
 sets=("")
-for f in "$CHART"/ci/*-values.yaml "$CHART"/values-production.yaml; do sets+=("$f"); done
+# ci/ value sets, production, and the recipes' value sets (values-qwen3-*.yaml, docs/recipes.md).
+for f in "$CHART"/ci/*-values.yaml "$CHART"/values-production.yaml "$CHART"/values-qwen3-*.yaml; do sets+=("$f"); done
 
 for set in "${sets[@]}"; do
   label=${set:-defaults}
