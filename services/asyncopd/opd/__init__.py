@@ -14,20 +14,23 @@ from asyncopd.opd.estimators import (
     reverse_kl_mc_terms,
     reverse_kl_topk,
 )
+from asyncopd.opd.head import ProjectedLogits
 from asyncopd.opd.loss import ESTIMATOR_KINDS, LossInputs, LossOutputs, OPDLoss, token_mean
 from asyncopd.opd.numerics import LOGPROB_FLOOR
 from asyncopd.opd.specs import ESTIMATOR_SPECS, EstimatorSpec, Support, estimator_spec
-from asyncopd.opd.vocab import gather_logprobs
+from asyncopd.opd.vocab import Logits, gather_logprobs
 
 __all__ = [
     "ESTIMATOR_KINDS",
     "ESTIMATOR_SPECS",
     "LOGPROB_FLOOR",
     "EstimatorSpec",
+    "Logits",
     "LossInputs",
     "LossOutputs",
     "MCTerms",
     "OPDLoss",
+    "ProjectedLogits",
     "Support",
     "estimator_spec",
     "forward_kl_full",

@@ -8,7 +8,10 @@ padding positions and the token-mean reduction are separate steps (`asyncopd.opd
 Numerics: everything is computed in fp32 (fp64 for fp64 inputs); log-probabilities are clamped
 at `LOGPROB_FLOOR` so -inf never produces NaN; the student's log-softmax is never
 materialised (see `asyncopd.opd.vocab`). Top-K ids must be distinct within a position; MC
-sample ids may repeat. This module knows nothing of configs, wires or services.
+sample ids may repeat. Student (and teacher) logits may be given as `ProjectedLogits` (hidden
+states and an LM head): every estimator then reads the logits through the chunked kernels of
+`asyncopd.opd.vocab` only, and no [..., V] tensor is built. This module knows nothing of
+configs, wires or services.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from asyncopd.opd.corrections import decoupled_surrogate, importance_surrogate, m2po_mask, ppo_clip_surrogate
 from asyncopd.opd.numerics import compute_dtype, floor_logprobs, log1mexp
-from asyncopd.opd.vocab import dense_forward_kl, dense_reverse_kl, gather_logprobs
+from asyncopd.opd.vocab import Logits, dense_forward_kl, dense_reverse_kl, gather_logits, gather_logprobs
 
 ForwardTail = Literal["drop", "bucket", "renorm"]
 ReverseTail = Literal["drop", "bucket"]
@@ -34,7 +37,7 @@ _ADVANTAGES = ("recompute", "rollout")
 _CORRECTIONS = ("is", "none", "ppo_clip", "decoupled", "m2po")
 
 
-def _check_sparse(logits: Tensor, ids: Tensor, named: dict[str, Tensor | None]) -> None:
+def _check_sparse(logits: Logits, ids: Tensor, named: dict[str, Tensor | None]) -> None:
     """Shapes: logits [..., V], ids integer [..., K], every named log-prob tensor [..., K]."""
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
@@ -48,20 +51,20 @@ def _check_sparse(logits: Tensor, ids: Tensor, named: dict[str, Tensor | None]) 
             raise ValueError(f"{name} shape {tuple(tensor.shape)} != ids shape {tuple(ids.shape)}")
 
 
-def _check_dense(student_logits: Tensor, teacher_logits: Tensor) -> None:
+def _check_dense(student_logits: Logits, teacher_logits: Logits) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}"
         )
 
 
-def forward_kl_full(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def forward_kl_full(student_logits: Logits, teacher_logits: Logits) -> Tensor:
     """Dense KL(p‖π_θ) per position: logits [..., V] (teacher is a constant target) -> [...]."""
     _check_dense(student_logits, teacher_logits)
     return dense_forward_kl(student_logits, teacher_logits)
 
 
-def reverse_kl_full(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def reverse_kl_full(student_logits: Logits, teacher_logits: Logits) -> Tensor:
     """Dense KL(π_θ‖p) per position: logits [..., V] (teacher is a constant target) -> [...]."""
     _check_dense(student_logits, teacher_logits)
     return dense_reverse_kl(student_logits, teacher_logits)
@@ -73,7 +76,7 @@ def _tail_logmass(logprobs: Tensor) -> Tensor:
 
 
 def forward_kl_topk(
-    student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, *, tail: ForwardTail = "drop"
+    student_logits: Logits, teacher_ids: Tensor, teacher_logprobs: Tensor, *, tail: ForwardTail = "drop"
 ) -> Tensor:
     """Teacher-weighted KL(p‖π_θ) on the teacher's top-K: logits [..., V], ids/logprobs [..., K] -> [...].
 
@@ -88,7 +91,7 @@ def forward_kl_topk(
     log_p = floor_logprobs(teacher_logprobs, cdt)
     if tail == "renorm":
         # renormalised over K the student's log-partition over V cancels: only K logits matter
-        z = student_logits.gather(-1, teacher_ids.long()).to(cdt)
+        z = gather_logits(student_logits, teacher_ids).to(cdt)
         log_pi_k = floor_logprobs(torch.log_softmax(z, dim=-1), cdt)
         log_p_k = floor_logprobs(log_p - torch.logsumexp(log_p, dim=-1, keepdim=True), cdt)
         return (log_p_k.exp() * (log_p_k - log_pi_k)).sum(-1)
@@ -102,7 +105,7 @@ def forward_kl_topk(
 
 
 def reverse_kl_topk(
-    student_logits: Tensor, support_ids: Tensor, teacher_logprobs: Tensor, *, tail: ReverseTail = "drop"
+    student_logits: Logits, support_ids: Tensor, teacher_logprobs: Tensor, *, tail: ReverseTail = "drop"
 ) -> Tensor:
     """Student-weighted KL(π_θ‖p) on the behaviour student's top-K: [..., V], [..., K] -> [...].
 
@@ -141,7 +144,7 @@ class MCTerms:
 
 
 def reverse_kl_mc_terms(
-    student_logits: Tensor,
+    student_logits: Logits,
     sample_ids: Tensor,
     teacher_logprobs: Tensor,
     behavior_logprobs: Tensor,
@@ -214,7 +217,7 @@ def reverse_kl_mc_terms(
 
 
 def reverse_kl_mc(
-    student_logits: Tensor,
+    student_logits: Logits,
     sample_ids: Tensor,
     teacher_logprobs: Tensor,
     behavior_logprobs: Tensor,

@@ -24,6 +24,7 @@ from asyncopd.opd.estimators import (
     reverse_kl_topk,
 )
 from asyncopd.opd.specs import ESTIMATOR_SPECS, Support, estimator_spec
+from asyncopd.opd.vocab import Logits
 
 EstimatorKind = Literal["forward_kl_topk", "reverse_kl_topk", "reverse_kl_mc", "forward_kl_full", "reverse_kl_full"]
 Tail = Literal["drop", "bucket", "renorm"]
@@ -53,8 +54,9 @@ class LossInputs:
     correction="decoupled"); `*_full` need teacher_logits.
     """
 
-    student_logits: Tensor
-    """[..., V] current student logits π_θ, with gradient; any float dtype (computed in fp32)."""
+    student_logits: Logits
+    """[..., V] current student logits π_θ, with gradient; any float dtype (computed in fp32). A
+    `ProjectedLogits` (hidden states + LM head) gives the same loss and gradients chunk by chunk."""
     valid: Tensor
     """bool [...]: response positions that count; prompt and padding are False."""
     ids: Tensor | None = None
@@ -65,8 +67,8 @@ class LossInputs:
     """[..., K] log μ(ids) recorded at rollout time (reverse_kl_mc)."""
     proximal_logprobs: Tensor | None = None
     """[..., K] log π_prox(ids), no gradient (reverse_kl_mc with correction="decoupled")."""
-    teacher_logits: Tensor | None = None
-    """[..., V] full teacher logits (forward_kl_full / reverse_kl_full)."""
+    teacher_logits: Logits | None = None
+    """[..., V] full teacher logits (forward_kl_full / reverse_kl_full), a tensor or projected."""
 
 
 @dataclass(frozen=True)

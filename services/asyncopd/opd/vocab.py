@@ -8,7 +8,10 @@ itself. They know how to turn logits into log-probabilities and dense KLs; they 
 about estimators, tails, samples or corrections.
 
 Inputs are flattened to [positions, V]; outputs come back with the leading shape restored.
-Teacher logits are targets: they never receive a gradient.
+Teacher logits are targets: they never receive a gradient. Wherever logits are taken, a
+`ProjectedLogits` (hidden states and an LM head, `asyncopd.opd.head`) may stand for them: the
+kernel then runs on one chunk of projected positions at a time and no [positions, V] tensor
+exists at all, not even the gradient.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from asyncopd.opd.head import ProjectedLogits, project_chunks
 from asyncopd.opd.numerics import LOGPROB_FLOOR, compute_dtype, rows_per_chunk
+
+Logits = Tensor | ProjectedLogits
+"""Logits [..., V]: a tensor, or hidden states with the output projection that gives them."""
 
 CPU_CHUNK_ELEMENTS = 1 << 19
 """Elements per temporary block on CPU (512 Ki: 2 MB in fp32, 3 rows of a 151k vocabulary).
@@ -157,12 +164,14 @@ def _rows(logits: Tensor, chunk_elements: int | None) -> int:
     return rows_per_chunk(logits.shape[-1], chunk_elements or default_chunk_elements(logits))
 
 
-def gather_logprobs(logits: Tensor, ids: Tensor, *, chunk_elements: int | None = None) -> Tensor:
+def gather_logprobs(logits: Logits, ids: Tensor, *, chunk_elements: int | None = None) -> Tensor:
     """log softmax(logits)[ids]: logits [..., V], ids [..., K] (any integer dtype) -> [..., K].
 
     Returned in the compute dtype (fp32 for fp32/bf16/fp16 logits). Differentiable w.r.t.
     `logits`; ids may repeat (gradients of repeated ids add up).
     """
+    if isinstance(logits, ProjectedLogits):
+        return project_chunks(lambda z, i: gather_logprobs(z, i, chunk_elements=chunk_elements), logits, ids)
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)
     flat_ids = ids.reshape(-1, ids.shape[-1]).long()
@@ -170,23 +179,45 @@ def gather_logprobs(logits: Tensor, ids: Tensor, *, chunk_elements: int | None =
     return out.reshape(ids.shape)
 
 
-def dense_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, chunk_elements: int | None = None) -> Tensor:
+def gather_logits(logits: Logits, ids: Tensor) -> Tensor:
+    """logits[ids] (raw, not normalised): logits [..., V], ids [..., K] -> [..., K], logits' dtype."""
+    if isinstance(logits, ProjectedLogits):
+        return project_chunks(lambda z, i: z.gather(-1, i), logits, ids.long())
+    return logits.gather(-1, ids.long())
+
+
+def _dense(kernel: Any, student_logits: Logits, teacher_logits: Logits, chunk_elements: int | None) -> Tensor:
+    """A dense per-position kernel on tensors, or chunk by chunk when the student is projected."""
+    if isinstance(student_logits, ProjectedLogits):
+        if isinstance(teacher_logits, ProjectedLogits):
+            teacher = teacher_logits
+
+            def on_chunk(z: Tensor, teacher_hidden: Tensor) -> Tensor:
+                t = ProjectedLogits(teacher_hidden, teacher.weight.detach(), _detached(teacher.bias), 1, teacher.dtype)
+                return _dense(kernel, z, t.materialize(), chunk_elements)
+
+            return project_chunks(on_chunk, student_logits, teacher_logits.hidden)
+        return project_chunks(lambda z, t: _dense(kernel, z, t, chunk_elements), student_logits, teacher_logits)
+    if isinstance(teacher_logits, ProjectedLogits):
+        teacher_logits = teacher_logits.materialize()
+    vocab = student_logits.shape[-1]
+    out: Tensor = kernel.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        _rows(student_logits, chunk_elements),
+    )
+    return out.reshape(student_logits.shape[:-1])
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def dense_reverse_kl(student_logits: Logits, teacher_logits: Logits, *, chunk_elements: int | None = None) -> Tensor:
     """KL(π‖p) = Σ_v π(v)[log π(v) − log p(v)] per position: logits [..., V] -> [...]."""
-    vocab = student_logits.shape[-1]
-    out = _DenseReverseKL.apply(
-        student_logits.reshape(-1, vocab),
-        teacher_logits.detach().reshape(-1, vocab),
-        _rows(student_logits, chunk_elements),
-    )
-    return out.reshape(student_logits.shape[:-1])
+    return _dense(_DenseReverseKL, student_logits, teacher_logits, chunk_elements)
 
 
-def dense_forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, chunk_elements: int | None = None) -> Tensor:
+def dense_forward_kl(student_logits: Logits, teacher_logits: Logits, *, chunk_elements: int | None = None) -> Tensor:
     """KL(p‖π) = Σ_v p(v)[log p(v) − log π(v)] per position: logits [..., V] -> [...]."""
-    vocab = student_logits.shape[-1]
-    out = _DenseForwardKL.apply(
-        student_logits.reshape(-1, vocab),
-        teacher_logits.detach().reshape(-1, vocab),
-        _rows(student_logits, chunk_elements),
-    )
-    return out.reshape(student_logits.shape[:-1])
+    return _dense(_DenseForwardKL, student_logits, teacher_logits, chunk_elements)
