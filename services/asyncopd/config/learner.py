@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
 from asyncopd.config.endpoints import ServerConfig
 
 # LR after warm-up (asyncopd.learner.lr_schedule has the formulas).
 LRSchedule = Literal["constant", "linear", "cosine"]
+# Training dtypes; float16 is left out on purpose (it needs loss scaling, which the learner lacks).
+TrainDType = Literal["float32", "bfloat16"]
 
 
 class LearnerConfig(Section):
@@ -34,6 +36,48 @@ class LearnerConfig(Section):
         0.0, ge=0, le=1, description="Where a linear or cosine decay ends, as a fraction of lr."
     )
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    param_dtype: TrainDType = Field(
+        "float32",
+        description=(
+            "Dtype of the weights the optimizer steps and of the AdamW state (float32 = fp32 master weights; "
+            "the model is cast to it after loading)."
+        ),
+    )
+    compute_dtype: TrainDType = Field(
+        "float32",
+        description=(
+            "Dtype of forward and backward: bfloat16 with param_dtype float32 runs them under torch autocast "
+            "(bf16 matmuls, fp32 master weights, gradients and optimizer state); never wider than param_dtype."
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of keeping them."
+    )
+    logit_chunk_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Response positions per LM-head chunk: the estimator projects hidden states to logits this many "
+            "positions at a time (forward and, recomputed, backward), so no [tokens, V] logits tensor exists; "
+            "0 = one [tokens, V] logits tensor per micro-batch."
+        ),
+    )
+    max_tokens_per_micro_batch: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Token budget of one forward/backward: micro-batches take as many consecutive rows as fit it "
+            "(padded: rows x longest; packed: the sum of lengths) and micro_batch_size does not apply; a row "
+            "over the budget goes alone. 0 = micro_batch_size rows per micro-batch."
+        ),
+    )
+    pack_sequences: bool = Field(
+        False,
+        description=(
+            "Concatenate a micro-batch's rows into one unpadded row (position ids restart per row; attention "
+            "stays within a row). Needs max_tokens_per_micro_batch."
+        ),
+    )
     device: str = Field("cpu", description="torch device of the learner.")
     checkpoint_dir: str = Field("runs/latest/checkpoints", description="Where checkpoints are written.")
     checkpoint_every: int = Field(
@@ -60,3 +104,16 @@ class LearnerConfig(Section):
             "Per-step JSONL log (loss, KL, ratios, staleness, time split); default <output_dir>/learner_steps.jsonl."
         ),
     )
+
+    @model_validator(mode="after")
+    def _memory_settings_agree(self) -> LearnerConfig:
+        if self.param_dtype == "bfloat16" and self.compute_dtype == "float32":
+            raise ValueError(
+                "learner.compute_dtype float32 is wider than learner.param_dtype bfloat16: "
+                "compute in the weights' dtype or narrower"
+            )
+        if self.pack_sequences and not self.max_tokens_per_micro_batch:
+            raise ValueError(
+                "learner.pack_sequences needs learner.max_tokens_per_micro_batch > 0 (the packed row's token budget)"
+            )
+        return self

@@ -6,6 +6,15 @@ sit at sequence position P - 1 + t. `collate` right-pads a list of samples into 
 KL, the behaviour student's top-K for sparse reverse KL, N MC samples with behaviour log-probs
 for MC reverse KL) and fails loudly, naming the sample and field, when a sample lacks it.
 
+Micro-batches: `plan_micro_batches` cuts rows lo:hi into consecutive row ranges, either of at
+most `max_rows` rows or, under a token budget, of as many rows as fit it: padded rows cost
+rows x longest sequence, packed rows the sum of their lengths. `TrainBatch.pack` concatenates
+the rows of a (micro-)batch into one row without padding, with position ids that restart at 0
+for every row: Hugging Face models read such position ids, given no attention mask, as packed
+sequences and keep attention inside each row (block-diagonal causal mask), so a packed row
+gives the same hidden states as the rows apart. A row longer than the budget gets a
+micro-batch of its own (a sequence is never split).
+
 It knows samples and tensors; it knows nothing of models, optimizers or services.
 """
 
@@ -36,14 +45,46 @@ class TrainBatch:
     ids: Tensor | None  # int64 [B, T, K]
     teacher_logprobs: Tensor | None  # float32 [B, T, K]
     behavior_logprobs: Tensor | None  # float32 [B, T, K]
+    position_ids: Tensor | None = None  # int64 [B, L] when rows are packed (restart at 0 per row); else None
 
     @property
     def size(self) -> int:
+        """Rows (samples; one packed row holds several)."""
         return int(self.input_ids.shape[0])
 
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    def lengths(self) -> list[int]:
+        """Sequence length (prompt + response) of every row."""
+        return [int(n) for n in self.attention_mask.sum(1).tolist()]
+
+    def pack(self) -> TrainBatch:
+        """All rows as one row [1, Σ lengths], no padding: position-wise tensors keep their
+        valid positions in row order (what `pack_positions` does to any aligned tensor)."""
+        if self.packed:
+            raise ValueError("batch is already packed")
+        present = self.attention_mask.to(torch.bool)
+        lengths = present.sum(1)
+        starts = torch.cumsum(lengths, 0) - lengths  # where each row begins in the packed row
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(present)
+        row_of_token = torch.arange(self.size, device=self.valid.device).unsqueeze(1).expand_as(self.valid)
+        logit_index = self.logit_index[self.valid] + starts[row_of_token[self.valid]]
+        return TrainBatch(
+            input_ids=self.input_ids[present].unsqueeze(0),
+            attention_mask=torch.ones((1, int(lengths.sum())), dtype=self.attention_mask.dtype, device=present.device),
+            logit_index=logit_index.unsqueeze(0),
+            valid=torch.ones_like(logit_index, dtype=torch.bool).unsqueeze(0),
+            ids=pack_positions(self.ids, self.valid),
+            teacher_logprobs=pack_positions(self.teacher_logprobs, self.valid),
+            behavior_logprobs=pack_positions(self.behavior_logprobs, self.valid),
+            position_ids=positions[present].unsqueeze(0),
+        )
 
     def to(self, device: torch.device | str) -> TrainBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -57,6 +98,7 @@ class TrainBatch:
             ids=move(self.ids),
             teacher_logprobs=move(self.teacher_logprobs),
             behavior_logprobs=move(self.behavior_logprobs),
+            position_ids=move(self.position_ids),
         )
 
     def slice(self, start: int, stop: int) -> TrainBatch:
@@ -71,7 +113,50 @@ class TrainBatch:
             ids=cut(self.ids),
             teacher_logprobs=cut(self.teacher_logprobs),
             behavior_logprobs=cut(self.behavior_logprobs),
+            position_ids=cut(self.position_ids),
         )
+
+
+def pack_positions(tensor: Tensor | None, valid: Tensor) -> Tensor | None:
+    """A position-wise tensor [B, T, ...] in the packed layout [1, Σ valid, ...] (None stays None)."""
+    return None if tensor is None else tensor[valid].unsqueeze(0)
+
+
+def unpack_positions(packed: Tensor, valid: Tensor) -> Tensor:
+    """The inverse of `pack_positions`: [1, Σ valid, ...] -> [B, T, ...], zeros where not valid."""
+    out = packed.new_zeros((*valid.shape, *packed.shape[2:]))
+    out[valid] = packed[0]
+    return out
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], lo: int, hi: int, *, max_rows: int, max_tokens: int = 0, packed: bool = False
+) -> list[tuple[int, int]]:
+    """Rows lo:hi as consecutive (start, stop) ranges, one per micro-batch.
+
+    Without a budget (`max_tokens` = 0) each range has `max_rows` rows (the last fewer). With
+    one, `max_rows` does not apply and rows are added while the micro-batch still fits it:
+    padded, (rows x longest length) <= max_tokens; packed, Σ lengths <= max_tokens. A row over
+    the budget is alone.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if not max_tokens:
+        return [(start, min(start + max_rows, hi)) for start in range(lo, hi, max_rows)]
+    ranges: list[tuple[int, int]] = []
+    start, longest, total = lo, 0, 0
+    for row in range(lo, hi):
+        n = lengths[row]
+        cost = total + n if packed else (row - start + 1) * max(longest, n)
+        if row > start and cost > max_tokens:
+            ranges.append((start, row))
+            start, longest, total = row, 0, 0
+        longest, total = max(longest, n), total + n
+    if hi > lo:
+        ranges.append((start, hi))
+    return ranges
 
 
 def _per_position(

@@ -6,10 +6,21 @@ then clips the global gradient norm and steps AdamW under a linear-warm-up LR sc
 optimizer step bumps `version` by one (version = optimizer steps taken).
 
 Student logits are computed only at response positions: the decoder's hidden states are
-gathered there before the output projection, so [B, T, V] (not [B, L, V]) is materialised.
+gathered there before the output projection, so [B, T, V] (not [B, L, V]) is materialised —
+or, with `logit_chunk_tokens` set, nothing of size V at all: the hidden states and the LM
+head go to the estimator as `ProjectedLogits`, which it evaluates a chunk of positions at a
+time (same loss and gradients to floating-point tolerance; `asyncopd.opd.head`).
 For `correction="decoupled"` the proximal log-probs are a no-grad snapshot of the student
 taken before the batch's first optimizer step. For the kinds that need dense teacher logits
 (`EstimatorSpec.needs_teacher_logits`) a colocated teacher model gives them.
+
+Memory knobs: `param_dtype` is the dtype of the weights the optimizer steps and of AdamW's
+state (fp32 masters by default); a narrower `compute_dtype` runs forward and backward under
+torch autocast (matmuls in bf16, gradients accumulated into the fp32 parameters); activation
+checkpointing recomputes each decoder layer in backward (Hugging Face's
+`gradient_checkpointing_enable`); a token budget (`max_tokens_per_micro_batch`) forms
+micro-batches by tokens instead of rows, and `pack_sequences` concatenates their rows into one
+unpadded row (`asyncopd.learner.batching`).
 
 `trainer_from_config` is the one mapping from the run config's `loss` and `learner` sections
 to a Trainer (the learner service and `asyncopd study` both build theirs with it).
@@ -19,6 +30,7 @@ It knows models, optimizers and the estimator front; it knows nothing of caches,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -31,9 +43,10 @@ from torch import Tensor, nn
 from asyncopd.config.learner import LRSchedule
 from asyncopd.config.loss import EstimatorKind, LossConfig
 from asyncopd.config.run import RunConfig
-from asyncopd.learner.batching import TrainBatch, collate
+from asyncopd.learner.batching import TrainBatch, collate, pack_positions, plan_micro_batches, unpack_positions
 from asyncopd.learner.lr_schedule import lr_multiplier
-from asyncopd.opd import LossInputs, OPDLoss, gather_logprobs
+from asyncopd.models.loading import torch_dtype
+from asyncopd.opd import Logits, LossInputs, OPDLoss, ProjectedLogits, gather_logprobs
 from asyncopd.records import ScoredSample
 
 # metrics that combine across micro-batches by min / max rather than a token-weighted mean
@@ -53,14 +66,38 @@ class StepStats:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def response_hidden(model: nn.Module, batch: TrainBatch) -> Tensor:
+    """The decoder's last hidden states [B, T, H] at the positions that score each response token.
+
+    A packed batch goes in with its position ids and no attention mask, which Hugging Face
+    models read as packed sequences (attention stays inside each one).
+    """
+    decoder: Any = model.get_decoder()  # type: ignore[operator]
+    mask = None if batch.packed else batch.attention_mask
+    out = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    hidden: Tensor = out.last_hidden_state
+    index = batch.logit_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)
+
+
 def response_logits(model: nn.Module, batch: TrainBatch) -> Tensor:
     """Logits [B, T, V] at the positions that score each response token."""
-    decoder: Any = model.get_decoder()  # type: ignore[operator]
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    index = batch.logit_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-    logits: Tensor = head(hidden.gather(1, index))
+    logits: Tensor = head(response_hidden(model, batch))
     return logits
+
+
+def projected_response_logits(
+    model: nn.Module, batch: TrainBatch, chunk_positions: int, matmul_dtype: torch.dtype | None = None
+) -> ProjectedLogits:
+    """`response_logits` as hidden states + the model's LM head, for the chunked estimators."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"learner.logit_chunk_tokens needs an nn.Linear output projection, got {type(head).__name__}; "
+            "set learner.logit_chunk_tokens: 0"
+        )
+    return ProjectedLogits(response_hidden(model, batch), head.weight, head.bias, chunk_positions, matmul_dtype)
 
 
 class Trainer:
@@ -83,9 +120,33 @@ class Trainer:
         device: torch.device | str = "cpu",
         teacher: nn.Module | None = None,
         pad_id: int = 0,
+        param_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
+        activation_checkpointing: bool = False,
+        logit_chunk_tokens: int = 0,
+        max_tokens_per_micro_batch: int = 0,
+        pack_sequences: bool = False,
     ) -> None:
         if loss.spec.needs_teacher_logits and teacher is None:
             raise ValueError(f"loss.kind={loss.kind} needs dense teacher logits: pass a colocated teacher model")
+        check_memory_settings(
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            logit_chunk_tokens=logit_chunk_tokens,
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            pack_sequences=pack_sequences,
+        )
+        if param_dtype is not None:
+            # the optimizer is built on these parameters below, so its state takes their dtype
+            model.to(dtype=param_dtype)
+        if activation_checkpointing:
+            enable = getattr(model, "gradient_checkpointing_enable", None)
+            if enable is None:
+                raise ValueError(
+                    f"learner.activation_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable"
+                )
+            # non-reentrant: works with inputs that need no grad and with autocast
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.loss = loss
         self.device = torch.device(device)
@@ -94,6 +155,17 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.mini_batches = mini_batches
         self.pad_id = pad_id
+        self.logit_chunk_tokens = logit_chunk_tokens
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.pack_sequences = pack_sequences
+        weights_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if compute_dtype is not None and compute_dtype.itemsize > weights_dtype.itemsize:
+            raise ValueError(
+                f"learner.compute_dtype {compute_dtype} is wider than the model's weights ({weights_dtype}): "
+                "set learner.param_dtype to at least as wide"
+            )
+        # autocast only when compute is narrower than the stored weights (fp32 masters, bf16 math)
+        self.autocast_dtype = compute_dtype if compute_dtype not in (None, weights_dtype) else None
         self.version = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         # (LambdaLR evaluates step 0 here: a bad schedule or ratio fails at construction)
@@ -128,15 +200,41 @@ class Trainer:
         bounds = [round(i * batch.size / steps) for i in range(steps + 1)]
         return [self._step(batch, proximal, lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
+    def micro_batches(self, batch: TrainBatch, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Row ranges of rows lo:hi, one per forward/backward (by rows, or by the token budget)."""
+        return plan_micro_batches(
+            batch.lengths(),
+            lo,
+            hi,
+            max_rows=self.micro_batch_size,
+            max_tokens=self.max_tokens_per_micro_batch,
+            packed=self.pack_sequences,
+        )
+
+    def _micro(self, batch: TrainBatch, start: int, stop: int) -> TrainBatch:
+        micro = batch.slice(start, stop)
+        return micro.pack() if self.pack_sequences else micro
+
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the compute dtype when it is narrower than the weights; else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     @torch.no_grad()
     def _proximal(self, batch: TrainBatch) -> Tensor:
+        """log π_prox at every row's ids, [B, T, K] as the batch is padded."""
         assert batch.ids is not None
-        parts = []
-        for lo in range(0, batch.size, self.micro_batch_size):
-            micro = batch.slice(lo, lo + self.micro_batch_size)
+        out = torch.zeros(batch.ids.shape, dtype=torch.float32, device=batch.ids.device)
+        for start, stop in self.micro_batches(batch, 0, batch.size):
+            micro = self._micro(batch, start, stop)
             assert micro.ids is not None
-            parts.append(gather_logprobs(response_logits(self.model, micro), micro.ids).float())
-        return torch.cat(parts)
+            with self._compute():
+                logits = self._student_logits(micro)
+            logprobs = gather_logprobs(logits, micro.ids).float()
+            rows = batch.valid[start:stop]
+            out[start:stop] = unpack_positions(logprobs, rows) if micro.packed else logprobs
+        return out
 
     def _step(self, batch: TrainBatch, proximal: Tensor | None, lo: int, hi: int) -> StepStats:
         self.model.train()
@@ -144,12 +242,19 @@ class Trainer:
         mini = batch.slice(lo, hi)
         total = max(mini.tokens, 1)
         sums: dict[str, float] = {}
-        for start in range(0, mini.size, self.micro_batch_size):
-            micro = mini.slice(start, start + self.micro_batch_size)
+        for start, stop in self.micro_batches(batch, lo, hi):
+            micro = self._micro(batch, start, stop)
             tokens = micro.tokens
             if tokens == 0:
                 continue
-            out = self.loss(self._inputs(micro, proximal, lo + start))
+            rows_proximal = None
+            if proximal is not None:
+                rows_proximal = proximal[start:stop]
+                if micro.packed:
+                    rows_proximal = pack_positions(rows_proximal, batch.valid[start:stop])
+            with self._compute():
+                inputs = self._inputs(micro, rows_proximal)
+            out = self.loss(inputs)
             # token mean over the whole mini-batch = Σ_micro (micro mean x micro tokens / total)
             (out.loss * (tokens / total)).backward()
             for name, value in out.metrics.items():
@@ -170,19 +275,57 @@ class Trainer:
             version=self.version, samples=mini.size, tokens=mini.tokens, lr=lr, grad_norm=grad_norm, metrics=sums
         )
 
-    def _inputs(self, micro: TrainBatch, proximal: Tensor | None, offset: int) -> LossInputs:
-        teacher_logits = None
+    def _student_logits(self, micro: TrainBatch) -> Logits:
+        if self.logit_chunk_tokens:
+            return projected_response_logits(self.model, micro, self.logit_chunk_tokens, self.autocast_dtype)
+        return response_logits(self.model, micro)
+
+    def _inputs(self, micro: TrainBatch, proximal: Tensor | None) -> LossInputs:
+        """The loss inputs of one micro-batch (run under the compute dtype's autocast)."""
+        teacher_logits: Logits | None = None
         if self.teacher is not None and self.loss.spec.needs_teacher_logits:
             with torch.no_grad():
-                teacher_logits = response_logits(self.teacher, micro)
+                if self.logit_chunk_tokens:
+                    teacher_logits = projected_response_logits(
+                        self.teacher, micro, self.logit_chunk_tokens, self.autocast_dtype
+                    )
+                else:
+                    teacher_logits = response_logits(self.teacher, micro)
         return LossInputs(
-            student_logits=response_logits(self.model, micro),
+            student_logits=self._student_logits(micro),
             valid=micro.valid,
             ids=micro.ids,
             teacher_logprobs=micro.teacher_logprobs,
             behavior_logprobs=micro.behavior_logprobs,
-            proximal_logprobs=None if proximal is None else proximal[offset : offset + micro.size],
+            proximal_logprobs=proximal,
             teacher_logits=teacher_logits,
+        )
+
+
+def check_memory_settings(
+    *,
+    param_dtype: torch.dtype | None,
+    compute_dtype: torch.dtype | None,
+    logit_chunk_tokens: int,
+    max_tokens_per_micro_batch: int,
+    pack_sequences: bool,
+) -> None:
+    """ValueError, naming the `learner.*` field, for a combination the trainer cannot run."""
+    if logit_chunk_tokens < 0:
+        raise ValueError(f"learner.logit_chunk_tokens must be >= 0 (0 = off), got {logit_chunk_tokens}")
+    if max_tokens_per_micro_batch < 0:
+        raise ValueError(f"learner.max_tokens_per_micro_batch must be >= 0 (0 = off), got {max_tokens_per_micro_batch}")
+    if pack_sequences and not max_tokens_per_micro_batch:
+        raise ValueError(
+            "learner.pack_sequences needs learner.max_tokens_per_micro_batch > 0 (the packed row's budget)"
+        )
+    for name, dtype in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"learner.{name} must be a floating-point dtype, got {dtype}")
+    if param_dtype is not None and compute_dtype is not None and compute_dtype.itemsize > param_dtype.itemsize:
+        raise ValueError(
+            f"learner.compute_dtype {compute_dtype} is wider than learner.param_dtype {param_dtype}: "
+            "compute in the weights' dtype or narrower"
         )
 
 
@@ -219,4 +362,10 @@ def trainer_from_config(
         device=lc.device,
         teacher=teacher,
         pad_id=pad_id,
+        param_dtype=torch_dtype(lc.param_dtype),
+        compute_dtype=torch_dtype(lc.compute_dtype),
+        activation_checkpointing=lc.activation_checkpointing,
+        logit_chunk_tokens=lc.logit_chunk_tokens,
+        max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
+        pack_sequences=lc.pack_sequences,
     )
