@@ -15,6 +15,7 @@ from asyncopd.lab.bench import cache as cache_bench
 from asyncopd.lab.bench import cache_load
 from asyncopd.lab.bench import estimators as opd_bench
 from asyncopd.lab.bench import fleet as fleet_bench
+from asyncopd.lab.bench import learner as learner_bench
 from asyncopd.lab.bench import pipeline as pipeline_bench
 from asyncopd.lab.bench import rollout as rollout_bench
 from asyncopd.lab.bench import teacher as teacher_bench
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run]] = {
     "cache-load": (cache_load.add_args, cache_load.run),
     "estimators": (opd_bench.add_args, opd_bench.run),
     "fleet": (fleet_bench.add_args, fleet_bench.run),
+    "learner": (learner_bench.add_args, learner_bench.run),
     "pipeline": (pipeline_bench.add_args, pipeline_bench.run),
     "rollout": (rollout_bench.add_args, rollout_bench.run),
     "teacher": (teacher_bench.add_args, teacher_bench.run),
