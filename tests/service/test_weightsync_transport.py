@@ -19,7 +19,7 @@ from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
 from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.grpc_transport import GrpcPush, WeightAssembler, chunks, push_weights
-from asyncopd.weightsync.manifest import ManifestError, checksum, pack, plan
+from asyncopd.weightsync.manifest import ManifestError, ParamSpec, checksum, pack, plan
 from asyncopd.weightsync.transport import transport_from_config
 from asyncopd.wire.rpc import start_server, status_errors
 from waiting import returns_within
@@ -37,6 +37,10 @@ def model() -> list[tuple[str, torch.Tensor]]:
         ("flags", torch.tensor([True, False, True])),
         ("big_1d", torch.randn(50_000, generator=g).to(torch.float16)),
     ]
+
+
+def specs(named: list[tuple[str, torch.Tensor]]) -> dict[str, ParamSpec]:
+    return {name: ParamSpec.of(tensor) for name, tensor in named}
 
 
 @pytest.mark.parametrize("bucket_bytes", [64, 4096, 1 << 20])
@@ -67,7 +71,7 @@ def test_chunks_slice_large_tensors_and_reassemble() -> None:
     named = model()
     stream = list(chunks(5, named, chunk_mb=0.01, checksum=True))
     assert len(stream) > len(named)  # embed and big_1d were sliced
-    assembler = WeightAssembler()
+    assembler = WeightAssembler(specs(named), current=4, newest=5)
     for chunk in stream:
         assembler.add(chunk)
     version, out = assembler.finish()
@@ -75,7 +79,7 @@ def test_chunks_slice_large_tensors_and_reassemble() -> None:
     for (name, got), (_, want) in zip(out, named, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
 
-    missing = WeightAssembler()
+    missing = WeightAssembler(specs(named), current=4, newest=5)
     for chunk in stream[:-2] + stream[-1:]:
         missing.add(chunk)
     with pytest.raises(ManifestError, match="big_1d"):
@@ -92,7 +96,8 @@ class Receiver(pb_grpc.RolloutServiceServicer):
     def PushWeights(  # noqa: N802
         self, request_iterator: Iterator[pb.WeightChunk], context: grpc.ServicerContext
     ) -> pb.PushWeightsResponse:
-        assembler = WeightAssembler()
+        held = self.updates[-1][0] if self.updates else 0
+        assembler = WeightAssembler(specs(model()), current=held, newest=held + 1)
         for chunk in request_iterator:
             assembler.add(chunk)
         version, named = assembler.finish()

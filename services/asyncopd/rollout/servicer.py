@@ -3,25 +3,39 @@
 Request defaults (proto3 cannot tell 0 from unset): a GenerateRequest without `sampling` uses
 the replica's configured sampling; with it, top_p 0 means 1.0 (off) and max_tokens 0 means the
 configured max_tokens; temperature must be > 0 unless `greedy`; stop strings and seed are taken
-as given. PushWeights assembles the streamed parameters (whole or sliced) and applies them
-atomically when the chunk marked `last` arrives; its `checksum` field is not verified here
-(the collective transport verifies checksums; this fallback has none agreed).
+as given.
+
+PushWeights feeds the stream to the one weight receiver, `weightsync.grpc_transport.WeightAssembler`,
+against the engine's own parameters, and applies the update atomically only after the whole
+stream checked out: every tensor one the engine holds, with its shape and a floating-point
+dtype (the engine casts to its own), finite, every element of a sliced tensor written exactly
+once, the checksum (when sent) right, and the version within `[held, newest known + 1]`. The
+newest known version is the larger of the engine's and, when the servicer is given
+`published`, the learner version the cache has published: the learner pushes version V before
+it publishes V, so an honest push is never more than one ahead, a replica that fell behind or
+joined late still takes the current weights, and a push of version 1e9 is refused (a learner
+that jumps its numbering must publish the jump first). A push of the version the engine already
+holds (the learner re-sending its latest to a replica it just picked up) is acknowledged with
+`tensors=0` and not applied. Anything else is INVALID_ARGUMENT and changes nothing.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 
 import grpc
-import torch
 
 from asyncopd.records import SupportKind
 from asyncopd.rollout.replica import RolloutReplica
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.v1 import rollout_pb2, rollout_pb2_grpc
-from asyncopd.wire import Limits, WireError, decode_torch, prompt_from_proto, rollout_to_proto
+from asyncopd.weightsync.grpc_transport import WeightAssembler
+from asyncopd.weightsync.manifest import param_specs
+from asyncopd.wire import Limits, WireError, prompt_from_proto, rollout_to_proto
 from asyncopd.wire.rpc import status_errors
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "asyncopd.v1.RolloutService"
 
@@ -44,11 +58,27 @@ def sampling_from_proto(msg: rollout_pb2.SamplingParams, default: Sampling) -> S
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, replica: RolloutReplica, default_sampling: Sampling) -> None:
+    def __init__(
+        self, replica: RolloutReplica, default_sampling: Sampling, published: Callable[[], int] | None = None
+    ) -> None:
+        """`published()`: the learner version the cache has published (widens what PushWeights
+        accepts for a replica that fell behind; without it, only the engine's version + 1)."""
         self._replica = replica
         self._default = default_sampling
+        self._published = published
         info = replica.engine.info
         self._limits = Limits(vocab_size=info.vocab_size, max_prompt_tokens=info.max_model_len - 1)
+
+    def _learner_version(self) -> int:
+        """The cache's published learner version (-1 when not wired or the cache cannot say now:
+        then only the engine's own version bounds a push)."""
+        if self._published is None:
+            return -1
+        try:
+            return self._published()
+        except grpc.RpcError as exc:
+            log.warning("PushWeights: the cache's published version is unavailable (%s); bound by the engine's", exc)
+            return -1
 
     @status_errors
     def Generate(  # noqa: N802 - gRPC method name
@@ -86,42 +116,14 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def PushWeights(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[rollout_pb2.WeightChunk], context: grpc.ServicerContext
     ) -> rollout_pb2.PushWeightsResponse:
-        version: int | None = None
-        whole: dict[str, torch.Tensor] = {}
-        flat: dict[str, torch.Tensor] = {}
-        shapes = self._replica.engine.param_shapes()
-        for i, chunk in enumerate(request_iterator):
-            if version is None:
-                version = chunk.version
-            elif chunk.version != version:
-                raise WireError(f"chunks[{i}].version: {chunk.version} differs from the update's {version}")
-            if not chunk.name:
-                raise WireError(f"chunks[{i}].name: must not be empty")
-            tensor = decode_torch(chunk.tensor, f"chunks[{i}].tensor")
-            if chunk.numel:
-                # Checked before allocating: a hostile numel (negative, or petabytes) must be refused,
-                # not handed to the allocator.
-                if chunk.name not in shapes:
-                    raise WireError(f"chunks: unknown parameter {chunk.name!r}")
-                want = math.prod(shapes[chunk.name])
-                if chunk.numel != want:
-                    raise WireError(f"chunks[{i}].numel: {chunk.numel}, but {chunk.name} has {want} elements")
-                buf = flat.setdefault(chunk.name, torch.empty(chunk.numel, dtype=tensor.dtype))
-                end = chunk.offset + tensor.numel()
-                if chunk.offset < 0 or end > buf.numel():
-                    raise WireError(f"chunks[{i}]: slice {chunk.offset}..{end} outside {chunk.name} ({buf.numel()})")
-                buf[chunk.offset : end] = tensor.reshape(-1)
-            else:
-                whole[chunk.name] = tensor.clone()
-            if chunk.last:
-                break
-        else:
-            raise WireError("chunks: the stream ended without a chunk marked last")
-        if version is None:
-            raise WireError("chunks: empty update")
-        for name, buf in flat.items():
-            if name not in shapes:
-                raise WireError(f"chunks: unknown parameter {name!r}")
-            whole[name] = buf.reshape(shapes[name])
-        self._replica.load_weights(version, list(whole.items()))
-        return rollout_pb2.PushWeightsResponse(version=version, tensors=len(whole))
+        engine = self._replica.engine
+        current = engine.version
+        known = max(current, self._learner_version())
+        assembler = WeightAssembler(param_specs(engine.param_shapes()), current=current, newest=known + 1)
+        for chunk in request_iterator:
+            assembler.add(chunk)
+        version, named = assembler.finish()
+        if version == current:
+            return rollout_pb2.PushWeightsResponse(version=version, tensors=0)
+        self._replica.load_weights(version, named)
+        return rollout_pb2.PushWeightsResponse(version=version, tensors=len(named))

@@ -11,10 +11,12 @@ shape; a tensor whose single row exceeds a chunk arrives flat). The last chunk c
 replica's RolloutService (one sender thread each, under `timeout_s`; a failed push drops the
 replica). It runs alone (`weightsync.transport: grpc`) or inside the collective backend for the
 replicas that registered with `collective=false`. `chunks()`/`push_weights()` are its sender;
-`WeightAssembler` is the receiver a RolloutService servicer feeds, which returns the complete
-`(version, [(name, tensor), ...])` for the engine's `load_weights` and rejects anything
-inconsistent (mixed versions, overlapping or missing slices, a checksum mismatch) with
-`ManifestError` (a ValueError: INVALID_ARGUMENT through `rpc.status_errors`).
+`WeightAssembler` is the receiver the RolloutService servicer feeds, which returns the complete
+`(version, [(name, tensor), ...])` for the engine's `load_weights` and rejects anything the
+receiving model does not hold or that is inconsistent (unknown names, wrong shapes or dtypes,
+NaN/Inf, a version outside the window, mixed versions, slices that leave an element unwritten
+or write one twice, a checksum mismatch) with `ManifestError` (a ValueError: INVALID_ARGUMENT
+through `rpc.status_errors`).
 
 It knows the wire messages; it knows nothing of engines, process groups or the store.
 """
@@ -26,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +39,7 @@ from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
-from asyncopd.weightsync.manifest import ManifestError
+from asyncopd.weightsync.manifest import ManifestError, ParamSpec
 from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, SyncThread, WeightTransport
 from asyncopd.wire.rpc import channel
 from asyncopd.wire.tensors import decode_torch, encode
@@ -128,55 +130,116 @@ def push_weights(
 
 
 class WeightAssembler:
-    """Receiver side: feed it every chunk of one PushWeights stream, then call `finish()`."""
+    """Receiver side: feed it every chunk of one PushWeights stream, then call `finish()`.
 
-    def __init__(self) -> None:
+    Everything is checked before it can reach the engine, and nothing is allocated that the
+    receiving model does not hold: every chunk names one of `model`'s parameters with its shape
+    (a sliced one announces exactly its element count) and dtype, its values are finite, and
+    `version` lies in `[current, newest]` (checked on the first chunk, before any tensor is
+    read). `finish()` then refuses a tensor whose slices leave any element unwritten or write
+    one twice, and a checksum mismatch. Every refusal is a `ManifestError` naming the chunk
+    and field (INVALID_ARGUMENT through `rpc.status_errors`).
+    """
+
+    def __init__(self, model: Mapping[str, ParamSpec], *, current: int, newest: int) -> None:
+        """`model`: what the receiver holds; `current`: the version it holds; `newest`: the
+        highest version it accepts (see `RolloutServicer`: its newest known version + 1)."""
+        self.model = model
+        self.current, self.newest = current, newest
         self.version: int | None = None
+        self._chunks = 0
         self._order: list[str] = []
         self._whole: dict[str, torch.Tensor] = {}
         self._sliced: dict[str, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
-        self._trailing: dict[str, tuple[int, ...]] = {}
+        self._written: dict[str, int] = {}  # elements written so far per sliced tensor
         self._checksum = ""
         self._done = False
 
     def add(self, chunk: pb.WeightChunk) -> None:
+        i = self._chunks
+        self._chunks += 1
         if self._done:
-            raise ManifestError("chunk after the last chunk of the update")
+            raise ManifestError(f"chunks[{i}]: sent after the chunk marked last")
         if self.version is None:
+            self._check_version(int(chunk.version))
             self.version = int(chunk.version)
         elif chunk.version != self.version:
-            raise ManifestError(f"chunk of version {chunk.version} inside an update of version {self.version}")
-        if not chunk.name:
-            raise ManifestError("weight chunk without a tensor name")
-        piece = decode_torch(chunk.tensor)
+            raise ManifestError(f"chunks[{i}].version: {chunk.version} inside an update of version {self.version}")
+        name = chunk.name
+        if not name:
+            raise ManifestError(f"chunks[{i}].name: must not be empty")
+        spec = self.model.get(name)
+        if spec is None:
+            raise ManifestError(f"chunks[{i}].name: unknown parameter {name!r}")
+        piece = decode_torch(chunk.tensor, f"chunks[{i}].tensor")
+        if not spec.admits(piece.dtype):
+            want = spec.dtype or "a floating-point dtype"
+            raise ManifestError(f"chunks[{i}].tensor: dtype {piece.dtype} for {name}, which needs {want}")
+        if piece.is_floating_point():
+            bad = int((~torch.isfinite(piece)).sum())
+            if bad:
+                raise ManifestError(f"chunks[{i}].tensor: {bad} NaN/Inf values in {name}")
         if chunk.numel == 0:
-            if chunk.name in self._whole or chunk.name in self._sliced:
-                raise ManifestError(f"tensor {chunk.name!r} sent twice")
-            self._order.append(chunk.name)
-            self._whole[chunk.name] = piece.clone()
+            self._add_whole(i, name, spec, piece)
         else:
-            if chunk.name in self._whole:
-                raise ManifestError(f"tensor {chunk.name!r} sent whole and in slices")
-            if chunk.name not in self._sliced:
-                self._order.append(chunk.name)
-                self._sliced[chunk.name] = (torch.empty(int(chunk.numel), dtype=piece.dtype), [])
-                self._trailing[chunk.name] = tuple(piece.shape[1:])
-            flat, spans = self._sliced[chunk.name]
-            if tuple(piece.shape[1:]) != self._trailing[chunk.name]:
-                raise ManifestError(f"slices of {chunk.name!r} disagree on the trailing shape")
-            start, stop = int(chunk.offset), int(chunk.offset) + int(piece.numel())
-            if flat.numel() != chunk.numel or piece.dtype != flat.dtype or start < 0 or stop > flat.numel():
-                raise ManifestError(f"slice [{start}, {stop}) of {chunk.name!r} does not fit {flat.numel()} elements")
-            flat[start:stop] = piece.reshape(-1)
-            spans.append((start, stop))
+            self._add_slice(i, chunk, spec, piece)
         if chunk.last:
             self._done = True
             self._checksum = chunk.checksum
 
+    def _check_version(self, version: int) -> None:
+        if version < self.current:
+            raise ManifestError(f"version: {version} is older than the version this replica holds ({self.current})")
+        if version > self.newest:
+            raise ManifestError(
+                f"version: {version} is ahead of the newest this replica accepts ({self.newest}: one past the "
+                "newest version it knows of); the learner publishes versions one at a time"
+            )
+
+    def _add_whole(self, i: int, name: str, spec: ParamSpec, piece: torch.Tensor) -> None:
+        if name in self._whole or name in self._sliced:
+            raise ManifestError(f"chunks[{i}]: tensor {name!r} sent twice")
+        if tuple(piece.shape) != spec.shape:
+            raise ManifestError(f"chunks[{i}].tensor: shape {tuple(piece.shape)}, but {name} has shape {spec.shape}")
+        self._order.append(name)
+        self._whole[name] = piece.clone()
+
+    def _add_slice(self, i: int, chunk: pb.WeightChunk, spec: ParamSpec, piece: torch.Tensor) -> None:
+        name = chunk.name
+        if name in self._whole:
+            raise ManifestError(f"chunks[{i}]: tensor {name!r} sent whole and in slices")
+        # Checked before allocating: a hostile numel (negative, or petabytes) is never handed to
+        # the allocator; only the model's own element count is.
+        if chunk.numel != spec.numel:
+            raise ManifestError(f"chunks[{i}].numel: {chunk.numel}, but {name} has {spec.numel} elements")
+        # A slice keeps the trailing shape (cut along dim 0) or travels flat (see `chunks`).
+        if piece.dim() > 1 and tuple(piece.shape[1:]) != spec.shape[1:]:
+            raise ManifestError(
+                f"chunks[{i}].tensor: slice shape {tuple(piece.shape)} does not fit {name} of shape {spec.shape}"
+            )
+        if name not in self._sliced:
+            self._order.append(name)
+            self._sliced[name] = (torch.empty(spec.numel, dtype=piece.dtype), [])
+            self._written[name] = 0
+        flat, spans = self._sliced[name]
+        if piece.dtype != flat.dtype:
+            raise ManifestError(f"chunks[{i}].tensor: dtype {piece.dtype}, earlier slices of {name} are {flat.dtype}")
+        start, stop = int(chunk.offset), int(chunk.offset) + int(piece.numel())
+        if start < 0 or stop > flat.numel():
+            raise ManifestError(f"chunks[{i}]: slice [{start}, {stop}) outside {name} ({flat.numel()} elements)")
+        self._written[name] += stop - start
+        if self._written[name] > flat.numel():
+            raise ManifestError(f"chunks[{i}]: slices of {name} write more than its {flat.numel()} elements")
+        flat[start:stop] = piece.reshape(-1)
+        spans.append((start, stop))
+
     def finish(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """The complete update; raises if the stream ended early, has gaps, or fails its checksum."""
-        if not self._done or self.version is None:
-            raise ManifestError("weight stream ended before its last chunk")
+        """The complete update; raises if the stream ended early, a sliced tensor has slots left
+        unwritten or written twice, or the checksum fails."""
+        if self.version is None:
+            raise ManifestError("chunks: empty update")
+        if not self._done:
+            raise ManifestError("chunks: the stream ended without a chunk marked last")
         named: list[tuple[str, torch.Tensor]] = []
         for name in self._order:
             if name in self._whole:
@@ -186,12 +249,18 @@ class WeightAssembler:
             covered = 0
             for start, stop in sorted(spans):
                 if start != covered:
-                    raise ManifestError(f"tensor {name!r}: slices leave a gap or overlap at element {covered}")
+                    what = "written twice" if start < covered else "never written"
+                    raise ManifestError(
+                        f"chunks: slices of {name} leave element {min(start, covered)} {what} "
+                        f"(every element of a tensor must arrive exactly once)"
+                    )
                 covered = stop
             if covered != flat.numel():
-                raise ManifestError(f"tensor {name!r}: {covered} of {flat.numel()} elements received")
-            trailing = self._trailing[name]
-            named.append((name, flat.view(-1, *trailing) if trailing else flat))
+                raise ManifestError(
+                    f"chunks: slices of {name} cover {covered} of its {flat.numel()} elements; the rest would be "
+                    "uninitialised memory"
+                )
+            named.append((name, flat.view(self.model[name].shape)))
         if self._checksum and tensors_checksum(named) != self._checksum:
             raise ManifestError(f"checksum mismatch in weight update version {self.version}")
         return self.version, named

@@ -6,14 +6,21 @@ bucket of its own), so any dtype travels bit-exact and the receiver can rebuild 
 right dtype without a copy. The manifest travels as JSON through the rendezvous store; the
 buckets travel through the collective (or as gRPC chunks).
 
+A receiver allocates what a manifest announces, and the store it comes through is writable by
+every replica, so nothing is allocated before the manifest is checked: `validate` refuses
+overlapping tensors and buckets larger than the tensors packed in them, and `check_fits`
+refuses any tensor the receiving model does not hold under that name and shape (`ParamSpec`) —
+together they cap an update at the model's own size.
+
 This module knows tensors and bytes; it knows nothing of process groups, stores or gRPC.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +46,40 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 class ManifestError(ValueError):
     """An update whose tensors, shapes or bytes do not match what was announced."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a receiving model holds under one name: its shape and, when known, its dtype name
+    (None: any floating-point dtype; engines cast an update to their own dtype on load)."""
+
+    shape: tuple[int, ...]
+    dtype: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> ParamSpec:
+        """The spec of a tensor held by a receiver: its shape and its exact dtype."""
+        name = _NAMES.get(tensor.dtype)
+        if name is None:
+            raise ManifestError(f"dtype {tensor.dtype} cannot travel through weight sync")
+        return cls(tuple(tensor.shape), name)
+
+    def admits(self, dtype: torch.dtype) -> bool:
+        if self.dtype is None:
+            return dtype.is_floating_point
+        return _NAMES.get(dtype) == self.dtype
+
+
+def param_specs(shapes: Mapping[str, Sequence[int]]) -> dict[str, ParamSpec]:
+    """The specs of a model whose parameters are known by shape only (an engine's `param_shapes()`)."""
+    return {name: ParamSpec(tuple(int(d) for d in shape)) for name, shape in shapes.items()}
 
 
 @dataclass(frozen=True)
@@ -95,8 +136,10 @@ class Manifest:
         return manifest
 
     def validate(self) -> None:
-        """Names unique, dtypes known, every tensor inside its bucket."""
+        """Names unique, dtypes known, every tensor inside its bucket, no two tensors sharing bytes,
+        and no bucket larger than its tensors packed (so the announced bytes are the tensors' bytes)."""
         seen: set[str] = set()
+        packed = [0] * len(self.bucket_sizes)
         for spec in self.tensors:
             if spec.name in seen:
                 raise ManifestError(f"tensor {spec.name!r} appears twice in the update")
@@ -109,6 +152,14 @@ class Manifest:
                 raise ManifestError(f"tensor {spec.name!r} names bucket {spec.bucket} of {len(self.bucket_sizes)}")
             if spec.offset % _ALIGN or spec.offset + spec.nbytes > self.bucket_sizes[spec.bucket]:
                 raise ManifestError(f"tensor {spec.name!r} does not fit bucket {spec.bucket} at offset {spec.offset}")
+            packed[spec.bucket] += _aligned(spec.nbytes)
+        for bucket, (size, used) in enumerate(zip(self.bucket_sizes, packed, strict=True)):
+            if size < 0 or size > used:
+                raise ManifestError(f"bucket {bucket} announces {size} bytes, its tensors take {used}")
+        by_place = sorted(self.tensors, key=lambda t: (t.bucket, t.offset, t.nbytes))
+        for before, after in itertools.pairwise(by_place):
+            if before.bucket == after.bucket and before.offset + before.nbytes > after.offset:
+                raise ManifestError(f"tensors {before.name!r} and {after.name!r} overlap in bucket {before.bucket}")
 
     def check_against(self, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
         """Raise unless the update holds exactly `expected` {name: (dtype, shape)}."""
@@ -121,6 +172,21 @@ class Manifest:
                 f"update does not match the model: missing {missing[:5]}, unexpected {extra[:5]}, "
                 f"dtype/shape differs for {[(n, got[n], expected[n]) for n in wrong[:5]]}"
             )
+
+    def check_fits(self, model: Mapping[str, ParamSpec]) -> None:
+        """Raise unless every tensor is one `model` holds, with its shape (and dtype, when the spec
+        names one; else a floating-point one). Call before `empty_buckets`: with `validate`, this
+        caps what the receiver allocates at the size of its own model (one update may carry a
+        subset of the parameters)."""
+        for t in self.tensors:
+            spec = model.get(t.name)
+            if spec is None:
+                raise ManifestError(f"update names tensor {t.name!r}, which the model does not have")
+            if t.shape != spec.shape:
+                raise ManifestError(f"tensor {t.name!r} announced with shape {t.shape}, the model's is {spec.shape}")
+            if not spec.admits(_DTYPES[t.dtype]):
+                want = spec.dtype or "a floating-point dtype"
+                raise ManifestError(f"tensor {t.name!r} announced as {t.dtype}, the model needs {want}")
 
     def empty_buckets(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         return [torch.empty(size, dtype=torch.uint8, device=device) for size in self.bucket_sizes]
