@@ -53,7 +53,9 @@ def learner() -> Iterator[tuple[CollectiveBroadcast, RunningServer]]:
     server.stop(0)
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    # A hang detector, not a stopwatch: replicas are processes that import torch, and on a loaded
+    # 2-core machine three of them took over 20 s to register.
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

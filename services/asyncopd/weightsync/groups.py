@@ -10,6 +10,7 @@ It knows torch.distributed; it knows nothing of gRPC, models or the training loo
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
@@ -71,6 +72,14 @@ def make_group(store: dist.Store, epoch: int, *, rank: int, world: int, backend:
     return dist.ProcessGroupGloo(prefixed, rank, world, timeout)
 
 
+# Groups retired to daemon threads, and the guard that keeps their destruction away from
+# interpreter exit (see `retire` and `_before_exit`).
+_exiting = threading.Event()
+_retire_lock = threading.Lock()
+_destroying: dict[threading.Thread, float] = {}  # thread -> how long its destruction may take (s)
+_EXIT_GRACE_S = 10.0
+
+
 def retire(group: Group | None, keep_s: float) -> None:
     """Let go of a group that may still have an abandoned collective in flight.
 
@@ -78,16 +87,49 @@ def retire(group: Group | None, keep_s: float) -> None:
     full timeout. The caller drops its own references and hands the group here: a daemon thread
     keeps the last one for `keep_s` (the collective's timeout) and the destructor then blocks
     that thread, not the weight-sync path.
+
+    The destructor runs with the GIL released; if the interpreter finalizes meanwhile, the
+    thread is ended when it takes the GIL back, inside C++, and the process aborts ("terminate
+    called without an active exception"). So once the process is exiting no destruction starts
+    (the group is kept until the process is gone), and exit waits for those already running.
     """
     if group is None:
         return
     holder = [group]
 
     def hold() -> None:
-        time.sleep(keep_s + 1.0)
-        holder.clear()
+        me = threading.current_thread()
+        if not _exiting.wait(keep_s + 1.0):
+            with _retire_lock:
+                destroy = not _exiting.is_set()
+                if destroy:
+                    _destroying[me] = keep_s + _EXIT_GRACE_S
+            if destroy:
+                try:
+                    holder.clear()
+                finally:
+                    with _retire_lock:
+                        _destroying.pop(me, None)
+                return
+        # Exiting: never destroy. Blocking forever keeps this frame (and the group) alive; the
+        # interpreter does not free a daemon thread's frame, the process's end frees the group.
+        threading.Event().wait()
 
     threading.Thread(target=hold, name="weightsync-retired-group", daemon=True).start()
+
+
+@atexit.register
+def _before_exit() -> None:
+    """Runs before the interpreter finalizes: stop new destructions, wait for running ones.
+
+    A destruction that starts after `keep_s + 1` has no collective left in flight and only
+    closes connections; `_EXIT_GRACE_S` past `keep_s` bounds the wait all the same.
+    """
+    with _retire_lock:
+        _exiting.set()
+        running = list(_destroying.items())
+    for thread, bound_s in running:
+        thread.join(timeout=bound_s)
 
 
 def broadcast(
