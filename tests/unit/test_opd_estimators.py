@@ -241,6 +241,105 @@ def test_reverse_kl_mc_m2po_and_mask_match_naive() -> None:
     assert torch.all(ours[~valid] == 0)
 
 
+def naive_m2po_clip_bounds(lr: list[float], adv: list[float], budget: float) -> tuple[float, float]:
+    """The paper code's dynamic bounds, straight from docs/opd-math.md; τ by bisection (not water-filling)."""
+    deltas = [-x for x, a in zip(lr, adv, strict=True) if (a > 0 and x > 0) or (a < 0 and x < 0)]
+    n = len(deltas)
+    low, high = 0.0, 1e5
+    if n and sum(d * d for d in deltas) / n > budget:
+        lo_t, hi_t = 0.0, max(abs(d) for d in deltas)
+        for _ in range(200):
+            mid = 0.5 * (lo_t + hi_t)
+            if sum(min(d * d, mid * mid) for d in deltas) < budget * n:
+                lo_t = mid
+            else:
+                hi_t = mid
+        tau = 0.5 * (lo_t + hi_t)
+        low, high = 1 - math.exp(-tau), math.exp(tau) - 1
+    return max(low, 0.3), max(high, 0.5)
+
+
+@pytest.mark.parametrize("advantage", ["recompute", "rollout"])
+@pytest.mark.parametrize("regime", ["under budget", "tau bounds", "floored"])
+def test_reverse_kl_mc_m2po_clip_matches_naive(advantage: str, regime: str) -> None:
+    from asyncopd.opd.corrections import m2po_clip_bounds
+
+    x = mc_inputs(30)
+    valid = torch.tensor([[True, True, False], [True, False, True]])
+    with torch.no_grad():
+        lpi = torch.log_softmax(x["z"], -1).gather(-1, x["ids"])
+        lr = lpi - x["lmu"]
+        adv = (x["lt"] - lpi) if advantage == "recompute" else (x["lt"] - x["lmu"])
+    tokens = valid.unsqueeze(-1).expand_as(lr)
+    lr_list, adv_list = lr[tokens].tolist(), adv[tokens].tolist()
+    harmful = [d * d for d, a in zip(lr_list, adv_list, strict=True) if (a > 0 and d > 0) or (a < 0 and d < 0)]
+    m2 = sum(harmful) / len(harmful)
+    budget = {"under budget": 2.0 * m2, "tau bounds": 0.3 * m2, "floored": 1e-4}[regime]
+    low, high = naive_m2po_clip_bounds(lr_list, adv_list, budget)
+    ours_low, ours_high = m2po_clip_bounds(lr, adv, tokens, budget)
+    assert ours_low == pytest.approx(low, rel=1e-9) and ours_high == pytest.approx(high, rel=1e-9)
+    # each regime is the one it is named after (so every branch of the rule is exercised)
+    if regime == "under budget":
+        assert (low, high) == (0.3, 1e5)
+    elif regime == "tau bounds":
+        assert low > 0.3 and 0.5 < high < 1e5
+    else:
+        assert (low, high) == (0.3, 0.5)
+    ours = reverse_kl_mc(
+        x["z"], x["ids"], x["lt"], x["lmu"], advantage=advantage, correction="m2po_clip", m2po_budget=budget, mask=valid
+    )
+
+    def one(z: Tensor, ids: Tensor, lt: Tensor, lmu: Tensor) -> Tensor:
+        log_pi = naive_log_softmax(z)
+        total = torch.zeros((), dtype=F64)
+        for j in range(len(ids)):
+            lp = log_pi[int(ids[j])]
+            a = (lt[j] - lp.detach()) if advantage == "recompute" else (lt[j] - lmu[j])
+            r = torch.exp(lp - lmu[j])
+            unclipped, clipped = -r * a, -torch.clamp(r, 1 - low, 1 + high) * a
+            total = total + (unclipped if unclipped >= clipped else clipped)
+        return total / len(ids)
+
+    ref = per_position(one, x["z"], x["ids"], x["lt"], x["lmu"]) * valid
+    ours_valid = ours * valid
+    torch.testing.assert_close(ours_valid, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad_of(ours_valid, x["z"]), grad_of(ref, x["z"]), rtol=1e-7, atol=1e-9)
+    assert torch.all(ours[~valid] == 0)
+
+
+def test_decoupled_truncate_caps_the_behaviour_weight_instead_of_masking() -> None:
+    x = mc_inputs(10)
+    cap = 1.5
+    over = (x["lprox"] - x["lmu"]).exp() > cap
+    assert bool(over.any()) and bool((~over).any())
+    args = (x["z"], x["ids"], x["lt"], x["lmu"])
+    masked = reverse_kl_mc(*args, correction="decoupled", proximal_logprobs=x["lprox"], behavior_weight_cap=cap)
+    truncated = reverse_kl_mc(
+        *args, correction="decoupled", proximal_logprobs=x["lprox"], behavior_weight_cap=cap, decoupled_mode="truncate"
+    )
+
+    def one(z: Tensor, ids: Tensor, lt: Tensor, lmu: Tensor, lprox: Tensor) -> Tensor:
+        log_pi = naive_log_softmax(z)
+        total = torch.zeros((), dtype=F64)
+        for j in range(len(ids)):
+            lp = log_pi[int(ids[j])]
+            a = lt[j] - lp.detach()
+            b = min(math.exp(float(lprox[j] - lmu[j])), cap)
+            rp = torch.exp(lp - lprox[j])
+            unclipped, clipped = -rp * a, -torch.clamp(rp, 0.8, 1.2) * a
+            total = total + b * (unclipped if unclipped >= clipped else clipped)
+        return total / len(ids)
+
+    ref = per_position(one, x["z"], x["ids"], x["lt"], x["lmu"], x["lprox"])
+    assert_value_and_grad(truncated, ref, x["z"])
+    # positions with a weight over the cap differ between the two modes; the others agree
+    rows = over.any(-1)
+    assert not torch.allclose(masked[rows], truncated[rows])
+    torch.testing.assert_close(masked[~rows], truncated[~rows])
+    with pytest.raises(ValueError, match="decoupled mode"):
+        reverse_kl_mc(*args, correction="decoupled", proximal_logprobs=x["lprox"], decoupled_mode="clamp")  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- K = |V| reduces to dense
 
 
@@ -325,7 +424,7 @@ def test_low_precision_and_neg_inf_teacher_are_finite(dtype: torch.dtype) -> Non
         **{f"reverse_{tail}": reverse_kl_topk(z, ids, lt, tail=tail) for tail in ("drop", "bucket")},
         **{
             f"mc_{c}": reverse_kl_mc(z, ids, lt, lmu, correction=c, proximal_logprobs=lmu)
-            for c in ("is", "none", "ppo_clip", "decoupled", "m2po")
+            for c in ("is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip")
         },
     }
     for name, value in values.items():

@@ -58,9 +58,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("reverse_kl_topk", {"tail": "bucket"}),
     *[
         ("reverse_kl_mc", {"correction": c, "advantage": a})
-        for c in ("is", "none", "ppo_clip", "decoupled", "m2po")
+        for c in ("is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip")
         for a in ("recompute", "rollout")
     ],
+    ("reverse_kl_mc", {"correction": "decoupled", "decoupled_mode": "truncate"}),
+    ("reverse_kl_mc", {"correction": "m2po_clip", "m2po_budget": 1.0}),
     ("forward_kl_full", {}),
     ("reverse_kl_full", {}),
 ]

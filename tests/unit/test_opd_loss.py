@@ -66,6 +66,19 @@ def test_kinds_match_the_config_schema() -> None:
         clip_eps=config.clip_eps,
         behavior_weight_cap=config.behavior_weight_cap,
         m2po_tau=config.m2po_tau,
+        decoupled_mode=config.decoupled_mode,
+        m2po_budget=config.m2po_budget,
+    )
+    # and the learner's mapping carries every knob (a new LossConfig field must reach OPDLoss)
+    from asyncopd.learner.trainer import loss_from_config
+
+    custom = LossConfig(correction="m2po_clip", decoupled_mode="truncate", m2po_budget=0.04, m2po_tau=0.1)
+    loss = loss_from_config(custom)
+    assert (loss.correction, loss.decoupled_mode, loss.m2po_budget, loss.m2po_tau) == (
+        "m2po_clip",
+        "truncate",
+        0.04,
+        0.1,
     )
 
 

@@ -28,12 +28,25 @@ class LossConfig(Section):
         "recompute",
         description="reverse_kl_mc: recompute log π at the learner (OPD fix) or use rollout-time μ.",
     )
-    correction: Literal["is", "none", "ppo_clip", "decoupled", "m2po"] = Field(
-        "is", description="reverse_kl_mc: importance correction / RL stabilizer."
+    correction: Literal["is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip"] = Field(
+        "is",
+        description=(
+            "reverse_kl_mc: importance correction / RL stabilizer. m2po = the M2PO paper's masking rule (AReaL); "
+            "m2po_clip = the OPD paper code's M2PO, a PPO clip with per-step bounds (docs/opd-math.md)."
+        ),
     )
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip ε (ppo_clip, decoupled).")
     behavior_weight_cap: float = Field(5.0, gt=0.0, description="Decoupled PPO: cap on π_prox/μ.")
-    m2po_tau: float = Field(0.04, gt=0.0, description="M2PO: bound on the kept mean squared log-ratio.")
+    decoupled_mode: Literal["mask", "truncate"] = Field(
+        "mask",
+        description="Decoupled PPO: π_prox/μ above the cap is zeroed (mask: AReaL, the paper code) or set to the cap.",
+    )
+    m2po_tau: float = Field(0.04, gt=0.0, description="M2PO (m2po): bound on the kept mean squared log-ratio.")
+    m2po_budget: float = Field(
+        0.01,
+        gt=0.0,
+        description="M2PO dynamic clip (m2po_clip): second-moment budget of the harmful tokens' log-ratios.",
+    )
 
     @model_validator(mode="after")
     def _tail_fits_kind(self) -> LossConfig:

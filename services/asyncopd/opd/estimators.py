@@ -22,19 +22,26 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from asyncopd.opd.corrections import decoupled_surrogate, importance_surrogate, m2po_mask, ppo_clip_surrogate
+from asyncopd.opd.corrections import (
+    DecoupledMode,
+    decoupled_surrogate,
+    importance_surrogate,
+    m2po_clip_bounds,
+    m2po_mask,
+    ppo_clip_surrogate,
+)
 from asyncopd.opd.numerics import compute_dtype, floor_logprobs, log1mexp
 from asyncopd.opd.vocab import Logits, dense_forward_kl, dense_reverse_kl, gather_logits, gather_logprobs
 
 ForwardTail = Literal["drop", "bucket", "renorm"]
 ReverseTail = Literal["drop", "bucket"]
 Advantage = Literal["recompute", "rollout"]
-Correction = Literal["is", "none", "ppo_clip", "decoupled", "m2po"]
+Correction = Literal["is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip"]
 
 _FORWARD_TAILS = ("drop", "bucket", "renorm")
 _REVERSE_TAILS = ("drop", "bucket")
 _ADVANTAGES = ("recompute", "rollout")
-_CORRECTIONS = ("is", "none", "ppo_clip", "decoupled", "m2po")
+_CORRECTIONS = ("is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip")
 
 
 def _check_sparse(logits: Logits, ids: Tensor, named: dict[str, Tensor | None]) -> None:
@@ -156,6 +163,8 @@ def reverse_kl_mc_terms(
     behavior_weight_cap: float = 5.0,
     m2po_tau: float = 0.04,
     mask: Tensor | None = None,
+    decoupled_mode: DecoupledMode = "mask",
+    m2po_budget: float = 0.01,
 ) -> MCTerms:
     """The per-sample terms behind `reverse_kl_mc` (same arguments), for losses that log diagnostics."""
     if advantage not in _ADVANTAGES:
@@ -198,9 +207,12 @@ def reverse_kl_mc_terms(
         assert proximal_logprobs is not None
         log_prox = floor_logprobs(proximal_logprobs, cdt).detach()
         surrogate, clipped, under_cap = decoupled_surrogate(
-            log_pi, log_prox, log_mu, adv, clip_eps=clip_eps, cap=behavior_weight_cap
+            log_pi, log_prox, log_mu, adv, clip_eps=clip_eps, cap=behavior_weight_cap, mode=decoupled_mode
         )
         kept = valid & under_cap
+    elif correction == "m2po_clip":
+        low, high = m2po_clip_bounds(log_ratio, adv, valid, m2po_budget)
+        surrogate, clipped = ppo_clip_surrogate(log_ratio, adv, low, high)
     else:
         kept = m2po_mask(log_ratio, valid, m2po_tau)
         surrogate = importance_surrogate(log_ratio, adv)
@@ -229,6 +241,8 @@ def reverse_kl_mc(
     behavior_weight_cap: float = 5.0,
     m2po_tau: float = 0.04,
     mask: Tensor | None = None,
+    decoupled_mode: DecoupledMode = "mask",
+    m2po_budget: float = 0.01,
 ) -> Tensor:
     """MC reverse-KL surrogate per position: L(s) = (1/N) Σ_j −w_j A_j; its gradient is the estimator.
 
@@ -238,8 +252,11 @@ def reverse_kl_mc(
     return 0, and M2PO's mask is computed over valid tokens only) -> [...].
     advantage: "recompute" A_j = log p − sg(log π_θ) (unbiased), "rollout" A_j = log p − log μ.
     correction: "is" (w = π_θ/μ), "none" (REINFORCE on log π_θ), "ppo_clip" (ε = clip_eps),
-    "decoupled" (PPO clip on π_θ/π_prox times π_prox/μ zeroed above behavior_weight_cap),
-    "m2po" (IS with the M2PO mask at m2po_tau). The value is a surrogate, not a KL.
+    "decoupled" (PPO clip on π_θ/π_prox times π_prox/μ, zeroed above behavior_weight_cap with
+    decoupled_mode="mask", truncated at it with "truncate"), "m2po" (IS with the M2PO mask at
+    m2po_tau), "m2po_clip" (the paper code's M2PO: a PPO clip whose bounds come from the second
+    moment of the harmful tokens' log-ratios against m2po_budget, floored at 0.3 / 0.5; global over
+    the valid tokens passed in). The value is a surrogate, not a KL.
     """
     terms = reverse_kl_mc_terms(
         student_logits,
@@ -253,5 +270,7 @@ def reverse_kl_mc(
         behavior_weight_cap=behavior_weight_cap,
         m2po_tau=m2po_tau,
         mask=mask,
+        decoupled_mode=decoupled_mode,
+        m2po_budget=m2po_budget,
     )
     return terms.surrogate.mean(-1)

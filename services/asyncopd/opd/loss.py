@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from asyncopd.opd.corrections import DECOUPLED_MODES, DecoupledMode
 from asyncopd.opd.estimators import (
     Advantage,
     Correction,
@@ -98,6 +99,8 @@ class OPDLoss:
         clip_eps: float = 0.2,
         behavior_weight_cap: float = 5.0,
         m2po_tau: float = 0.04,
+        decoupled_mode: DecoupledMode = "mask",
+        m2po_budget: float = 0.01,
     ) -> None:
         if kind not in ESTIMATOR_KINDS:
             raise ValueError(f"kind must be one of {ESTIMATOR_KINDS}, got {kind!r}")
@@ -112,6 +115,10 @@ class OPDLoss:
             raise ValueError(f"behavior_weight_cap must be > 0, got {behavior_weight_cap}")
         if m2po_tau <= 0.0:
             raise ValueError(f"m2po_tau must be > 0, got {m2po_tau}")
+        if m2po_budget <= 0.0:
+            raise ValueError(f"m2po_budget must be > 0, got {m2po_budget}")
+        if decoupled_mode not in DECOUPLED_MODES:
+            raise ValueError(f"decoupled_mode must be one of {DECOUPLED_MODES}, got {decoupled_mode!r}")
         self.kind = kind
         self.tail = tail
         self.advantage = advantage
@@ -119,6 +126,8 @@ class OPDLoss:
         self.clip_eps = clip_eps
         self.behavior_weight_cap = behavior_weight_cap
         self.m2po_tau = m2po_tau
+        self.decoupled_mode = decoupled_mode
+        self.m2po_budget = m2po_budget
 
     def __call__(self, inputs: LossInputs) -> LossOutputs:
         valid = inputs.valid.to(torch.bool)
@@ -173,6 +182,8 @@ class OPDLoss:
             behavior_weight_cap=self.behavior_weight_cap,
             m2po_tau=self.m2po_tau,
             mask=valid,
+            decoupled_mode=self.decoupled_mode,
+            m2po_budget=self.m2po_budget,
         )
         tokens = valid.unsqueeze(-1).expand_as(terms.log_ratio)
         count = tokens.sum().clamp(min=1).to(terms.log_ratio.dtype)
