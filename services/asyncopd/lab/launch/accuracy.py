@@ -18,13 +18,16 @@ def evaluate_accuracy(model_path: str, config: RunConfig) -> float:
     import torch
 
     from asyncopd.evaluation.greedy import evaluate
+    from asyncopd.models.chat import prompt_formatter
     from asyncopd.models.loading import load_model, load_tokenizer
     from asyncopd.tasks import load_task
 
     # The launcher shares the machine with nothing at this point; cap threads anyway so an
     # evaluation never starves the services of a small machine.
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    items = list(load_task(config.task, "test"))
+    # The prompts the run trains on: with task.chat_template, wrapped in the student's template
+    # (teacher and student share a tokenizer, so the teacher is evaluated on the same text).
+    items = list(load_task(config.task, "test", prompt_formatter(config.models.student, config.task)))
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, config.models.dtype, "cpu")
     result = evaluate(model, tokenizer, items, config.rollout.sampling.max_tokens, batch_size=128)
