@@ -107,7 +107,7 @@ class StoredRollout:
     support_size: int  # 0 when the rollout carries no support
     payload: PayloadRef
     newest_version: int = 0
-    frame: bytes | None = None
+    frame: bytes | bytearray | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class StoredScores:
 
     sample_id: str
     payload: PayloadRef
-    frame: bytes | None = None
+    frame: bytes | bytearray | None = None
 
 
 @dataclass(frozen=True)
@@ -414,7 +414,7 @@ class ExperienceStore:
             raise self._full(res)
         return PutOutcome(*(int(x) for x in res[1:8]))
 
-    def write_frames(self, frames: Sequence[tuple[str, bytes]]) -> None:
+    def write_frames(self, frames: Sequence[tuple[str, bytes | bytearray]]) -> None:
         """SET inline frames (key, bytes) with the orphan TTL (the put script persists them)."""
         if not frames:
             return
@@ -435,7 +435,7 @@ class ExperienceStore:
         frames: list[Any] = self._retrying(lambda: self.redis.mget(list(keys)))
         return frames
 
-    def _forget(self, frames: Sequence[tuple[str, bytes]]) -> None:
+    def _forget(self, frames: Sequence[tuple[str, bytes | bytearray]]) -> None:
         """Remove inline frames of a refused put (they would expire anyway)."""
         if frames:
             try:

@@ -66,12 +66,14 @@ def check_logprobs(arr: np.ndarray, field: str, shape: tuple[int | None, ...], a
     _shape(arr, field, shape)
     arr = arr.astype(np.float32, copy=False)
     if arr.size:
-        if np.isnan(arr).any():
+        # One pass finds all three faults: max is NaN when any element is, +inf when any is.
+        hi = float(arr.max())
+        if np.isnan(hi):
             raise WireError(f"{field}: NaN log-prob at flat index {int(np.flatnonzero(np.isnan(arr))[0])}")
-        if np.isposinf(arr).any() or (not allow_neg_inf and np.isneginf(arr).any()):
+        if hi == np.inf or (not allow_neg_inf and float(arr.min()) == -np.inf):
             raise WireError(f"{field}: infinite log-prob (log-probs must be finite here)")
-        if float(arr.max()) > 1e-3:
-            raise WireError(f"{field}: log-prob {float(arr.max()):.4g} > 0 is not a log-probability")
+        if hi > 1e-3:
+            raise WireError(f"{field}: log-prob {hi:.4g} > 0 is not a log-probability")
     return arr
 
 

@@ -64,9 +64,9 @@ class PayloadError(WireError):
 
 @dataclass(frozen=True)
 class Frame:
-    """An encoded frame and what metadata says about it."""
+    """An encoded frame and what metadata says about it (`data` is not copied into bytes)."""
 
-    data: bytes
+    data: bytearray
     checksum: int
 
     @property
@@ -103,24 +103,29 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
 
 
 def encode(kind: int, meta: dict[str, Any], tensors: dict[str, tuple[np.ndarray, str]]) -> Frame:
-    """A frame of `tensors` (name -> (array, stored dtype)) and scalar `meta`."""
+    """A frame of `tensors` (name -> (array, stored dtype)) and scalar `meta`.
+
+    Each tensor is cast straight into its place in the frame (one pass, no temporary)."""
     table, arrays, offset = [], [], 0
     for name, (array, dtype) in tensors.items():
         a = np.asarray(array)
-        a = _bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype=_DTYPES[dtype])
         table.append([name, dtype, list(a.shape), offset])
-        arrays.append((offset, a))
-        offset = _align(offset + a.nbytes)
+        arrays.append((offset, a, dtype))
+        offset = _align(offset + a.size * _DTYPES[dtype].itemsize)
     header = json.dumps({"meta": meta, "tensors": table}, separators=(",", ":")).encode()
     start = _align(_PREFIX.size + len(header))
-    body_len = arrays[-1][0] + arrays[-1][1].nbytes if arrays else 0
+    body_len = arrays[-1][0] + arrays[-1][1].size * _DTYPES[arrays[-1][2]].itemsize if arrays else 0
     buf = bytearray(start + body_len)
     buf[_PREFIX.size : _PREFIX.size + len(header)] = header
-    for off, a in arrays:
-        buf[start + off : start + off + a.nbytes] = a.reshape(-1).view(np.uint8).data
+    for off, a, dtype in arrays:
+        dest = np.frombuffer(buf, dtype=_DTYPES[dtype], count=a.size, offset=start + off).reshape(a.shape)
+        if dtype == "bfloat16":
+            dest[...] = _bf16_bits(a)
+        else:
+            np.copyto(dest, a, casting="unsafe")
     checksum = zlib.crc32(memoryview(buf)[_PREFIX.size :])
     _PREFIX.pack_into(buf, 0, MAGIC, FORMAT, kind, 0, len(header), checksum, body_len)
-    return Frame(bytes(buf), checksum)
+    return Frame(buf, checksum)
 
 
 @dataclass(frozen=True)

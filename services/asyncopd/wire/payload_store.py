@@ -54,7 +54,7 @@ class PayloadStore:
         """A fresh key for a frame of `sample_id` (a random nonce: re-sends never collide)."""
         return payload_key(self.prefix, kind, sample_id, uuid.uuid4().hex[:16])
 
-    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def write(self, items: Sequence[tuple[str, bytes | bytearray]]) -> None:
         """SET each (key, frame) with the orphan TTL, pipelined in chunks."""
         for chunk in self._chunks([len(v) for _, v in items]):
             pipe = self.redis.pipeline(transaction=False)

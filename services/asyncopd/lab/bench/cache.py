@@ -1,12 +1,19 @@
 """`asyncopd bench cache`: throughput of the cache service against raw Redis on the same bytes.
 
 One round moves N realistic samples (P prompt tokens, T response tokens, teacher top-K) through
-the whole service path: AcquirePrompts -> PutRollouts -> ClaimRollouts -> PutScores ->
-PullBatch -> AckBatch, with client-side encoding/decoding and server-side validation, the
-service running in its own process as deployed. The baseline moves the same stored bytes
-(the float16 rollout and score blobs the cache keeps) through raw Redis in the same data flow:
-SET rollout, GET rollout (teacher), SET scores, GET both (learner), pipelined per chunk.
-The printed ratio is service throughput / raw throughput.
+the whole service path as deployed: the cache service in its own process; the rollout side
+encodes payload frames, writes them to Redis itself and puts their metadata (AcquirePrompts ->
+PutRollouts); the teacher claims metadata, reads and verifies the rollout frames, writes its
+score frames and puts their metadata (ClaimRollouts -> PutScores); the learner pulls a batch of
+references, reads and verifies every frame (PullBatch -> AckBatch). `--inline` sends the
+payloads through the cache RPCs instead (the path for clients without Redis access).
+
+The baseline moves the same stored bytes (the frames' lengths) through raw Redis in the same
+data flow: SET rollout, GET rollout (teacher), SET scores, GET both (learner), DEL, pipelined
+per chunk. Printed per shape: service throughput / raw throughput, and the cache process's CPU
+time per sample (user + system of all its threads, over the timed rounds) -- flat across
+shapes when no payload byte passes through the cache. Default shapes: 256 x 512 x top-64 and
+64 x 4,096 x top-64 (issue #16's targets: ratio >= 0.8, <= 0.3 ms CPU per sample).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import multiprocessing as mp
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,10 +34,32 @@ from asyncopd.cache.connection import delete_prefix
 _MIB = 1 << 20
 
 
+@dataclass(frozen=True)
+class Shape:
+    samples: int
+    tokens: int
+    topk: int
+
+    def __str__(self) -> str:
+        return f"{self.samples}x{self.tokens}xtop-{self.topk}"
+
+
+def _shapes(text: str) -> list[Shape]:
+    out = []
+    for part in text.split(","):
+        n, t, k = (int(x) for x in part.strip().lower().split("x"))
+        out.append(Shape(n, t, k))
+    return out
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", type=int, default=256, help="samples per round (= learner batch)")
-    parser.add_argument("--tokens", type=int, default=512, help="response tokens per sample")
-    parser.add_argument("--topk", type=int, default=64, help="teacher top-K per position")
+    parser.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=_shapes("256x512x64,64x4096x64"),
+        help="comma-separated SAMPLESxTOKENSxTOPK: samples per round (= learner batch), response tokens, teacher top-K",
+    )
+    parser.add_argument("--inline", action="store_true", help="payloads through the cache RPCs (no direct Redis)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per sample")
     parser.add_argument("--chunk", type=int, default=32, help="samples per put/claim request")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
@@ -69,7 +98,8 @@ def _serve(args: argparse.Namespace, prefix: str, conn: Connection) -> None:
         serve_metrics=False,
     )  # fmt: skip
     conn.send(cache.address)
-    conn.recv()
+    while conn.recv() == "cpu":  # CPU seconds of this process, all threads (the gRPC workers)
+        conn.send(time.process_time())
     cache.stop(grace=1.0)
 
 
@@ -130,7 +160,7 @@ def _service_round(client: Any, args: argparse.Namespace, version: int, rollout:
     return times
 
 
-def _raw_round(client: Any, args: argparse.Namespace, prefix: str, blobs: tuple[bytes, bytes]) -> float:
+def _raw_round(client: Any, args: argparse.Namespace, prefix: str, blobs: tuple[bytearray, bytearray]) -> float:
     r_blob, s_blob = blobs
     n = args.samples
     start = time.perf_counter()
@@ -159,34 +189,43 @@ def _raw_round(client: Any, args: argparse.Namespace, prefix: str, blobs: tuple[
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace) -> int:
+def _cpu_s(conn: Connection) -> float:
+    """The cache process's CPU seconds so far (it answers between requests)."""
+    conn.send("cpu")
+    return float(conn.recv())
+
+
+def _run_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """One shape: `args.samples`, `args.tokens`, `args.topk` set; a fresh cache process."""
     import redis
 
+    from asyncopd.wire import payload
     from asyncopd.wire.cache_client import CacheClient
-    from asyncopd.wire.convert import rollout_to_proto, scores_to_proto
+    from asyncopd.wire.payload_store import PayloadStore
     from asyncopd.wire.rpc import channel
 
     prefix = f"bench-cache-{uuid.uuid4().hex[:8]}"
     rollout, scores = _records(args)
-    stored = (
-        rollout_to_proto(rollout, "float16").SerializeToString(),
-        scores_to_proto(scores, "float16").SerializeToString(),
-    )
+    stored = (payload.encode_rollout(rollout, "float16").data, payload.encode_scores(scores, "float16").data)
     sample_mb = (len(stored[0]) + len(stored[1])) / _MIB
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
     server.start()
     raw_client = redis.Redis.from_url(args.redis_url)
+    store = None if args.inline else PayloadStore(redis.Redis.from_url(args.redis_url), prefix)
     try:
         address = parent.recv()
         ch = channel(address, max_message_mb=512)
-        client = CacheClient(ch, logprob_dtype="float16", timeout_s=120.0)
+        client = CacheClient(ch, logprob_dtype="float16", timeout_s=120.0, payloads=store)
         service: list[dict[str, float]] = []
+        cpu = 0.0
         for round_ in range(args.rounds + 1):
+            cpu_before = _cpu_s(parent)
             times = _service_round(client, args, round_, rollout, scores)
             if round_ > 0:
                 service.append(times)
+                cpu += _cpu_s(parent) - cpu_before
         raw = [_raw_round(raw_client, args, prefix + "-raw", stored) for _ in range(args.rounds + 1)][1:]
         stats = client.stats_snapshot()
         ch.close()
@@ -196,35 +235,50 @@ def run(args: argparse.Namespace) -> int:
         for own in (prefix, prefix + "-raw"):
             delete_prefix(raw_client, own)
         raw_client.close()
-    best_service = min(t["total"] for t in service)
-    best_raw = min(raw)
+        if store is not None:
+            store.close()
+    best_service, best_raw = min(t["total"] for t in service), min(raw)
     svc_rate, raw_rate = args.samples / best_service, args.samples / best_raw
-    phases = {k: min(t[k] for t in service) for k in ("acquire", "put", "claim_score", "pull_ack")}
+    ok = stats.invariant_holds() and stats.trained == args.samples * (args.rounds + 1) and stats.in_flight == 0
+    return {
+        "shape": f"{args.samples}x{args.tokens}xtop-{args.topk}",
+        "samples": args.samples,
+        "tokens": args.tokens,
+        "topk": args.topk,
+        "path": "inline" if args.inline else "direct",
+        "sample_mib": sample_mb,
+        "service_s": best_service,
+        "raw_s": best_raw,
+        "service_samples_per_s": svc_rate,
+        "raw_samples_per_s": raw_rate,
+        "ratio": svc_rate / raw_rate,
+        "cache_cpu_ms_per_sample": 1000.0 * cpu / (args.samples * args.rounds),
+        "phases_s": {k: min(t[k] for t in service) for k in ("acquire", "put", "claim_score", "pull_ack")},
+        "accounting_ok": ok,
+        "produced": stats.produced,
+        "trained": stats.trained,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    results = []
+    for shape in args.shapes:
+        one = argparse.Namespace(**{**vars(args), "samples": shape.samples, "tokens": shape.tokens, "topk": shape.topk})
+        results.append(_run_shape(one))
+    path = "inline (payloads through the cache)" if args.inline else "direct (payloads in Redis, metadata to the cache)"
+    print(f"cache bench: {path}, float16 log-probs, best of {args.rounds} rounds (cache CPU summed over them)")
     print(
-        f"cache bench: {args.samples} samples x {args.tokens} tokens x top-{args.topk} "
-        f"({sample_mb:.3f} MiB stored per sample, float16 log-probs), best of {args.rounds} rounds"
+        f"  {'shape':<20} {'MiB/sample':>10} {'service s':>10} {'raw s':>8} {'svc MiB/s':>10} "
+        f"{'ratio':>6} {'cache CPU ms/sample':>20}  accounting"
     )
-    print(f"  service  {best_service:8.3f} s  {svc_rate:9.1f} samples/s  {svc_rate * sample_mb:8.1f} MiB/s")
-    print("           phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
-    print(f"  raw SET/GET {best_raw:5.3f} s  {raw_rate:9.1f} samples/s  {raw_rate * sample_mb:8.1f} MiB/s")
-    print(f"  ratio service/raw = {svc_rate / raw_rate:.3f}")
-    ok = stats.invariant_holds() and stats.trained == args.samples * (args.rounds + 1)
-    print(f"  accounting: produced {stats.produced} trained {stats.trained} invariant {'ok' if ok else 'BROKEN'}")
-    if args.json:
+    for r in results:
         print(
-            json.dumps(
-                {
-                    "samples": args.samples,
-                    "tokens": args.tokens,
-                    "topk": args.topk,
-                    "sample_mib": sample_mb,
-                    "service_s": best_service,
-                    "raw_s": best_raw,
-                    "service_samples_per_s": svc_rate,
-                    "raw_samples_per_s": raw_rate,
-                    "ratio": svc_rate / raw_rate,
-                    "phases_s": phases,
-                }
-            )
+            f"  {r['shape']:<20} {r['sample_mib']:>10.3f} {r['service_s']:>10.3f} {r['raw_s']:>8.3f} "
+            f"{r['service_samples_per_s'] * r['sample_mib']:>10.1f} {r['ratio']:>6.3f} "
+            f"{r['cache_cpu_ms_per_sample']:>20.3f}  {'ok' if r['accounting_ok'] else 'BROKEN'} "
+            f"(produced {r['produced']}, trained {r['trained']})"
         )
-    return 0 if ok else 1
+        print("      phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in r["phases_s"].items()))
+    if args.json:
+        print(json.dumps(results))
+    return 0 if all(r["accounting_ok"] for r in results) else 1
