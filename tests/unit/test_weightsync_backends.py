@@ -127,11 +127,13 @@ class InProcess(WeightTransport):
         self.delivered: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.closed = False
 
-    def register(self, replica: str, device: str = "cpu", address: str = "", collective: bool = True) -> Registration:
+    def register(
+        self, replica: str, device: str = "cpu", address: str = "", collective: bool = True, owner: str = ""
+    ) -> Registration:
         self.names[replica] = len(self.names) + 1
         return Registration("", 0, self.names[replica], 0, 1 + len(self.names), self.latest_version, "memory", 1.0)
 
-    def unregister(self, replica: str, registration: int = 0) -> bool:
+    def unregister(self, replica: str, registration: int = 0, owner: str = "") -> bool:
         return self.names.pop(replica, None) is not None
 
     @property
@@ -191,10 +193,20 @@ class Cache:
         return 0
 
 
+class Context:
+    """The little of a gRPC ServicerContext the servicer reads: a plain-TCP peer, no certificate."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    def peer_identities(self) -> None:
+        return None
+
+
 def test_the_learner_loop_and_servicer_run_on_any_transport(tmp_path: Path) -> None:
     transport = InProcess()
     servicer = LearnerServicer(transport, lambda: None)
-    reply = servicer.RegisterReplica(pb.RegisterReplicaRequest(replica="r", collective=False), None)  # type: ignore[arg-type]
+    reply = servicer.RegisterReplica(pb.RegisterReplicaRequest(replica="r", collective=False), Context())  # type: ignore[arg-type]
     assert (reply.registration, reply.backend, reply.world_size) == (1, "memory", 2)
 
     cache, trainer = Cache(), CountingTrainer()
@@ -212,5 +224,5 @@ def test_the_learner_loop_and_servicer_run_on_any_transport(tmp_path: Path) -> N
     assert [float(w["weight"][0]) for _, w in transport.delivered] == [0.0, 1.0, 2.0, 3.0]
     assert cache.versions == [0, 1, 2, 3, 3]
     assert '"broadcast": {"replicas": 1, "bytes": 3' in (tmp_path / "steps.jsonl").read_text()
-    servicer.UnregisterReplica(pb.UnregisterReplicaRequest(replica="r"), None)  # type: ignore[arg-type]
+    servicer.UnregisterReplica(pb.UnregisterReplicaRequest(replica="r"), Context())  # type: ignore[arg-type]
     assert transport.replicas == []

@@ -31,6 +31,14 @@ class WeightSyncConfig(Section):
             "(instead of after timeout_s, which must cover a slow broadcast)."
         ),
     )
+    max_replicas: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Most replicas registered for weight sync at once (both kinds); a registration beyond it is refused "
+            "(RESOURCE_EXHAUSTED), so a misbehaving client cannot grow the group or the push list without bound."
+        ),
+    )
     checksum: bool = Field(False, description="Verify a checksum of every update on the replica.")
     store_port: int = Field(0, ge=0, le=65535, description="TCPStore port the learner hosts; 0 = free port.")
     advertise_host: str | None = Field(

@@ -1,10 +1,17 @@
 """LearnerService over gRPC: a thin adapter from requests to the weight transport and the
 trainer's progress. It parses, calls domain code, and builds responses; nothing else (it does not
 know which weight-sync backend runs).
+
+Registrations are bound to the caller (`wire.authz.caller_of`: its certificate's identities and
+its host), which the transport uses as the owner (`weightsync.transport.may_take`: nobody else
+takes a live replica's name or unregisters it). With mutual TLS on, a `collective=false`
+registration must also name the caller's own host as the address weights are pushed to, so a
+pod cannot point the learner's pushes at any other machine.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +20,8 @@ import grpc
 from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.v1 import learner_pb2_grpc as pb_grpc
 from asyncopd.weightsync.transport import WeightTransport
-from asyncopd.wire.rpc import status_errors
+from asyncopd.wire.authz import Caller, caller_of
+from asyncopd.wire.rpc import PermissionDenied, status_errors
 
 _MAX_NAME_CHARS = 256
 
@@ -43,8 +51,15 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
     ) -> pb.RegisterReplicaResponse:
         if len(request.replica) > _MAX_NAME_CHARS:  # names become store keys and metric labels
             raise ValueError(f"replica: {len(request.replica)} characters, at most {_MAX_NAME_CHARS}")
+        caller = caller_of(context)
+        if caller.authenticated and not request.collective and request.address:
+            _check_own_address(request.address, caller)
         reg = self._weights.register(
-            request.replica, device=request.device or "cpu", address=request.address, collective=request.collective
+            request.replica,
+            device=request.device or "cpu",
+            address=request.address,
+            collective=request.collective,
+            owner=caller.owner,
         )
         return pb.RegisterReplicaResponse(
             store_host=reg.store_host,
@@ -66,7 +81,7 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
             raise ValueError("replica: must not be empty")
         if request.registration < 0:
             raise ValueError(f"registration: {request.registration} is negative (0 = whatever is current)")
-        self._weights.unregister(request.replica, request.registration)
+        self._weights.unregister(request.replica, request.registration, owner=caller_of(context).owner)
         return pb.UnregisterReplicaResponse()
 
     @status_errors
@@ -81,6 +96,23 @@ class LearnerServicer(pb_grpc.LearnerServiceServicer):
             train_tokens_per_second=p.train_tokens_per_second,
             replicas=len(self._weights.replicas),
             finished=p.finished,
+        )
+
+
+def _check_own_address(address: str, caller: Caller) -> None:
+    """Refuse a push address whose host is not the caller's own (an IP, or a name resolving to it)."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    host = host.removeprefix("dns:///").strip("[]")
+    if host == caller.host:
+        return
+    try:
+        resolved = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        resolved = set()
+    if caller.host not in resolved:
+        raise PermissionDenied(
+            f"address: {address!r} is not the caller's own host ({caller.host}); a replica registers its own "
+            "RolloutService for weight pushes"
         )
 
 

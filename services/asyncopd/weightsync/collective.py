@@ -12,6 +12,7 @@ waited out) when a member stops beating during it.
 
 Replicas that cannot join a collective (`collective=False`) are handed to a `GrpcPush`
 (`asyncopd.weightsync.grpc_transport`) that gets the same snapshots, at the same sync points.
+One name holds one registration of either kind; `weightsync.max_replicas` caps both together.
 
 It knows torch.distributed, the manifest and the store's command/ack keys; it knows nothing of
 optimizers or the cache.
@@ -32,7 +33,14 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync import groups
 from asyncopd.weightsync.grpc_transport import GrpcPush, PushFn
 from asyncopd.weightsync.membership import Group, Member, Membership
-from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, SyncThread, WeightTransport
+from asyncopd.weightsync.transport import (
+    PublishReport,
+    Registration,
+    Snapshot,
+    SyncThread,
+    WeightTransport,
+    check_room,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +86,35 @@ class CollectiveBroadcast(WeightTransport):
             dead_after_s=config.dead_after_s,
             closed=self._maintenance.closed,
             ids=ids,
+            max_members=config.max_replicas,
         )
+        self._registering = threading.Lock()  # one registration at a time: the cap counts both kinds
         self._maintenance.start()
 
     # ---- registrations (gRPC handler threads) ----------------------------------------------------
 
-    def register(self, replica: str, device: str = "cpu", address: str = "", collective: bool = True) -> Registration:
+    def register(
+        self, replica: str, device: str = "cpu", address: str = "", collective: bool = True, owner: str = ""
+    ) -> Registration:
         if not replica:
             raise ValueError("replica name must be non-empty")
-        if not collective:
-            registration = self._grpc.register(replica, device, address, collective=False).registration
-            if self.membership.leave(replica):  # one registration per name, of either kind
+        if collective and self.backend == "nccl" and torch.device(device).type != "cuda":
+            raise ValueError(f"replica {replica!r} runs on {device!r}, the broadcast backend is nccl (CUDA only)")
+        if not collective and not address:
+            raise ValueError(f"replica {replica!r}: collective=false needs its RolloutService address for PushWeights")
+        with self._registering:
+            if replica not in self.membership and replica not in self._grpc:
+                check_room(self.membership.registered + len(self._grpc.replicas), self.config.max_replicas, replica)
+            # One registration per name, of either kind: the other kind's gives way first
+            # (or the name is refused, and nothing changed).
+            if not collective:
+                if self.membership.release(replica, owner):
+                    self._maintenance.wake()
+                registration = self._grpc.register(replica, device, address, collective=False, owner=owner).registration
+            else:
+                self._grpc.release(replica, owner)
+                registration = self.membership.join(replica, device, owner).registration
                 self._maintenance.wake()
-        else:
-            if self.backend == "nccl" and torch.device(device).type != "cuda":
-                raise ValueError(f"replica {replica!r} runs on {device!r}, the broadcast backend is nccl (CUDA only)")
-            registration = self.membership.join(replica, device).registration
-            self._grpc.unregister(replica)
-            self._maintenance.wake()
         return Registration(
             store_host=self.store_host,
             store_port=self.store_port,
@@ -107,11 +126,11 @@ class CollectiveBroadcast(WeightTransport):
             timeout_s=self.timeout_s,
         )
 
-    def unregister(self, replica: str, registration: int = 0) -> bool:
-        if self.membership.leave(replica, registration):
+    def unregister(self, replica: str, registration: int = 0, owner: str = "") -> bool:
+        if self.membership.leave(replica, registration, owner):
             self._maintenance.wake()
             return True
-        return self._grpc.unregister(replica, registration)
+        return self._grpc.unregister(replica, registration, owner)
 
     @property
     def replicas(self) -> list[str]:

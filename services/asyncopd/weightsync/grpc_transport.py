@@ -9,8 +9,10 @@ shape; a tensor whose single row exceeds a chunk arrives flat). The last chunk c
 
 `GrpcPush` is the `WeightTransport` backend that pushes every snapshot to every registered
 replica's RolloutService (one sender thread each, under `timeout_s`; a failed push drops the
-replica). It runs alone (`weightsync.transport: grpc`) or inside the collective backend for the
-replicas that registered with `collective=false`. `chunks()`/`push_weights()` are its sender;
+replica). A target has no heartbeat: it is live until a push to it fails, so its name is held
+until then (see `transport.may_take`); at most `weightsync.max_replicas` targets. It runs
+alone (`weightsync.transport: grpc`) or inside the collective backend for the replicas that
+registered with `collective=false`. `chunks()`/`push_weights()` are its sender;
 `WeightAssembler` is the receiver the RolloutService servicer feeds, which returns the complete
 `(version, [(name, tensor), ...])` for the engine's `load_weights` and rejects anything the
 receiving model does not hold or that is inconsistent (unknown names, wrong shapes or dtypes,
@@ -40,7 +42,16 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.v1 import rollout_pb2 as pb
 from asyncopd.v1 import rollout_pb2_grpc as pb_grpc
 from asyncopd.weightsync.manifest import ManifestError, ParamSpec
-from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, SyncThread, WeightTransport
+from asyncopd.weightsync.transport import (
+    NotTheOwner,
+    PublishReport,
+    Registration,
+    Snapshot,
+    SyncThread,
+    WeightTransport,
+    check_room,
+    may_take,
+)
 from asyncopd.wire.rpc import channel
 from asyncopd.wire.tensors import decode_torch, encode
 
@@ -271,6 +282,7 @@ class _Target:
     replica: str
     registration: int
     address: str
+    owner: str = ""  # who registered it (asyncopd.wire.authz.Caller.owner; "" = in-process)
     pushed_version: int = -1  # last version it took
 
 
@@ -303,7 +315,9 @@ class GrpcPush(WeightTransport):
         self._maintenance = SyncThread("weightsync-push-maintenance", self._behind, self.sync, maintenance_interval_s)
         self._maintenance.start()
 
-    def register(self, replica: str, device: str = "cpu", address: str = "", collective: bool = True) -> Registration:
+    def register(
+        self, replica: str, device: str = "cpu", address: str = "", collective: bool = True, owner: str = ""
+    ) -> Registration:
         if not replica:
             raise ValueError("replica name must be non-empty")
         if collective:
@@ -314,7 +328,12 @@ class GrpcPush(WeightTransport):
         if not address:
             raise ValueError(f"replica {replica!r}: collective=false needs its RolloutService address for PushWeights")
         with self._lock:
-            target = _Target(replica, next(self._ids), address)
+            held = self._targets.get(replica)
+            if held is not None:
+                may_take(replica, held.owner, owner, live=True)
+            else:
+                check_room(len(self._targets), self.config.max_replicas, replica)
+            target = _Target(replica, next(self._ids), address, owner)
             self._targets[replica] = target
             world = 1 + len(self._targets)
         self._maintenance.wake()
@@ -329,13 +348,30 @@ class GrpcPush(WeightTransport):
             timeout_s=self.timeout_s,
         )
 
-    def unregister(self, replica: str, registration: int = 0) -> bool:
+    def unregister(self, replica: str, registration: int = 0, owner: str = "") -> bool:
         with self._lock:
             target = self._targets.get(replica)
             if target is None or (registration and target.registration != registration):
                 return False
+            if target.owner != owner:
+                raise NotTheOwner(f"replica {replica!r} was registered by another caller; only it may unregister")
             del self._targets[replica]
         return True
+
+    def release(self, replica: str, owner: str = "") -> bool:
+        """Give up `replica`'s target for a registration of the other kind by `owner` (`may_take`
+        decides); False when it has none here."""
+        with self._lock:
+            held = self._targets.get(replica)
+            if held is None:
+                return False
+            may_take(replica, held.owner, owner, live=True)
+            del self._targets[replica]
+        return True
+
+    def __contains__(self, replica: str) -> bool:
+        with self._lock:
+            return replica in self._targets
 
     @property
     def replicas(self) -> list[str]:

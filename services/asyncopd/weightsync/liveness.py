@@ -6,7 +6,9 @@ while the replica's main thread sits in a broadcast) that adds 1 to its counter 
 ready for a new group, or to ack an update): a member whose counter has not moved for
 `weightsync.dead_after_s` of the publisher's own clock is dead — killed, frozen, or cut off —
 and is dropped at once instead of after the full `timeout_s` (which must stay long enough for
-a slow broadcast of a large model). A member that never beat (nothing read yet) is not judged.
+a slow broadcast of a large model). A member announced with `expect` when it registers and that
+never beats is dead `dead_after_s` after it registered (a registration that never beats would
+otherwise hold every group rebuild for `timeout_s`); one neither expected nor read is not judged.
 
 Clock-free across machines: only the publisher's monotonic clock is used. Pure bookkeeping
 over a `read(member_key) -> int | None` function, so it is tested without a store.
@@ -14,6 +16,7 @@ over a `read(member_key) -> int | None` function, so it is tested without a stor
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -33,27 +36,38 @@ class Liveness:
         self._read = read
         self.dead_after_s = dead_after_s
         self._clock = clock
-        self._seen: dict[MemberKey, tuple[int, float]] = {}
+        # member -> (last counter value read, None before the first beat; when it last changed)
+        self._seen: dict[MemberKey, tuple[int | None, float]] = {}
+        self._lock = threading.Lock()  # registrations (gRPC threads) and the publisher both look
+
+    def expect(self, key: MemberKey) -> None:
+        """`key` registered now: it is judged from now on, beating or not."""
+        with self._lock:
+            self._seen.setdefault(key, (None, self._clock()))
 
     def observe(self, key: MemberKey) -> None:
         value = self._read(key)
         if value is None:
             return
         now = self._clock()
-        last = self._seen.get(key)
-        if last is None or value != last[0]:
-            self._seen[key] = (value, now)
+        with self._lock:
+            last = self._seen.get(key)
+            if last is None or value != last[0]:
+                self._seen[key] = (value, now)
 
     def dead(self, keys: Iterable[MemberKey]) -> list[MemberKey]:
-        """The members among `keys` whose heartbeat stood still for `dead_after_s` (reads them first)."""
+        """The members among `keys` whose heartbeat stood still (or never began) for `dead_after_s`
+        (reads them first)."""
         out = []
         now = self._clock()
         for key in keys:
             self.observe(key)
-            last = self._seen.get(key)
+            with self._lock:
+                last = self._seen.get(key)
             if last is not None and now - last[1] >= self.dead_after_s:
                 out.append(key)
         return out
 
     def forget(self, key: MemberKey) -> None:
-        self._seen.pop(key, None)
+        with self._lock:
+            self._seen.pop(key, None)

@@ -4,8 +4,11 @@ The collective backend (`asyncopd.weightsync.collective`) owns one `Membership` 
 learner's rendezvous store (keys in `asyncopd.weightsync.groups`; the other half of the
 protocol is `asyncopd.weightsync.subscriber`):
 
-1. A replica registers (`join`) and gets a registration id. Joins and leaves only mark the
-   membership dirty.
+1. A replica registers (`join`) and gets a registration id, bound to its owner (the rule is
+   `asyncopd.weightsync.transport.may_take`: a live name of another owner is refused; the same
+   owner replaces its own registration, and the replaced one is told `dropped` at the next
+   rebuild instead of waiting for an assignment forever), at most `max_members` at once. Joins
+   and leaves only mark the membership dirty.
 2. At the next sync point the owner calls `rebuild`: it tells the old group to `rebuild`
    (members still inside a broadcast of it abandon it), writes each member's next assignment
    (epoch, rank, world), waits up to `timeout_s` for every member's ready key, drops those that
@@ -14,6 +17,8 @@ protocol is `asyncopd.weightsync.subscriber`):
 3. Every replica bumps a heartbeat counter in the store (`asyncopd.weightsync.liveness`); a
    member whose heartbeat stood still for `dead_after_s` is judged dead (`dead`) as soon as the
    learner looks while waiting — for ready keys here, for acks in the broadcast — and dropped.
+   A registration that never beats is dead `dead_after_s` after it joined, so it holds a
+   rebuild for that long, not for `timeout_s`.
 
 One group per membership epoch (not one per replica): a broadcast to R replicas is one
 collective; the price is a rebuild of the whole group on every membership change, which is rare.
@@ -35,6 +40,7 @@ import torch.distributed as dist
 
 from asyncopd.weightsync import groups
 from asyncopd.weightsync.liveness import Liveness, MemberKey
+from asyncopd.weightsync.transport import NotTheOwner, check_room, may_take
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,12 @@ class Member:
     replica: str
     registration: int
     device: str
+    owner: str = ""  # who registered it (asyncopd.wire.authz.Caller.owner; "" = in-process)
     next_assignment: int = 0
+
+    @property
+    def key(self) -> MemberKey:
+        return (self.replica, self.registration)
 
 
 @dataclass
@@ -73,15 +84,19 @@ class Membership:
         dead_after_s: float,
         closed: threading.Event,
         ids: Iterator[int] | None = None,
+        max_members: int = 256,
     ) -> None:
         """`closed` ends a wait for ready keys early; `ids` hands out registration ids (shared
-        with another registry of the same learner, so an id names one registration)."""
+        with another registry of the same learner, so an id names one registration);
+        `max_members`: the most registrations at once."""
         self._store = store
         self.backend = backend
         self.timeout_s = timeout_s
         self._closed = closed
         self._ids = ids if ids is not None else itertools.count(1)
+        self.max_members = max_members
         self._members: dict[str, Member] = {}
+        self._replaced: list[Member] = []  # still to be told `dropped` (at the next rebuild)
         self._lock = threading.Lock()  # registration never waits behind a rebuild or a broadcast
         self.dirty = False
         self.epoch = 0
@@ -91,30 +106,57 @@ class Membership:
 
     # ---- registrations (gRPC handler threads) ---------------------------------------------------
 
-    def join(self, replica: str, device: str) -> Member:
-        """Register `replica` (replacing an earlier registration of it) for the next epoch."""
+    def join(self, replica: str, device: str, owner: str = "") -> Member:
+        """Register `replica` for the next epoch (see `may_take` for a name already held)."""
         with self._lock:
-            member = Member(replica, next(self._ids), device)
-            replaced = self._members.get(replica)
+            held = self._members.get(replica)
+            if held is not None:
+                may_take(replica, held.owner, owner, live=not self._dead(held))
+            else:
+                check_room(len(self._members), self.max_members, replica)
+            member = Member(replica, next(self._ids), device, owner)
             self._members[replica] = member
+            self._liveness.expect(member.key)
+            if held is not None:
+                self._replaced.append(held)
             self.dirty = True
-        if replaced is not None:
+        if held is not None:
             log.info(
                 "replica %s re-registered (registration %d replaces %d)",
                 replica,
                 member.registration,
-                replaced.registration,
+                held.registration,
             )
         return member
 
-    def leave(self, replica: str, registration: int = 0) -> bool:
+    def release(self, replica: str, owner: str = "") -> bool:
+        """Give up `replica`'s registration for one of the other kind by `owner` (`may_take`
+        decides); False when it holds none here."""
+        with self._lock:
+            held = self._members.get(replica)
+            if held is None:
+                return False
+            may_take(replica, held.owner, owner, live=not self._dead(held))
+            del self._members[replica]
+            self._replaced.append(held)
+            self.dirty = True
+        return True
+
+    def leave(self, replica: str, registration: int = 0, owner: str = "") -> bool:
         with self._lock:
             member = self._members.get(replica)
             if member is None or (registration and member.registration != registration):
                 return False
+            if member.owner != owner:
+                raise NotTheOwner(f"replica {replica!r} was registered by another caller; only it may unregister")
             del self._members[replica]
+            self._liveness.forget(member.key)
             self.dirty = True
         return True
+
+    def __contains__(self, replica: str) -> bool:
+        with self._lock:
+            return replica in self._members
 
     @property
     def registered(self) -> int:
@@ -136,15 +178,18 @@ class Membership:
         return int(self._store.add(name, 0))
 
     def dead(self, members: Sequence[Member]) -> list[Member]:
-        """Members whose heartbeat stood still for dead_after_s (see asyncopd.weightsync.liveness)."""
-        dead = set(self._liveness.dead([(m.replica, m.registration) for m in members]))
-        return [m for m in members if (m.replica, m.registration) in dead]
+        """Members whose heartbeat stood still (or never began) for dead_after_s (see asyncopd.weightsync.liveness)."""
+        dead = set(self._liveness.dead([m.key for m in members]))
+        return [m for m in members if m.key in dead]
+
+    def _dead(self, member: Member) -> bool:
+        return bool(self._liveness.dead([member.key]))
 
     def drop(self, members: Sequence[Member], reason: str) -> None:
         """Unregister `members` and tell each (a `dropped` assignment) so a live one registers again."""
         with self._lock:
             for member in members:
-                self._liveness.forget((member.replica, member.registration))
+                self._liveness.forget(member.key)
                 if self._members.get(member.replica) is member:
                     del self._members[member.replica]
                 groups.put_json(
@@ -184,6 +229,9 @@ class Membership:
             with self._lock:
                 self.dirty = False
                 members = list(self._members.values())
+                replaced, self._replaced = self._replaced, []
+            if replaced:
+                self.drop(replaced, "replaced by a newer registration of the same name")
             self.epoch += 1
             epoch = self.epoch
             world = len(members) + 1
@@ -198,6 +246,11 @@ class Membership:
                 )
                 member.next_assignment += 1
             missing, dead = self._wait_ready(epoch, members, ready_s)
+            if self._changed(members):
+                # A member left or was replaced while it was awaited: this epoch cannot form
+                # (its rank would never connect). Start over with who is registered now.
+                self._store.set(groups.go_key(epoch), "abort")
+                continue
             if missing:
                 self._store.set(groups.go_key(epoch), "abort")
                 reason = (
@@ -225,6 +278,11 @@ class Membership:
             )
             return self.group
 
+    def _changed(self, members: Sequence[Member]) -> bool:
+        """Whether any of `members` is no longer the current registration of its name."""
+        with self._lock:
+            return any(self._members.get(m.replica) is not m for m in members)
+
     def _wait_ready(self, epoch: int, members: Sequence[Member], timeout_s: float) -> tuple[list[Member], bool]:
         """(members not ready within `timeout_s`, whether the wait ended early because all of them are dead)."""
         deadline = time.monotonic() + timeout_s
@@ -237,6 +295,8 @@ class Membership:
                 next_liveness = time.monotonic() + 0.1
                 if len(self.dead(list(pending.values()))) == len(pending):
                     return list(pending.values()), True
+                if self._changed(list(pending.values())):
+                    return list(pending.values()), False
             if pending:
                 time.sleep(0.01)
         return list(pending.values()), False

@@ -3,8 +3,15 @@
 `run_subscriber(...)` blocks (run it in a thread) until `stop` is set. It registers with the
 learner over gRPC, follows its group assignments through the learner's store (the protocol is in
 `asyncopd.weightsync.membership` and `.collective`), receives every update's buckets by broadcast,
-verifies them (manifest consistency, optional expected names/shapes, optional checksum), acks, and then
-hands `(version, [(name, tensor), ...])` to `apply` — the engine's `load_weights`. An update
+verifies them (optional checksum), acks, and then hands `(version, [(name, tensor), ...])` to
+`apply` — the engine's `load_weights`.
+
+The store an update is announced through is writable by every registered replica, so its
+manifest is checked before a byte is allocated for it: consistent (`Manifest.validate`) and,
+given the receiving model (`expected`: names, shapes, optionally dtypes), holding only the
+model's own tensors — so it never asks for more than the model's size; without a model, an
+announcement larger than the receive device's free memory is refused. A refused announcement
+is a `ManifestError`: the subscriber registers again instead of allocating. An update
 whose version the replica already holds (a rebuilt group re-sending it) is acked, not re-applied.
 The tensors handed to `apply` are views into fresh receive buffers: `apply` may keep them.
 
@@ -18,8 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 import torch
@@ -28,7 +36,7 @@ import torch.distributed as dist
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync import groups
-from asyncopd.weightsync.manifest import Manifest, ManifestError, checksum
+from asyncopd.weightsync.manifest import Manifest, ManifestError, ParamSpec, checksum
 from asyncopd.wire.learner_client import LearnerClient, ReplicaRegistration
 from asyncopd.wire.rpc import channel
 
@@ -39,6 +47,10 @@ Apply = Callable[[int, Iterable[tuple[str, torch.Tensor]]], None]
 
 class Dropped(RuntimeError):
     """The learner removed this registration from the broadcast (it will register again)."""
+
+
+class Refused(ManifestError):
+    """An announced update this replica will not allocate (not its model's, or too large)."""
 
 
 class Subscriber:
@@ -52,7 +64,7 @@ class Subscriber:
         stop: threading.Event,
         *,
         device: torch.device | str = "cpu",
-        expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+        expected: Mapping[str, ParamSpec] | None = None,
         verify_checksum: bool = False,
         heartbeat_s: float = 0.5,
     ) -> None:
@@ -93,8 +105,9 @@ class Subscriber:
                 self._join(store, assignment, reg.timeout_s)
         finally:
             beating.set()
-            if self.stop.is_set():
-                self._unregister(reg.registration)
+            # Always: a registration left behind would hold this name until it is judged dead,
+            # and the next registration of it would be refused until then.
+            self._unregister(reg.registration)
 
     def _heartbeat(self, reg: ReplicaRegistration, done: threading.Event) -> None:
         """Bump this registration's heartbeat counter until `done` (own store connection: it beats
@@ -140,7 +153,11 @@ class Subscriber:
             if command["op"] != "update":
                 return  # rebuild: the next assignment says where to go
             version = int(command["version"])
-            manifest = Manifest.from_json(command["manifest"])
+            try:
+                manifest = Manifest.from_json(command["manifest"])
+            except (ManifestError, KeyError, TypeError, ValueError) as exc:
+                raise Refused(f"malformed manifest: {exc}") from exc
+            self._check_size(manifest, buffers)  # before allocating what it announces
             buckets = manifest.empty_buckets(buffers)
             # The learner announces a rebuild as the next command: then this broadcast cannot
             # complete (a member died or froze), so stop waiting for it instead of timing out.
@@ -167,11 +184,29 @@ class Subscriber:
                 self.version = version
                 self.updates += 1
 
-    def _verify(self, manifest: Manifest, buckets: list[torch.Tensor], digest: str, version: int) -> None:
+    def _check_size(self, manifest: Manifest, device: torch.device) -> None:
         if self.expected is not None:
-            manifest.check_against(self.expected)
+            try:
+                manifest.check_fits(self.expected)
+            except ManifestError as exc:
+                raise Refused(str(exc)) from exc
+            return
+        free = _free_bytes(device)
+        if manifest.total_bytes > free:
+            raise Refused(
+                f"update announces {manifest.total_bytes} bytes, {device} has {free} free: refused before allocating"
+            )
+
+    def _verify(self, manifest: Manifest, buckets: list[torch.Tensor], digest: str, version: int) -> None:
         if self.verify_checksum and digest and checksum(buckets) != digest:
             raise ManifestError(f"checksum mismatch in weight update version {version}")
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory on `device` now (host: available physical pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_subscriber(  # noqa: PLR0917 - positional signature fixed by the contract with rollout
@@ -183,14 +218,17 @@ def run_subscriber(  # noqa: PLR0917 - positional signature fixed by the contrac
     tls: TLSConfig | None = None,
     *,
     device: torch.device | str = "cpu",
-    expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+    expected: Mapping[str, ParamSpec] | None = None,
     retry_s: float = 1.0,
 ) -> None:
     """Receive weight updates from the learner at `learner_address` until `stop` is set.
 
     Blocking; run it in a thread. `apply(version, named_tensors)` is called for every new
-    version (the rollout engine's `load_weights`). Reconnects with a backoff when the learner is
-    unreachable or drops this replica. A corrupted update (checksum / manifest mismatch) raises.
+    version (the rollout engine's `load_weights`); `expected` is the receiving model
+    (`manifest.param_specs(engine.param_shapes())`), which caps what an announcement may ask
+    for. Reconnects with a backoff when the learner is unreachable or drops this replica, and
+    when an announcement is refused before allocating. A corrupted update (checksum mismatch)
+    raises.
     """
     with channel(learner_address, tls=tls) as chan:
         client = LearnerClient(chan)
@@ -207,6 +245,11 @@ def run_subscriber(  # noqa: PLR0917 - positional signature fixed by the contrac
         while not stop.is_set():
             try:
                 subscriber.run()
+            except Refused as exc:
+                # Announced through a store every replica can write: refuse it, re-register
+                # (a fresh group) rather than allocate or die.
+                log.warning("replica %s: weight update refused before allocating: %s", replica, exc)
+                stop.wait(retry_s)
             except (grpc.RpcError, dist.DistError, Dropped) as exc:
                 detail = exc.code() if isinstance(exc, grpc.RpcError) else exc
                 log.info("replica %s: weight sync (re)connecting in %.1fs: %s", replica, retry_s, detail)

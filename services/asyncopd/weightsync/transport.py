@@ -10,8 +10,19 @@ UnregisterReplica), and the training loop publishes every new version through it
   gets each snapshot streamed to its RolloutService (PushWeights); no process group, no store.
 
 Both keep the latest packed `Snapshot` (one extra copy of the weights), so late joiners are
-served without reading parameters the optimizer is changing. This module knows the shared
-records and the interface; it knows nothing of process groups, stores or gRPC.
+served without reading parameters the optimizer is changing.
+
+Registrations are bound to whoever made them (`owner`, the caller's certificate identities and
+host: `asyncopd.wire.authz.Caller.owner`), under one rule every backend applies (`may_take`): a
+name held by a live registration of another owner is refused (`ReplicaNameTaken`, not evicted);
+the same owner re-registering replaces its own registration (a restart); a dead one (it stopped
+beating, or never began) is replaced by anyone. Only the owner may unregister
+(`NotTheOwner`), and at most `weightsync.max_replicas` are registered at once
+(`TooManyReplicas`). The errors are the gRPC status kinds of `asyncopd.wire.rpc`, so the
+learner's servicer passes them through.
+
+This module knows the shared records, the interface and the registration rule; it knows
+nothing of process groups or stores.
 """
 
 from __future__ import annotations
@@ -27,10 +38,41 @@ import torch
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync.manifest import Manifest, checksum, pack, plan
+from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 _MIB = 1 << 20
+
+
+class ReplicaNameTaken(FailedPrecondition):
+    """The name is held by a live registration of another caller."""
+
+
+class NotTheOwner(PermissionDenied):
+    """Only the caller that made a registration may remove it."""
+
+
+class TooManyReplicas(ResourceExhausted):
+    """`weightsync.max_replicas` registrations exist already."""
+
+
+def may_take(replica: str, held_by: str, owner: str, live: bool) -> None:
+    """Raise `ReplicaNameTaken` unless `owner` may register `replica`, held by `held_by` (live or not)."""
+    if live and held_by != owner:
+        raise ReplicaNameTaken(
+            f"replica name {replica!r} is held by a live registration of another caller; a name is released when "
+            "its replica unregisters or stops beating (weightsync.dead_after_s): pick another name or wait"
+        )
+
+
+def check_room(registered: int, max_replicas: int, replica: str) -> None:
+    """Raise `TooManyReplicas` when a new name would exceed `max_replicas`."""
+    if registered >= max_replicas:
+        raise TooManyReplicas(
+            f"replica {replica!r}: {registered} replicas are registered for weight sync, the most allowed "
+            f"(weightsync.max_replicas={max_replicas})"
+        )
 
 
 @dataclass(frozen=True)
@@ -96,16 +138,21 @@ class WeightTransport(ABC):
     """Delivers versioned weight snapshots to the replicas registered with it."""
 
     @abstractmethod
-    def register(self, replica: str, device: str = "cpu", address: str = "", collective: bool = True) -> Registration:
-        """Add (or replace) `replica`; it receives the latest snapshot at the next sync point.
+    def register(
+        self, replica: str, device: str = "cpu", address: str = "", collective: bool = True, owner: str = ""
+    ) -> Registration:
+        """Add `replica` (or replace its registration, see `may_take`); it receives the latest
+        snapshot at the next sync point.
 
-        `collective`: whether it joins a process group; `address`: its RolloutService, for a push.
-        Raises ValueError for a registration this transport cannot serve (INVALID_ARGUMENT).
+        `collective`: whether it joins a process group; `address`: its RolloutService, for a push;
+        `owner`: who registers (the module doc). Raises ValueError for a registration this
+        transport cannot serve (INVALID_ARGUMENT), `ReplicaNameTaken` or `TooManyReplicas`.
         """
 
     @abstractmethod
-    def unregister(self, replica: str, registration: int = 0) -> bool:
-        """Remove `replica` (only that registration when non-zero); False when it was not registered."""
+    def unregister(self, replica: str, registration: int = 0, owner: str = "") -> bool:
+        """Remove `replica` (only that registration when non-zero); False when it was not registered.
+        Raises `NotTheOwner` when `owner` did not make it."""
 
     @property
     @abstractmethod

@@ -8,6 +8,9 @@ turns that into "only the learner publishes versions, pulls and acks batches and
 weights; only rollouts acquire prompts and put rollouts; only teachers claim rollouts and put
 scores", so a compromised or misconfigured pod in the mesh cannot steer the run.
 
+`caller_of(context)` names who is calling (host and certificate identities), for servicers that
+bind state to the caller (the learner binds a weight-sync registration to whoever made it).
+
 It knows the fully qualified method names of the services (`METHOD_ROLES`); it knows nothing of
 what the methods do. With TLS off there is no peer identity and `rpc.start_server` does not
 install the interceptor (local toy runs; it logs that authorisation is off).
@@ -18,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import unquote
 
 import grpc
 
@@ -96,6 +101,43 @@ def refusal(method: str, roles: frozenset[str], authenticated: bool) -> str | No
         return None
     who = "role " + ",".join(sorted(roles)) if roles else "a certificate without a role"
     return f"{who} may not call {method} (allowed: {', '.join(sorted(allowed))})"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the peer's host, and the identities (subject alternative names) of its
+    verified client certificate — empty without mutual TLS, when nothing proves who it is."""
+
+    host: str
+    identities: tuple[str, ...] = ()
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.identities)
+
+    @property
+    def owner(self) -> str:
+        """One string per caller, to bind state to: its certificate's names at its host. The host
+        tells apart pods sharing their role's certificate (the chart issues one per role)."""
+        return f"{','.join(self.identities)}@{self.host}"
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string: `ipv4:10.0.0.5:5555` -> `10.0.0.5`, `ipv6:[::1]:5555` -> `::1`."""
+    kind, _, rest = peer.partition(":")
+    rest = unquote(rest)  # newer gRPC percent-encodes the brackets of an IPv6 peer
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") if "]" in rest else rest
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer  # unix sockets and the like: the whole string
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """The caller of the RPC `context` belongs to (identities only from a verified certificate)."""
+    raw = context.peer_identities()
+    identities = tuple(sorted({bytes(x).decode(errors="replace") for x in raw})) if raw is not None else ()
+    return Caller(host=peer_host(context.peer()), identities=identities)
 
 
 class Authorizer(grpc.ServerInterceptor):

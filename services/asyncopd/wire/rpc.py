@@ -38,6 +38,10 @@ class FailedPrecondition(RuntimeError):
     """A request that is well-formed but does not fit the current state (e.g. an unknown batch)."""
 
 
+class PermissionDenied(RuntimeError):
+    """A request the caller's identity may not make on this object (e.g. removing another caller's registration)."""
+
+
 def _options(max_message_mb: int) -> list[tuple[str, Any]]:
     size = max_message_mb * _MIB
     return [
@@ -206,7 +210,8 @@ def status_errors(method: F) -> F:
     """Servicer method decorator: domain errors become gRPC status codes with their message.
 
     WireError/ValueError -> INVALID_ARGUMENT, ResourceExhausted -> RESOURCE_EXHAUSTED,
-    FailedPrecondition -> FAILED_PRECONDITION. Anything else propagates (INTERNAL, logged).
+    FailedPrecondition -> FAILED_PRECONDITION, PermissionDenied -> PERMISSION_DENIED. Anything
+    else propagates (INTERNAL, logged).
     """
 
     @functools.wraps(method)
@@ -219,5 +224,7 @@ def status_errors(method: F) -> F:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except FailedPrecondition as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except PermissionDenied as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
     return wrapper  # type: ignore[return-value]
