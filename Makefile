@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/asyncopd/v1/*.proto)
 GEN_DIR := services/asyncopd/v1
 GEN_STAMP := $(GEN_DIR)/.generated
 
-.PHONY: setup proto lint test pytest run bench chart clean sysdeps
+.PHONY: setup proto lint test pytest run bench chart clean sysdeps mutate
 
 $(VENV)/.base: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -75,6 +75,22 @@ bench: setup
 
 chart: sysdeps $(VENV)/.base
 	@bash deploy/dev/chart-check.sh
+
+# Mutation testing of the modules that decide correctness (cache policy and Lua, estimators,
+# corrections, batching, weight-sync manifest): a score per module and every surviving mutant.
+# Not in `make test` (tens of minutes). cosmic-ray lives in its own venv: it only drives pytest
+# subprocesses of $(VENV). MUTATE_ARGS: e.g. --max-per-module 0 (all), --modules cache.policy,lua,
+# --retest runs/mutate/<session> (re-run an earlier session's survivors after adding tests).
+MUTATE_VENV := .tools/mutate-venv
+MUTATE_ARGS ?=
+
+$(MUTATE_VENV)/.installed:
+	$(PYTHON) -m venv $(MUTATE_VENV)
+	$(MUTATE_VENV)/bin/pip install -q "cosmic-ray==8.7.0"
+	touch $@
+
+mutate: $(VENV)/.base $(GEN_STAMP) $(MUTATE_VENV)/.installed
+	$(MUTATE_VENV)/bin/python deploy/dev/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(GEN_DIR)/*_pb2* $(GEN_STAMP) .mypy_cache .ruff_cache .pytest_cache
