@@ -1,5 +1,7 @@
-"""`asyncopd study --quick` end to end: every part trains (3 steps), the probe draws, and the
-report holds the three parts' tables with their rows, every cell in study.json, and the plots."""
+"""`asyncopd study --quick --calibrate` end to end: the lr is calibrated, every part trains (3 rollout
+batches of 4 optimizer steps), the probe draws, and the report holds the drift table and the three
+parts' tables with their rows (part 2 with matched ratio handling), every cell in study.json, and
+the plots."""
 
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PART1_ROWS = ["forward KL, teacher top-8 (forward_kl_topk)", "reverse KL, MC N=8, rollout-time signal, no correction"]
 PART2_ROWS = [
-    "recompute at learner (advantage=recompute, correction=is)",
-    "PPO clip (advantage=rollout, correction=ppo_clip)",
-    "decoupled PPO (advantage=rollout, correction=decoupled)",
-    "M2PO (advantage=rollout, correction=m2po)",
+    "recompute, clip 0.2 (advantage=recompute, correction=ppo_clip)",
+    "recompute, unclipped (advantage=recompute, correction=is)",
+    "PPO clip 0.2 = paper baseline (advantage=rollout, correction=ppo_clip)",
+    "decoupled PPO, mask (advantage=rollout, correction=decoupled)",
+    "decoupled PPO, truncate (advantage=rollout, correction=decoupled)",
+    "M2PO dynamic clip (advantage=rollout, correction=m2po_clip)",
+    "M2PO mask (advantage=rollout, correction=m2po)",
+    "IS only (advantage=rollout, correction=is)",
     "none (advantage=rollout, correction=none)",
 ]
+DRIFT_ROW = "staleness as drift: median (log π_θ/μ)²"
 PROBE_ROWS = ["sparse top-8", "MC N=1", "MC N=4", "MC N=16", "MC N=64"]
 PART3_ROWS = [
     "sparse top-8 (reverse_kl_topk, tail=bucket)",
@@ -52,6 +59,7 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
             "-c",
             str(ROOT / "configs/toy.yaml"),
             "--quick",
+            "--calibrate",
             "--workers",
             "1",
             "--out",
@@ -67,12 +75,14 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     md = (out / "study.md").read_text()
+    drift = _section(md, "### Table 0", "## Part 1")
+    assert _table_rows(drift) == ["s (versions)", "0", "1", "2"]
+    assert "lr calibrated for 0.001 per version" in drift
     part1 = _section(md, "### Table 1a", "### Table 1b")
-    assert _table_rows(part1) == ["estimator", *PART1_ROWS]
+    assert _table_rows(part1) == ["estimator", *PART1_ROWS, DRIFT_ROW]
     assert "| estimator | s=0 | s=2 |" in part1
     part2 = _section(md, "### Table 2", "## Part 3")
-    assert [r for r in _table_rows(part2) if r != "correction"][:4] == PART2_ROWS[:4]
-    assert set(PART2_ROWS) <= set(_table_rows(part2))
+    assert [r for r in _table_rows(part2) if r != "correction"] == [*PART2_ROWS, DRIFT_ROW]
     probe = _section(md, "### Table 3a", "### Table 3b")
     assert set(PROBE_ROWS) <= set(_table_rows(probe))
     part3 = _section(md, "### Table 3b", "## What the toy shows")
@@ -87,11 +97,21 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
         for row in data["rows"][part]:
             for s in staleness:
                 assert f"{' '.join(row['overrides'])} | s={s} | seed=0" in keys, (part, row["label"], s)
-    assert len(keys) == len(data["cells"]) == 14  # part 1's 'none' row at s=2 is shared with part 2
+    assert len(keys) == len(data["cells"]) == 17  # part 1's 'none' row at s=2 is shared with part 2
     for cell in data["cells"]:
         s = cell["staleness"]
+        # versions count rollout batches (4 optimizer steps each), as in the paper's code
         assert cell["behaviour_versions"] == [max(0, t - s) for t in range(3)]
+        assert cell["learner_versions"] == [0, 1, 2]
         assert len(cell["kl"]) == 3 and 0.0 <= cell["accuracy"] <= 1.0
+        if "loss.kind=reverse_kl_mc" in cell["overrides"]:
+            # measured before the batch's first update: ~0 when fresh, > 0 once stale
+            measured = cell["metrics"]["drift"]
+            assert len(measured) == 3 and measured[0] < 1e-8
+            if s > 0:
+                assert measured[-1] > 1e-8
+    assert data["calibration"]["target"] == 1e-3 and len(data["calibration"]["rounds"]) >= 1
+    assert data["size"]["minibatches_per_batch"] == 4
     assert set(data["probes"][0]["stats"]) >= set(PROBE_ROWS)
 
     for name in PLOTS:

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     add_config_args(p)  # -c defaults to configs/toy.yaml here (see _run)
     p.add_argument("--out", type=Path, default=Path("results/study"), help="output folder (default results/study)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; --quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="learner steps per cell (default 150; --quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="rollout batches per cell (default 150; --quick 3)")
     p.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3 (default 1,2,3)")
     p.add_argument("--test-size", type=int, default=None, help="test prompts per evaluation (default 200)")
     p.add_argument("--draws", type=int, default=None, help="R: gradient draws per MC estimator in part 3a (default 32)")
@@ -36,12 +36,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="cells trained in parallel, one process and one torch thread each (default: min(2, CPUs))",
     )
     p.add_argument(
+        "--minibatches-per-batch",
+        type=int,
+        default=None,
+        help="optimizer steps per rollout batch (learner.mini_batches; π_prox fixed per batch; default 4 as in "
+        "the paper's code); a version of staleness is one rollout batch",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first choose learner.lr so that one version of staleness gives a median (log π_θ/μ)² of about 1e-3 "
+        "(short runs at s=1), then run the study at that lr",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="re-render study.md and the plots from an existing <out>/study.json without training",
     )
     p.add_argument(
-        "--quick", action="store_true", help="tiny study for tests: 1 seed, 3 steps, 2 staleness values, R=4"
+        "--quick",
+        action="store_true",
+        help="tiny study for CI: 1 seed, 3 rollout batches, 2 staleness values, R=4 (every row still trains)",
     )
     p.set_defaults(func=_run)
 
@@ -69,7 +84,12 @@ def _run(args: argparse.Namespace) -> int:
     base = source.config()
     size = StudySize.quick() if args.quick else StudySize()
     changes: dict[str, object] = {"seeds": seeds_from(base.seed, args.seeds or len(size.seeds))}
-    for name, value in (("steps", args.steps), ("test_size", args.test_size), ("draws", args.draws)):
+    for name, value in (
+        ("steps", args.steps),
+        ("test_size", args.test_size),
+        ("draws", args.draws),
+        ("minibatches_per_batch", args.minibatches_per_batch),
+    ):
         if value is not None:
             if value < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -79,13 +99,31 @@ def _run(args: argparse.Namespace) -> int:
         parts = parse_parts(args.parts)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if size.minibatches_per_batch > base.learner.batch_size:
+        raise SystemExit(
+            f"--minibatches-per-batch {size.minibatches_per_batch} > learner.batch_size {base.learner.batch_size}"
+        )
+    source = Source(source.path, (*source.overrides, f"learner.mini_batches={size.minibatches_per_batch}"))
     plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
+    calibration = None
+    if args.calibrate:
+        from asyncopd.lab.study.runner import calibrate_lr, quiet_process
+
+        quiet_process()
+        calibration = calibrate_lr(source, plan, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        source = Source(source.path, (*source.overrides, f"learner.lr={calibration['lr']:g}"))
     print(
         f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps, "
         f"seeds {list(size.seeds)}, {args.workers} worker(s) -> {args.out}",
         file=sys.stderr,
     )
-    run = run_study(source, plan, args.workers, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    run = run_study(
+        source,
+        plan,
+        args.workers,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        calibration=calibration,
+    )
     written = write_report(Results(plan, run), source, args.out, args.workers)
     print(f"wrote {written['markdown']} and {written['json']} ({run.wall_seconds / 60:.1f} min)")
     return 0

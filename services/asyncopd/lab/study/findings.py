@@ -61,7 +61,14 @@ def part1(results: Results) -> Finding | None:
 def part2(results: Results) -> Finding | None:
     plan = results.plan
     rows = plan.part2_rows()
-    recompute, stabilizers, none = rows[0], rows[1:4], rows[-1]
+    # every stabilizer against the recompute row with the same ratio handling (clip 0.2 / unclipped)
+    recompute, none = rows[0], rows[-1]
+    # (IS only and none are not stabilizers: they are the uncorrected signal with / without IS)
+    stabilizers = [
+        r
+        for r in rows
+        if r.reference is not None and not {"loss.correction=is", "loss.correction=none"} & set(r.overrides)
+    ]
     stalenesses = [s for s in plan.size.part2_staleness if all(results.has(r, s) for r in rows)]
     if not stalenesses:
         return None
@@ -71,17 +78,21 @@ def part2(results: Results) -> Finding | None:
         best = ranked[0]
         diffs = []
         for row in stabilizers:
-            d = paired(results.accuracies(row, s), results.accuracies(recompute, s))
+            assert row.reference is not None
+            d = paired(results.accuracies(row, s), results.accuracies(plan.row(row.reference), s))
             sign = sign_of(d)
             worse += sign < 0
             better += sign > 0
             diffs.append(f"{_short(row.label)} {d.signed()}")
-        vs_none = paired(results.accuracies(recompute, s), results.accuracies(none, s))
+        vs_none = paired(
+            results.accuracies(plan.row(none.reference or recompute.label), s), results.accuracies(none, s)
+        )
         before = float(results.run.baseline["student_accuracy"])
         below = [_short(r.label) for r in rows if results.accuracy(r, s).mean < before]
         pieces.append(
             f"at s={s} the best row is {_short(best.label)} ({results.accuracy(best, s).text()}); "
-            f"stabilizer minus recompute: {', '.join(diffs)}; recompute minus none: {vs_none.signed()}; "
+            f"stabilizer minus matched recompute: {', '.join(diffs)}; recompute unclipped minus none: "
+            f"{vs_none.signed()}; "
             f"{len(below)} of {len(rows)} rows end below the untrained student ({before:.3f})"
             + (f": {', '.join(below)}" if below else "")
         )

@@ -1,8 +1,10 @@
 """A fixed-staleness OPD trainer in one process, on the pipeline's real code paths.
 
 The full pipeline (`asyncopd run`) yields a *distribution* of staleness under a bound; the study
-needs staleness fixed: at learner step t (the trainer at version t), the rollouts come from the
-student of version max(0, t - s). `StalenessHarness` builds that from the project's own parts:
+needs staleness fixed: at rollout batch t (the student after t batches), the rollouts come from
+the student of version max(0, t - s). A version is one rollout batch, on which the trainer takes
+`learner.mini_batches` optimizer steps with π_prox fixed for the batch (the paper code counts
+versions the same way). `StalenessHarness` builds that from the project's own parts:
 
 - generation: `TransformersEngine` holding a second copy of the student, with the support the
   configured estimator needs (`rollout.main.support_for`: student top-K or N MC draws with
@@ -16,7 +18,10 @@ student of version max(0, t - s). `StalenessHarness` builds that from the projec
 
 The version each step's rollouts were generated with is read back from the rollouts themselves
 (`Rollout.versions`, stamped by the engine), so `CellResult.behaviour_versions` is a
-measurement, not a restatement of the formula. Same config (seed included) => same result.
+measurement, not a restatement of the formula. So is the drift: for estimators that record
+log μ, `metrics["drift"]` holds per batch the mean (log π_θ/μ)² over the first mini-batch's
+samples, measured by the loss before any update on that batch — the staleness in log-ratio
+units rather than versions. Same config (seed included) => same result.
 
 It knows the project's model/engine/scorer/trainer classes; it knows nothing of Redis, gRPC,
 plots or the study's plan.
@@ -139,12 +144,13 @@ class StalenessHarness:
     """Trains one fresh student with every step's rollouts exactly `staleness` versions old."""
 
     def __init__(self, config: RunConfig, staleness: int, shared: StudyModels) -> None:
-        if config.learner.mini_batches != 1:
+        if config.learner.mini_batches > config.learner.batch_size:
             raise ValueError(
-                f"learner.mini_batches={config.learner.mini_batches}: the harness fixes staleness per "
-                "optimizer step, so it needs one optimizer step per batch (set learner.mini_batches=1)"
+                f"learner.mini_batches={config.learner.mini_batches} > learner.batch_size="
+                f"{config.learner.batch_size}: every optimizer step needs at least one rollout"
             )
         self.config = config
+        self.mini_batches = config.learner.mini_batches
         self.staleness = staleness
         self.shared = shared
         seed_everything(config.seed)
@@ -160,7 +166,7 @@ class StalenessHarness:
             engine_model, tokenizer, "study-rollout", max_model_len=config.rollout.max_model_len
         )
         self.ring = SnapshotRing(staleness)
-        self.ring.push(self.trainer.version, self.trainer.named_weights())
+        self.ring.push(self.version, self.trainer.named_weights())
         vocab = int(student.config.vocab_size)
 
         def tokenize(text: str) -> list[int]:
@@ -173,10 +179,15 @@ class StalenessHarness:
         self.teacher_tail = config.teacher.tail and self.teacher_topk > 0
         self.sampling = sampling_from_config(config)
 
+    @property
+    def version(self) -> int:
+        """Rollout batches trained so far (the trainer counts optimizer steps: mini_batches per batch)."""
+        return self.trainer.version // self.mini_batches
+
     def prompts(self, step: int) -> list[Prompt]:
         """The batch of step `step`: consecutive positions of the catalog, as the cache hands them out."""
         size = self.config.learner.batch_size
-        return [self.catalog.prompt(pos, "", self.trainer.version) for pos in range(step * size, (step + 1) * size)]
+        return [self.catalog.prompt(pos, "", self.version) for pos in range(step * size, (step + 1) * size)]
 
     def rollouts(self, step: int) -> list[Rollout]:
         """Generate step `step`'s rollouts with the ring's version max(0, step - s)."""
@@ -211,16 +222,21 @@ class StalenessHarness:
         learner: list[int] = []
         metrics: dict[str, list[float]] = {}
         for step in range(steps):
-            if self.trainer.version != step:
-                raise AssertionError(f"learner at version {self.trainer.version} at step {step}")
+            if self.trainer.version != step * self.mini_batches:
+                raise AssertionError(f"learner at optimizer step {self.trainer.version} at batch {step}")
             rollouts = self.rollouts(step)
             versions = {int(v) for r in rollouts for v in r.versions}
             if len(versions) != 1:
                 raise AssertionError(f"step {step}: rollouts carry several versions {sorted(versions)}")
             behaviour.append(versions.pop())
-            learner.append(self.trainer.version)
-            stats = self.trainer.train(self.score(rollouts))[-1]
-            self.ring.push(self.trainer.version, self.trainer.named_weights())
+            learner.append(self.version)
+            every = self.trainer.train(self.score(rollouts))
+            if len(every) != self.mini_batches:
+                raise AssertionError(f"batch {step}: {len(every)} optimizer steps, expected {self.mini_batches}")
+            stats = every[-1]
+            self.ring.push(self.version, self.trainer.named_weights())
+            if "log_ratio_sq_mean" in every[0].metrics:
+                metrics.setdefault("drift", []).append(float(every[0].metrics["log_ratio_sq_mean"]))
             kl.append(float(stats.metrics.get("kl", float("nan"))))
             for name in ("ratio_mean", "clipped_fraction", "masked_fraction"):
                 if name in stats.metrics:

@@ -11,7 +11,15 @@ Choices (reported in study.md):
   Part 1 uses it as the pipeline would without the OPD fix: the reverse-KL signal computed at
   rollout time (advantage=rollout) and no importance correction (correction=none).
 - the RL stabilizers of part 2 act on that rollout-time signal (advantage=rollout), as they act
-  on a reward fixed at rollout time in RL; the OPD fix recomputes it (advantage=recompute, is).
+  on a reward fixed at rollout time in RL; the OPD fix recomputes it (advantage=recompute).
+  Ratio handling is matched (issue 18): every clipped row is compared with recompute at the same
+  clip 0.2 (the paper code's default for every policy-gradient mode), every unclipped row with
+  recompute unclipped (the paper's AsyncOPD configs, clip 1e6). rollout + IS + clip 0.2 is the
+  paper code's uncorrected baseline (it has no "none": turning IS off there forces recompute).
+  Both M2POs run (`m2po` = the masking rule, `m2po_clip` = the paper code's dynamic clip), and
+  decoupled PPO in both its variants (behaviour weight masked / truncated above the cap).
+- every rollout batch is `minibatches_per_batch` optimizer steps (the paper code's 4; π_prox is
+  fixed per rollout batch), and versions and staleness count rollout batches, as in that code.
 - part 3 trains at staleness 1 (one-step-off, the mildest asynchrony) with the MC-correctable
   estimator (recompute + is). N is bounded by the vocabulary in the rollout engine (N <= |V|),
   so training stops at N = |V| = 32 on the toy; the offline probe draws N = 64 too.
@@ -31,6 +39,8 @@ class Row:
 
     label: str
     overrides: tuple[str, ...]
+    reference: str | None = None
+    """Label of the row a table's Δ column compares this one with (matched ratio handling)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,12 @@ class StudySize:
     probe_mc_sizes: tuple[int, ...] = (1, 4, 16, 64)
     probe_topk_sizes: tuple[int, ...] = (1, 2, 4, 8)
     draws: int = 32
+    minibatches_per_batch: int = 4
+    """Optimizer steps per rollout batch (`learner.mini_batches`); a version is one rollout batch."""
+    calibration_target: float = 1e-3
+    """`--calibrate`: the median (log π_θ/μ)² one version of staleness should produce."""
+    calibration_steps: int = 12
+    """`--calibrate`: rollout batches per calibration run."""
 
     @classmethod
     def quick(cls) -> StudySize:
@@ -70,6 +86,7 @@ class StudySize:
             part1_staleness=(0, 2),
             part2_staleness=(2,),
             draws=4,
+            calibration_steps=3,
         )
 
 
@@ -103,22 +120,36 @@ class StudyPlan:
         return [self.forward_row, self.reverse_row]
 
     def part2_rows(self) -> list[Row]:
-        def mc(label: str, advantage: str, correction: str) -> Row:
+        """Recompute (clip 0.2, unclipped) first, then every stale-signal row with its matched reference."""
+
+        def mc(label: str, advantage: str, correction: str, *extra: str, reference: str | None = None) -> Row:
             overrides = _reverse(
                 "loss.kind=reverse_kl_mc",
                 f"loss.k={self.k}",
                 f"loss.advantage={advantage}",
                 f"loss.correction={correction}",
+                *extra,
             )
-            return Row(f"{label} (advantage={advantage}, correction={correction})", overrides)
+            return Row(f"{label} (advantage={advantage}, correction={correction})", overrides, reference)
 
+        clipped = mc("recompute, clip 0.2", "recompute", "ppo_clip")
+        unclipped = mc("recompute, unclipped", "recompute", "is")
         return [
-            mc("recompute at learner", "recompute", "is"),
-            mc("PPO clip", "rollout", "ppo_clip"),
-            mc("decoupled PPO", "rollout", "decoupled"),
-            mc("M2PO", "rollout", "m2po"),
-            mc("IS only", "rollout", "is"),
-            mc("none", "rollout", "none"),
+            clipped,
+            unclipped,
+            mc("PPO clip 0.2 = paper baseline", "rollout", "ppo_clip", reference=clipped.label),
+            mc("decoupled PPO, mask", "rollout", "decoupled", "loss.decoupled_mode=mask", reference=clipped.label),
+            mc(
+                "decoupled PPO, truncate",
+                "rollout",
+                "decoupled",
+                "loss.decoupled_mode=truncate",
+                reference=clipped.label,
+            ),
+            mc("M2PO dynamic clip", "rollout", "m2po_clip", reference=clipped.label),
+            mc("M2PO mask", "rollout", "m2po", reference=unclipped.label),
+            mc("IS only", "rollout", "is", reference=unclipped.label),
+            mc("none", "rollout", "none", reference=unclipped.label),
         ]
 
     def part3_rows(self) -> list[Row]:
@@ -157,6 +188,21 @@ class StudyPlan:
         if part == 3:
             return (self.size.part3_staleness,)
         raise ValueError(f"parts are 1, 2, 3; got {part}")
+
+    def row(self, label: str) -> Row:
+        """The row of any part with this label."""
+        for part in (1, 2, 3):
+            for row in self.rows_of(part):
+                if row.label == label:
+                    return row
+        raise KeyError(label)
+
+    def calibration_row(self) -> Row:
+        """What `--calibrate` trains: the MC-correctable estimator at N = K (its drift is the lr's)."""
+        return Row(
+            f"calibration (reverse_kl_mc, N={self.k}, recompute, is)",
+            _reverse("loss.kind=reverse_kl_mc", f"loss.k={self.k}", "loss.advantage=recompute", "loss.correction=is"),
+        )
 
     def rows_of(self, part: int) -> list[Row]:
         if part == 1:

@@ -34,10 +34,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+DRIFT_LABEL = "staleness as drift: median (log π_θ/μ)²"
+
+
+def _drift(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2e}"
+
+
+def drift_table(results: Results) -> list[str]:
+    """Staleness in versions and in measured drift, with the lr calibration when there was one."""
+    plan = results.plan
+    ss = sorted({*plan.size.part1_staleness, *plan.size.part2_staleness, plan.size.part3_staleness})
+    body = [
+        [str(s), _drift(results.drift(s)), _drift(results.drift(s) / s) if s else "—"]
+        for s in ss
+        if s in plan.size.part1_staleness or s in plan.size.part2_staleness or s == plan.size.part3_staleness
+    ]
+    lines = [
+        "### Table 0: staleness in versions and in measured drift",
+        "",
+        "Drift = (log π_θ(y) − log μ(y))² over the first mini-batch's samples, measured by the loss before any update "
+        "on that batch (MC rows only); median over each cell's batches that are exactly s versions stale, then over "
+        "cells.",
+        "",
+    ]
+    lines += _table(["s (versions)", "median (log π_θ/μ)²", "per version"], body)
+    cal = results.run.calibration
+    if cal:
+        rounds = "; ".join(f"lr {r['lr']:.3g} → {_drift(r['drift'])}" for r in cal["rounds"])
+        lines += ["", f"lr calibrated for {cal['target']:g} per version: {rounds}; chosen lr {cal['lr']:g}."]
+    return lines
+
+
 def part1_tables(results: Results) -> list[str]:
     plan = results.plan
     ss = plan.size.part1_staleness
     acc = [[row.label, *(results.accuracy(row, s).text() for s in ss)] for row in plan.part1_rows()]
+    acc.append([DRIFT_LABEL, *(_drift(results.drift(s)) for s in ss)])
     lines = ["### Table 1a: accuracy (mean ± std over seeds)", ""]
     lines += _table(["estimator", *(f"s={s}" for s in ss)], acc)
     if 0 in ss:
@@ -51,17 +84,24 @@ def part2_tables(results: Results) -> list[str]:
     plan = results.plan
     ss = plan.size.part2_staleness
     rows = plan.part2_rows()
-    recompute = rows[0]
     body = []
     for row in rows:
         cells = [results.accuracy(row, s).text() for s in ss]
-        deltas = [
-            "—" if row is recompute else paired(results.accuracies(row, s), results.accuracies(recompute, s)).signed()
-            for s in ss
-        ]
-        body.append([row.label, *cells, *deltas])
+        if row.reference is None:
+            deltas = ["—" for _ in ss]
+        else:
+            ref = plan.row(row.reference)
+            deltas = [paired(results.accuracies(row, s), results.accuracies(ref, s)).signed() for s in ss]
+        matched = "—" if row.reference is None else row.reference.split(" (")[0]
+        body.append([row.label, *cells, matched, *deltas])
+    body.append([DRIFT_LABEL, *(_drift(results.drift(s)) for s in ss), "", *("" for _ in ss)])
     lines = [f"### Table 2: reverse KL (reverse_kl_mc, N={plan.k}) under staleness, by correction", ""]
-    lines += _table(["correction", *(f"acc s={s}" for s in ss), *(f"Δ vs recompute s={s}" for s in ss)], body)
+    lines += _table(["correction", *(f"acc s={s}" for s in ss), "compared with", *(f"Δ vs it s={s}" for s in ss)], body)
+    lines += [
+        "",
+        "Ratio handling is matched: clipped rows (PPO clip, decoupled, M2PO dynamic clip) are compared with "
+        "recompute at clip 0.2, unclipped ones (M2PO mask, IS only, none) with recompute unclipped.",
+    ]
     reference = plan.reverse_row
     if results.has(reference, 0):
         lines += [
@@ -119,11 +159,13 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         f"- student `{config.models.student}` → teacher `{config.models.teacher}`; greedy test accuracy before "
         f"training {base['student_accuracy']:.3f}, teacher {base['teacher_accuracy']:.3f} "
         f"(on the same {base['test_size']} test prompts)",
-        f"- every cell: {size.steps} learner steps × {config.learner.batch_size} rollouts, lr {config.learner.lr}, "
+        f"- every cell: {size.steps} rollout batches × {config.learner.batch_size} rollouts, each batch "
+        f"{config.learner.mini_batches} optimizer steps (π_prox fixed per batch), lr {config.learner.lr}, "
         f"warm-up {config.learner.warmup_steps}, sampling temperature {config.rollout.sampling.temperature}, "
         f"greedy accuracy on {base['test_size']} fixed test prompts after the last step",
-        "- staleness fixed exactly: the rollouts of learner step t come from student version max(0, t − s) "
-        "(checked per step from the versions the engine stamps on each rollout)",
+        "- staleness fixed exactly, in versions = rollout batches (as in the paper's code): the rollouts of batch t "
+        "come from student version max(0, t − s) (checked per batch from the versions the engine stamps on each "
+        "rollout); Table 0 gives the same staleness as measured drift",
         f"- seeds {', '.join(map(str, size.seeds))}; differences are paired by seed; a difference is called "
         f"real when it exceeds 2 standard errors over seeds",
         f"- reverse KL in parts 1–2: `reverse_kl_mc` with N = K = {plan.k} samples per position (the same number "
@@ -136,6 +178,7 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         f"{len(run.cells)} trained cells",
         "",
     ]
+    lines += ["## Staleness", "", *drift_table(results), ""]
     if 1 in plan.parts:
         lines += ["## Part 1: forward vs reverse KL under staleness", "", *part1_tables(results), ""]
     if 2 in plan.parts:
@@ -155,8 +198,8 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         "- The loss's `kl` metric (the learning curves) is estimator-specific: the top-K forward KL for forward "
         "KL, an importance-sampled estimate of KL(π_θ‖p) on the rollout samples for MC reverse KL; compare curves "
         "within a plot, not across estimators.",
-        f"- Small-model, small-step study ({size.steps} steps): effects the paper reports at scale may not show, "
-        "and seed noise is large; read the ± columns.",
+        f"- Small-model, small-step study ({size.steps} rollout batches): effects the paper reports at scale may "
+        "not show, and seed noise is large; read the ± columns.",
         "",
         "## Figures",
         "",
@@ -194,6 +237,7 @@ def study_json(results: Results, source: Source, workers: int) -> dict[str, Any]
             "rows": rows,
             "cells": run.cells,
             "probes": run.probes,
+            "calibration": run.calibration,
             "findings": [asdict(f) for f in all_findings(results)],
         }
     )
@@ -228,6 +272,10 @@ def load_results(path: Path) -> tuple[Results, Source, int]:
     size = StudySize(**fields)
     plan = StudyPlan(k=int(data["k"]), size=size, parts=tuple(data["parts"]))
     run = StudyRun(
-        cells=data["cells"], probes=data["probes"], baseline=data["baseline"], wall_seconds=float(data["wall_seconds"])
+        cells=data["cells"],
+        probes=data["probes"],
+        baseline=data["baseline"],
+        wall_seconds=float(data["wall_seconds"]),
+        calibration=data.get("calibration"),
     )
     return Results(plan, run), Source(data["config"], tuple(data["overrides"])), int(data["workers"])

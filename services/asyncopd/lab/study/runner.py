@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import multiprocessing
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -63,13 +65,58 @@ def _shared(config: RunConfig, test_size: int) -> StudyModels:
     return _MODELS[key]
 
 
-def train_cell(source: Source, cell: Cell, steps: int, test_size: int) -> dict[str, Any]:
+def train_cell(
+    source: Source, cell: Cell, steps: int, test_size: int, *, evaluate_at_end: bool = True
+) -> dict[str, Any]:
     """Train one cell and return its record (study.json's `cells` entries)."""
     overrides = (*cell.overrides, f"seed={cell.seed}")
     config = source.config(*overrides)
     harness = StalenessHarness(config, cell.staleness, _shared(config, test_size))
-    result = harness.run(steps)
+    result = harness.run(steps, evaluate_at_end=evaluate_at_end)
     return {"key": cell.key, "overrides": list(cell.overrides), **asdict(result)}
+
+
+def median_drift(record: dict[str, Any]) -> float:
+    """Median over a cell's batches t ≥ s (the ones exactly s versions stale) of the measured (log π_θ/μ)²."""
+    drift = record.get("metrics", {}).get("drift") or []
+    tail = [d for d in drift[int(record["staleness"]) :] if d is not None and math.isfinite(d)]
+    return statistics.median(tail) if tail else math.nan
+
+
+def calibrate_lr(
+    source: Source,
+    plan: StudyPlan,
+    *,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The lr at which one version of staleness moves the median (log π_θ/μ)² to `calibration_target`.
+
+    Trains the plan's calibration row at s = 1 for `calibration_steps` batches; drift grows
+    like lr² for small steps, so each round rescales lr by sqrt(target / measured). Returns the
+    chosen lr and every round's (lr, drift).
+    """
+    say = progress or (lambda _msg: None)
+    size = plan.size
+    row = plan.calibration_row()
+    lr = float(source.config().learner.lr)
+    history: list[dict[str, float]] = []
+    for _ in range(rounds):
+        cell = Cell(row.overrides, 1, size.seeds[0])
+        record = train_cell(
+            Source(source.path, (*source.overrides, f"learner.lr={lr:.6g}")),
+            cell,
+            size.calibration_steps,
+            size.test_size,
+            evaluate_at_end=False,
+        )
+        drift = median_drift(record)
+        history.append({"lr": lr, "drift": drift})
+        say(f"calibrate: lr {lr:.3g} -> median (log r)^2 per version {drift:.3g} (target {size.calibration_target:g})")
+        if not math.isfinite(drift) or drift <= 0:
+            break
+        lr = lr * math.sqrt(size.calibration_target / drift)
+    return {"lr": float(f"{lr:.3g}"), "target": size.calibration_target, "rounds": history}
 
 
 def probe_seed(
@@ -114,10 +161,16 @@ class StudyRun:
     probes: list[dict[str, Any]]
     baseline: dict[str, Any]
     wall_seconds: float
+    calibration: dict[str, Any] | None = None
+    """`calibrate_lr`'s record when `--calibrate` chose the lr (else None)."""
 
 
 def run_study(
-    source: Source, plan: StudyPlan, workers: int = 1, progress: Callable[[str], None] | None = None
+    source: Source,
+    plan: StudyPlan,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> StudyRun:
     """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel."""
     say = progress or (lambda _msg: None)
@@ -166,4 +219,5 @@ def run_study(
         probes=[results[f"probe seed={seed}"] for seed in size.seeds] if 3 in plan.parts else [],
         baseline=results["baseline"],
         wall_seconds=time.perf_counter() - start,
+        calibration=calibration,
     )

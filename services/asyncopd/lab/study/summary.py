@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncopd.lab.study.plan import Cell, Row, StudyPlan
-from asyncopd.lab.study.runner import StudyRun
+from asyncopd.lab.study.runner import StudyRun, median_drift
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,9 @@ class Results:
 
     def probe_labels(self) -> list[str]:
         return list(self.run.probes[0]["stats"]) if self.run.probes else []
+
+    def drift(self, staleness: int) -> float:
+        """Staleness in log-ratio units: median over every cell at `staleness` that measures it (MC
+        rows) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
+        values = [d for c in self.run.cells if int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))]
+        return statistics.median(values) if values else math.nan
