@@ -91,7 +91,7 @@ class RunningCache:
         self.server.stop(grace)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self.store.redis.close()
+        self.store.close()
 
 
 def start_cache(

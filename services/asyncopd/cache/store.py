@@ -19,6 +19,12 @@ scripts. It knows the eviction policies and the accounting:
 where in_flight = unscored (incl. being scored) + scored + claimed by a learner, each counted
 separately in Redis, so the equation is a real consistency check, not a definition.
 
+Waiting requests (AcquirePrompts, PullBatch with wait_ms) do not poll: the scripts that make
+room or add scored samples PUBLISH a wake-up (`<prefix>:wake:prompts`, `<prefix>:wake:batch`),
+one listener thread per store turns it into a condition variable, and a waiter re-runs its
+script only when woken or every `poll_s` (a fallback for time-based events such as expired
+leases, and for a wake-up missed while reconnecting). Idle replicas cost ~nothing.
+
 Redis connection errors are retried with backoff for `retry_s`; past that the call raises
 `CacheUnavailable`. When Redis comes back empty (restarted without persistence), the store
 re-creates its run state, counts a reset, and treats rollouts answering tickets of the lost
@@ -28,6 +34,7 @@ state as produced-then-dropped (reason `lost`): their prompts are handed out aga
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -65,7 +72,7 @@ class StorePolicy:
     prompt_lease_s: float = 120.0
     batch_claim_s: float = 120.0
     retry_s: float = 30.0
-    poll_s: float = 0.01
+    poll_s: float = 0.25  # fallback re-check of a waiting request (wake-ups come by pub/sub)
     payload_ttl_s: float = 600.0  # frames without accepted metadata expire after this long
 
 
@@ -237,6 +244,10 @@ class ExperienceStore:
         # guess: a script finding another version answers with it, and the call is rerun).
         self._version_hint = 0
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
+        self._wake = threading.Condition()
+        self._woken = {"prompts": 0, "batch": 0}  # wake-ups seen per channel
+        self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
         self._retrying(self._ensure_state)
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -315,14 +326,53 @@ class ExperienceStore:
             ver = self._version_hint = int(res[1])
         raise CacheUnavailable(f"the learner version kept moving under {name} (8 reruns); retry")
 
-    def _wait(self, op: Callable[[], T | None], wait_ms: int) -> T | None:
-        """Run `op` until it returns non-None or `wait_ms` has passed (at least once)."""
+    def _wait(self, op: Callable[[], T | None], wait_ms: int, channel: str) -> T | None:
+        """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
+        runs, sleep until a wake-up on `channel` ("prompts" or "batch") or `poll_s`."""
         deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
         while True:
+            seen = self._woken[channel]
             result = self._retrying(op)
-            if result is not None or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if result is not None or left <= 0:
                 return result
-            time.sleep(self.policy.poll_s)
+            self._listen()
+            with self._wake:
+                if self._woken[channel] == seen:  # nothing happened while op ran
+                    self._wake.wait(min(left, self.policy.poll_s))
+
+    def _listen(self) -> None:
+        """Start the wake-up listener (once, on the first wait)."""
+        with self._wake:
+            if self._listener is None and not self._closed.is_set():
+                self._listener = threading.Thread(target=self._listen_loop, name="cache-wake", daemon=True)
+                self._listener.start()
+
+    def _listen_loop(self) -> None:
+        channels = {self.key(f"wake:{c}").encode(): c for c in self._woken}
+        while not self._closed.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*channels)
+                while not self._closed.is_set():
+                    msg = pubsub.get_message(timeout=0.2)
+                    if msg is not None and msg.get("channel") in channels:
+                        with self._wake:
+                            self._woken[channels[msg["channel"]]] += 1
+                            self._wake.notify_all()
+            except redis.RedisError as exc:  # waiters fall back to poll_s until it is back
+                if not self._closed.is_set():
+                    log.debug("wake-up listener: %s; resubscribing", exc)
+                    self._closed.wait(0.5)
+            finally:
+                pubsub.close()
+
+    def close(self) -> None:
+        """Stop the wake-up listener and close the Redis client."""
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join(timeout=1.0)
+        self.redis.close()
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -359,7 +409,7 @@ class ExperienceStore:
             out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
             return out if tickets or out.finished else None
 
-        got = self._wait(once, wait_ms)
+        got = self._wait(once, wait_ms, "prompts")
         if got is None or (len(got.tickets) < max_prompts and not got.finished):
             # counted once per request (not per poll): how often producers find admission full
             self._retrying(lambda: self.redis.hincrby(self.key("cnt"), "admission_blocked", 1))
@@ -585,7 +635,7 @@ class ExperienceStore:
             kept = [(m, int(res[1]) - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
             return PulledBatch(bid, int(res[1]), [m for m, _ in kept], [st for _, st in kept])
 
-        batch = self._wait(once, wait_ms)
+        batch = self._wait(once, wait_ms, "batch")
         return PullOutcome(batch, totals["version"], totals["returned"], totals["stale"])
 
     def note_refused(self, batch_id: str, refused: dict[str, str]) -> None:

@@ -57,7 +57,11 @@ class CacheConfig(Section):
         10000, ge=0, description="Longest server-side wait a request may ask for (longer waits are cut to this)."
     )
     poll_interval_ms: float = Field(
-        10.0, gt=0, description="How often a waiting request re-checks Redis for prompts or a full batch."
+        250.0,
+        gt=0,
+        description="How often a waiting request re-checks Redis without a wake-up (waits end on pub/sub wake-ups "
+        "from the scripts that free admission slots or add scored samples; this covers expired leases and "
+        "missed wake-ups).",
     )
     payload_ttl_s: float = Field(
         600.0,

@@ -30,4 +30,5 @@ redis.call('HSET', bh, 'acked', n)
 redis.call('DEL', bh .. ':ids', bh .. ':refused')
 redis.call('ZREM', k('bclaim'), ARGV[1])
 redis.call('EXPIRE', bh, 3600)
+wake('prompts')
 return n

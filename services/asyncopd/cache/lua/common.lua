@@ -135,5 +135,9 @@ local function return_expired(now)
   return returned
 end
 
+-- Wake the cache processes' waiting requests (no polling): 'prompts' when admission may have
+-- room (slots freed, a new version, released tickets), 'batch' when the scored pool grew.
+local function wake(what) redis.call('PUBLISH', k('wake:' .. what), '1') end
+
 -- Redis came back empty (restart without persistence): let the caller rebuild the run state.
 if redis.call('EXISTS', k('run')) == 0 then return {'RESET'} end

@@ -13,4 +13,5 @@ for i = 3, #ARGV do
     n = n + 1
   end
 end
+if n > 0 then wake('prompts') end
 return {'OK', n}

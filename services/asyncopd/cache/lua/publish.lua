@@ -4,4 +4,5 @@ local cur = num(redis.call('GET', k('ver')))
 if v < cur then return {'BEHIND', cur} end
 redis.call('SET', k('ver'), v)
 if ARGV[2] == '1' then redis.call('SET', k('fin'), '1') end
+if v > cur or ARGV[2] == '1' then wake('prompts') end
 return {'OK', v}

@@ -6,7 +6,8 @@ local now, want_ver, oldest_usable, size = tonumber(ARGV[1]), tonumber(ARGV[2]),
 local order, bid, learner, claim = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 local ver = num(redis.call('GET', k('ver')))
 if want_ver < ver then return {'BEHIND', ver} end
-if want_ver > ver then
+local moved = want_ver > ver
+if moved then
   -- The learner is the authority on its version; pulling at v publishes v.
   redis.call('SET', k('ver'), want_ver)
   ver = want_ver
@@ -14,6 +15,8 @@ end
 local returned = return_expired(now)
 local stale_ids = redis.call('ZRANGEBYSCORE', k('scored'), '-inf', '(' .. fmt(oldest_usable * SHIFT))
 for _, sid in ipairs(stale_ids) do drop_sample(sid, 'stale') end
+if moved or #stale_ids > 0 then wake('prompts') end
+if returned > 0 then wake('batch') end
 if redis.call('ZCARD', k('scored')) < size then return {'WAIT', ver, returned, #stale_ids} end
 local ids
 if order == 'newest-first' then

@@ -45,7 +45,7 @@ if not victims then return {'FULL', bytes, total, budget} end
 local ev_stale = 0
 for _, v in ipairs(victims) do if v[2] == 'stale' then ev_stale = ev_stale + 1 end end
 local ev_n, ev_bytes = evict(victims, policy)
-local acc, dup, stale, lost = 0, 0, 0, 0
+local acc, dup, stale, lost, missing = 0, 0, 0, 0, 0
 for i = 1, n do
   local b = 6 + (i - 1) * W
   local sid, ticket, key = ARGV[b + 1], ARGV[b + 2], ARGV[b + 6]
@@ -67,7 +67,7 @@ for i = 1, n do
         redis.call('HINCRBY', k('drop'), kind == 'stale' and 'stale' or 'payload_missing', 1)
         redis.call('HINCRBY', k('cnt'), 'slots', -1)
         redis.call('DEL', key)
-        if kind == 'stale' then stale = stale + 1 end
+        if kind == 'stale' then stale = stale + 1 else missing = missing + 1 end
       else
         local nb = tonumber(ARGV[b + 7])
         local seq = redis.call('INCR', k('seq'))
@@ -81,4 +81,5 @@ for i = 1, n do
     end
   end
 end
+if ev_n + stale + missing > 0 then wake('prompts') end  -- admission slots were freed
 return {'OK', acc, dup, stale, lost, ev_n, ev_bytes, ev_stale}

@@ -64,4 +64,6 @@ for i = 1, n do
     acc = acc + 1
   end
 end
+if acc > 0 then wake('batch') end
+if stale + ev_n > 0 then wake('prompts') end
 return {'OK', acc, late, stale, ev_n, ev_bytes, ev_stale}

@@ -8,4 +8,5 @@ for i = 1, #ARGV - 1, 2 do
     n = n + 1
   end
 end
+if n > 0 then wake('prompts') end
 return n

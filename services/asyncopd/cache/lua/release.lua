@@ -8,5 +8,8 @@ for i = 2, #ARGV do
     released = released + 1
   end
 end
-if released > 0 then redis.call('HINCRBY', k('cnt'), 'released', released) end
+if released > 0 then
+  redis.call('HINCRBY', k('cnt'), 'released', released)
+  wake('prompts')
+end
 return released
