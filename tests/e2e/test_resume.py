@@ -1,6 +1,7 @@
 """An interrupted `asyncopd run`, continued with `--resume`: the learner starts from the
 checkpoint it wrote when it was stopped, the step log is appended to (versions go on without a
-gap or a repeat) and the run ends at its configured step count, in the same directory."""
+gap or a repeat) and the run ends at its configured step count, in the same directory. The
+resumed segment also runs the sampled evaluator beside the learner (`--eval-samples`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+# Two starts of the whole pipeline (~100 s idle, 135-200 s on the loaded 2-core box).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
@@ -78,7 +80,8 @@ def test_an_interrupted_run_resumed_continues_its_versions_and_step_log(tmp_path
 
     # --resume PATH without -c: the run's own run-config.yaml (steps, batch sizes) is used.
     resumed = subprocess.run(
-        [sys.executable, "-m", "asyncopd.cli", "run", "--resume", str(latest), *FLAGS],
+        # ... with the sampled evaluator beside the learner (a process reading checkpoints only)
+        [sys.executable, "-m", "asyncopd.cli", "run", "--resume", str(latest), "--eval-samples", "2", *FLAGS],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -108,3 +111,10 @@ def test_an_interrupted_run_resumed_continues_its_versions_and_step_log(tmp_path
     assert report["resumed_from_version"] == stopped_at
     assert report["steps"] == STEPS
     assert report["invariant_violations"] == []
+    # The evaluator never held the learner up, and the final checkpoint was evaluated after it stopped.
+    sampled = report["sampled_eval"]
+    assert sampled and sampled[-1]["version"] == STEPS
+    assert all(0.0 <= r["avg@2"] <= r["pass@2"] <= 1.0 and r["prompts"] == 16 for r in sampled)
+    assert [json.loads(line)["version"] for line in (run_dir / "eval_steps.jsonl").read_text().splitlines()] == [
+        r["version"] for r in sampled
+    ]

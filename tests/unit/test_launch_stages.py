@@ -30,6 +30,7 @@ RUN_ORDER = [
     "learner",
     "teachers",
     "rollouts",
+    "evaluator",
     "prometheus",
     "train",
     "drain",

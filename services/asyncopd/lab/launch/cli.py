@@ -7,8 +7,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asyncopd.cli.serve import add_config_args
+
+if TYPE_CHECKING:
+    from asyncopd.evaluation.watcher import EvalSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,11 +50,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         action="store_true",
         help="also start a local Prometheus scraping every service (prints its URL; needs the binary)",
     )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "also run the evaluator process beside the learner: every checkpoint it writes is sampled N times "
+            "per test prompt, Avg@N and pass@k into <run dir>/eval_steps.jsonl and the report (0 = off)"
+        ),
+    )
+    p.add_argument("--eval-k", default=None, help="comma-separated k of pass@k (default 1,N)")
     p.add_argument("--max-wall-s", type=float, default=None, help="give up if training takes longer than this")
     p.add_argument(
         "--startup-timeout-s", type=float, default=300.0, help="seconds each service may take to become healthy"
     )
     p.set_defaults(func=_run)
+
+
+def _sampled_eval(args: argparse.Namespace) -> EvalSettings | None:
+    from asyncopd.evaluation.watcher import EvalSettings
+
+    if args.eval_samples <= 0:
+        return None
+    n = args.eval_samples
+    ks = tuple(sorted({int(k) for k in (args.eval_k or f"1,{n}").split(",") if k.strip()}))
+    if not ks or ks[0] < 1 or ks[-1] > n:
+        raise SystemExit(f"asyncopd run: --eval-k must name k in 1..{n} (got {args.eval_k})")
+    return EvalSettings(n=n, ks=ks)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -84,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         max_wall_s=args.max_wall_s,
         startup_timeout_s=args.startup_timeout_s,
         resume=resume,
+        sampled_eval=_sampled_eval(args),
     )
     try:
         report = run_pipeline(config, options)

@@ -24,6 +24,7 @@ This module orchestrates; what each service does is its own package's business.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ from rich.console import Console
 from rich.live import Live
 
 from asyncopd.config import RunConfig, config_from_dict
+from asyncopd.evaluation.watcher import EVAL_LOG_NAME, EvalSettings
 from asyncopd.lab.launch.accuracy import evaluate_accuracy, final_student_dir
 from asyncopd.lab.launch.child_config import (
     RESOLVED_CONFIG_NAME,
@@ -94,6 +96,9 @@ class LaunchOptions:
     on_tick: Callable[[LocalRun, Snapshot], bool] | None = None
     # Continue this run (its directory and newest checkpoint) instead of starting a new one.
     resume: ResumePoint | None = None
+    # Run the evaluator process (asyncopd.evaluation.watcher) beside the learner: every
+    # checkpoint sampled n times per test prompt, Avg@n and pass@k into eval_steps.jsonl.
+    sampled_eval: EvalSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ class LocalRun:
             # so starting the producers last keeps the measured training wall time honest.
             Stage("teachers", self._start_teachers),
             Stage("rollouts", self._start_rollouts),
+            Stage("evaluator", self._start_evaluator),
             Stage("prometheus", self._start_prometheus),
             Stage("train", self._train),
             Stage("drain", self._drain),
@@ -291,6 +297,16 @@ class LocalRun:
         assert self.ports is not None
         self.services.start_replicas("rollout", self.ports.rollouts, self.ports.metrics)
 
+    def _start_evaluator(self) -> None:
+        """The sampled evaluator, a child reading checkpoints only: it cannot block the learner."""
+        s = self.options.sampled_eval
+        if s is None:
+            return
+        argv = [self.options.python, "-m", "asyncopd.evaluation.watcher", "-c", str(self.services.config_path)]
+        argv += ["--n", str(s.n), "--k", ",".join(map(str, s.ks)), "--poll-s", str(s.poll_s), "--device", s.device]
+        self.supervisor.start("evaluator", argv)
+        self.services.write_process_table()
+
     def _start_prometheus(self) -> None:
         if not self.options.prometheus:
             return
@@ -353,7 +369,7 @@ class LocalRun:
         self.found.stage_seconds = self.probe.busy_seconds(self.services.metrics_urls)
         grace = self.options.stop_grace_s
         for child in reversed(self.supervisor.children):
-            if child.name.startswith(("rollout-", "teacher-")):
+            if child.name.startswith(("rollout-", "teacher-")) or child.name == "evaluator":
                 child.stop(grace)
         self.found.final_stats = self.probe.final_stats()
         for child in reversed(self.supervisor.children):
@@ -364,6 +380,7 @@ class LocalRun:
             raise RuntimeError("the cache's final accounting could not be read; the report would be incomplete")
 
     def _evaluate_after(self) -> None:
+        self._evaluate_final_sampled()
         if not self.options.evaluate:
             return
         student = final_student_dir(self.out_dir / "checkpoints")
@@ -374,6 +391,31 @@ class LocalRun:
             return
         self.console.print(f"evaluating the trained student ({student}) ...")
         self.found.accuracy_after = evaluate_accuracy(str(student), self.config)
+
+    def _evaluate_final_sampled(self) -> None:
+        """The evaluator stopped with the producers; the learner's final checkpoint came after."""
+        s = self.options.sampled_eval
+        if s is None:
+            return
+        from asyncopd.evaluation.watcher import Evaluator
+        from asyncopd.lab.launch.rundir import CHECKPOINTS
+
+        config = self.config.model_copy(update={"output_dir": str(self.out_dir)})
+        config = config.model_copy(
+            update={"learner": config.learner.model_copy(update={"checkpoint_dir": str(self.out_dir / CHECKPOINTS)})}
+        )
+        evaluator = Evaluator(config, s, self.out_dir / EVAL_LOG_NAME)
+        done = self._sampled_records()
+        evaluator.last_version = done[-1]["version"] if done else None
+        record = evaluator.poll()
+        if record is not None:
+            self.console.print(f"sampled evaluation of version {record['version']}: {record}")
+
+    def _sampled_records(self) -> list[dict[str, Any]]:
+        path = self.out_dir / EVAL_LOG_NAME
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _report(self) -> None:
         found, opts = self.found, self.options
@@ -397,6 +439,8 @@ class LocalRun:
                 "resumed_from_version": None if opts.resume is None else opts.resume.version,
             },
         )
+        if opts.sampled_eval is not None:
+            report["sampled_eval"] = self._sampled_records()
         report_path = opts.report_path or self.out_dir / "report.json"
         if opts.plots:
             t0 = found.wall_start if opts.resume is None else None  # None: the run's first logged step
