@@ -151,6 +151,7 @@ class MetricsRecorder:
 
     def refresh(self, stats: StoreStats) -> None:
         self.m.in_flight.set(stats.in_flight)
+        self.m.unaccounted.set(stats.produced - stats.trained - sum(stats.dropped.values()) - stats.in_flight)
         self.m.bytes.set(stats.bytes_held)
         self.m.learner_version.set(stats.learner_version)
         for queue, depth in stats.queue_depth.items():

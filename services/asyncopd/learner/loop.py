@@ -149,13 +149,13 @@ class LearnerLoop:
                 version = self.trainer.version
                 every = self.settings.checkpoint_every
                 if self.save_checkpoint is not None and every and version // every > last_checkpoint // every:
-                    self.save_checkpoint()
+                    self._checkpoint()
                     last_checkpoint = version
                 if self.evaluate is not None and self.settings.eval_every and version % self.settings.eval_every == 0:
                     self._run_eval()
         finally:
             if self.save_checkpoint is not None and self.trainer.version != last_checkpoint:
-                self.save_checkpoint()
+                self._checkpoint()
             if self.tracker is not None:
                 self.tracker.close()
         if self.finished:
@@ -205,6 +205,19 @@ class LearnerLoop:
         """Cache calls retried because the cache (or its Redis) was unreachable."""
         return self._cache_outage.failures
 
+    def _checkpoint(self) -> None:
+        """Write a checkpoint; its time and its failures go to the metrics (the checkpoint-age and
+        checkpoint-failure alerts), a failure still propagates."""
+        assert self.save_checkpoint is not None
+        try:
+            self.save_checkpoint()
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.checkpoint_failures.inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.checkpoint_unixtime.set(time.time())
+
     def _ack(self, batch_id: str) -> None:
         try:
             self._cache_call("ack_batch", lambda: self.source.ack_batch(batch_id))
@@ -214,6 +227,8 @@ class LearnerLoop:
             # The cache lost the claim (Redis restarted empty) or let it expire: it counts those
             # samples (lost, or back in the pool); this learner must not count them again.
             self.acks_refused += 1
+            if self.metrics is not None:
+                self.metrics.acks_refused.inc()
             log.warning("ack of batch %s refused: %s", batch_id, err.details())  # type: ignore[attr-defined]
 
     def _iteration(self) -> bool:

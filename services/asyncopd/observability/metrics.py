@@ -241,6 +241,11 @@ class CacheMetrics:
         self.in_flight = _gauge(
             r, "asyncopd_cache_in_flight_samples", "Produced samples neither trained nor dropped yet."
         )
+        self.unaccounted = _gauge(
+            r,
+            "asyncopd_cache_unaccounted_samples",
+            "Produced - trained - dropped - in flight, in the Redis snapshot: 0 while the accounting invariant holds.",
+        )
         self.queue_depth = _gauge(r, "asyncopd_cache_queue_depth", "Items waiting in each queue.", ["queue"])
         self.redeliveries = _counter(
             r,
@@ -345,6 +350,17 @@ class LearnerMetrics:
             r, "asyncopd_learner_broadcast_receivers", "Rollout replicas in the current broadcast group."
         )
         self.eval_accuracy = _gauge(r, "asyncopd_learner_eval_accuracy", "Greedy accuracy of the last evaluation.")
+        self.acks_refused = _counter(
+            r,
+            "asyncopd_learner_acks_refused_total",
+            "Batch acks the cache refused (it lost or expired the claim): trained samples it counts otherwise.",
+        )
+        self.checkpoint_unixtime = _gauge(
+            r, "asyncopd_learner_checkpoint_unixtime", "Unix time of the last checkpoint written (0 before the first)."
+        )
+        self.checkpoint_failures = _counter(
+            r, "asyncopd_learner_checkpoint_failures_total", "Checkpoints that failed to write (disk full, I/O error)."
+        )
         for phase in LEARNER_PHASES:
             self.step_phase_seconds.labels(phase=phase)
 

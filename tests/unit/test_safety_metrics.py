@@ -1,0 +1,147 @@
+"""The metrics the loss/safety alerts read (deploy/prometheus/rules/alerts.yml, group
+asyncopd.safety) are recorded where the events happen: the learner counts refused acks and
+failed checkpoints and stamps the time of the last one; the cache publishes the accounting gap
+of its Redis snapshot (0 while produced = trained + dropped + in flight)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from asyncopd.cache.recorder import MetricsRecorder
+from asyncopd.cache.store import StorePolicy, StoreStats
+from asyncopd.learner.loop import LearnerLoop, LoopSettings
+from asyncopd.learner.trainer import StepStats
+from asyncopd.observability import metrics
+from asyncopd.wire.cache_client import Batch
+
+
+class Refused(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.FAILED_PRECONDITION
+
+    def details(self) -> str:
+        return "unknown batch (the cache lost the claim)"
+
+
+class Trainer:
+    def __init__(self) -> None:
+        self.version = 0
+
+    def train(self, samples: list[Any]) -> list[StepStats]:
+        self.version += 1
+        return [StepStats(self.version, len(samples), 10, 1e-3, 0.5, {"loss": 1.0})]
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [("w", torch.zeros(2))]
+
+
+class Cache:
+    """A BatchSource whose acks of the batches in `refuse` are refused (FAILED_PRECONDITION)."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.n = 0
+        self.published = 0
+
+    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch:
+        self.n += 1
+        return Batch(batch_id=f"b{self.n}", samples=[object()], staleness=[0])  # type: ignore[list-item]
+
+    def ack_batch(self, batch_id: str) -> int:
+        if batch_id in self.refuse:
+            raise Refused()
+        return 1
+
+    def publish_version(self, version: int, finished: bool = False) -> int:
+        self.published = version
+        return version
+
+    def published_version(self) -> int:
+        return self.published
+
+
+def value(registry: metrics.ServiceRegistry, name: str) -> float:
+    got = registry.get_sample_value(name, {"service": "learner", "replica": "l"})
+    assert got is not None, name
+    return got
+
+
+def loop(cache: Cache, steps: int, save: Any, registry: metrics.ServiceRegistry, tmp_path: Path) -> LearnerLoop:
+    return LearnerLoop(
+        Trainer(),  # type: ignore[arg-type]
+        cache,
+        None,
+        LoopSettings(steps=steps, batch_size=1, checkpoint_every=1),
+        stop=threading.Event(),
+        step_log=tmp_path / "steps.jsonl",
+        metrics=metrics.LearnerMetrics(registry, estimator="reverse_kl_mc"),
+        save_checkpoint=save,
+    )
+
+
+def test_refused_acks_and_checkpoints_are_counted(tmp_path: Path) -> None:
+    registry = metrics.ServiceRegistry("learner", "l", process_metrics=False)
+    saved: list[float] = []
+    before = time.time()
+    run = loop(Cache(refuse={"b2", "b3"}), 3, lambda: saved.append(time.time()), registry, tmp_path)
+    assert value(registry, "asyncopd_learner_checkpoint_unixtime") == 0.0
+    run.run()
+    assert run.acks_refused == 2
+    assert value(registry, "asyncopd_learner_acks_refused_total") == 2
+    assert len(saved) == 3
+    assert before <= value(registry, "asyncopd_learner_checkpoint_unixtime") <= time.time()
+    assert value(registry, "asyncopd_learner_checkpoint_failures_total") == 0
+
+
+def test_a_failed_checkpoint_is_counted_and_still_raised(tmp_path: Path) -> None:
+    registry = metrics.ServiceRegistry("learner", "l", process_metrics=False)
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    run = loop(Cache(refuse=set()), 3, full, registry, tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        run.run()
+    # The periodic checkpoint failed, then the final one on the way out: both counted.
+    assert value(registry, "asyncopd_learner_checkpoint_failures_total") == 2
+    assert value(registry, "asyncopd_learner_checkpoint_unixtime") == 0.0
+
+
+def stats(produced: int, trained: int, dropped: dict[str, int], in_flight: int) -> StoreStats:
+    return StoreStats(
+        learner_version=3,
+        admitted=produced,
+        produced=produced,
+        trained=trained,
+        dropped=dropped,
+        in_flight=in_flight,
+        bytes_held=0,
+        byte_budget=1,
+        queue_depth={},
+        staleness_served={},
+        evictions={},
+        max_staleness=2,
+        redis_errors=0,
+    )
+
+
+def test_the_cache_publishes_the_accounting_gap_of_its_snapshot() -> None:
+    registry = metrics.ServiceRegistry("cache", "c", process_metrics=False)
+    policy = StorePolicy(max_staleness=2, batch_size=4, byte_budget=1)
+    recorder = MetricsRecorder(metrics.CacheMetrics(registry), policy)
+
+    def gap() -> float | None:
+        return registry.get_sample_value("asyncopd_cache_unaccounted_samples", {"service": "cache", "replica": "c"})
+
+    recorder.refresh(stats(100, 60, {"stale": 25, "lost": 5}, 10))
+    assert gap() == 0
+    recorder.refresh(stats(100, 60, {"stale": 25, "lost": 5}, 7))  # three samples vanished
+    assert gap() == 3
+    recorder.refresh(stats(100, 62, {"stale": 25, "lost": 5}, 10))  # two counted twice
+    assert gap() == -2
