@@ -6,6 +6,10 @@ The teacher top-K it returns is loss.k when the estimator's ids are the teacher'
 (TokenizerMismatchError) when the teacher's tokenizer maps tokens to ids differently from the
 student's: the teacher scores the student's token ids, so a mismatch would silently score the
 wrong tokens.
+
+`teacher.backend` picks the scorer: torch (`teacher.scorer`, transformers on teacher.device) or
+vllm (`teacher.vllm_scorer`, an in-process vLLM engine with `teacher.vllm`'s settings; the same
+answers, reduced inside the engine).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import signal
 import threading
 
 from asyncopd.config import RunConfig
+from asyncopd.models.files import resolve_model_path
 from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
 from asyncopd.observability import metrics
 from asyncopd.opd import Support, estimator_spec
 from asyncopd.teacher.replica import TeacherLoop, TeacherReplica
-from asyncopd.teacher.scorer import TeacherScorer
+from asyncopd.teacher.scorer import Scorer, TeacherScorer
 from asyncopd.teacher.servicer import SERVICE_NAME, TeacherServicer
 from asyncopd.v1 import teacher_pb2_grpc
 from asyncopd.wire.cache_client import CacheClient
@@ -32,13 +37,32 @@ def teacher_topk(config: RunConfig) -> int:
     return config.loss.k if estimator_spec(config.loss.kind).support is Support.TEACHER_TOPK else config.teacher.topk
 
 
-def build_scorer(config: RunConfig, name: str) -> TeacherScorer:
-    """The scorer, after checking teacher and student share one tokenizer."""
+def build_scorer(config: RunConfig, name: str) -> Scorer:
+    """The configured backend's scorer, after checking teacher and student share one tokenizer."""
+    tc = config.teacher
     tokenizer = load_tokenizer(config.models.teacher)
     check_same_tokenizer(load_tokenizer(config.models.student), tokenizer)
-    model = load_model(config.models.teacher, config.models.dtype, config.teacher.device)
+    if tc.backend == "vllm":
+        from asyncopd.teacher.vllm_scorer import VLLMTeacherScorer
+
+        v = tc.vllm
+        return VLLMTeacherScorer(
+            resolve_model_path(config.models.teacher),
+            name,
+            dtype=v.dtype or config.models.dtype,
+            max_model_len=v.max_model_len,
+            max_batch_tokens=tc.max_batch_tokens,
+            seed=config.seed,
+            tensor_parallel_size=v.tensor_parallel_size,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            enforce_eager=v.enforce_eager,
+            enable_prefix_caching=v.enable_prefix_caching,
+        )
+    if tc.backend != "torch":
+        raise ValueError(f"teacher.backend: {tc.backend!r} cannot serve; allowed here: 'torch', 'vllm'")
+    model = load_model(config.models.teacher, config.models.dtype, tc.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TeacherScorer(model, name, config.teacher.max_batch_tokens, pad_id=int(pad))
+    return TeacherScorer(model, name, tc.max_batch_tokens, pad_id=int(pad))
 
 
 def serve(config: RunConfig, name: str) -> None:

@@ -1,7 +1,8 @@
 """A teacher replica's domain logic: the scorer shared by direct requests and the cache loop.
 
-`TeacherReplica` records metrics around `TeacherScorer.score`; `TeacherLoop` claims unscored
-rollouts from the cache, scores them and puts the scores, until `stop` is set (the pull loop
+`TeacherReplica` records metrics around a scoring backend's `score` (`teacher.scorer.Scorer`:
+torch or vLLM); `TeacherLoop` claims unscored rollouts from the cache, scores them and puts
+the scores, until `stop` is set (the pull loop
 of `asyncopd.wire.work_loop`). Claimed work that is never scored is re-delivered by the cache
 after the teacher lease, so a crash here loses nothing. It knows the scorer and the cache
 client; it knows nothing of gRPC servers.
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 from asyncopd.observability.metrics import TeacherMetrics
 from asyncopd.records import Rollout, TeacherScores
-from asyncopd.teacher.scorer import TeacherScorer
+from asyncopd.teacher.scorer import Scorer
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import Outage
 from asyncopd.wire.work_loop import Claimed, run_work_loop
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class TeacherReplica:
-    def __init__(self, scorer: TeacherScorer, name: str, metrics: TeacherMetrics | None = None) -> None:
+    def __init__(self, scorer: Scorer, name: str, metrics: TeacherMetrics | None = None) -> None:
         self.scorer = scorer
         self.name = name
         self._metrics = metrics

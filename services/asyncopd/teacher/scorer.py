@@ -23,20 +23,51 @@ gRPC.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from asyncopd.opd.numerics import rows_per_chunk
-from asyncopd.opd.vocab import default_chunk_elements, gather_logprobs
+from asyncopd.opd.vocab import default_chunk_elements
 from asyncopd.records import Rollout, TeacherScores
+from asyncopd.teacher.logit_stats import chunk_stats
 
-_TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+class Scorer(Protocol):
+    """What a teacher replica needs of a scoring backend (this module's torch scorer, or
+    `teacher.vllm_scorer`'s)."""
+
+    vocab_size: int
+    max_len: int  # prompt + response tokens one rollout may hold
+
+    def score(self, rollouts: Sequence[Rollout], topk: int, tail: bool = False) -> list[TeacherScores]: ...
+
+
+def check_score_request(rollouts: Sequence[Rollout], topk: int, tail: bool, vocab_size: int, max_len: int) -> None:
+    """Reject requests that no backend can score (ValueError naming the field), before any work."""
+    if not 0 <= topk <= vocab_size:
+        raise ValueError(f"topk: {topk} must be in 0..{vocab_size} (the vocabulary size)")
+    if tail and topk == 0:
+        raise ValueError("tail: the tail log-mass is 1 - Σ top-K; it needs topk >= 1")
+    for i, r in enumerate(rollouts):
+        n = len(r.prompt_ids) + len(r.response_ids)
+        if len(r.prompt_ids) == 0 or len(r.response_ids) == 0:
+            raise ValueError(f"rollouts[{i}]: prompt and response must each hold at least one token")
+        if n > max_len:
+            raise ValueError(f"rollouts[{i}]: {n} tokens exceed the teacher's context ({max_len})")
+        if r.support_ids is not None and (r.support_ids.ndim != 2 or r.support_ids.shape[0] != len(r.response_ids)):
+            raise ValueError(f"rollouts[{i}].support_ids: must be [response tokens, k], got {r.support_ids.shape}")
+        for field, ids in (
+            ("prompt_ids", r.prompt_ids),
+            ("response_ids", r.response_ids),
+            ("support_ids", r.support_ids),
+        ):
+            if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                raise ValueError(f"rollouts[{i}].{field}: token ids must be in 0..{vocab_size - 1}")
 
 
 class TeacherScorer:
@@ -71,23 +102,7 @@ class TeacherScorer:
 
     def check(self, rollouts: Sequence[Rollout], topk: int, tail: bool) -> None:
         """Reject requests that cannot be scored (ValueError naming the field), before any work."""
-        if not 0 <= topk <= self.vocab_size:
-            raise ValueError(f"topk: {topk} must be in 0..{self.vocab_size} (the vocabulary size)")
-        if tail and topk == 0:
-            raise ValueError("tail: the tail log-mass is 1 - Σ top-K; it needs topk >= 1")
-        for i, r in enumerate(rollouts):
-            n = len(r.prompt_ids) + len(r.response_ids)
-            if len(r.prompt_ids) == 0 or len(r.response_ids) == 0:
-                raise ValueError(f"rollouts[{i}]: prompt and response must each hold at least one token")
-            if n > self.max_len:
-                raise ValueError(f"rollouts[{i}]: {n} tokens exceed the teacher's context ({self.max_len})")
-            for field, ids in (
-                ("prompt_ids", r.prompt_ids),
-                ("response_ids", r.response_ids),
-                ("support_ids", r.support_ids),
-            ):
-                if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-                    raise ValueError(f"rollouts[{i}].{field}: token ids must be in 0..{self.vocab_size - 1}")
+        check_score_request(rollouts, topk, tail, self.vocab_size, self.max_len)
 
     def score(self, rollouts: Sequence[Rollout], topk: int, tail: bool = False) -> list[TeacherScores]:
         """Scores in the order of `rollouts`."""
@@ -178,19 +193,13 @@ class TeacherScorer:
         with self._lock, torch.no_grad():
             for start in range(0, total, self._rows):
                 stop = min(start + self._rows, total)
-                logits = self._head(hidden[start:stop]).float()  # one chunk of [positions, V]
-                gathered[start:stop] = gather_logprobs(logits, gather_ids[start:stop], chunk_elements=logits.numel())
-                if topk:
-                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                    values, indices = logits.topk(topk, dim=-1)
-                    topk_ids[start:stop] = indices.int().cpu()
-                    topk_lps[start:stop] = (values - lse).cpu()
-                    if tail:
-                        # log Σ_{v ∉ top-K} p(v) directly, not log(1 - Σ_top-K p): no cancellation
-                        # when the tail is tiny. An empty tail (K = V) is floored at log(smallest
-                        # normal), as `opd.numerics.log1mexp` does, so it stays finite.
-                        rest = logits.scatter_(-1, indices, float("-inf"))
-                        tail_mass[start:stop] = (torch.logsumexp(rest, dim=-1) - lse[:, 0]).clamp(min=_TAIL_FLOOR).cpu()
+                stats = chunk_stats(self._head(hidden[start:stop]), gather_ids[start:stop], topk, tail)
+                gathered[start:stop] = stats.gathered.cpu()
+                if stats.topk_ids is not None and stats.topk_logprobs is not None:
+                    topk_ids[start:stop] = stats.topk_ids.int().cpu()
+                    topk_lps[start:stop] = stats.topk_logprobs.cpu()
+                if stats.tail_logmass is not None:
+                    tail_mass[start:stop] = stats.tail_logmass.cpu()
         token, support_lps = gathered[:, 0].numpy(), gathered[:, 1:].numpy()
         results = []
         for row, r in enumerate(rollouts):
