@@ -49,7 +49,28 @@ class RolloutConfig(Section):
         "transformers",
         description="Inference engine (simulated engines exist only inside `asyncopd bench fleet`).",
     )
-    batch_size: int = Field(16, ge=1, description="Prompts a replica acquires and generates together.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Prompts a replica keeps in flight (continuous: refilled as responses finish) or acquires and "
+            "generates together (batches)."
+        ),
+    )
+    continuous: bool = Field(
+        True,
+        description=(
+            "Continuous batching where the engine can (vllm): each response is put as it finishes and new prompts "
+            "are admitted between decode steps. False, or the transformers engine: whole batches."
+        ),
+    )
+    pause_mode: Literal["keep", "abort"] = Field(
+        "keep",
+        description=(
+            "What a weight update does to responses being generated: keep decoding them with the new weights "
+            "(per-token versions record the switch) or abort and restart them from the prompt (vllm only)."
+        ),
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
     device: str = Field("cpu", description="torch device of the engine (cpu, cuda, cuda:1...).")
     max_model_len: int | None = Field(

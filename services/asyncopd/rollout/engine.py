@@ -6,6 +6,8 @@ log-prob under the behaviour distribution μ (see `rollout.sampling`), and the p
 the weights that produced it; plus the per-position support the estimator needs. `load_weights`
 is atomic with respect to generation: every token sampled after it returns carries the new
 version, and a response generated across the switch carries both versions, per token.
+Streaming engines (vLLM) also take requests one by one while others decode (`submit`) and hand
+back each rollout as it finishes (`poll`): continuous batching.
 
 Engines know the model and its tokenizer; they know nothing of the cache, gRPC or admission.
 """
@@ -61,6 +63,32 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Release the engine's resources."""
+
+    # Continuous generation: engines that can admit requests while others decode (vLLM) keep
+    # themselves full; the others only generate whole batches.
+
+    @property
+    def streaming(self) -> bool:
+        """Whether `submit` / `poll` / `abort_submitted` are available."""
+        return False
+
+    def submit(self, prompts: Sequence[Prompt], sampling: Sampling, support_kind: SupportKind, k: int) -> None:
+        """Start generating `prompts` (validated first: ValueError names the field); their rollouts
+        come back from `poll` as each finishes, in finishing order."""
+        raise NotImplementedError(f"the {self.info.name} engine generates whole batches only")
+
+    def poll(self) -> list[Rollout]:
+        """Advance the submitted requests by one decode step; the rollouts that finished."""
+        raise NotImplementedError(f"the {self.info.name} engine generates whole batches only")
+
+    @property
+    def in_flight(self) -> int:
+        """Submitted requests not yet returned by `poll`."""
+        return 0
+
+    def abort_submitted(self) -> list[Prompt]:
+        """Stop every submitted request; their prompts (to give the tickets back)."""
+        return []
 
     def check_request(self, prompts: Sequence[Prompt], support_kind: SupportKind, k: int) -> None:
         """Reject what no engine can serve, before any work is done (ValueError names the field)."""

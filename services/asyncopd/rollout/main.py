@@ -54,6 +54,8 @@ def build_engine(config: RunConfig, name: str) -> Engine:
     if rc.engine == "transformers":
         from asyncopd.rollout.transformers_engine import TransformersEngine
 
+        if rc.pause_mode != "keep":
+            raise ValueError("rollout.pause_mode: 'abort' needs rollout.engine vllm (transformers keeps decoding)")
         model = load_model(config.models.student, config.models.dtype, rc.device)
         return TransformersEngine(model, load_tokenizer(config.models.student), name, max_model_len=rc.max_model_len)
     if rc.engine == "vllm":
@@ -70,6 +72,7 @@ def build_engine(config: RunConfig, name: str) -> Engine:
             gpu_memory_utilization=v.gpu_memory_utilization,
             enforce_eager=v.enforce_eager,
             enable_prefix_caching=v.enable_prefix_caching,
+            pause_mode=rc.pause_mode,
         )
     raise ValueError(f"rollout.engine: {rc.engine!r} cannot serve; allowed here: 'transformers', 'vllm'")
 
@@ -123,6 +126,7 @@ def serve(config: RunConfig, name: str) -> None:
         batch_size=config.rollout.batch_size,
         wait_ms=config.rollout.acquire_wait_ms,
         metrics=m,
+        continuous=config.rollout.continuous,
     )
     threads = [_thread("rollout-loop", lambda: loop.run(stop), errors, stop)]
 

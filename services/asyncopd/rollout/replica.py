@@ -13,12 +13,14 @@ It knows the engine interface and the cache client; it knows nothing of gRPC ser
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from asyncopd.observability.metrics import RolloutMetrics
@@ -26,12 +28,18 @@ from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
 from asyncopd.wire.cache_client import CacheClient
-from asyncopd.wire.rpc import Outage
-from asyncopd.wire.work_loop import Claimed, Ended, run_work_loop
+from asyncopd.wire.rpc import Outage, retryable
+from asyncopd.wire.work_loop import Claimed, Ended, put_with_backoff, run_work_loop
 
 log = logging.getLogger(__name__)
 
 _THROUGHPUT_WINDOW_S = 30.0
+_EMPTY_ADMISSION_BACKOFF_S = 0.05  # continuous mode: the cache had nothing; ask again after this
+
+
+def _prompt_of(rollout: Rollout) -> Prompt:
+    """The admitted prompt a rollout answers (what giving its ticket back needs)."""
+    return Prompt(prompt_id=rollout.prompt_id, prompt_ids=rollout.prompt_ids, ticket=rollout.ticket, task=rollout.task)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,24 @@ class RolloutReplica:
             start = time.monotonic()
             rollouts = self.engine.generate(prompts, sampling, support_kind, k)
             elapsed = time.monotonic() - start
+        self._count(rollouts)
+        if self._metrics is not None:
+            self._metrics.generation_seconds.observe(elapsed)
+        return rollouts
+
+    def submit(self, prompts: Sequence[Prompt], sampling: Sampling, support_kind: SupportKind, k: int) -> None:
+        """Continuous generation (streaming engines): start `prompts` alongside what is decoding."""
+        self.engine.submit(prompts, sampling, support_kind, k)
+
+    def poll(self) -> list[Rollout]:
+        """One decode step of the submitted requests; the rollouts that finished in it."""
+        rollouts = self.engine.poll()
+        self._count(rollouts)
+        return rollouts
+
+    def _count(self, rollouts: Sequence[Rollout]) -> None:
+        if not rollouts:
+            return
         tokens = sum(r.num_tokens for r in rollouts)
         now = time.monotonic()
         with self._stats_lock:
@@ -77,8 +103,6 @@ class RolloutReplica:
         if self._metrics is not None:
             self._metrics.generated_tokens.inc(tokens)
             self._metrics.samples.inc(len(rollouts))
-            self._metrics.generation_seconds.observe(elapsed)
-        return rollouts
 
     def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The weight-update hook (weightsync subscriber, PushWeights): pause, load, resume."""
@@ -114,7 +138,14 @@ class RolloutReplica:
 
 
 class RolloutLoop:
-    """Acquire → generate → put, until the cache says finished or `stop` is set."""
+    """Acquire → generate → put, until the cache says finished or `stop` is set.
+
+    Continuous (`continuous=True` and a streaming engine): up to `batch_size` requests are kept
+    in flight; the engine is stepped one decode step at a time, each rollout is put as soon as
+    it finishes, and free slots are refilled from the cache between steps (without waiting
+    while anything is decoding). Otherwise whole batches: acquire `batch_size`, generate them
+    all, put them together.
+    """
 
     def __init__(
         self,
@@ -127,8 +158,10 @@ class RolloutLoop:
         batch_size: int,
         wait_ms: int = 500,
         metrics: RolloutMetrics | None = None,
+        continuous: bool = True,
     ) -> None:
         self._replica = replica
+        self._continuous = continuous
         self._cache = cache
         self._sampling = sampling
         self._support_kind = support_kind
@@ -140,7 +173,16 @@ class RolloutLoop:
 
     def run(self, stop: threading.Event) -> None:
         name = self._replica.name
-        ended = run_work_loop(
+        if self._continuous and self._replica.engine.streaming:
+            ended = self._run_continuous(stop)
+        else:
+            ended = self._run_batches(stop)
+        if ended is Ended.FINISHED:
+            log.info("cache reports the run finished; rollout loop of %s exits", name)
+
+    def _run_batches(self, stop: threading.Event) -> Ended:
+        name = self._replica.name
+        return run_work_loop(
             stop,
             Outage(f"{name}: the cache"),
             claim=self._acquire,
@@ -149,12 +191,61 @@ class RolloutLoop:
             give_back=self._release,
             settled=self._idle,
         )
-        if ended is Ended.FINISHED:
-            log.info("cache reports the run finished; rollout loop of %s exits", name)
 
-    def _acquire(self) -> Claimed[Prompt]:
+    def _run_continuous(self, stop: threading.Event) -> Ended:
+        replica, engine = self._replica, self._replica.engine
+        outage = Outage(f"{replica.name}: the cache")
+        refill = max(1, self._batch_size // 4)  # free slots worth a cache round trip mid-decode
+        next_try = 0.0  # after an empty admission, when asking again is worth it
+        run_over = False
+        undelivered: list[Rollout] = []
+        try:
+            while not stop.is_set():
+                busy = engine.in_flight
+                free = self._batch_size - busy
+                now = time.monotonic()
+                if not run_over and free > 0 and (busy == 0 or (free >= refill and now >= next_try)):
+                    try:
+                        # Nothing decoding: wait at the cache; otherwise never hold up the engine.
+                        claimed = self._acquire(free, self._wait_ms if busy == 0 else 0)
+                    except grpc.RpcError as err:
+                        if not retryable(err):
+                            raise
+                        delay = outage.failed(err)
+                        if busy == 0:
+                            stop.wait(delay)
+                            continue
+                        next_try = now + delay
+                    else:
+                        outage.ok()
+                        if claimed.items:
+                            replica.submit(claimed.items, self._sampling, self._support_kind, self._k)
+                        else:
+                            run_over = claimed.finished
+                            next_try = now + _EMPTY_ADMISSION_BACKOFF_S
+                if engine.in_flight == 0:
+                    if run_over:
+                        return Ended.FINISHED
+                    continue
+                done = replica.poll()
+                if self._metrics is not None:
+                    self._metrics.engine_queue_depth.set(engine.in_flight)
+                if done:
+                    undelivered = done
+                    if not put_with_backoff(functools.partial(self._put, done), stop):
+                        break
+                    undelivered = []
+            return Ended.STOPPED
+        finally:
+            # Stopped or failed: what is decoding and what was not delivered goes back to the cache.
+            self._release([*engine.abort_submitted(), *(_prompt_of(r) for r in undelivered)])
+            self._idle()
+
+    def _acquire(self, n: int | None = None, wait_ms: int | None = None) -> Claimed[Prompt]:
         start = time.monotonic()
-        prompts, _, finished = self._cache.acquire_prompts(self._replica.name, self._batch_size, self._wait_ms)
+        prompts, _, finished = self._cache.acquire_prompts(
+            self._replica.name, n or self._batch_size, self._wait_ms if wait_ms is None else wait_ms
+        )
         if self._metrics is not None:
             self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
             self._metrics.engine_queue_depth.set(len(prompts))

@@ -36,33 +36,41 @@ import itertools
 import os
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from asyncopd.models.vllm_env import prepare_vllm_env, vllm_available
 from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout import vllm_sampling
 from asyncopd.rollout.engine import Engine, EngineInfo, build_rollout, check_weights
 from asyncopd.rollout.sampling import Sampling
 
-# The one place the vLLM environment is set: before vllm is imported by this process.
-_VLLM_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine core: reload_weights takes tensors
-    "VLLM_USE_V2_MODEL_RUNNER": "0",  # the support sampler hooks the V1 model runner
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on CPU; the default takes far too much
-    "HF_HUB_OFFLINE": "1",
-}
+__all__ = ["VLLMEngine", "vllm_available"]
 
 _MAX_TEMPERATURE = 2.0  # vLLM rejects larger temperatures
 
 
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+PAUSE_MODES = ("keep", "abort")
+"""What a weight update does to unfinished requests: keep decoding them with the new weights
+(their per-token versions record the switch), or abort them and start each again from its
+prompt under the new weights (every rollout then has one version)."""
+
+
+@dataclass
+class _InFlight:
+    """One unfinished request, and where its rollout goes."""
+
+    prompt: Prompt
+    params: Any
+    support_kind: SupportKind
+    owner: list[tuple[int, Rollout]]
+    index: int
+    internal: str = ""  # vLLM's id
+    external: str = ""  # the id given to add_request
+    versions: list[int] = field(default_factory=list)
 
 
 class VLLMEngine(Engine):
@@ -81,12 +89,12 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool = True,
         enable_prefix_caching: bool = False,
+        pause_mode: str = "keep",
         extra_args: dict[str, Any] | None = None,
     ) -> None:
-        for key, value in _VLLM_ENV.items():
-            os.environ.setdefault(key, value)
-        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
-            raise RuntimeError("VLLMEngine needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process weight reload)")
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"rollout.pause_mode: {pause_mode!r}; allowed: {', '.join(PAUSE_MODES)}")
+        prepare_vllm_env("VLLMEngine (in-process weight reload)")
         from vllm import LLM
 
         args: dict[str, Any] = {
@@ -124,6 +132,11 @@ class VLLMEngine(Engine):
         self._prefix_caching = enable_prefix_caching
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.pause_mode = pause_mode
+        """keep | abort: what `load_weights` does to unfinished requests (see PAUSE_MODES)."""
+        self._inflight: dict[str, _InFlight] = {}  # unfinished requests of every caller, by vLLM id
+        self._external: dict[str, str] = {}  # id given to add_request -> vLLM's internal id, where they differ
+        self._streamed: list[tuple[int, Rollout]] = []  # finished rollouts of `submit`, not yet polled
         self._shapes: dict[str, torch.Size] | None = None
         self.host_bytes = 0
         """Bytes of per-token records (ids and log μ) the engine has handed to the host so far."""
@@ -155,6 +168,8 @@ class VLLMEngine(Engine):
         tensors = check_weights(version, self._version, named_tensors, self.param_shapes())
         with self._lock:
             self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+            if self.pause_mode == "abort":
+                self._restart_inflight()
             if self._prefix_caching:
                 self._engine.reset_prefix_cache()
             self._version = version
@@ -183,55 +198,135 @@ class VLLMEngine(Engine):
     def generate(
         self, prompts: Sequence[Prompt], sampling: Sampling, support_kind: SupportKind, k: int
     ) -> list[Rollout]:
+        owner: list[tuple[int, Rollout]] = []
+        added = self._add(prompts, sampling, support_kind, k, owner)
+        try:
+            while len(owner) < len(prompts):
+                self._step()
+        except BaseException:
+            self._abort([rid for rid in added if rid in self._inflight])
+            raise
+        return [r for _, r in sorted(owner, key=lambda item: item[0])]
+
+    # -- continuous generation (`Engine.submit` / `poll`) --
+
+    @property
+    def streaming(self) -> bool:
+        return True
+
+    def submit(self, prompts: Sequence[Prompt], sampling: Sampling, support_kind: SupportKind, k: int) -> None:
+        self._add(prompts, sampling, support_kind, k, self._streamed)
+
+    def poll(self) -> list[Rollout]:
+        if self.in_flight:
+            self._step()
+        with self._lock:
+            done = [r for _, r in self._streamed]
+            self._streamed.clear()
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(1 for f in self._inflight.values() if f.owner is self._streamed)
+
+    def abort_submitted(self) -> list[Prompt]:
+        with self._lock:
+            mine = [rid for rid, f in self._inflight.items() if f.owner is self._streamed]
+            prompts = [self._inflight[rid].prompt for rid in mine]
+        self._abort(mine)
+        return prompts
+
+    # -- the request table every caller shares --
+
+    def _add(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: Sampling,
+        support_kind: SupportKind,
+        k: int,
+        owner: list[tuple[int, Rollout]],
+    ) -> list[str]:
+        """Validate and add requests whose rollouts go to `owner` as (index, rollout) when they finish."""
         self.check_request(prompts, support_kind, k)
-        if not prompts:
-            return []
         if not sampling.greedy and sampling.temperature > _MAX_TEMPERATURE:
             raise ValueError(f"sampling.temperature: {sampling.temperature} > {_MAX_TEMPERATURE}, vLLM's limit")
-        # Build (and so validate) every request before adding any: a half-added batch would run
-        # inside the next call.
+        # Build (and so validate) every request before adding any: a half-added batch would run on.
         all_params = [self._params(sampling, support_kind, k, index) for index in range(len(prompts))]
-        request_ids: dict[str, int] = {}
-        internal: list[str] = []
-        try:
-            for index, (p, params) in enumerate(zip(prompts, all_params, strict=True)):
-                rid = f"r{next(self._ids)}"
-                prompt: Any = {"prompt_token_ids": [int(t) for t in p.prompt_ids]}
-                returned = self._engine.add_request(rid, prompt, params)
-                internal.append(returned)
-                request_ids[returned] = index
-                request_ids[rid] = index
-            versions, outputs = self._run(request_ids, len(prompts))
-            records = self._llm.collective_rpc(vllm_sampling.take, args=(internal,))[0]
-        except BaseException:
-            self._engine.abort_request(internal, internal=True)
-            self._llm.collective_rpc(vllm_sampling.drop, args=(internal,))
-            raise
-        rollouts = []
-        for i, p in enumerate(prompts):
-            rec = records[internal[i]]
-            self.host_bytes += rec.nbytes
-            rollouts.append(self._rollout(p, outputs[i], rec, versions=versions[i], support_kind=support_kind))
-        return rollouts
+        added: list[str] = []
+        with self._lock:
+            try:
+                for index, (p, params) in enumerate(zip(prompts, all_params, strict=True)):
+                    flight = _InFlight(p, params, support_kind, owner, index)
+                    added.append(self._start(flight))
+            except BaseException:
+                self._abort_locked(added)
+                raise
+        return added
 
-    def _run(self, request_ids: dict[str, int], count: int) -> tuple[list[list[int]], list[Any]]:
-        """Step the engine until every request has finished: per-token versions and completions."""
-        versions: list[list[int]] = [[] for _ in range(count)]
-        outputs: list[Any] = [None] * count
-        finished = 0
-        while finished < count:
-            with self._lock:
-                step_outputs = self._engine.step()
-                version = self._version
-            for out in step_outputs:
-                index = request_ids[out.request_id]
+    def _start(self, flight: _InFlight) -> str:
+        """Add one request to vLLM (lock held); its id."""
+        rid = f"r{next(self._ids)}"
+        prompt: Any = {"prompt_token_ids": [int(t) for t in flight.prompt.prompt_ids]}
+        internal = self._engine.add_request(rid, prompt, flight.params)
+        flight.internal = internal
+        self._inflight[internal] = flight
+        flight.external = rid
+        if rid != internal:  # outputs name the request by the id it was added with
+            self._external[rid] = internal
+        return internal
+
+    def _abort(self, internal: list[str]) -> None:
+        with self._lock:
+            self._abort_locked(internal)
+
+    def _abort_locked(self, internal: list[str]) -> None:
+        if not internal:
+            return
+        self._engine.abort_request(internal, internal=True)
+        self._llm.collective_rpc(vllm_sampling.drop, args=(internal,))
+        for rid in internal:
+            flight = self._inflight.pop(rid, None)
+            if flight is not None:
+                self._external.pop(flight.external, None)
+
+    def _step(self) -> None:
+        """One engine step: new tokens get the version loaded now; finished requests become
+        rollouts in their owners' lists."""
+        with self._lock:
+            outputs = self._engine.step()
+            version = self._version
+            finished: list[tuple[_InFlight, Any]] = []
+            for out in outputs:
+                rid = self._external.get(out.request_id, out.request_id)
+                flight = self._inflight.get(rid)
+                if flight is None:
+                    continue
                 completion = out.outputs[0]  # type: ignore[index]
-                new = len(completion.token_ids) - len(versions[index])
-                versions[index].extend([version] * new)
+                flight.versions.extend([version] * (len(completion.token_ids) - len(flight.versions)))
                 if out.finished:
-                    outputs[index] = completion
-                    finished += 1
-        return versions, outputs
+                    finished.append((flight, completion))
+            if not finished:
+                return
+            ids = [f.internal for f, _ in finished]
+            records = self._llm.collective_rpc(vllm_sampling.take, args=(ids,))[0]
+            for flight, completion in finished:
+                del self._inflight[flight.internal]
+                self._external.pop(flight.external, None)
+                rec = records[flight.internal]
+                self.host_bytes += rec.nbytes
+                rollout = self._rollout(
+                    flight.prompt, completion, rec, versions=flight.versions, support_kind=flight.support_kind
+                )
+                flight.owner.append((flight.index, rollout))
+
+    def _restart_inflight(self) -> None:
+        """pause_mode abort (lock held): every unfinished request starts again from its prompt."""
+        flights = list(self._inflight.values())
+        self._abort_locked([f.internal for f in flights])
+        for flight in flights:
+            flight.versions = []
+            self._start(flight)
 
     def _rollout(
         self,
