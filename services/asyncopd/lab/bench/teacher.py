@@ -11,6 +11,10 @@ allocates at least). On CPU the peak is the process's resident high-water mark, 
 (/proc/self/clear_refs) before the call; on a GPU, torch's peak allocated memory.
 `--teacher random:V` scores with a tiny random Qwen3 (hidden 64, one layer) whose vocabulary
 has V rows, e.g. random:151936 for Qwen3's: the costs that grow with V without a real teacher.
+
+`--backend torch,vllm` times both scoring backends on the same rollouts (the vLLM backend gets
+the model saved to a temporary directory, `--vllm-dtype`, eager mode) and prints the ratio of
+their scored tokens/s per budget.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-tokens", type=int, default=0, help="also measure peak memory scoring one rollout of T tokens"
     )
+    parser.add_argument("--backend", default="torch", help="comma list of scoring backends: torch, vllm")
+    parser.add_argument("--vllm-dtype", default="float32", help="dtype of the vLLM teacher engine")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -142,39 +148,82 @@ def _memory(args: argparse.Namespace, model: Any, budget: int) -> list[dict[str,
     return out
 
 
+def _vllm_scorer(args: argparse.Namespace, model: Any, budget: int, rollouts: list[Rollout]) -> Any:
+    import tempfile
+
+    from asyncopd.teacher.vllm_scorer import VLLMTeacherScorer
+
+    if args.teacher.startswith("random:"):
+        directory = tempfile.mkdtemp(prefix="bench-teacher-")
+        model.save_pretrained(directory)
+        load_tokenizer("assets/toy-teacher").save_pretrained(directory)
+    else:
+        directory = args.teacher
+    longest = max(len(r.prompt_ids) + r.num_tokens for r in rollouts)
+    return VLLMTeacherScorer(
+        directory,
+        "bench",
+        dtype=args.vllm_dtype,
+        max_model_len=max(longest + 1, args.memory_tokens + 64),
+        max_batch_tokens=budget,
+        enforce_eager=not torch.cuda.is_available(),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     model = _model(args.teacher)
     rollouts = _rollouts(args, int(model.config.vocab_size))
     results = []
-    for budget in [int(b) for b in args.max_batch_tokens.split(",") if b]:
-        scorer = TeacherScorer(model, "bench", max_batch_tokens=budget)
-        scorer.score(rollouts[:8], args.topk, tail=args.topk > 0)  # warm-up
-        seconds = 0.0
-        for _ in range(args.repeats):
-            t0 = time.monotonic()
-            scorer.score(rollouts, args.topk, tail=args.topk > 0)
-            seconds += time.monotonic() - t0
-        tokens = args.repeats * sum(r.num_tokens for r in rollouts)
-        results.append(
-            {
-                "max_batch_tokens": budget,
-                "rollouts": len(rollouts),
-                "tokens": tokens,
-                "seconds": round(seconds, 3),
-                "scored_tokens_per_s": round(tokens / seconds, 1),
-            }
-        )
+    backends = [b for b in args.backend.split(",") if b]
+    for backend in backends:
+        if backend not in ("torch", "vllm"):
+            raise SystemExit(f"--backend: unknown backend {backend!r} (torch, vllm)")
+    for backend in backends:
+        for budget in [int(b) for b in args.max_batch_tokens.split(",") if b]:
+            if backend == "vllm":
+                scorer: Any = _vllm_scorer(args, model, budget, rollouts)
+            else:
+                scorer = TeacherScorer(model, "bench", max_batch_tokens=budget)
+            scorer.score(rollouts[:8], args.topk, tail=args.topk > 0)  # warm-up
+            seconds = 0.0
+            for _ in range(args.repeats):
+                t0 = time.monotonic()
+                scorer.score(rollouts, args.topk, tail=args.topk > 0)
+                seconds += time.monotonic() - t0
+            if backend == "vllm":
+                scorer.close()
+            tokens = args.repeats * sum(r.num_tokens for r in rollouts)
+            results.append(
+                {
+                    "backend": backend,
+                    "max_batch_tokens": budget,
+                    "rollouts": len(rollouts),
+                    "tokens": tokens,
+                    "seconds": round(seconds, 3),
+                    "scored_tokens_per_s": round(tokens / seconds, 1),
+                }
+            )
+    ratios: dict[str, float] = {}
+    for r in results:
+        if r["backend"] == "vllm":
+            base = next(
+                (t for t in results if t["backend"] == "torch" and t["max_batch_tokens"] == r["max_batch_tokens"]), None
+            )
+            if base is not None:
+                ratios[str(r["max_batch_tokens"])] = round(r["scored_tokens_per_s"] / base["scored_tokens_per_s"], 3)
     budgets = [int(b) for b in args.max_batch_tokens.split(",") if b]
     memory = _memory(args, model, max(budgets)) if args.memory_tokens else []
     if args.json:
-        print(json.dumps({"benchmark": "teacher", "results": results, "memory": memory}))
+        print(json.dumps({"benchmark": "teacher", "results": results, "vllm_vs_torch": ratios, "memory": memory}))
     else:
-        print(f"{'max_batch_tokens':>17}{'rollouts':>10}{'tokens':>9}{'seconds':>9}{'scored tok/s':>14}")
+        print(f"{'backend':>8}{'max_batch_tokens':>17}{'rollouts':>10}{'tokens':>9}{'seconds':>9}{'scored tok/s':>14}")
         for r in results:
             print(
-                f"{r['max_batch_tokens']:>17}{r['rollouts']:>10}{r['tokens']:>9}"
+                f"{r['backend']:>8}{r['max_batch_tokens']:>17}{r['rollouts']:>10}{r['tokens']:>9}"
                 f"{r['seconds']:>9.2f}{r['scored_tokens_per_s']:>14.1f}"
             )
+        for label, ratio in ratios.items():
+            print(f"vllm / torch scored tok/s at max_batch_tokens {label}: {ratio}")
         for m in memory:
             print(
                 f"peak memory ({m['scorer']}): {m['peak_extra_mb']} MB for {m['tokens']} tokens at V={m['vocab']} "
