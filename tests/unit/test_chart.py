@@ -631,3 +631,21 @@ def test_model_cache_job_downloads_once_into_a_shared_volume_the_roles_mount_rea
     assert not [d for d in default if d["kind"] == "Job" or d["metadata"]["name"].endswith("-models")]
     rollout_env = {e["name"] for e in _pod(default, "rollout")["spec"]["containers"][0]["env"]}
     assert "HF_HUB_OFFLINE" not in rollout_env
+
+
+def test_one_shared_image_by_default_and_the_role_targets_with_image_per_role() -> None:
+    def images(docs: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            c["name"]: c["image"]
+            for w in workloads(docs)
+            for c in w["spec"]["template"]["spec"]["containers"]
+            if c["name"] in ("cache", "rollout", "teacher", "learner", "autoscaler")
+        }
+
+    shared = images(render("", "--set", "autoscaler.enabled=true", "--set", "image.tag=1.2.3"))
+    assert set(shared) == {"cache", "rollout", "teacher", "learner", "autoscaler"}
+    assert set(shared.values()) == {"ghcr.io/asyncopd/asyncopd:1.2.3"}
+    per_role = images(
+        render("", "--set", "autoscaler.enabled=true", "--set", "image.tag=1.2.3", "--set", "image.perRole=true")
+    )
+    assert per_role == {role: f"ghcr.io/asyncopd/asyncopd:1.2.3-{role}" for role in shared}

@@ -38,8 +38,16 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* The image of a role: (dict "ctx" $ "component" "cache"), or the root context for the shared image.
+With image.perRole the tag gets the role's suffix (deploy/Dockerfile builds one target per role:
+<tag>-cache and <tag>-autoscaler are slim, without torch); otherwise every role runs the `all` image. */}}
 {{- define "asyncopd.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $ctx := . -}}
+{{- $component := "" -}}
+{{- if hasKey . "ctx" }}{{ $ctx = .ctx }}{{ $component = .component }}{{ end -}}
+{{- $tag := default $ctx.Chart.AppVersion $ctx.Values.image.tag -}}
+{{- if and $ctx.Values.image.perRole $component }}{{ $tag = printf "%s-%s" $tag $component }}{{ end -}}
+{{- printf "%s:%s" $ctx.Values.image.repository $tag }}
 {{- end }}
 
 {{- define "asyncopd.redisSecretName" -}}
@@ -78,7 +86,7 @@ imagePullSecrets:
 {{- define "asyncopd.serveContainer" -}}
 {{- $ := .ctx -}}
 - name: {{ .component }}
-  image: {{ include "asyncopd.image" $ }}
+  image: {{ include "asyncopd.image" (dict "ctx" $ "component" .component) }}
   imagePullPolicy: {{ $.Values.image.pullPolicy }}
   args: ["serve", "{{ .component }}", "-c", "/etc/asyncopd/config.yaml", "--name", "$(POD_NAME)"]
   securityContext:
