@@ -79,6 +79,15 @@ class LearnerConfig(Section):
         ),
     )
     device: str = Field("cpu", description="torch device of the learner.")
+    world_size: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Learner processes: > 1 shards weights, gradients and AdamW state with FSDP2 over this many ranks "
+            "(gloo on CPU, NCCL on CUDA, one GPU each). Rank 0 serves; a local run starts the other ranks "
+            "itself, a StatefulSet sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per pod."
+        ),
+    )
     checkpoint_dir: str = Field("runs/latest/checkpoints", description="Where checkpoints are written.")
     checkpoint_every: int = Field(
         50,

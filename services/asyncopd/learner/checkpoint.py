@@ -16,6 +16,16 @@ Durability, in the order a write happens:
 - `load_state` reads with `torch.load(weights_only=True)`: no pickle code runs from a shared
   volume.
 
+Sharded learners (`learner.world_size` > 1) write with torch Distributed Checkpoint instead
+(`save_sharded`, called by every rank): the weights and AdamW state go to `dcp/` (each rank
+its shards, rank 0 the metadata), keyed by parameter name, not by rank, so `load_sharded` reads
+them back at any world size, one process included (without a process group); beside them the
+model's config (no HF weights), the tokenizer and `learner_state.pt` with the version, the LR
+scheduler and rank 0's RNG. The same rules hold: a temporary directory, fsync, digests over
+every file, rename, `LATEST`, pruning, and `latest()`'s fallback. A one-process checkpoint
+(HF weights + an optimizer state keyed by position) loads into a sharded learner through
+`load_optimizer_by_position`.
+
 It knows files, models and state dicts; it knows nothing of the training loop or services.
 """
 
@@ -245,3 +255,112 @@ def load_state(path: str | Path) -> dict[str, Any]:
     """The trainer state and RNG state of a checkpoint (the weights load with from_pretrained)."""
     state: dict[str, Any] = torch.load(Path(path) / _STATE, map_location="cpu", weights_only=True)
     return state
+
+
+_DCP = "dcp"
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint was written by `save_sharded` (weights in Distributed Checkpoint format)."""
+    return (Path(path) / _DCP).is_dir()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(
+    directory: str | Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    keep: int = 2,
+    free_bytes: int | None = None,
+) -> Path:
+    """Every rank: write checkpoint `step-<version>` with Distributed Checkpoint (see the module doc).
+
+    `trainer_state` (version, scheduler; no optimizer) is written by rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = Path(directory)
+    version = int(trainer_state["version"])
+    final = root / f"step-{version:08d}"
+    tmp = root / f".tmp-{final.name}-sharded"  # one name every rank computes
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        ensure_space(root, needed_bytes(root, model), free_bytes)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    try:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=tmp / _DCP)  # every rank its shards; a barrier inside
+        if rank == 0:
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save({"trainer": trainer_state, "rng": rng_state()}, tmp / _STATE)
+            info = {"version": version, "saved_unix": time.time(), "format": "dcp", "world_size": world_size}
+            (tmp / "learner.json").write_text(json.dumps(info))
+            digests = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+            (tmp / _DIGESTS).write_text(json.dumps(digests, indent=1, sort_keys=True))
+            for path in [*_files(tmp), tmp / _DIGESTS]:
+                _fsync_file(path)
+            for sub in [tmp / _DCP, tmp]:
+                _fsync_dir(sub)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / f".{_LATEST}.tmp"
+        pointer.write_text(final.name)
+        _fsync_file(pointer)
+        os.replace(pointer, root / _LATEST)
+        _fsync_dir(root)
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()  # no rank goes on before the checkpoint is complete
+    return final
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights and optimizer state of a `save_sharded` checkpoint into `model` (sharded or not) and
+    `optimizer`: every rank of the current world, or one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights, optim = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=Path(path) / _DCP)  # in place
+    set_model_state_dict(model, weights)
+    set_optimizer_state_dict(model, optimizer, optim)
+
+
+def load_optimizer_by_position(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A one-process optimizer state (keyed by parameter position) into `optimizer` of the same
+    model, sharded or not: positions become parameter names, which shard at any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    by_name: dict[str, Any] = {
+        "state": {names[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

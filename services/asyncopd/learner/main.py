@@ -2,7 +2,10 @@
 
 Builds: the student (from the newest checkpoint when `learner.resume`), the trainer with the
 configured estimator, the weight transport `weightsync.transport` names, the
-LearnerService gRPC server, the metrics endpoint, the cache client, and the loop. SIGTERM
+LearnerService gRPC server, the metrics endpoint, the cache client, and the loop. With
+`learner.world_size` > 1 this process is rank 0 of an FSDP2 learner (`asyncopd.learner.distributed`):
+it starts ranks 1.. itself unless the environment names a rendezvous (RANK etc., a StatefulSet),
+where a pod of rank > 0 runs `follower` instead of the service. SIGTERM
 stops the loop after the current step and writes a checkpoint; after the configured number
 of steps the process keeps serving Status (finished=true) until it is told to stop.
 """
@@ -14,17 +17,20 @@ import random
 import signal
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from asyncopd.config.run import RunConfig
-from asyncopd.learner import checkpoint
+from asyncopd.learner import checkpoint, distributed
 from asyncopd.learner.loop import LearnerLoop, LoopSettings, checkpointer
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, add_to_server
-from asyncopd.learner.trainer import trainer_from_config
+from asyncopd.learner.trainer import Trainer, trainer_from_config
 from asyncopd.models.loading import load_model, load_tokenizer
 from asyncopd.observability import metrics
 from asyncopd.opd import estimator_spec
@@ -44,12 +50,19 @@ class RunningLearner:
     server: RunningServer
     weights: WeightTransport
     metrics_server: metrics.MetricsServer | None
+    lockstep: distributed.Lockstep | None = None
+    followers: list[Any] = field(default_factory=list)  # ranks this process started
 
     def close(self) -> None:
         self.weights.close()
         self.server.stop(2.0)
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.lockstep is not None:
+            self.lockstep.lead(distributed.Op.STOP)
+            for proc in self.followers:
+                proc.join(30)
+            torch.distributed.destroy_process_group()
 
 
 def _advertised(config: RunConfig) -> str:
@@ -59,23 +72,109 @@ def _advertised(config: RunConfig) -> str:
     return socket.getfqdn() if host in ("0.0.0.0", "::") else host
 
 
-def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics: bool = True) -> RunningLearner:
+def build_trainer(
+    config: RunConfig, lockstep: distributed.Lockstep | None = None
+) -> tuple[Trainer, PreTrainedTokenizerBase, Path | None]:
+    """The trainer (restored from the newest checkpoint when `learner.resume`), its tokenizer and
+    that checkpoint. Every rank of a sharded learner builds its own, the same way."""
     lc = config.learner
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     resume_from = checkpoint.latest(lc.checkpoint_dir) if lc.resume else None
+    sharded_checkpoint = resume_from is not None and checkpoint.is_sharded(resume_from)
     tokenizer = load_tokenizer(config.models.student)
-    model = load_model(str(resume_from or config.models.student), config.models.dtype, lc.device)
+    # the optimizer steps these weights: load them in the training dtype (the rollout's is models.dtype)
+    weights = config.models.student if resume_from is None or sharded_checkpoint else str(resume_from)
+    model = load_model(str(weights), lc.param_dtype, lc.device)
     teacher = None
     if estimator_spec(config.loss.kind).needs_teacher_logits:
         teacher = load_model(config.models.teacher, config.models.dtype, lc.device)
-    trainer = trainer_from_config(config, model, pad_id=int(tokenizer.pad_token_id or 0), teacher=teacher)
+    trainer = trainer_from_config(
+        config, model, pad_id=int(tokenizer.pad_token_id or 0), teacher=teacher, lockstep=lockstep
+    )
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
+        if sharded_checkpoint:
+            checkpoint.load_sharded(resume_from, trainer.model, trainer.optimizer)
+        elif lockstep is not None:  # a one-process checkpoint into a sharded learner
+            checkpoint.load_optimizer_by_position(trainer.model, trainer.optimizer, state["trainer"].pop("optimizer"))
         trainer.load_state_dict(state["trainer"])
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at version %d", resume_from, trainer.version)
+    return trainer, tokenizer, resume_from
+
+
+def sharded_checkpointer(trainer: Trainer, config: RunConfig, tokenizer: Any = None) -> Callable[[], Path]:
+    """Every rank's checkpoint call (rank 0's also tells the others to make theirs)."""
+    lc = config.learner
+    lockstep = trainer.lockstep
+    assert lockstep is not None
+
+    def save() -> Path:
+        lockstep.lead(distributed.Op.SAVE)
+        state = {k: v for k, v in trainer.state_dict().items() if k != "optimizer"}
+        path = checkpoint.save_sharded(
+            lc.checkpoint_dir,
+            trainer.model,  # type: ignore[arg-type]
+            trainer.optimizer,
+            state,
+            rank=lockstep.rank,
+            world_size=lockstep.world_size,
+            tokenizer=tokenizer,
+            keep=lc.keep_checkpoints,
+        )
+        if lockstep.leader:
+            log.info("checkpoint %s (version %d, %d ranks)", path, trainer.version, lockstep.world_size)
+        return path
+
+    return save
+
+
+def follower(rank: int, port: int, config: RunConfig, master_addr: str = "127.0.0.1") -> None:
+    """Rank > 0 of a sharded learner: build the same trainer, then train, gather and checkpoint
+    when rank 0 says so, until it says stop."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    lc = config.learner
+    device = distributed.init(distributed.Rendezvous(rank, lc.world_size, master_addr, port), lc.device)
+    config = config.model_copy(update={"learner": lc.model_copy(update={"device": device})})
+    lockstep = distributed.Lockstep(rank, lc.world_size)
+    trainer, _tokenizer, _ = build_trainer(config, lockstep)
+    save = sharded_checkpointer(trainer, config)
+    try:
+        distributed.follow(
+            lockstep,
+            {
+                distributed.Op.TRAIN: trainer.train,
+                distributed.Op.GATHER: lambda _: trainer.named_weights().gather_only(),
+                distributed.Op.SAVE: lambda _: save(),
+            },
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _start_ranks(config: RunConfig) -> tuple[RunConfig, distributed.Lockstep | None, list[Any]]:
+    """Rank 0's side of `learner.world_size` > 1: spawn the other ranks (local runs) and join them."""
+    lc = config.learner
+    if lc.world_size == 1:
+        return config, None, []
+    rv = distributed.Rendezvous.from_env(lc.world_size)
+    procs: list[Any] = []
+    if rv is None:
+        rv = distributed.Rendezvous(0, lc.world_size, "127.0.0.1", distributed.free_port())
+        procs = distributed.spawn_followers(follower, (config, rv.master_addr), lc.world_size, rv.master_port)
+    if rv.rank != 0:
+        raise ValueError(f"the learner service is rank 0; rank {rv.rank} runs `follower`")
+    device = distributed.init(rv, lc.device)
+    config = config.model_copy(update={"learner": lc.model_copy(update={"device": device})})
+    return config, distributed.Lockstep(0, lc.world_size), procs
+
+
+def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics: bool = True) -> RunningLearner:
+    config, lockstep, followers = _start_ranks(config)
+    lc = config.learner
+    trainer, tokenizer, resume_from = build_trainer(config, lockstep)
 
     weights = transport_from_config(
         config.weightsync,
@@ -90,12 +189,16 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
     metrics_server = metrics.MetricsServer(registry, lc.server.metrics_port, lc.server.host) if serve_metrics else None
     cache = CacheClient.for_run(channel(config.endpoints.cache, lc.server.max_message_mb, config.tls), config)
     evaluate = None
-    if lc.eval_every:
+    if lc.eval_every and lockstep is not None:
+        # generation on rank 0 alone would enter FSDP collectives the other ranks never join
+        log.warning("learner.eval_every is not run with learner.world_size > 1 (sharded weights); skipping")
+    elif lc.eval_every:
         from asyncopd.evaluation.greedy import evaluate as run_eval
         from asyncopd.models.chat import prompt_formatter
         from asyncopd.tasks import load_task
 
         chat = prompt_formatter(config.models.student, config.task)
+        model: Any = trainer.model
         items = list(load_task(config.task, "test", chat))[: lc.eval_size]
         max_tokens = config.rollout.sampling.max_tokens
 
@@ -119,18 +222,24 @@ def build(config: RunConfig, name: str, stop: threading.Event, *, serve_metrics:
         stop=stop,
         step_log=step_log,
         metrics=recorder,
-        save_checkpoint=checkpointer(trainer, lc.checkpoint_dir, tokenizer=tokenizer, keep=lc.keep_checkpoints),
+        save_checkpoint=sharded_checkpointer(trainer, config, tokenizer)
+        if lockstep is not None
+        else checkpointer(trainer, lc.checkpoint_dir, tokenizer=tokenizer, keep=lc.keep_checkpoints),
         evaluate=evaluate,
         resumed_from=trainer.version if resume_from is not None else None,
         tracker=open_tracker(config.tracking, config.output_dir, config.name),
     )
     servicer = LearnerServicer(weights, loop.progress)
     server = start_server(lc.server, [add_to_server(servicer)], [SERVICE_NAME], config.tls)
-    return RunningLearner(loop, server, weights, metrics_server)
+    return RunningLearner(loop, server, weights, metrics_server, lockstep, followers)
 
 
 def serve(config: RunConfig, name: str) -> None:
     """Run the learner until SIGTERM/SIGINT (checkpointing on the way out)."""
+    rv = distributed.Rendezvous.from_env(config.learner.world_size) if config.learner.world_size > 1 else None
+    if rv is not None and rv.rank > 0:  # a StatefulSet pod of rank > 0
+        follower(rv.rank, rv.master_port, config, rv.master_addr)
+        return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

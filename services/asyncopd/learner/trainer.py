@@ -22,6 +22,11 @@ checkpointing recomputes each decoder layer in backward (Hugging Face's
 micro-batches by tokens instead of rows, and `pack_sequences` concatenates their rows into one
 unpadded row (`asyncopd.learner.batching`).
 
+Over several processes (`lockstep`, `asyncopd.learner.distributed`) the model is FSDP2-sharded
+before the optimizer is built, every rank collates the whole batch and runs its round-robin
+share of the micro-batches inside the sharded model's forward method, and losses, gradients
+and metrics add up to the one-process update.
+
 `trainer_from_config` is the one mapping from the run config's `loss` and `learner` sections
 to a Trainer (the learner service and `asyncopd study` both build theirs with it).
 
@@ -43,11 +48,13 @@ from torch import Tensor, nn
 from asyncopd.config.learner import LRSchedule
 from asyncopd.config.loss import EstimatorKind, LossConfig
 from asyncopd.config.run import RunConfig
+from asyncopd.learner import distributed
 from asyncopd.learner.batching import TrainBatch, collate, pack_positions, plan_micro_batches, unpack_positions
 from asyncopd.learner.lr_schedule import lr_multiplier
 from asyncopd.models.loading import torch_dtype
-from asyncopd.opd import Logits, LossInputs, OPDLoss, ProjectedLogits, gather_logprobs
+from asyncopd.opd import Logits, LossInputs, LossOutputs, OPDLoss, ProjectedLogits, gather_logprobs
 from asyncopd.records import ScoredSample
+from asyncopd.weightsync.gather import GatheredWeights
 
 # metrics that combine across micro-batches by min / max rather than a token-weighted mean
 _MIN = {"ratio_min"}
@@ -126,7 +133,11 @@ class Trainer:
         logit_chunk_tokens: int = 0,
         max_tokens_per_micro_batch: int = 0,
         pack_sequences: bool = False,
+        lockstep: distributed.Lockstep | None = None,
+        sync_dtype: torch.dtype | None = None,
     ) -> None:
+        """`lockstep`: this process's rank when the learner runs over several (the model is sharded here);
+        `sync_dtype`: the dtype `named_weights` delivers (the rollout engines'; None = the weights' own)."""
         if loss.spec.needs_teacher_logits and teacher is None:
             raise ValueError(f"loss.kind={loss.kind} needs dense teacher logits: pass a colocated teacher model")
         check_memory_settings(
@@ -147,6 +158,10 @@ class Trainer:
                 )
             # non-reentrant: works with inputs that need no grad and with autocast
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lockstep is not None:
+            distributed.shard(model)  # before the optimizer: it must hold the sharded parameters
+        self.lockstep = lockstep
+        self.sync_dtype = sync_dtype
         self.model = model
         self.loss = loss
         self.device = torch.device(device)
@@ -176,9 +191,16 @@ class Trainer:
             ),
         )
 
-    def named_weights(self) -> list[tuple[str, Tensor]]:
-        """The student's weights in HF naming (what the rollout engines load)."""
-        return list(self.model.state_dict().items())
+    def named_weights(self) -> GatheredWeights:
+        """The student's weights in HF naming (what the rollout engines load), each tensor once, in
+        `sync_dtype`; sharded ones are gathered one at a time as the transport packs them (rank 0
+        tells the other ranks to join each gather)."""
+        lockstep = self.lockstep
+        return GatheredWeights(
+            list(self.model.state_dict(keep_vars=True).items()),
+            self.sync_dtype,
+            None if lockstep is None else lambda: lockstep.lead(distributed.Op.GATHER),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -189,11 +211,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # absent in a sharded checkpoint: `checkpoint.load_sharded` loads it
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def train(self, samples: Sequence[ScoredSample]) -> list[StepStats]:
         """Up to `mini_batches` optimizer steps on `samples` (fewer if the batch is smaller)."""
+        if self.lockstep is not None:
+            self.lockstep.lead(distributed.Op.TRAIN, list(samples))
         batch = collate(samples, self.loss.kind, self.pad_id).to(self.device)
         proximal = self._proximal(batch) if self.loss.correction == "decoupled" else None
         steps = min(self.mini_batches, batch.size)
@@ -226,15 +251,31 @@ class Trainer:
         """log π_prox at every row's ids, [B, T, K] as the batch is padded."""
         assert batch.ids is not None
         out = torch.zeros(batch.ids.shape, dtype=torch.float32, device=batch.ids.device)
-        for start, stop in self.micro_batches(batch, 0, batch.size):
+        for start, stop, real in self._share(batch, 0, batch.size):
             micro = self._micro(batch, start, stop)
-            assert micro.ids is not None
-            with self._compute():
-                logits = self._student_logits(micro)
-            logprobs = gather_logprobs(logits, micro.ids).float()
-            rows = batch.valid[start:stop]
-            out[start:stop] = unpack_positions(logprobs, rows) if micro.packed else logprobs
-        return out
+            ids = micro.ids
+            assert ids is not None
+
+            def logprobs(micro: TrainBatch = micro, ids: Tensor = ids) -> Tensor:
+                with self._compute():
+                    logits = self._student_logits(micro)
+                return gather_logprobs(logits, ids).float()
+
+            rows_logprobs = distributed.run(self.model, logprobs)
+            if real:
+                rows = batch.valid[start:stop]
+                out[start:stop] = unpack_positions(rows_logprobs, rows) if micro.packed else rows_logprobs
+        return out if self.lockstep is None else self.lockstep.sum_(out)
+
+    def _share(self, batch: TrainBatch, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """This process's micro-batches of rows lo:hi, (start, stop, real): all of them, real, on one
+        process; over several, its round-robin share of the non-empty ones plus zero-weight dummies."""
+        ranges = self.micro_batches(batch, lo, hi)
+        if self.lockstep is None:
+            return [(start, stop, True) for start, stop in ranges]
+        lengths = batch.lengths()
+        # an empty micro-batch would skip collectives on one rank only: leave them out everywhere
+        return self.lockstep.assign([(a, b) for a, b in ranges if sum(lengths[a:b]) > 0])
 
     def _step(self, batch: TrainBatch, proximal: Tensor | None, lo: int, hi: int) -> StepStats:
         self.model.train()
@@ -242,21 +283,31 @@ class Trainer:
         mini = batch.slice(lo, hi)
         total = max(mini.tokens, 1)
         sums: dict[str, float] = {}
-        for start, stop in self.micro_batches(batch, lo, hi):
+        scale = 1.0 if self.lockstep is None else self.lockstep.grad_scale
+        for start, stop, real in self._share(batch, lo, hi):
             micro = self._micro(batch, start, stop)
-            tokens = micro.tokens
-            if tokens == 0:
+            tokens = micro.tokens if real else 0
+            if tokens == 0 and self.lockstep is None:
                 continue
             rows_proximal = None
             if proximal is not None:
                 rows_proximal = proximal[start:stop]
                 if micro.packed:
                     rows_proximal = pack_positions(rows_proximal, batch.valid[start:stop])
-            with self._compute():
-                inputs = self._inputs(micro, rows_proximal)
-            out = self.loss(inputs)
-            # token mean over the whole mini-batch = Σ_micro (micro mean x micro tokens / total)
-            (out.loss * (tokens / total)).backward()
+
+            def forward(micro: TrainBatch = micro, rows_proximal: Tensor | None = rows_proximal) -> LossOutputs:
+                with self._compute():
+                    inputs = self._inputs(micro, rows_proximal)
+                return self.loss(inputs)
+
+            out = distributed.run(self.model, forward)
+            # token mean over the whole mini-batch = Σ_micro (micro mean x micro tokens / total);
+            # a dummy (tokens 0) only keeps this rank's collectives in step with the others
+            (out.loss * (tokens / total * scale)).backward()
+            if not real:
+                for name in out.metrics:
+                    sums.setdefault(name, math.inf if name in _MIN else -math.inf if name in _MAX else 0.0)
+                continue
             for name, value in out.metrics.items():
                 if name in _MIN:
                     sums[name] = min(sums.get(name, math.inf), value)
@@ -266,7 +317,11 @@ class Trainer:
                     sums[name] = sums.get(name, 0.0) + value
                 else:
                     sums[name] = sums.get(name, 0.0) + value * tokens / total
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+        if self.lockstep is not None:
+            sums = self.lockstep.reduce_metrics(sums, _MIN, _MAX)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        full = getattr(norm, "full_tensor", None)  # sharded gradients: a DTensor norm
+        grad_norm = float(full() if full is not None else norm)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
@@ -345,9 +400,15 @@ def loss_from_config(lc: LossConfig, kind: EstimatorKind | None = None) -> OPDLo
 
 
 def trainer_from_config(
-    config: RunConfig, model: nn.Module, *, pad_id: int, teacher: nn.Module | None = None
+    config: RunConfig,
+    model: nn.Module,
+    *,
+    pad_id: int,
+    teacher: nn.Module | None = None,
+    lockstep: distributed.Lockstep | None = None,
 ) -> Trainer:
-    """The Trainer and its OPDLoss as the run config's `loss` and `learner` sections describe them."""
+    """The Trainer and its OPDLoss as the run config's `loss` and `learner` sections describe them
+    (`lockstep`: this process's rank when `learner.world_size` > 1)."""
     lc = config.learner
     return Trainer(
         model,
@@ -370,4 +431,6 @@ def trainer_from_config(
         logit_chunk_tokens=lc.logit_chunk_tokens,
         max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
         pack_sequences=lc.pack_sequences,
+        lockstep=lockstep,
+        sync_dtype=torch_dtype(config.models.dtype),
     )

@@ -37,6 +37,7 @@ import torch
 
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
+from asyncopd.weightsync.gather import GatheredWeights
 from asyncopd.weightsync.manifest import Manifest, checksum, pack, plan
 from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
 
@@ -114,11 +115,16 @@ class Snapshot:
         """Copy `named` into buckets on `device` as `version`; versions must move forward."""
         if previous is not None and version <= previous.version:
             raise ValueError(f"version {version} is not newer than the last published {previous.version}")
-        if previous is not None and [n for n, _ in named] == [t.name for t in previous.manifest.tensors]:
+        specs: Sequence[tuple[str, torch.Tensor]]
+        if isinstance(named, GatheredWeights):  # sharded / cast weights: gathered while packed
+            names, specs = named.names, named.specs()
+        else:
+            names, specs = [n for n, _ in named], named
+        if previous is not None and names == [t.name for t in previous.manifest.tensors]:
             manifest = previous.manifest  # the same model: reuse the layout
         else:
-            manifest = plan(named, int(config.bucket_mb * _MIB))
-        buckets = pack(named, manifest, device)
+            manifest = plan(specs, int(config.bucket_mb * _MIB))
+        buckets = named.pack(manifest, device) if isinstance(named, GatheredWeights) else pack(named, manifest, device)
         return cls(version, manifest, buckets, checksum(buckets) if config.checksum else "")
 
 
