@@ -102,7 +102,11 @@ def serve(config: RunConfig, name: str) -> None:
     engine = build_engine(config, name)
     replica = RolloutReplica(engine, name, m)
     sampling = sampling_from_config(config)
-    servicer = RolloutServicer(replica, sampling)
+    cache_channel = channel(config.endpoints.cache, config.rollout.server.max_message_mb, config.tls)
+    cache = CacheClient.for_run(cache_channel, config)
+    # PushWeights accepts up to the cache's published version + 1, so a replica that fell behind
+    # (or joined late) can take the learner's current weights; see RolloutServicer.
+    servicer = RolloutServicer(replica, sampling, published=cache.published_version)
     server = start_server(
         config.rollout.server,
         [lambda s: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, s)],
@@ -116,10 +120,9 @@ def serve(config: RunConfig, name: str) -> None:
         signal.signal(sig, lambda *_: stop.set())
     errors: list[BaseException] = []
     kind, k = support_for(config.loss)
-    cache_channel = channel(config.endpoints.cache, config.rollout.server.max_message_mb, config.tls)
     loop = RolloutLoop(
         replica,
-        CacheClient.for_run(cache_channel, config),
+        cache,
         sampling=sampling,
         support_kind=kind,
         k=k,
@@ -130,13 +133,21 @@ def serve(config: RunConfig, name: str) -> None:
     )
     threads = [_thread("rollout-loop", lambda: loop.run(stop), errors, stop)]
 
+    from asyncopd.weightsync.manifest import param_specs
     from asyncopd.weightsync.subscriber import run_subscriber
 
     threads.append(
         _thread(
             "weight-sync",
             lambda: run_subscriber(
-                config.endpoints.learner, name, replica.load_weights, stop, config.weightsync, config.tls
+                config.endpoints.learner,
+                name,
+                replica.load_weights,
+                stop,
+                config.weightsync,
+                config.tls,
+                # announced buckets are checked against this model before anything is allocated
+                expected=param_specs(engine.param_shapes()),
             ),
             errors,
             stop,
