@@ -50,17 +50,30 @@ TARGETS = (
     Target(
         "cache.policy",
         "cache/policy.py",
-        ("tests/unit/test_cache_policy.py", "tests/service/test_cache_policy_boundary.py"),
+        (
+            "tests/unit/test_cache_policy.py",
+            "tests/unit/test_cache_policy_shared.py",
+            "tests/service/test_cache_policy_boundary.py",
+        ),
     ),
     Target(
         "opd.estimators",
         "opd/estimators.py",
-        ("tests/unit/test_opd_estimators.py", "tests/unit/test_opd_mc_properties.py"),
+        (
+            "tests/unit/test_opd_estimators.py",
+            "tests/unit/test_opd_mc_properties.py",
+            "tests/unit/test_opd_contracts.py",
+        ),
     ),
     Target(
         "opd.corrections",
         "opd/corrections.py",
-        ("tests/unit/test_opd_mc_properties.py", "tests/unit/test_opd_loss.py"),
+        (
+            "tests/unit/test_opd_estimators.py",  # the m2po_clip and decoupled references live there
+            "tests/unit/test_opd_mc_properties.py",
+            "tests/unit/test_opd_loss.py",
+            "tests/unit/test_opd_contracts.py",
+        ),
     ),
     Target(
         "learner.batching",
@@ -84,6 +97,7 @@ LUA_TESTS = (
     "tests/service/test_cache_claims.py",
     "tests/service/test_cache_policy_boundary.py",
     "tests/service/test_cache_eviction.py",
+    "tests/service/test_cache_budget_exact.py",
 )
 
 
