@@ -163,7 +163,9 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(models: tuple[Path, Path],
 
     path = checkpoint.latest(ckpt_dir)
     assert path is not None and checkpoint.is_sharded(path)
-    assert path.name == "step-00000002" and not (path / "model.safetensors").exists()
+    assert path.name == "step-00000002"
+    # the HF copy (evaluation, serving) holds the weights the shards hold
+    exported = load(path).state_dict()
     # one process, no process group: weights and AdamW moments from the shards, version and LR schedule
     one = trainer(models[0], "reverse_kl_mc", {"correction": "is"}, None)
     fresh = {k: v.clone() for k, v in one.model.state_dict().items()}
@@ -171,6 +173,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(models: tuple[Path, Path],
     one.load_state_dict(checkpoint.load_state(path)["trainer"])
     assert one.version == 2
     assert any(not torch.equal(fresh[k], v) for k, v in one.model.state_dict().items())
+    for name, tensor in one.model.state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
     stats = one.train(split(samples)[1])
     resumed = result(one, stats)
     assert resumed["losses"] == pytest.approx(continued["losses"], rel=1e-5, abs=1e-6)
@@ -230,3 +234,41 @@ def test_unsharded_weights_pack_the_same_as_before(models: tuple[Path, Path]) ->
     for a, b in zip(weights.pack(manifest, "cpu"), pack(expected, manifest, "cpu"), strict=True):
         assert torch.equal(a, b)
     assert [n for n, _ in weights] == [n for n, _ in expected]
+
+
+def resume_rank_main(rank: int, port: int, job: tuple[Path, Path, Path]) -> None:
+    """Two ranks resume a one-process checkpoint and train on the second half; rank 0 writes the result."""
+    ckpt, samples_file, out = job
+    init(Rendezvous(rank, 2, "127.0.0.1", port), "cpu")
+    second = split(pickle.loads(samples_file.read_bytes()))[1]
+    lockstep = Lockstep(rank, 2)
+    t = trainer(ckpt, "reverse_kl_mc", {"correction": "is"}, lockstep)
+    state = checkpoint.load_state(ckpt)["trainer"]
+    checkpoint.load_optimizer_by_position(t.model, t.optimizer, state.pop("optimizer"))
+    t.load_state_dict(state)
+    if rank == 0:
+        stats = t.train(second)
+        lockstep.lead(Op.STOP)
+    else:
+        follow(lockstep, {Op.TRAIN: t.train})
+    res = result(t, stats if rank == 0 else [])
+    if rank == 0:
+        torch.save({**res, "version": t.version}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(models: tuple[Path, Path], tmp_path: Path) -> None:
+    samples = scored_samples(generate(load(models[0]), load(models[1]), n=12), "reverse_kl_mc")
+    first, second = split(samples)
+    one = trainer(models[0], "reverse_kl_mc", {"correction": "is"}, None)
+    one.train(first)
+    path = checkpoint.save(tmp_path / "ckpt", one.model, one.state_dict())  # type: ignore[arg-type]
+    continued = result(one, one.train(second))
+    samples_file, out = tmp_path / "samples.pkl", tmp_path / "rank0.pt"
+    samples_file.write_bytes(pickle.dumps(samples))
+    two_ranks(resume_rank_main, (path, samples_file, out))
+    resumed = torch.load(out, weights_only=False)
+    assert resumed["version"] == 4
+    assert resumed["losses"] == pytest.approx(continued["losses"], rel=1e-5, abs=1e-6)
+    for name, want in continued["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], want, rtol=1e-5, atol=1e-5)

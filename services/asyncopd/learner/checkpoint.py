@@ -19,10 +19,12 @@ Durability, in the order a write happens:
 Sharded learners (`learner.world_size` > 1) write with torch Distributed Checkpoint instead
 (`save_sharded`, called by every rank): the weights and AdamW state go to `dcp/` (each rank
 its shards, rank 0 the metadata), keyed by parameter name, not by rank, so `load_sharded` reads
-them back at any world size, one process included (without a process group); beside them the
-model's config (no HF weights), the tokenizer and `learner_state.pt` with the version, the LR
-scheduler and rank 0's RNG. The same rules hold: a temporary directory, fsync, digests over
-every file, rename, `LATEST`, pruning, and `latest()`'s fallback. A one-process checkpoint
+them back at any world size, one process included (without a process group); beside them
+rank 0 writes an HF copy of the weights (gathered one tensor at a time to its host memory,
+`cpu_offload`: what evaluation, serving and `models.student` read; a resume reads `dcp/`), the
+tokenizer and `learner_state.pt` with the version, the LR scheduler and rank 0's RNG. The same
+rules hold: a temporary directory, fsync, digests over every file, rename, `LATEST`, pruning,
+and `latest()`'s fallback. A one-process checkpoint
 (HF weights + an optimizer state keyed by position) loads into a sharded learner through
 `load_optimizer_by_position`.
 
@@ -288,7 +290,11 @@ def save_sharded(
 
     `trainer_state` (version, scheduler; no optimizer) is written by rank 0."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     root = Path(directory)
     version = int(trainer_state["version"])
@@ -304,8 +310,12 @@ def save_sharded(
     try:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=tmp / _DCP)  # every rank its shards; a barrier inside
+        del state
+        # a collective: every rank sends its shards, rank 0 alone receives (others get {})
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            model.config.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=full)
+            del full
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             torch.save({"trainer": trainer_state, "rng": rng_state()}, tmp / _STATE)
