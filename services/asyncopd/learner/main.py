@@ -238,7 +238,12 @@ def serve(config: RunConfig, name: str) -> None:
     """Run the learner until SIGTERM/SIGINT (checkpointing on the way out)."""
     rv = distributed.Rendezvous.from_env(config.learner.world_size) if config.learner.world_size > 1 else None
     if rv is not None and rv.rank > 0:  # a StatefulSet pod of rank > 0
-        follower(rv.rank, rv.master_port, config, rv.master_addr)
+        # health only: the pod's probes see it alive while it follows rank 0
+        health = start_server(config.learner.server, [], [], config.tls)
+        try:
+            follower(rv.rank, rv.master_port, config, rv.master_addr)
+        finally:
+            health.stop(2.0)
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
