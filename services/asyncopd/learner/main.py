@@ -59,9 +59,15 @@ class RunningLearner:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.lockstep is not None:
-            self.lockstep.lead(distributed.Op.STOP)
+            try:
+                self.lockstep.lead(distributed.Op.STOP)
+            except (RuntimeError, torch.distributed.DistError) as exc:
+                # a rank died (that is why we stop): the others fail on their own collectives
+                log.error("could not tell the other learner ranks to stop: %s", exc)
             for proc in self.followers:
                 proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
             torch.distributed.destroy_process_group()
 
 
