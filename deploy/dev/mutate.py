@@ -172,6 +172,17 @@ LUA_MUTANTS = (
 )
 
 
+# Survivors judged equivalent (no test can tell them apart): a fragment of the survivor line -> why.
+EQUIVALENT = {
+    "mask: Tensor ** None": "an annotation: with `from __future__ import annotations` it is never evaluated",
+    "max(float(tau_sq[k]), -1.0)": "tau_sq[k] > 0 by construction (water-filling over budget); the max is a guard",
+    "per_position[ -1][0].shape[1]": "every sample's K is the same (checked just before), so first = last",
+    "non_blocking=False": "same values; only whether a host->device copy may overlap (none on CPU)",
+    "pull: stale range inclusive": "scores are ov * 2^32 + seq with seq >= 1 (INCR): none equals the bound",
+    "unscored: stale boundary": "the store passes only ids it found stale (ov < bound); versions only grow",
+}
+
+
 def copy_sources(session: Path) -> Path:
     """services/ of the working tree (generated stubs included) -> session/services; returns it."""
     dest = session / "services"
@@ -200,9 +211,9 @@ def check_baseline(services: Path, tests: tuple[str, ...], what: str) -> None:
 # ---- Python modules (cosmic-ray) -------------------------------------------------------------
 
 
-def init_session(target: Target, services: Path, folder: Path, *, max_n: int, seed: int, timeout_s: float) -> Path:
+def write_config(target: Target, services: Path, folder: Path, timeout_s: float) -> Path:
+    """The session's cosmic-ray config; rewritten on --retest, so the re-run uses today's tests."""
     config = folder / f"{target.name}.toml"
-    db_path = folder / f"{target.name}.sqlite"
     command = " ".join(pytest_command(target.tests))
     config.write_text(
         "[cosmic-ray]\n"
@@ -212,6 +223,12 @@ def init_session(target: Target, services: Path, folder: Path, *, max_n: int, se
         f'test-command = "{command}"\n'
         '[cosmic-ray.distributor]\nname = "local"\n'
     )
+    return config
+
+
+def init_session(target: Target, services: Path, folder: Path, *, max_n: int, seed: int, timeout_s: float) -> Path:
+    config = write_config(target, services, folder, timeout_s)
+    db_path = folder / f"{target.name}.sqlite"
     subprocess.run([str(TOOL_BIN / "cosmic-ray"), "init", str(config), str(db_path)], check=True, cwd=REPO)
     rng = random.Random(f"{seed}:{target.name}")
     with use_db(str(db_path), WorkDB.Mode.open) as db:
@@ -282,7 +299,7 @@ def run_lua(services: Path, folder: Path, only: set[str] | None, timeout_s: floa
     lua = services / "asyncopd" / "cache" / "lua"
     killed, survivors, missing = 0, [], []
     for mutant in LUA_MUTANTS:
-        if only is not None and mutant.name not in only:
+        if only is not None and not any(line.startswith(f"{mutant.file}: {mutant.name}: ") for line in only):
             continue
         path = lua / mutant.file
         original = path.read_text()
@@ -330,7 +347,8 @@ def report(results: dict[str, dict[str, object]], previous: dict[str, dict[str, 
         print(f"  {name:22s} {score}  {killed}/{run}")
     for name, r in results.items():
         for line in r["survivors"]:  # type: ignore[attr-defined]
-            print(f"  SURVIVED {name}: {line}")
+            why = next((reason for fragment, reason in EQUIVALENT.items() if fragment in line), None)
+            print(f"  {'EQUIVALENT' if why else 'SURVIVED'} {name}: {line}" + (f"\n      ({why})" if why else ""))
         for line in r.get("not_applied", []):  # type: ignore[attr-defined]
             print(f"  NOT APPLIED {name}: {line}")
 
@@ -362,7 +380,7 @@ def main() -> None:
         run_target = Target(target.name, target.module, present)
         check_baseline(services, run_target.tests, target.name)
         if args.retest:
-            config = folder / f"{target.name}.toml"
+            config = write_config(run_target, services, folder, args.timeout_s)
             print(f"{target.name}: retesting {reopen_survivors(config.with_suffix('.sqlite'))} survivors", flush=True)
         else:
             config = init_session(
@@ -377,7 +395,7 @@ def main() -> None:
         check_baseline(services, LUA_TESTS, "lua")
         only = None
         if previous is not None and "lua" in previous:
-            only = {line.split(": ")[1] for line in previous["lua"]["survivors"]}  # type: ignore[index]
+            only = set(previous["lua"]["survivors"])  # type: ignore[index]
         results["lua"] = run_lua(services, folder, only, args.timeout_s)
     report(results, previous)
     if not args.retest:
