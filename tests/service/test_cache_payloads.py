@@ -272,3 +272,35 @@ def test_frames_round_trip_and_refuse_tampering() -> None:
     with pytest.raises(payload.PayloadError) as err:
         payload.decode_rollout(frame.data, Limits(vocab_size=2), sample_id="a")
     assert err.value.reason == "invalid"
+
+
+def test_an_unreachable_payload_redis_is_an_outage_the_client_loops_ride_through() -> None:
+    """A producer or the learner that cannot reach Redis for payloads waits and retries, as it
+    does for an unreachable cache (chaos: a teacher died on redis-py's ConnectionError while
+    Redis restarted)."""
+    import socket
+    import threading
+
+    from asyncopd.wire.payload_store import PayloadStoreUnavailable
+    from asyncopd.wire.rpc import retryable
+    from asyncopd.wire.work_loop import put_with_backoff
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    down = PayloadStore(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1), "p")
+    for call in (lambda: down.write([("p:k", b"frame")]), lambda: down.read(["p:k"], [5]), lambda: down.delete(["k"])):
+        with pytest.raises(PayloadStoreUnavailable) as err:
+            call()
+        assert retryable(err.value) and "payload store" in err.value.details()
+
+    up = PayloadStore(redis.Redis.from_url(SHARED_REDIS), unique_prefix("outage"))
+    tries: list[int] = []
+
+    def put() -> None:
+        tries.append(1)
+        (down if len(tries) < 3 else up).write([(f"{up.prefix}:k", b"frame")])
+
+    assert put_with_backoff(put, threading.Event()) and len(tries) == 3
+    assert up.read([f"{up.prefix}:k"], [5]) == [b"frame"]
+    up.delete([f"{up.prefix}:k"])

@@ -306,7 +306,12 @@ def _expect_invalid(call: object, request: object, needle: str) -> None:
 
 
 def test_bad_rollouts_are_rejected_whole() -> None:
-    config = make_config(unique_prefix("bad"), **{"cache.max_request_mb": 0.01})
+    # A tiny request limit, so that one long rollout exceeds it; the rollout batch the config
+    # check sizes against that limit is made to fit (one 16-token rollout of top-8 support).
+    config = make_config(
+        unique_prefix("bad"),
+        **{"cache.max_request_mb": 0.01, "rollout.batch_size": 1, "rollout.sampling.max_tokens": 16, "loss.k": 8},
+    )
     with running_cache(config) as (cache, client):
         stub = _raw(cache.address)
         prompts, _, _ = client.acquire_prompts("r0", 4)

@@ -120,7 +120,9 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
                 time.sleep(0.1)
         # The service's own user may touch only its run's keys; the default user gets another
         # password, so logging in without the username (with the user's password) fails.
-        boot.execute_command("ACL", "SETUSER", USER, "on", f">{USER_PASSWORD}", f"~{server.prefix}:*", "+@all")
+        boot.execute_command(
+            "ACL", "SETUSER", USER, "on", f">{USER_PASSWORD}", f"~{server.prefix}:*", f"&{server.prefix}:*", "+@all"
+        )
         boot.execute_command("ACL", "SETUSER", "default", "resetpass", f">{ADMIN_PASSWORD}")
         boot.close()
         yield server

@@ -13,14 +13,49 @@ knows nothing of admission, budgets or accounting (the cache's).
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
+import grpc
 import redis
 
 from asyncopd.config.redis import RedisConfig
 from asyncopd.wire.payload import PayloadKind, payload_key
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class PayloadStoreUnavailable(grpc.RpcError):
+    """Redis cannot be reached for payloads right now (restarting, loading its AOF, a network cut).
+
+    It answers `code()` UNAVAILABLE like a gRPC error, so every client loop that already rides
+    through an unreachable cache (`asyncopd.wire.rpc.retryable`: the rollout and teacher work
+    loops, the learner's cache calls) waits and retries it the same way, instead of dying on a
+    redis-py exception it does not know."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
+def _unavailable_as_rpc_error(method: Callable[P, T]) -> Callable[P, T]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError included
+            raise PayloadStoreUnavailable(f"payload store: {method.__name__}: {exc}") from exc
+
+    return wrapper
 
 
 def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
@@ -54,6 +89,7 @@ class PayloadStore:
         """A fresh key for a frame of `sample_id` (a random nonce: re-sends never collide)."""
         return payload_key(self.prefix, kind, sample_id, uuid.uuid4().hex[:16])
 
+    @_unavailable_as_rpc_error
     def write(self, items: Sequence[tuple[str, bytes | bytearray]]) -> None:
         """SET each (key, frame) with the orphan TTL, pipelined in chunks."""
         for chunk in self._chunks([len(v) for _, v in items]):
@@ -63,6 +99,7 @@ class PayloadStore:
                 pipe.set(key, frame, px=self.ttl_ms)
             pipe.execute()
 
+    @_unavailable_as_rpc_error
     def read(self, keys: Sequence[str], sizes: Sequence[int]) -> list[bytes | None]:
         """The frames at `keys` (None where gone); `sizes` (from metadata) bound each MGET."""
         out: list[Any] = []
@@ -70,6 +107,7 @@ class PayloadStore:
             out += self.redis.mget([keys[i] for i in chunk])
         return out  # bytes (the client does not decode responses)
 
+    @_unavailable_as_rpc_error
     def delete(self, keys: Sequence[str]) -> None:
         if keys:
             self.redis.delete(*keys)
