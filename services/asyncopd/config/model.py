@@ -28,9 +28,10 @@ class TaskConfig(Section):
     checked when a run config is loaded (`asyncopd.config.run.cross_field_errors`).
     """
 
-    name: Literal["toy", "jsonl", "parquet", "hf"] = Field(
+    name: Literal["toy", "wide", "jsonl", "parquet", "hf"] = Field(
         "toy",
-        description="toy = the built-in arithmetic task; jsonl/parquet = a local file; "
+        description="toy = the built-in arithmetic task; wide = the built-in long graph-walk task of the "
+        "wide-vocabulary world (Qwen3 tokenizer); jsonl/parquet = a local file; "
         "hf = a Hugging Face dataset (needs the `data` extra).",
     )
     source: str | None = Field(
@@ -47,16 +48,18 @@ class TaskConfig(Section):
     max_samples: int | None = Field(
         None, ge=1, description="Files and hf: train on the first N records only (None = all)."
     )
-    grader: Literal["auto", "toy", "gsm8k", "math"] = Field(
+    grader: Literal["auto", "toy", "wide", "gsm8k", "math"] = Field(
         "auto",
-        description="How answers are scored: toy; gsm8k = the number after '####'; math = the last \\boxed{} "
-        "checked for symbolic equivalence with math-verify (the `math` extra); auto = toy for the toy task, "
-        "gsm8k otherwise.",
+        description="How answers are scored: toy; wide = a complete allowed walk; gsm8k = the number after "
+        "'####'; math = the last \\boxed{} checked for symbolic equivalence with math-verify (the `math` "
+        "extra); auto = the built-in task's own grader (toy, wide), gsm8k otherwise.",
     )
     seed: int = Field(0, description="Seed of the toy task generator and of epoch shuffles.")
-    train_size: int = Field(20000, ge=1, description="Toy task: number of training prompts.")
+    train_size: int = Field(20000, ge=1, description="Built-in tasks (toy, wide): number of training prompts.")
     test_size: int = Field(
-        500, ge=1, description="Evaluation prompts: toy test-split size; for files and hf, the first N."
+        500,
+        ge=1,
+        description="Evaluation prompts: built-in tasks' test-split size; for files and hf, the first N.",
     )
     prompt_template: str = Field(
         "{question}",
@@ -97,4 +100,4 @@ class TaskConfig(Section):
         """The grader the prompts carry (`auto` resolved)."""
         if self.grader != "auto":
             return self.grader
-        return "toy" if self.name == "toy" else "gsm8k"
+        return self.name if self.name in ("toy", "wide") else "gsm8k"

@@ -77,10 +77,10 @@ def cross_field_errors(config: RunConfig) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     task = config.task
     source = task.data_source
-    if task.name == "toy":
+    if task.name in ("toy", "wide"):
         if source is not None:
             errors.append(
-                ("task.source", f"set to {source!r} but task.name is 'toy' (set task.name: jsonl|parquet|hf)")
+                ("task.source", f"set to {source!r} but task.name is {task.name!r} (set task.name: jsonl|parquet|hf)")
             )
     elif source is None:
         errors.append(

@@ -15,6 +15,7 @@ from asyncopd.tasks.loaders import (
     load_hf_dataset,
     load_task,
     load_toy_dataset,
+    load_wide_dataset,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "load_hf_dataset",
     "load_task",
     "load_toy_dataset",
+    "load_wide_dataset",
 ]

@@ -4,6 +4,8 @@ Registered by name; a `PromptItem` names its grader, so a consumer never needs t
 task a prompt came from.
 
 - `toy`: the integer after the last `#` (the toy task).
+- `wide`: a complete, allowed continuation of the wide task's walk (`asyncopd.tasks.wide.task`);
+  the reference answer is the animal it continues from.
 - `gsm8k`: the number after the last `####`.
 - `math`: the content of the response's last `\\boxed{...}` (braces matched), checked for
   symbolic equivalence with the reference by `math-verify` (`\\frac{1}{2}` = `0.5` = `1/2`,
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from asyncopd.tasks.toy import task as toy_task
+from asyncopd.tasks.wide import task as wide_task
 
 GSM8K_MARK = "####"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -44,6 +47,16 @@ class ToyExactMatch:
 
     def score(self, response: str, answer: str) -> float:
         return 1.0 if toy_task.is_correct(response, answer) else 0.0
+
+
+@dataclass(frozen=True)
+class WideWalk:
+    """Wide task: every line labelled, every animal allowed after the one before, the end line right."""
+
+    name: str = "wide"
+
+    def score(self, response: str, answer: str) -> float:
+        return 1.0 if wide_task.is_correct(response, answer) else 0.0
 
 
 def parse_gsm8k_number(text: str) -> float | None:
@@ -144,7 +157,9 @@ def _normalized(text: str) -> str:
     return re.sub(r"\s+", "", text).replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac")
 
 
-GRADERS: dict[str, Grader] = {g.name: g for g in (ToyExactMatch(), GSM8KNumericMatch(), MathBoxedEquivalence())}
+GRADERS: dict[str, Grader] = {
+    g.name: g for g in (ToyExactMatch(), WideWalk(), GSM8KNumericMatch(), MathBoxedEquivalence())
+}
 
 
 def get_grader(name: str) -> Grader:

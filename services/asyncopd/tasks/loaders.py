@@ -1,5 +1,5 @@
-"""Loading a prompt dataset: the built-in toy task, a local jsonl/parquet file, or a Hugging Face
-dataset.
+"""Loading a prompt dataset: a built-in task (toy, wide), a local jsonl/parquet file, or a Hugging
+Face dataset.
 
 A record holds a question (field `prompt_key`, default `question`) and a reference answer
 (`answer_key`, default `answer`); an optional `id_key` field (default `id`) becomes the prompt
@@ -34,6 +34,7 @@ from asyncopd.tasks.graders import (
     require_math_verify,
 )
 from asyncopd.tasks.toy import task as toy_task
+from asyncopd.tasks.wide import task as wide_task
 
 Split = Literal["train", "test"]
 FormatPrompt = Callable[[str], str]
@@ -61,6 +62,14 @@ def load_toy_dataset(split: Split, n: int, seed: int) -> PromptDataset:
         PromptItem(prompt_id=f"toy/{p.expression}", prompt=p.prompt, answer=p.answer, grader="toy") for p in problems
     ]
     return PromptDataset(f"toy-{split}", items)
+
+
+def load_wide_dataset(split: Split, n: int, seed: int) -> PromptDataset:
+    """`n` wide-task prompts of `split` drawn with `seed`; the answer is the animal the walk
+    continues from (grader `wide`)."""
+    problems = wide_task.sample_problems(split, n, seed)
+    items = [PromptItem(prompt_id=p.prompt_id, prompt=p.prompt, answer=p.answer, grader="wide") for p in problems]
+    return PromptDataset(f"wide-{split}", items)
 
 
 def _read_records(path: Path) -> Iterator[Mapping[str, Any]]:
@@ -204,9 +213,10 @@ def load_task(config: TaskConfig, split: Split, format_prompt: FormatPrompt | No
         )
     if config.grader_name == "math":
         require_math_verify()
-    if config.name == "toy":
+    if config.name in ("toy", "wide"):
         size = config.train_size if split == "train" else config.test_size
-        dataset = load_toy_dataset(split, size, config.seed)
+        load = load_toy_dataset if config.name == "toy" else load_wide_dataset
+        dataset = load(split, size, config.seed)
         if format_prompt is None:
             return dataset
         return PromptDataset(dataset.name, [_reformatted(it, format_prompt) for it in dataset])
