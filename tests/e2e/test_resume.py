@@ -20,7 +20,10 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10
+# Long enough that the interruption lands mid-run on a fast idle machine too: between the second
+# logged step and the learner's stop, the producers' shutdown lets it train on (a fresh CI clone
+# once trained all of 10 steps before the SIGINT took effect); a toy step is ~0.1-1 s.
+STEPS = 120
 # A bound of 1 keeps at most two batches in flight: once the launcher has stopped the producers
 # (newest first), the learner cannot train far past the step it was interrupted at.
 SMALL = [
