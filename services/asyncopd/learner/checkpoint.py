@@ -204,6 +204,13 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written directory must not fill the disk
         raise
+    _publish(root, tmp, final, keep)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the complete, fsynced `tmp` into place as `final`, point LATEST at it (atomically,
+    fsynced) and prune to the newest `keep`."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -214,7 +221,6 @@ def save(
     _fsync_dir(root)
     for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old)
-    return final
 
 
 def verify(path: str | Path) -> None:
@@ -332,16 +338,7 @@ def save_sharded(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / f".{_LATEST}.tmp"
-        pointer.write_text(final.name)
-        _fsync_file(pointer)
-        os.replace(pointer, root / _LATEST)
-        _fsync_dir(root)
-        for old in _checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+        _publish(root, tmp, final, keep)
     _barrier()  # no rank goes on before the checkpoint is complete
     return final
 
