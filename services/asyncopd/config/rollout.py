@@ -8,6 +8,7 @@ from pydantic import Field
 
 from asyncopd.config.base import Section
 from asyncopd.config.endpoints import ServerConfig
+from asyncopd.config.vllm import VLLMEngineConfig
 
 
 class SamplingConfig(Section):
@@ -17,25 +18,6 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = off).")
     max_tokens: int = Field(64, ge=1, description="Largest number of generated tokens per response.")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="Strings that end a response.")
-
-
-class VLLMEngineConfig(Section):
-    """Settings of the vLLM engine (rollout.engine: vllm); defaults suit a real model on a GPU."""
-
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards the model over.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may take (weights + KV cache)."
-    )
-    max_model_len: int | None = Field(
-        None, ge=2, description="Prompt + response tokens one sequence may hold; None = rollout.max_model_len."
-    )
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs (and torch.compile): slower, starts faster.")
-    enable_prefix_caching: bool = Field(
-        True, description="Reuse the KV cache of shared prompt prefixes (reset after every weight load)."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
-        None, description="Weights and activations of the engine; None = models.dtype."
-    )
 
 
 class RolloutConfig(Section):

@@ -8,25 +8,7 @@ from pydantic import Field
 
 from asyncopd.config.base import Section
 from asyncopd.config.endpoints import ServerConfig
-
-
-class TeacherVLLMConfig(Section):
-    """Settings of the vLLM teacher engine (teacher.backend: vllm); defaults suit a real model on a GPU."""
-
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards the teacher over.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may take (weights + KV cache)."
-    )
-    max_model_len: int | None = Field(
-        None, ge=2, description="Prompt + response tokens + 1 one sequence may hold; None = the model's maximum."
-    )
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs (and torch.compile): slower, starts faster.")
-    enable_prefix_caching: bool = Field(
-        True, description="Share the KV cache of common prompt prefixes (rollouts of one prompt score it once)."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
-        None, description="Weights and activations of the teacher engine; None = models.dtype."
-    )
+from asyncopd.config.vllm import VLLMEngineConfig
 
 
 class TeacherConfig(Section):
@@ -57,4 +39,4 @@ class TeacherConfig(Section):
     claim_wait_ms: int = Field(
         500, ge=0, le=60000, description="How long one ClaimRollouts call may wait at the cache for work."
     )
-    vllm: TeacherVLLMConfig = Field(default_factory=TeacherVLLMConfig, description="vLLM teacher engine settings.")
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM teacher engine settings.")

@@ -11,6 +11,7 @@ switch, which the hooks cannot do without.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine core: collective_rpc takes tensors
@@ -34,3 +35,37 @@ def vllm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def engine_args(
+    model_path: str,
+    *,
+    dtype: str,
+    seed: int,
+    enforce_eager: bool,
+    enable_prefix_caching: bool,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float | None,
+    max_model_len: int | None,
+    extra_args: dict[str, Any] | None = None,
+    **role_args: Any,
+) -> dict[str, Any]:
+    """The `vllm.LLM(...)` arguments of an engine built from a `VLLMEngineConfig` block, the same
+    for the rollout and the teacher; `role_args` are what one role adds, `extra_args` win last.
+    Scheduling stays synchronous: the hooks read the step's outputs in step order."""
+    args: dict[str, Any] = {
+        "model": model_path,
+        "dtype": dtype,
+        "enforce_eager": enforce_eager,
+        "seed": seed,
+        "async_scheduling": False,
+        "enable_prefix_caching": enable_prefix_caching,
+        "tensor_parallel_size": tensor_parallel_size,
+        **role_args,
+    }
+    if gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len:
+        args["max_model_len"] = max_model_len
+    args.update(extra_args or {})
+    return args

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncopd.models.vllm_env import prepare_vllm_env, vllm_available
+from asyncopd.models.vllm_env import engine_args, prepare_vllm_env, vllm_available
 from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout import vllm_sampling
 from asyncopd.rollout.engine import Engine, EngineInfo, build_rollout, check_weights
@@ -97,24 +97,21 @@ class VLLMEngine(Engine):
         prepare_vllm_env("VLLMEngine (in-process weight reload)")
         from vllm import LLM
 
-        args: dict[str, Any] = {
-            "model": model_path,
-            "dtype": dtype,
-            "enforce_eager": enforce_eager,
-            "seed": seed,
-            "logprobs_mode": "processed_logprobs",
-            "async_scheduling": False,
-            "enable_prefix_caching": enable_prefix_caching,
-            "tensor_parallel_size": tensor_parallel_size,
+        args = engine_args(
+            model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            extra_args=extra_args,
+            logprobs_mode="processed_logprobs",
             # vLLM's engine metrics (vllm:num_requests_running, vllm:kv_cache_usage_perc, ...) exist
             # only with stats on; `LLM` turns them off by default. The rollout re-exports them.
-            "disable_log_stats": False,
-        }
-        if gpu_memory_utilization is not None:
-            args["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_model_len:
-            args["max_model_len"] = max_model_len
-        args.update(extra_args or {})
+            disable_log_stats=False,
+        )
         self._llm = LLM(**args)
         self._engine = self._llm.llm_engine
         self._llm.collective_rpc(vllm_sampling.install)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncopd.models.vllm_env import prepare_vllm_env
+from asyncopd.models.vllm_env import engine_args, prepare_vllm_env
 from asyncopd.records import Rollout, TeacherScores
 from asyncopd.teacher import vllm_scoring
 from asyncopd.teacher.scorer import check_score_request
@@ -58,22 +58,19 @@ class VLLMTeacherScorer:
         prepare_vllm_env("VLLMTeacherScorer")
         from vllm import LLM
 
-        args: dict[str, Any] = {
-            "model": model_path,
-            "dtype": dtype,
-            "enforce_eager": enforce_eager,
-            "seed": seed,
-            "async_scheduling": False,
-            "enable_prefix_caching": enable_prefix_caching,
-            "tensor_parallel_size": tensor_parallel_size,
-        }
-        if gpu_memory_utilization is not None:
-            args["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_model_len:
-            args["max_model_len"] = max_model_len
-        if max_batch_tokens:
-            args["max_num_batched_tokens"] = max_batch_tokens
-        args.update(extra_args or {})
+        role_args = {"max_num_batched_tokens": max_batch_tokens} if max_batch_tokens else {}
+        args = engine_args(
+            model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            extra_args=extra_args,
+            **role_args,
+        )
         self._llm = LLM(**args)
         self._engine = self._llm.llm_engine
         self._llm.collective_rpc(vllm_scoring.install, args=(chunk_elements,))
