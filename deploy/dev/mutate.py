@@ -119,8 +119,8 @@ LUA_MUTANTS = (
     LuaMutant("put: stale check off", "put_rollouts.lua", "elseif ov < oldest_usable then", "elseif false then"),
     LuaMutant(
         "put: budget ignores held bytes",
-        "put_rollouts.lua",
-        "plan_evictions(bytes + total - budget,",
+        "common.lua",
+        "plan_evictions(held + total - budget,",
         "plan_evictions(total - budget,",
     ),
     LuaMutant(

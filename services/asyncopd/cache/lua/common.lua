@@ -93,6 +93,18 @@ local function evict(victims, policy)
   return n, bytes
 end
 
+-- Room for `total` new bytes under `budget`, evicting per `policy`: -> evicted, evicted_bytes,
+-- evicted_stale; or nil, bytes_held when nothing evictable frees enough (the put is refused whole).
+local function make_room(total, budget, policy, oldest_usable)
+  local held = num(redis.call('HGET', k('cnt'), 'bytes'))
+  local victims = plan_evictions(held + total - budget, policy, oldest_usable)
+  if not victims then return nil, held end
+  local ev_stale = 0
+  for _, v in ipairs(victims) do if v[2] == 'stale' then ev_stale = ev_stale + 1 end end
+  local ev_n, ev_bytes = evict(victims, policy)
+  return ev_n, ev_bytes, ev_stale
+end
+
 -- Was `ticket` handed out by this run's state (its run id, a position below the cursor)?
 local function issued(ticket)
   local tag = redis.call('GET', k('run'))

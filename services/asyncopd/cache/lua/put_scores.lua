@@ -28,12 +28,8 @@ for i = 1, n do
   seen[sid] = true
   kinds[i] = kind
 end
-local bytes = num(redis.call('HGET', k('cnt'), 'bytes'))
-local victims = plan_evictions(bytes + total - budget, policy, oldest_usable)
-if not victims then return {'FULL', bytes, total, budget} end
-local ev_stale = 0
-for _, v in ipairs(victims) do if v[2] == 'stale' then ev_stale = ev_stale + 1 end end
-local ev_n, ev_bytes = evict(victims, policy)
+local ev_n, ev_bytes, ev_stale = make_room(total, budget, policy, oldest_usable)
+if not ev_n then return {'FULL', ev_bytes, total, budget} end
 local acc, late, stale = 0, 0, 0
 for i = 1, n do
   local b = 6 + (i - 1) * W
