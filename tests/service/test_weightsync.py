@@ -20,6 +20,7 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
 from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.manifest import ManifestError
+from asyncopd.weightsync.receive import ReceiveBuffers
 from asyncopd.weightsync.subscriber import run_subscriber
 from asyncopd.wire.rpc import RunningServer, start_server
 from waiting import returns_within
@@ -97,13 +98,19 @@ def test_late_joiner_and_dead_replica(learner: tuple[CollectiveBroadcast, Runnin
         wait_for(lambda: len(applied(log_a)) == 3)
         assert [u["version"] for u in applied(log_a)] == [1, 2, 3]
 
-        # A late joiner first receives the current weights (version 3), not an empty model.
+        # A late joiner first receives the current weights (version 3), not an empty model:
+        # sent to it alone, from the snapshot; replica-a, which holds version 3, gets nothing.
+        sent = publisher.sent_bytes
+        nbytes = publisher._latest.nbytes  # type: ignore[union-attr]
         b = start_replica(server.address, "replica-b", log_b)
         wait_for(lambda: applied(log_b) != [])
         assert applied(log_b)[0] == {"version": 3, "digest": digest(weights(3))}
         assert publisher.replicas == ["replica-a", "replica-b"]
+        assert publisher.sent_bytes - sent == nbytes
 
+        sent = publisher.sent_bytes
         publisher.publish(4, weights(4))
+        assert publisher.sent_bytes - sent == 2 * nbytes  # a new version: one broadcast to both
         a.kill()  # dies mid-run, without unregistering
         a.wait()
         # The dead replica costs a bounded wait (a failed broadcast or missing ack + one ready
@@ -224,3 +231,54 @@ def test_bad_registrations_are_invalid_argument(learner: tuple[CollectiveBroadca
             assert needle in str(info.value.details())
         assert client.status().replicas == 0
     assert publisher.replicas == []
+
+
+def test_a_replica_receives_every_bucket_into_the_same_two_buffers(
+    learner: tuple[CollectiveBroadcast, RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bucket buffers, allocated once and reused for every bucket of every update: the
+    replica's extra memory is two buckets, not a model (12 buckets here)."""
+    publisher, server = learner
+    allocations: list[int] = []
+    real = ReceiveBuffers._allocate
+
+    def spy(self: ReceiveBuffers, nbytes: int) -> torch.Tensor:
+        allocations.append(nbytes)
+        return real(self, nbytes)
+
+    monkeypatch.setattr(ReceiveBuffers, "_allocate", spy)
+
+    def model(step: int) -> list[tuple[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(step)
+        return [(f"layers.{i}.w", torch.randn(100, 100, generator=g)) for i in range(12)]  # 40 kB each
+
+    storages: dict[int, set[int]] = {}
+    loaded: dict[int, dict[str, torch.Tensor]] = {}
+
+    def apply(version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in named:  # a load: copy each tensor before asking for the next
+            storages.setdefault(version, set()).add(tensor.untyped_storage().data_ptr())
+            loaded.setdefault(version, {})[name] = tensor.clone()
+
+    stop = threading.Event()
+    cfg = WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=True)
+    thread = threading.Thread(target=run_subscriber, args=(server.address, "buffers", apply, stop, cfg))
+    thread.start()
+    try:
+        wait_for(lambda: publisher.replicas == ["buffers"])
+        for version in (1, 2):
+            publisher.publish(version, model(version))
+        wait_for(lambda: 2 in loaded and len(loaded[2]) == 12)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    manifest = publisher._latest.manifest  # type: ignore[union-attr]
+    assert len(manifest.bucket_sizes) == 12
+    bucket = max(manifest.bucket_sizes)
+    # one pair of buffers for both updates (no allocation per bucket or per version) ...
+    assert len(allocations) == 2 and sum(allocations) <= 2 * bucket < manifest.total_bytes / 5, allocations
+    assert len(storages[1]) == 2 and storages[1] == storages[2], storages
+    # ... and reusing them corrupts nothing a load copied out in time
+    for version in (1, 2):
+        for name, tensor in model(version):
+            assert torch.equal(loaded[version][name], tensor), (version, name)

@@ -31,7 +31,8 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.servicer import SERVICE_NAME, LearnerServicer, Progress, add_to_server
 from asyncopd.weightsync import groups
 from asyncopd.weightsync.collective import CollectiveBroadcast
-from asyncopd.weightsync.manifest import Manifest, ParamSpec
+from asyncopd.weightsync.manifest import ParamSpec
+from asyncopd.weightsync.receive import ReceiveBuffers
 from asyncopd.weightsync.subscriber import run_subscriber
 from asyncopd.wire.learner_client import LearnerClient
 from asyncopd.wire.rpc import RunningServer, channel, start_server
@@ -177,7 +178,7 @@ def assignments(store: object, replica: str, registration: int) -> list[dict]:  
         key = groups.assign_key(replica, registration, k)
         if not store.check([key]):  # type: ignore[attr-defined]
             break
-        out.append(json.loads(store.get(key)))  # type: ignore[attr-defined]
+        out.append(json.loads(json.loads(store.get(key))["v"]))  # type: ignore[attr-defined]  # signed envelope
     return out
 
 
@@ -279,13 +280,13 @@ def test_a_store_write_announcing_a_petabyte_is_refused_before_allocating(
     learner: Learner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     allocations: list[int] = []
-    real = Manifest.empty_buckets
+    real = ReceiveBuffers._allocate
 
-    def spy(self: Manifest, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        allocations.append(self.total_bytes)
-        return real(self, device)
+    def spy(self: ReceiveBuffers, nbytes: int) -> torch.Tensor:
+        allocations.append(nbytes)
+        return real(self, nbytes)
 
-    monkeypatch.setattr(Manifest, "empty_buckets", spy)
+    monkeypatch.setattr(ReceiveBuffers, "_allocate", spy)
     petabyte = 1 << 50
     rogues = {
         # The model's own tensor, in a bucket of 1 PB.
@@ -312,7 +313,12 @@ def test_a_store_write_announcing_a_petabyte_is_refused_before_allocating(
             before = registration()
             rogue = {"op": "update", "version": version + 1, "manifest": json.dumps(manifest), "checksum": ""}
             # Another replica of the group writes the next command key before the learner does.
-            groups.put_json(learner.store(), groups.command_key(group.epoch, group.seq + 1), rogue)  # type: ignore[arg-type]
+            # (a replica holds the key: its write is signed).
+            learner.publisher.membership.signer.put_json(
+                learner.store(),  # type: ignore[arg-type]
+                groups.command_key(group.epoch, group.seq + 1),
+                rogue,
+            )
             # Refused: the subscriber leaves and registers again (a new registration id) ...
             wait_for(lambda: registration() > before, 30)  # noqa: B023 - read at once
             assert all(n < petabyte for n in allocations), (what, allocations)

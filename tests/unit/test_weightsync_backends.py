@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,13 +18,19 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.servicer import LearnerServicer
 from asyncopd.learner.trainer import StepStats
+from asyncopd.records import CursorState
 from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.grpc_transport import GrpcPush
 from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, WeightTransport
-from asyncopd.wire.cache_client import Batch
+from asyncopd.wire.cache_client import Batch, LearnerStart
 
 INTERFACE = sorted(WeightTransport.__abstractmethods__)
+
+
+def _sample(n: int) -> SimpleNamespace:
+    """What the loop reads of a trained sample it does not train itself: its ticket."""
+    return SimpleNamespace(rollout=SimpleNamespace(ticket=f"run-{n}"))
 
 
 def weights(step: int) -> list[tuple[str, torch.Tensor]]:
@@ -160,6 +167,7 @@ class CountingTrainer:
 
     def __init__(self) -> None:
         self.version = 0
+        self.prompt_cursor: dict[str, Any] | None = None
         self.weight = torch.zeros(3)
 
     def train(self, samples: list[Any]) -> list[StepStats]:
@@ -178,9 +186,20 @@ class Cache:
         self.versions: list[int] = []
         self.n = 0
 
-    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch:
+    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
+        return LearnerStart(1, 0, 0, 0)
+
+    def run_state(self) -> Any:
+        return (), False
+
+    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
+        return CursorState(0)
+
+    def pull_batch(
+        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
+    ) -> Batch:
         self.n += 1
-        return Batch(batch_id=f"b{self.n}", samples=[object(), object()], staleness=[0, 1])  # type: ignore[list-item]
+        return Batch(batch_id=f"b{self.n}", samples=[_sample(self.n), _sample(self.n)], staleness=[0, 1])  # type: ignore[list-item]
 
     def ack_batch(self, batch_id: str) -> int:
         return 2

@@ -58,6 +58,14 @@ With image.perRole the tag gets the role's suffix (deploy/Dockerfile builds one 
 {{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}redis-password{{ end }}
 {{- end }}
 
+{{- define "asyncopd.weightsyncSecretName" -}}
+{{- default (printf "%s-weightsync" (include "asyncopd.fullname" .)) .Values.weightsyncAuth.existingSecret }}
+{{- end }}
+
+{{- define "asyncopd.weightsyncSecretKey" -}}
+{{- if .Values.weightsyncAuth.existingSecret }}{{ .Values.weightsyncAuth.existingSecretKey }}{{ else }}weightsync-key{{ end }}
+{{- end }}
+
 {{- define "asyncopd.redisUrl" -}}
 {{- if eq .Values.redis.mode "external" }}
 {{- required "redis.external.url is required when redis.mode=external" .Values.redis.external.url }}
@@ -123,6 +131,14 @@ imagePullSecrets:
         secretKeyRef:
           name: {{ include "asyncopd.redisSecretName" $ }}
           key: {{ include "asyncopd.redisSecretKey" $ }}
+    {{- end }}
+    {{- if and .weightsyncKey $.Values.weightsyncAuth.enabled }}
+    # Signs (learner) and verifies (rollout) the weight-sync store's assignments and commands.
+    - name: ASYNCOPD_WEIGHTSYNC_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "asyncopd.weightsyncSecretName" $ }}
+          key: {{ include "asyncopd.weightsyncSecretKey" $ }}
     {{- end }}
     {{- if and $.Values.modelCache.enabled $.Values.modelCache.offline }}
     # The model cache Job downloaded everything: never reach the Hub from a serving pod.

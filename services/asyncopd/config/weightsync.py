@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
 
+# The environment variable holding the key the weight-sync store's values are signed with
+# (asyncopd.weightsync.groups.Signer): the chart sets it from a Secret, the local launcher makes
+# one per run. Unset: unsigned (a warning; local toy runs only).
+WEIGHTSYNC_KEY_ENV = "ASYNCOPD_WEIGHTSYNC_KEY"
+
 
 class WeightSyncConfig(Section):
     """How new weights reach the rollout replicas."""
@@ -40,6 +45,15 @@ class WeightSyncConfig(Section):
         ),
     )
     checksum: bool = Field(False, description="Verify a checksum of every update on the replica.")
+    delta: bool = Field(
+        False,
+        description=(
+            "Send each update as the 16-bit words (bf16 elements) changed since the previous published version, "
+            "per bucket as sparse indices or a bitmask when smaller than the bucket, else dense. Collective transport "
+            "only. Costs one extra copy of the model on every replica (the version a delta applies to); late "
+            "joiners and replicas that missed a version get a dense update."
+        ),
+    )
     store_port: int = Field(0, ge=0, le=65535, description="TCPStore port the learner hosts; 0 = free port.")
     advertise_host: str | None = Field(
         None,
@@ -53,5 +67,14 @@ class WeightSyncConfig(Section):
             raise ValueError(
                 f"weightsync.dead_after_s ({self.dead_after_s}) must be at least 2 x weightsync.heartbeat_s "
                 f"({self.heartbeat_s}), or live replicas would be dropped between two heartbeats"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _delta_needs_collective(self) -> WeightSyncConfig:
+        if self.delta and self.transport != "collective":
+            raise ValueError(
+                "weightsync.delta applies to the collective transport only (the gRPC push sends whole snapshots): "
+                "set weightsync.transport=collective or weightsync.delta=false"
             )
         return self

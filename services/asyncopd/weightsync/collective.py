@@ -1,14 +1,25 @@
 """The collective `WeightTransport` backend: versioned, bucketed broadcast over torch.distributed.
 
 The learner hosts the rendezvous store; `asyncopd.weightsync.membership` forms one gloo or NCCL
-group per membership epoch (learner = rank 0). A fresh group first receives the latest snapshot,
-so a late joiner starts from the current weights. Each update is announced as a command key
-(version, manifest JSON, checksum), then its buckets are broadcast; every member acks after
-receiving and verifying it. A broadcast error or a missing ack within `timeout_s` rebuilds the
+group per membership epoch (learner = rank 0). A fresh group first delivers the latest snapshot
+to the members that lack it — late joiners — point to point from the snapshot the learner keeps
+(the members that hold it only ack), so a late joiner starts from the current weights without
+the others receiving them again. Each update is announced as a command key (version, manifest
+JSON, per-bucket checksums, group size), then every bucket's broadcast is enqueued at once;
+every member acks after receiving (and loading) it. A broadcast error or a missing ack within `timeout_s` rebuilds the
 group without the dead member: a dead replica costs the learner at most ~2 x timeout_s once,
 never a hang — and usually far less: a member whose heartbeat stood still for `dead_after_s` is
 dropped as soon as the learner notices it while waiting, and a broadcast is abandoned (not
 waited out) when a member stops beating during it.
+
+With `weightsync.delta` the learner also encodes each publish against the previous published
+snapshot (`asyncopd.weightsync.delta`: per bucket the changed 16-bit words as sparse indices or a
+bitmask, or the bucket as is when that is not smaller) and broadcasts the encoded buckets — but
+only when every member acked exactly that previous version (`Member.version`): a group with a
+member that holds anything else gets the dense buckets, and catch-ups of late joiners are always
+dense. Every command then says `keep_base`, so replicas keep the decoded buckets of the version
+they applied (one copy of the model) for the next delta; a delta names the version it applies to
+(`delta.base`), and a replica holding another one refuses it (`asyncopd.weightsync.subscriber`).
 
 Replicas that cannot join a collective (`collective=False`) are handed to a `GrpcPush`
 (`asyncopd.weightsync.grpc_transport`) that gets the same snapshots, at the same sync points.
@@ -34,6 +45,7 @@ from asyncopd.weightsync import groups
 from asyncopd.weightsync.grpc_transport import GrpcPush, PushFn
 from asyncopd.weightsync.membership import Group, Member, Membership
 from asyncopd.weightsync.transport import (
+    Delta,
     PublishReport,
     Registration,
     Snapshot,
@@ -57,8 +69,10 @@ class CollectiveBroadcast(WeightTransport):
         advertise_host: str | None = None,
         grpc_push: PushFn | None = None,
         maintenance_interval_s: float = 0.2,
+        signer: groups.Signer | None = None,
     ) -> None:
-        """`grpc_push` reaches the `collective=False` replicas (default: `push_weights` without TLS)."""
+        """`grpc_push` reaches the `collective=False` replicas (default: `push_weights` without TLS);
+        `signer` authenticates the store's values (default: the key in `ASYNCOPD_WEIGHTSYNC_KEY`)."""
         self.config = config
         self.backend = groups.resolve_backend(config.backend, device)
         self.bucket_device = groups.bucket_device(self.backend, device)
@@ -72,6 +86,9 @@ class CollectiveBroadcast(WeightTransport):
         self._grpc = GrpcPush(config, push=grpc_push, ids=ids, maintenance_interval_s=maintenance_interval_s)
         self._sync_lock = threading.RLock()  # every collective op and group change
         self._latest: Snapshot | None = None
+        self.delta = config.delta  # encode each publish against the previous one (the lab may flip it)
+        self._delta: Delta | None = None  # the latest snapshot encoded against the one before it
+        self.sent_bytes = 0  # bytes sent to collective replicas (per receiver: a broadcast to R counts R times)
         self._maintenance = SyncThread(
             "weightsync-maintenance",
             self._due,
@@ -87,6 +104,7 @@ class CollectiveBroadcast(WeightTransport):
             closed=self._maintenance.closed,
             ids=ids,
             max_members=config.max_replicas,
+            signer=signer,
         )
         self._registering = threading.Lock()  # one registration at a time: the cap counts both kinds
         self._maintenance.start()
@@ -149,11 +167,13 @@ class CollectiveBroadcast(WeightTransport):
 
     def publish(self, version: int, named: Sequence[tuple[str, torch.Tensor]]) -> PublishReport:
         start = time.perf_counter()
-        snapshot = Snapshot.take(version, named, self._latest, self.config, self.bucket_device)
+        previous = self._latest
+        snapshot = Snapshot.take(version, named, previous, self.config, self.bucket_device)
+        delta = Delta.between(previous, snapshot) if self.delta else None
         packed = time.perf_counter()
         rebuilds_before = self.membership.rebuilds
         with self._sync_lock:
-            self._latest = snapshot
+            self._latest, self._delta = snapshot, delta
             self._sync()
         return PublishReport(
             version=version,
@@ -194,28 +214,51 @@ class CollectiveBroadcast(WeightTransport):
                 self._grpc.deliver(latest)
             if latest is None or group.sent_version >= latest.version or not group.members:
                 return
+            if all(m.version >= latest.version for m in group.members):
+                group.sent_version = latest.version  # a group of members that all hold it (one left)
+                return
             if self._send(group, latest):
                 group.sent_version = latest.version
+                for member in group.members:
+                    member.version = latest.version
                 return
             group.broken = True
+            # Members may have begun decoding this delta over their base (it holds no version
+            # until the update completed): the retry sends the dense buckets.
+            self._delta = None
         log.error("weight sync: version %s not delivered after 3 group rebuilds", self.latest_version)
 
     def _send(self, group: Group, snapshot: Snapshot) -> bool:
-        """Announce `snapshot`, broadcast its buckets and wait for every member's ack; False: rebuild."""
+        """Announce `snapshot`, broadcast its buckets and wait for every member's ack; False: rebuild.
+
+        Every bucket's broadcast is enqueued at once (the snapshot's buckets are not written
+        again until the next publish), so the group's threads move them back to back while the
+        replicas load the ones before; this thread only watches them complete."""
         assert group.group is not None
         group.seq += 1
         seq = group.seq
-        groups.put_json(
+        members = group.members
+        # A fresh group re-sends the latest snapshot: only to the members that lack it (late
+        # joiners), point to point from the snapshot; the others just ack.
+        behind = [rank for rank, m in enumerate(members, start=1) if m.version < snapshot.version]
+        catch_up = len(behind) < len(members)
+        delta = None if catch_up else self._delta_for(members, snapshot)
+        payloads: list[torch.Tensor] = snapshot.buckets if delta is None else [b.payload for b in delta.buckets]
+        self.membership.signer.put_json(
             self._store,
             groups.command_key(group.epoch, seq),
             {
                 "op": "update",
                 "version": snapshot.version,
-                "manifest": snapshot.manifest.to_json(),
+                "manifest": snapshot.manifest.json_text,
                 "checksum": snapshot.digest,
+                "checksums": list(snapshot.bucket_digests),
+                "members": len(members),
+                **({"to": behind} if catch_up else {}),
+                **({"keep_base": True} if self.delta else {}),
+                **({"delta": delta.announcement} if delta is not None else {}),
             },
         )
-        members = group.members
         dead: list[Member] = []
 
         def abandon() -> bool:
@@ -223,29 +266,53 @@ class CollectiveBroadcast(WeightTransport):
             return bool(dead)
 
         try:
-            for bucket in snapshot.buckets:
-                if not groups.broadcast(group.group, bucket, self.timeout_s, abandon=abandon):
-                    log.warning(
-                        "weight sync epoch %d: %s stopped beating during the broadcast of version %d; rebuilding",
-                        group.epoch,
-                        ", ".join(m.replica for m in dead),
-                        snapshot.version,
-                    )
-                    return False
+            pg = group.group
+            if catch_up:
+                works = [groups.send(pg, b, rank, tag) for rank in behind for tag, b in enumerate(payloads)]
+            else:
+                # An unchanged bucket's delta is empty: nothing to send (its receivers post nothing either).
+                works = [groups.post(pg, b, self.timeout_s) for b in payloads if b.numel()]
+            nbytes = sum(int(p.numel()) for p in payloads)
+            self.sent_bytes += nbytes * (len(behind) if catch_up else len(members))
+            if not groups.watch(works, self.timeout_s, abandon=abandon):
+                log.warning(
+                    "weight sync epoch %d: %s stopped beating during the broadcast of version %d; rebuilding",
+                    group.epoch,
+                    ", ".join(m.replica for m in dead),
+                    snapshot.version,
+                )
+                return False
         except (dist.DistError, RuntimeError) as exc:
             log.warning("weight sync epoch %d: broadcast of version %d failed: %s", group.epoch, snapshot.version, exc)
             return False
         return self._acked(group, seq, snapshot.version)
 
+    def _delta_for(self, members: Sequence[Member], snapshot: Snapshot) -> Delta | None:
+        """The delta of `snapshot` when every member acked exactly the version it was encoded
+        against; None: send the dense buckets."""
+        delta = self._delta
+        if delta is None or delta.version != snapshot.version:
+            return None
+        return delta if delta.applies_to([m.version for m in members]) else None
+
     def _acked(self, group: Group, seq: int, version: int) -> bool:
-        """Whether every member acked command `seq` within `timeout_s` (False early when one stops beating)."""
+        """Whether every member acked command `seq` within `timeout_s` (False early when one stops beating).
+
+        The member whose ack completes the count sets the done key; it is polled with a short
+        back-off (acks follow the broadcast by the replicas' load of their last bucket)."""
         expected = len(group.members)
         deadline = time.monotonic() + self.timeout_s
         key = groups.ack_key(group.epoch, seq)
-        next_liveness = 0.0
-        while int(self._store.add(key, 0)) < expected:
-            if time.monotonic() >= next_liveness:
-                next_liveness = time.monotonic() + 0.1
+        done = groups.done_key(group.epoch, seq)
+        next_check = 0.0
+        pause = 0.0002
+        # The done key is signed (a forged one is refused); the ack counter cannot be (see
+        # `asyncopd.weightsync.groups`): a forged ack only makes this return early.
+        while not self.membership.signer.present(self._store, done):
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.1
+                if int(self._store.add(key, 0)) >= expected:
+                    return True
                 silent = self.membership.dead(group.members)
                 if silent:
                     log.warning(
@@ -265,5 +332,6 @@ class CollectiveBroadcast(WeightTransport):
                     self.timeout_s,
                 )
                 return False
-            time.sleep(0.002)
-        return True
+            time.sleep(pause)
+            pause = min(2 * pause, 0.002)
+        return int(self._store.add(key, 0)) >= expected

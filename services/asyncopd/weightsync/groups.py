@@ -11,15 +11,23 @@ It knows torch.distributed; it knows nothing of gRPC, models or the training loo
 from __future__ import annotations
 
 import atexit
+import hashlib
+import hmac
 import json
+import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
+from asyncopd.config.weightsync import WEIGHTSYNC_KEY_ENV
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["gloo", "nccl"]
 # The group object both backends give (ProcessGroupNCCL has the same broadcast/wait API; it is
@@ -69,7 +77,16 @@ def make_group(store: dist.Store, epoch: int, *, rank: int, world: int, backend:
         options._timeout = timeout
         group: Group = nccl(prefixed, rank, world, options)
         return group
-    return dist.ProcessGroupGloo(prefixed, rank, world, timeout)
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # absent from the stubs
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    # A replica's group has one worker thread: it receives the buckets one after another, so
+    # bucket k completes while k + 1 is under way and it loads k meanwhile (with two threads two
+    # buckets shared the wire, finished together, and the wire idled while it re-posted). The
+    # learner's has two: a replica that is late to post bucket k does not hold bucket k + 1
+    # back from the others.
+    options._threads = 2 if rank == 0 else 1
+    return dist.ProcessGroupGloo(prefixed, rank, world, options)
 
 
 # Groups retired to daemon threads, and the guard that keeps their destruction away from
@@ -132,6 +149,87 @@ def _before_exit() -> None:
         thread.join(timeout=bound_s)
 
 
+def post(group: Group, tensor: torch.Tensor, timeout_s: float) -> dist.Work:
+    """Enqueue a broadcast of `tensor` from rank 0 (the learner) and return at once; see `watch`."""
+    # the (tensor, root, timeout) overload exists at run time; torch's stubs list only the other
+    work: dist.Work = group.broadcast(tensor, 0, timedelta(seconds=timeout_s))  # type: ignore[attr-defined]
+    return work
+
+
+def send(group: Group, tensor: torch.Tensor, rank: int, tag: int) -> dist.Work:
+    """Enqueue a point-to-point send of `tensor` from the learner to `rank` (a late joiner's catch-up)."""
+    return group.send([tensor], rank, tag)  # type: ignore[attr-defined]  # a Backend method; the stubs lack it
+
+
+def recv(group: Group, tensor: torch.Tensor, tag: int) -> dist.Work:
+    """Enqueue the receive of a point-to-point send from the learner (rank 0) into `tensor`."""
+    return group.recv([tensor], 0, tag)  # type: ignore[attr-defined]
+
+
+def watch(
+    works: Sequence[dist.Work],
+    timeout_s: float,
+    abandon: Callable[[], bool] | None = None,
+    check_every_s: float = 0.05,
+) -> bool:
+    """Wait until every one of `works` completed; raises if one failed or the timeout passed.
+
+    With `abandon`, the collectives are watched instead of waited on: when `abandon()` turns
+    true (checked every `check_every_s`) the call returns False at once and leaves them to fail
+    on their own later (the group is not used again). That is how a peer stuck in a broadcast
+    that can no longer complete — a member died or froze — gets out before its timeout.
+    The wait blocks on the works' completion callbacks (no spinning: on a busy CPU a spinning
+    waiter takes the core the collective's own threads need). Returns True when all completed.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if abandon is None or not works:
+        for work in works:
+            work.wait(timeout)
+        return True
+    futures, waited = [], []
+    for work in works:
+        try:
+            futures.append((work, work.get_future()))
+        except RuntimeError:
+            # gloo's point-to-point works have no future (and report completion only from
+            # `wait`, which must be called once): a daemon thread waits on each.
+            waited.append(work)
+    done = threading.Event()
+    left = [len(works)]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def one(_: object = None) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    def wait_one(work: dist.Work) -> None:
+        try:
+            work.wait(timeout)
+        except (dist.DistError, RuntimeError) as exc:
+            errors.append(exc)
+        finally:
+            one()
+
+    for _, future in futures:
+        future.add_done_callback(one)
+    for work in waited:
+        threading.Thread(target=wait_one, args=(work,), name="weightsync-p2p-wait", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(check_every_s):
+        if abandon():
+            return False
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"weight sync: {left[0]} of {len(works)} transfers not done within {timeout_s:.1f}s")
+    if errors:
+        raise errors[0]
+    for work, _ in futures:
+        work.wait(timeout)  # raises the error of a failed collective
+    return True
+
+
 def broadcast(
     group: Group,
     tensor: torch.Tensor,
@@ -139,32 +237,8 @@ def broadcast(
     abandon: Callable[[], bool] | None = None,
     check_every_s: float = 0.05,
 ) -> bool:
-    """Broadcast from rank 0 (the learner); raises if any peer fails within the timeout.
-
-    With `abandon`, the collective is watched instead of waited on: when `abandon()` turns true
-    (checked every `check_every_s`) the call returns False at once and leaves the collective to
-    fail on its own later (the group is not used again). That is how a peer stuck in a
-    broadcast that can no longer complete — a member died or froze — gets out before its
-    timeout. Returns True when the broadcast completed.
-    """
-    timeout = timedelta(seconds=timeout_s)
-    # the (tensor, root, timeout) overload exists at run time; torch's stubs list only the other
-    work = group.broadcast(tensor, 0, timeout)  # type: ignore[attr-defined]
-    if abandon is not None:
-        started = time.monotonic()
-        deadline = started + timeout_s
-        next_check = started + check_every_s
-        while not work.is_completed() and time.monotonic() < deadline:
-            now = time.monotonic()
-            if now >= next_check:
-                if abandon():
-                    return False
-                next_check = now + check_every_s
-            # Yield without sleeping for the first 10 ms: a bucket over NVLink takes well under
-            # a millisecond, and a 1 ms sleep per bucket would double the broadcast.
-            time.sleep(0.0 if now - started < 0.01 else 0.001)
-    work.wait(timeout)
-    return True
+    """One broadcast from rank 0, waited on (`watch`); True when it completed, False when abandoned."""
+    return watch([post(group, tensor, timeout_s)], timeout_s, abandon, check_every_s)
 
 
 # ---- store keys (the protocol both sides share) -------------------------------------------
@@ -199,27 +273,137 @@ def ack_key(epoch: int, seq: int) -> str:
     return f"ws/g{epoch}/ack/{seq}"
 
 
-def put_json(store: dist.Store, key: str, value: dict[str, Any]) -> None:
-    store.set(key, json.dumps(value, separators=(",", ":")))
+def done_key(epoch: int, seq: int) -> str:
+    """Set by the replica whose ack made the count reach the group's size (the learner waits on it)."""
+    return f"ws/g{epoch}/done/{seq}"
 
 
-def poll_key(
-    store: dist.Store,
-    key: str,
-    stop: threading.Event | None = None,
-    timeout_s: float | None = None,
-    interval_s: float = 0.02,
-) -> str | None:
-    """The key's value once it exists; None when `stop` is set or `timeout_s` passes first.
+# ---- authenticated values ------------------------------------------------------------------
+#
+# Anyone who reaches the store's port can write any key. Every value the two sides act on
+# (assignments, go, ready, commands with their manifest, done) is therefore written as
+# {"v": <payload>, "mac": hex(HMAC-SHA256(key, key_name + "\0" + payload))} with a key both
+# sides read from the environment (`KEY_ENV`; the chart mounts it from a Secret, the local
+# launcher makes one per run). The key name is inside the MAC: a value cannot be replayed under
+# another key (the names carry the epoch, seq and registration). A value that does not verify
+# is refused (`StoreAuthError`), counted and treated as absent; the real writer's `set` later
+# replaces it. Counters bumped with `add` (heartbeats, acks) cannot carry a MAC: a forged
+# heartbeat keeps a dead replica in the group until `timeout_s`, a forged ack makes the learner
+# believe an update landed early — it can never make a replica load anything, whose manifest
+# and bucket checksums come from the signed command. torch's own group rendezvous keys
+# (ws/g<epoch>/pg/...) are unsigned too: with `weightsync.checksum` a replica verifies every
+# bucket against the signed command's digests.
 
-    Polls `check` (one round trip) rather than blocking in `get`, so a stop request or a
-    deadline is honoured within `interval_s`; a store that went away raises.
-    """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not store.check([key]):
-        if stop is not None and stop.is_set():
+KEY_ENV = WEIGHTSYNC_KEY_ENV
+_warned_unsigned = threading.Event()
+
+
+class StoreAuthError(ValueError):
+    """A store value whose MAC is missing or wrong (written without the key, or moved from another key)."""
+
+
+def mac(secret: bytes, name: str, payload: str) -> str:
+    return hmac.new(secret, name.encode() + b"\0" + payload.encode(), hashlib.sha256).hexdigest()
+
+
+class Signer:
+    """Writes and verifies the store's authenticated values with one key (None: unsigned, local toy runs)."""
+
+    def __init__(self, secret: bytes | str | None) -> None:
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.refused = 0  # values refused (bad or missing MAC), for logs and tests
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> Signer:
+        """The key in `ASYNCOPD_WEIGHTSYNC_KEY`; unset or empty: unsigned (warned once per process)."""
+        secret = os.environ.get(KEY_ENV, "")
+        if not secret and not _warned_unsigned.is_set():
+            _warned_unsigned.set()
+            log.warning(
+                "weight sync: %s is not set, the store's assignments and commands are unsigned "
+                "(anyone who reaches the store port can steer the replicas)",
+                KEY_ENV,
+            )
+        return cls(secret or None)
+
+    def encode(self, name: str, payload: str) -> str:
+        return json.dumps({"v": payload, "mac": mac(self.secret, name, payload) if self.secret else ""})
+
+    def decode(self, name: str, raw: str | bytes) -> str:
+        """The payload of `raw` read from key `name`; raises `StoreAuthError` when it does not verify."""
+        try:
+            value = json.loads(raw)
+            payload, tag = value["v"], value["mac"]
+            if not isinstance(payload, str) or not isinstance(tag, str):
+                raise TypeError("not strings")
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreAuthError(f"store key {name}: not a signed value ({exc})") from exc
+        if self.secret is not None and not hmac.compare_digest(tag, mac(self.secret, name, payload)):
+            raise StoreAuthError(f"store key {name}: MAC does not verify (written without the key, or moved)")
+        return payload
+
+    def put(self, store: dist.Store, name: str, payload: str) -> None:
+        store.set(name, self.encode(name, payload))
+
+    def put_json(self, store: dist.Store, name: str, value: dict[str, Any]) -> None:
+        self.put(store, name, json.dumps(value, separators=(",", ":")))
+
+    def read(self, store: dist.Store, name: str) -> str | None:
+        """The verified payload under `name`; None when absent or refused (logged and counted)."""
+        if not store.check([name]):
             return None
-        if deadline is not None and time.monotonic() >= deadline:
+        try:
+            return self.decode(name, store.get(name))
+        except StoreAuthError as exc:
+            with self._lock:
+                self.refused += 1
+                first = self.refused == 1
+            (log.warning if first else log.debug)("weight sync: refused a store value: %s", exc)
             return None
-        time.sleep(interval_s)
-    return store.get(key).decode()
+
+    def present(self, store: dist.Store, name: str) -> bool:
+        """Whether `name` holds a value that verifies."""
+        return self.read(store, name) is not None
+
+    def poll(
+        self,
+        store: dist.Store,
+        name: str,
+        stop: threading.Event | None = None,
+        timeout_s: float | None = None,
+        interval_s: float = 0.02,
+    ) -> str | None:
+        """The verified payload once `name` holds one; None when `stop` is set or `timeout_s` passes first.
+
+        Polls `check` (one round trip) rather than blocking in `get`, so a stop request or a
+        deadline is honoured within `interval_s`; a value that does not verify is refused and
+        the poll goes on (the real writer replaces it); a store that went away raises.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            payload = self.read(store, name)
+            if payload is not None:
+                return payload
+            if stop is not None and stop.is_set():
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(interval_s)
+
+    def poll_json(
+        self,
+        store: dist.Store,
+        name: str,
+        stop: threading.Event | None = None,
+        timeout_s: float | None = None,
+        interval_s: float = 0.02,
+    ) -> dict[str, Any] | None:
+        """`poll`, parsed as a JSON object (a signed payload that is not one is refused as well)."""
+        payload = self.poll(store, name, stop, timeout_s, interval_s)
+        if payload is None:
+            return None
+        value = json.loads(payload)
+        if not isinstance(value, dict):
+            raise StoreAuthError(f"store key {name}: signed payload is not a JSON object")
+        return value

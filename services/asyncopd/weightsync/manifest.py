@@ -17,6 +17,7 @@ This module knows tensors and bytes; it knows nothing of process groups, stores 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -42,6 +43,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
 
 
 class ManifestError(ValueError):
@@ -101,7 +103,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+        return self.numel * _ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(self.bucket_sizes)
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """`to_json()`, computed once (a snapshot's manifest is announced with every update)."""
+        return self.to_json()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -197,11 +204,12 @@ class Manifest:
             raise ManifestError(
                 f"bucket sizes {[int(b.numel()) for b in buckets]} != announced {list(self.bucket_sizes)}"
             )
-        out: list[tuple[str, torch.Tensor]] = []
-        for spec in self.tensors:
-            raw = buckets[spec.bucket][spec.offset : spec.offset + spec.nbytes]
-            out.append((spec.name, raw.view(_DTYPES[spec.dtype]).view(spec.shape)))
-        return out
+        return [(spec.name, view(buckets[spec.bucket], spec)) for spec in self.tensors]
+
+
+def view(bucket: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The tensor `spec` as a view of the received `bucket` (no copy)."""
+    return bucket[spec.offset : spec.offset + spec.nbytes].view(_DTYPES[spec.dtype]).view(spec.shape)
 
 
 def _aligned(n: int) -> int:

@@ -54,6 +54,7 @@ class Member:
     device: str
     owner: str = ""  # who registered it (asyncopd.wire.authz.Caller.owner; "" = in-process)
     next_assignment: int = 0
+    version: int = -1  # last version this registration acked (a member that holds the latest gets no catch-up)
 
     @property
     def key(self) -> MemberKey:
@@ -85,11 +86,14 @@ class Membership:
         closed: threading.Event,
         ids: Iterator[int] | None = None,
         max_members: int = 256,
+        signer: groups.Signer | None = None,
     ) -> None:
         """`closed` ends a wait for ready keys early; `ids` hands out registration ids (shared
         with another registry of the same learner, so an id names one registration);
-        `max_members`: the most registrations at once."""
+        `max_members`: the most registrations at once; `signer` authenticates the store values
+        (default: the key in the environment, `groups.Signer.from_env`)."""
         self._store = store
+        self.signer = signer if signer is not None else groups.Signer.from_env()
         self.backend = backend
         self.timeout_s = timeout_s
         self._closed = closed
@@ -192,7 +196,7 @@ class Membership:
                 self._liveness.forget(member.key)
                 if self._members.get(member.replica) is member:
                     del self._members[member.replica]
-                groups.put_json(
+                self.signer.put_json(
                     self._store,
                     groups.assign_key(member.replica, member.registration, member.next_assignment),
                     {"dropped": True, "reason": reason},
@@ -208,7 +212,7 @@ class Membership:
         group = self.group
         if group is not None and group.group is not None:
             group.seq += 1
-            groups.put_json(self._store, groups.command_key(group.epoch, group.seq), {"op": "rebuild"})
+            self.signer.put_json(self._store, groups.command_key(group.epoch, group.seq), {"op": "rebuild"})
             # Members still inside a broadcast of it see the rebuild command and abandon it; the
             # group itself may hold an abandoned broadcast until its timeout, so it is retired, not
             # destroyed here (destroying waits for that broadcast).
@@ -239,7 +243,7 @@ class Membership:
                 self.group = Group(epoch=epoch, group=None, members=[])
                 return self.group
             for rank, member in enumerate(members, start=1):
-                groups.put_json(
+                self.signer.put_json(
                     self._store,
                     groups.assign_key(member.replica, member.registration, member.next_assignment),
                     {"epoch": epoch, "rank": rank, "world": world, "backend": self.backend},
@@ -249,10 +253,10 @@ class Membership:
             if self._changed(members):
                 # A member left or was replaced while it was awaited: this epoch cannot form
                 # (its rank would never connect). Start over with who is registered now.
-                self._store.set(groups.go_key(epoch), "abort")
+                self.signer.put(self._store, groups.go_key(epoch), "abort")
                 continue
             if missing:
-                self._store.set(groups.go_key(epoch), "abort")
+                self.signer.put(self._store, groups.go_key(epoch), "abort")
                 reason = (
                     f"heartbeat stood still for {self._liveness.dead_after_s:.1f}s"
                     if dead
@@ -261,7 +265,7 @@ class Membership:
                 self.drop(missing, reason)
                 ready_s = self.timeout_s
                 continue
-            self._store.set(groups.go_key(epoch), "build")
+            self.signer.put(self._store, groups.go_key(epoch), "build")
             try:
                 pg = groups.make_group(
                     self._store, epoch, rank=0, world=world, backend=self.backend, timeout_s=self.timeout_s
@@ -289,7 +293,7 @@ class Membership:
         pending = {rank: m for rank, m in enumerate(members, start=1)}
         next_liveness = 0.0
         while pending and time.monotonic() < deadline and not self._closed.is_set():
-            for rank in [r for r in pending if self._store.check([groups.ready_key(epoch, r)])]:
+            for rank in [r for r in pending if self.signer.present(self._store, groups.ready_key(epoch, r))]:
                 del pending[rank]
             if pending and time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + 0.1

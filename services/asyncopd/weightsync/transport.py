@@ -27,16 +27,19 @@ nothing of process groups or stores.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
+from asyncopd.weightsync.delta import BucketDelta, encode
 from asyncopd.weightsync.gather import GatheredWeights
 from asyncopd.weightsync.manifest import Manifest, checksum, pack, plan
 from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
@@ -97,7 +100,8 @@ class Snapshot:
     version: int
     manifest: Manifest
     buckets: list[torch.Tensor]
-    digest: str
+    digest: str  # over the bucket digests ("" when checksums are off)
+    bucket_digests: tuple[str, ...] = ()  # one per bucket: a receiver checks each before loading it
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +129,42 @@ class Snapshot:
         else:
             manifest = plan(specs, int(config.bucket_mb * _MIB))
         buckets = named.pack(manifest, device) if isinstance(named, GatheredWeights) else pack(named, manifest, device)
-        return cls(version, manifest, buckets, checksum(buckets) if config.checksum else "")
+        if not config.checksum:
+            return cls(version, manifest, buckets, "")
+        per_bucket = tuple(checksum([b]) for b in buckets)
+        whole = hashlib.blake2b("".join(per_bucket).encode(), digest_size=16).hexdigest()
+        return cls(version, manifest, buckets, whole, per_bucket)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A snapshot's buckets encoded against the previous snapshot's (`asyncopd.weightsync.delta`)."""
+
+    version: int  # the snapshot it carries
+    base_version: int  # the snapshot it applies to: only receivers holding exactly this one may decode it
+    buckets: list[BucketDelta]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def announcement(self) -> dict[str, Any]:
+        """What the update command says of it: the base version and each bucket's [encoding, changed words]."""
+        return {"base": self.base_version, "buckets": [[b.encoding, b.changed] for b in self.buckets]}
+
+    def applies_to(self, held: Sequence[int]) -> bool:
+        """Whether a group whose members hold versions `held` may receive it: every one holds
+        exactly `base_version` (a member behind, ahead or new gets the dense buckets)."""
+        return bool(held) and all(version == self.base_version for version in held)
+
+    @classmethod
+    def between(cls, previous: Snapshot | None, snapshot: Snapshot) -> Delta | None:
+        """`snapshot` encoded against `previous`; None without one or when the layout changed."""
+        if previous is None or previous.manifest is not snapshot.manifest:
+            return None
+        buckets = [encode(old, new) for old, new in zip(previous.buckets, snapshot.buckets, strict=True)]
+        return cls(snapshot.version, previous.version, buckets)
 
 
 @dataclass(frozen=True)
