@@ -1,7 +1,10 @@
 """`asyncopd study --quick --calibrate` end to end: the lr is calibrated, every part trains (3 rollout
 batches of 4 optimizer steps), the probe draws, and the report holds the drift table and the three
 parts' tables with their rows (part 2 with matched ratio handling), every cell in study.json, and
-the plots."""
+the plots. Part 4 (the wide world, a chat-template task at 151,936 rows) trains every row for one
+batch of 4 rollouts cut at 48 tokens and reports the dense held-out KL(π‖p) next to accuracy; the wide teacher's
+top-8 list misses ≥ 5 % of its mass on the held-out sequences. The wide models are built on first
+use (`make wide` builds them ahead)."""
 
 from __future__ import annotations
 
@@ -35,6 +38,13 @@ PART3_ROWS = [
     "sparse top-8 (reverse_kl_topk, tail=bucket)",
     *(f"MC N={n} (reverse_kl_mc, recompute, is)" for n in (1, 4, 16, 32)),
 ]
+PART4_ROWS = [
+    "sparse top-8 (reverse_kl_topk, tail=bucket)",
+    "sparse top-64 (reverse_kl_topk, tail=bucket)",
+    *(f"MC N={n} (reverse_kl_mc, recompute, is)" for n in (1, 8, 64)),
+    "forward top-8 (forward_kl_topk, lr 0.0001)",
+    "forward top-64 (forward_kl_topk, lr 0.0001)",
+]
 PLOTS = ["part1_accuracy", "part1_kl", "part2_accuracy", "part2_kl", "part3_gradients", "part3_accuracy"]
 
 
@@ -47,7 +57,19 @@ def _table_rows(section: str) -> list[str]:
     return [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
 
 
-def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wide_world() -> Path:
+    from asyncopd.lab.toytrain.wide import world_ready
+
+    assets = ROOT / "assets"
+    if not world_ready(assets):
+        build = [sys.executable, "-m", "asyncopd.cli", "toy", "wide", "--out", str(assets)]
+        subprocess.run(build, cwd=ROOT, check=True, timeout=600)
+    assert world_ready(assets)
+    return assets
+
+
+def test_quick_study_writes_tables_json_and_plots(tmp_path: Path, wide_world: Path) -> None:
     out = tmp_path / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -70,7 +92,7 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -85,10 +107,13 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
     assert [r for r in _table_rows(part2) if r != "correction"] == [*PART2_ROWS, DRIFT_ROW]
     probe = _section(md, "### Table 3a", "### Table 3b")
     assert set(PROBE_ROWS) <= set(_table_rows(probe))
-    part3 = _section(md, "### Table 3b", "## What the toy shows")
+    part3 = _section(md, "### Table 3b", "## Part 4")
     assert _table_rows(part3) == ["estimator", *PART3_ROWS]
+    part4 = _section(md, "## Part 4", "## What the toy shows")
+    assert _table_rows(_section(part4, "### Table 4", None)) == ["estimator", *PART4_ROWS]
+    assert _table_rows(part4)[:3] == ["model", "teacher", "student"]
     findings = _section(md, "## What the toy shows", "## Where it disagrees")
-    for part in ("Part 1", "Part 2", "Part 3a", "Part 3b"):
+    for part in ("Part 1", "Part 2", "Part 3a", "Part 3b", "Part 4"):
         assert f"**{part} (" in findings
 
     data = json.loads((out / "study.json").read_text())
@@ -97,8 +122,23 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path) -> None:
         for row in data["rows"][part]:
             for s in staleness:
                 assert f"{' '.join(row['overrides'])} | s={s} | seed=0" in keys, (part, row["label"], s)
-    assert len(keys) == len(data["cells"]) == 17  # part 1's 'none' row at s=2 is shared with part 2
-    for cell in data["cells"]:
+    for row in data["rows"]["part4"]:
+        assert f"{' '.join(row['overrides'])} | s=1 | seed=0 | world=wide" in keys, row["label"]
+    # part 1's 'none' row at s=2 is shared with part 2; part 4's 7 cells train in the wide world
+    assert len(keys) == len(data["cells"]) == 17 + 7
+    wide_cells = [c for c in data["cells"] if c["world"] == "wide"]
+    assert len(wide_cells) == 7
+    for cell in wide_cells:
+        assert cell["behaviour_versions"] == [0] and 0.0 <= cell["accuracy"] <= 1.0
+        assert cell["held_out"]["positions"] == 2 * 48  # two held-out teacher samples, cut at --quick's 48 tokens
+        assert 0.0 < cell["held_out"]["reverse_kl"] < 5.0
+    base = data["wide_baseline"]
+    assert base["vocab_size"] == 151_936
+    assert base["held_out"]["teacher_top8_missing"] >= 0.05  # the sparse cache has something to miss
+    assert base["held_out"]["teacher_top64_missing"] < base["held_out"]["teacher_top8_missing"]
+    toy_cells = [c for c in data["cells"] if c["world"] == "toy"]
+    for cell in toy_cells:
+        assert cell["held_out"]["reverse_kl"] > 0.0
         s = cell["staleness"]
         # versions count rollout batches (4 optimizer steps each), as in the paper's code
         assert cell["behaviour_versions"] == [max(0, t - s) for t in range(3)]

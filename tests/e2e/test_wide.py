@@ -3,10 +3,12 @@ tokenizer, 151,936-row tiny Qwen3 models, 279-token responses, vLLM rollout with
 Monte-Carlo draws taken inside its sampler (reverse_kl_mc), the teacher scoring in vLLM too,
 and the forward-KL top-64 variant.
 
-Checks the invariants every run must hold, and for reverse_kl_mc that the student moved towards
-the teacher in the divergence it minimises, reverse KL(student ‖ teacher) on held-out task
-sequences at the full vocabulary. forward_kl_topk is checked for the invariants only: measured
-(docs/wide-world.md), 8 steps at lr 3e-4 made the held-out divergences worse, an open finding.
+Checks the invariants every run must hold, and that the student moved towards the teacher in
+the divergence its estimator minimises, on held-out task sequences at the full vocabulary:
+reverse KL(student ‖ teacher) for reverse_kl_mc, forward KL(teacher ‖ student) for
+forward_kl_topk. forward_kl_topk runs at lr 1e-4, not the config's 3e-4: at 3e-4 it overshoots —
+held-out reverse KL +13 % and forward KL flat to +5 % in 8 steps — and at 1e-4 both fall
+(docs/wide-world.md, "forward KL").
 The models are built on first use (`make wide` builds them ahead).
 """
 
@@ -43,6 +45,12 @@ def wide_world() -> Path:
     return ASSETS
 
 
+@pytest.fixture(scope="module")
+def held_out_before(wide_world: Path) -> dict[str, float]:
+    """The built student's held-out figures, measured once for both cases (a minute on a loaded box)."""
+    return _held_out(wide_world / "wide-student", wide_world)
+
+
 def _held_out(student: Path, world: Path) -> dict[str, float]:
     from asyncopd.lab.toytrain.wide import held_out_report
 
@@ -76,22 +84,33 @@ def _check(report: dict, steps: int, batch: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "steps", "divergence"),
-    [("reverse_kl_mc", 12, "kl_student_teacher"), ("forward_kl_topk", 4, None)],
+    ("kind", "steps", "lr", "divergence"),
+    [("reverse_kl_mc", 12, None, "kl_student_teacher"), ("forward_kl_topk", 4, 1e-4, "kl_teacher_student")],
 )
 def test_wide_world_distils_at_qwen3_vocabulary(
-    wide_world: Path, tmp_path: Path, kind: str, steps: int, divergence: str | None
+    wide_world: Path,
+    held_out_before: dict[str, float],
+    tmp_path: Path,
+    *,
+    kind: str,
+    steps: int,
+    lr: float | None,
+    divergence: str,
 ) -> None:
     config = json.loads((wide_world / "wide-student" / "config.json").read_text())
     assert config["vocab_size"] == 151_936
-    before = _held_out(wide_world / "wide-student", wide_world)
+    before = held_out_before
     # the teacher is uncertain where the task is: a top-8 cache misses >= 5 % of its mass
     assert before["teacher_top8_missing_mass"] >= 0.05
     out = tmp_path / kind
-    report = _run(out, f"loss.kind={kind}", f"learner.steps={steps}")
+    settings = [f"loss.kind={kind}", f"learner.steps={steps}"] + ([] if lr is None else [f"learner.lr={lr}"])
+    report = _run(out, *settings)
     _check(report, steps, batch=8)
     trained = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
     after = _held_out(trained, wide_world)
     assert after["positions"] == before["positions"] > 1000
-    if divergence is not None:
-        assert after[divergence] < before[divergence], (before, after)
+    assert after[divergence] < before[divergence], (before, after)
+    if kind == "forward_kl_topk":
+        # at the config's lr 3e-4 forward KL overshot: held-out reverse KL +7 % in 4 steps (+13 % in
+        # 8) while forward KL stalled; at 1e-4 both fell (reverse -0.3 % in 4 steps)
+        assert after["kl_student_teacher"] < 1.02 * before["kl_student_teacher"], (before, after)

@@ -7,8 +7,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asyncopd.cli.serve import add_config_args
+
+if TYPE_CHECKING:
+    from asyncopd.lab.study.plan import StudySize
+    from asyncopd.lab.study.runner import Source
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,15 +23,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         description=(
             "Train fresh students with rollouts exactly s versions stale, on the project's own engine, "
             "teacher scorer, trainer and estimators: (1) forward vs reverse KL at s=0,1,2,4,8, (2) corrections "
-            "for stale reverse KL, (3) sparse top-K vs MC reverse KL (gradient bias/variance and accuracy). "
-            "Writes study.md, study.json and PNG plots under --out."
+            "for stale reverse KL, (3) sparse top-K vs MC reverse KL (gradient bias/variance and accuracy), "
+            "(4 = wide) sparse top-K vs MC vs forward top-K in the wide-vocabulary world (`make wide`), with the "
+            "dense held-out KL(student || teacher). Writes study.md, study.json and PNG plots under --out."
         ),
     )
     add_config_args(p)  # -c defaults to configs/toy.yaml here (see _run)
     p.add_argument("--out", type=Path, default=Path("results/study"), help="output folder (default results/study)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="rollout batches per cell (default 150; --quick 3)")
-    p.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3 (default 1,2,3)")
+    p.add_argument(
+        "--parts",
+        default="1,2,3,4",
+        help="which parts to run, e.g. 1,3 or wide (= 4, the wide world; needs `make wide`) (default 1,2,3,4)",
+    )
+    p.add_argument(
+        "--wide-config",
+        default="configs/wide.yaml",
+        help="config of part 4's wide-vocabulary world (default configs/wide.yaml; --set does not apply to it)",
+    )
+    p.add_argument(
+        "--wide-steps", type=int, default=None, help="part 4: rollout batches per wide cell (default 4; --quick 1)"
+    )
+    p.add_argument(
+        "--wide-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of part 4's config for every wide cell (repeatable), e.g. learner.lr=1e-4 "
+        "(a row's own overrides, such as the forward rows' lr, still win)",
+    )
     p.add_argument("--test-size", type=int, default=None, help="test prompts per evaluation (default 200)")
     p.add_argument("--draws", type=int, default=None, help="R: gradient draws per MC estimator in part 3a (default 32)")
     p.add_argument(
@@ -56,7 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny study for CI: 1 seed, 3 rollout batches, 2 staleness values, R=4 (every row still trains)",
+        help="tiny study for CI: 1 seed, 3 rollout batches, 2 staleness values, R=4; part 4: 1 batch of 4 rollouts "
+        "cut at 48 tokens, 2 test and 2 held-out prompts (every row still trains)",
     )
     p.set_defaults(func=_run)
 
@@ -89,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         ("test_size", args.test_size),
         ("draws", args.draws),
         ("minibatches_per_batch", args.minibatches_per_batch),
+        ("wide_steps", args.wide_steps),
     ):
         if value is not None:
             if value < 1:
@@ -105,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     source = Source(source.path, (*source.overrides, f"learner.mini_batches={size.minibatches_per_batch}"))
     plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
+    wide = _wide_source(args.wide_config, size, args.wide_set) if 4 in parts else None
     calibration = None
     if args.calibrate:
         from asyncopd.lab.study.runner import calibrate_lr, quiet_process
@@ -113,7 +142,9 @@ def _run(args: argparse.Namespace) -> int:
         calibration = calibrate_lr(source, plan, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         source = Source(source.path, (*source.overrides, f"learner.lr={calibration['lr']:g}"))
     print(
-        f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps, "
+        f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps"
+        + (f" (wide cells: {size.wide_steps})" if 4 in parts else "")
+        + ", "
         f"seeds {list(size.seeds)}, {args.workers} worker(s) -> {args.out}",
         file=sys.stderr,
     )
@@ -123,7 +154,34 @@ def _run(args: argparse.Namespace) -> int:
         args.workers,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         calibration=calibration,
+        wide_source=wide,
     )
     written = write_report(Results(plan, run), source, args.out, args.workers)
     print(f"wrote {written['markdown']} and {written['json']} ({run.wall_seconds / 60:.1f} min)")
     return 0
+
+
+def _wide_source(path: str, size: StudySize, extra: list[str]) -> Source:
+    """Part 4's config: the wide world with the study's mini-batches, the size's batch size and
+    response cap when it sets them, then `--wide-set`."""
+    from asyncopd.lab.study.runner import Source
+
+    overrides = [f"learner.mini_batches={size.minibatches_per_batch}"]
+    if size.wide_batch_size:
+        overrides.append(f"learner.batch_size={size.wide_batch_size}")
+    if size.wide_max_tokens:
+        overrides.append(f"rollout.sampling.max_tokens={size.wide_max_tokens}")
+    source = Source(path, (*overrides, *extra))
+    config = source.config()
+    missing = [m for m in (config.models.student, config.models.teacher) if not Path(m).is_dir()]
+    if missing:
+        raise SystemExit(
+            f"asyncopd study: part 4 (wide) needs the wide world's models, missing: {', '.join(missing)}; "
+            "build them with `make wide` (about 2 min), or leave part 4 out with --parts 1,2,3"
+        )
+    if size.minibatches_per_batch > config.learner.batch_size:
+        raise SystemExit(
+            f"--minibatches-per-batch {size.minibatches_per_batch} > the wide world's learner.batch_size "
+            f"{config.learner.batch_size}"
+        )
+    return source

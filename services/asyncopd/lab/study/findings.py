@@ -179,6 +179,54 @@ def part3_accuracy(results: Results) -> Finding | None:
     )
 
 
+def part4(results: Results) -> Finding | None:
+    """The wide world: sparse top-K vs MC with the same number of teacher scores per position (N = K)."""
+    plan = results.plan
+    s = plan.size.part3_staleness
+    rows = plan.part4_rows()
+    if not all(results.has(r, s) for r in rows):
+        return None
+    by_label = {_short(r.label): r for r in rows}
+    pairs = [
+        (by_label[f"sparse top-{k}"], by_label[f"MC N={k}"])
+        for k in plan.size.wide_topk_sizes
+        if f"sparse top-{k}" in by_label and f"MC N={k}" in by_label
+    ]
+    if not pairs:
+        return None
+    mc = sorted(plan.size.wide_mc_sizes)
+    held = (results.run.wide_baseline or {}).get("held_out") or {}
+    k0 = pairs[0][0].label
+    missing = held.get(f"student_top{plan.size.wide_topk_sizes[0]}_missing")
+    pieces, signs = [], []
+    for sparse, sampled in pairs:
+        d = paired(results.held_out_kls(sparse, s), results.held_out_kls(sampled, s))  # > 0: MC ends closer
+        signs.append(sign_of(d))
+        pieces.append(f"{_short(sparse.label)} minus {_short(sampled.label)} {d.signed(4)}")
+    many = paired(
+        results.held_out_kls(by_label[f"MC N={mc[-1]}"], s), results.held_out_kls(by_label[f"MC N={mc[0]}"], s)
+    )
+    toy = (
+        "held-out KL(π‖p) after training: "
+        + ", ".join(f"{_short(r.label)} {results.held_out_kl(r, s).text(4)}" for r in rows)
+        + f". Paired (same seed): {'; '.join(pieces)}; MC N={mc[-1]} minus N={mc[0]} {many.signed(4)}"
+        + (
+            f". The initial student's top-{plan.size.wide_topk_sizes[0]} misses {missing:.3f} of its mass"
+            if missing
+            else ""
+        )
+        + "."
+    )
+    headline = signs[0]
+    return Finding(
+        "Part 4 (sparse vs sampled where the top-K misses mass)",
+        f"where the student's top-K misses a real share of its mass a sparse top-K cache is biased, so MC at the "
+        f"same number of teacher scores per position (N = K, here {_short(k0)} vs MC) ends closer to the teacher.",
+        toy,
+        _verdict(headline, +1),
+    )
+
+
 def _short(label: str) -> str:
     return label.split(" (", maxsplit=1)[0]
 
@@ -190,6 +238,7 @@ def all_findings(results: Results) -> list[Finding]:
         part2(results) if 2 in parts else None,
         part3_gradients(results) if 3 in parts else None,
         part3_accuracy(results) if 3 in parts else None,
+        part4(results) if 4 in parts else None,
     ]
     found = [f for f in out if f is not None]
     if len(results.seeds) < 2:  # no error bars: say so next to every accuracy verdict

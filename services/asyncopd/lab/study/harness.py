@@ -14,7 +14,12 @@ versions the same way). `StalenessHarness` builds that from the project's own pa
   exactly as the learner service builds its own;
 - weights: a ring of the last s + 1 student snapshots (`SnapshotRing`), loaded into the engine
   through `Engine.load_weights` exactly as a weight update reaches a rollout replica;
-- accuracy: `asyncopd.evaluation.greedy.evaluate` (greedy) on a fixed test subset.
+- accuracy: `asyncopd.evaluation.greedy.evaluate` (greedy) on a fixed test subset;
+- closeness to the teacher: the dense KL(π‖p) over the full vocabulary on a fixed held-out set
+  of the teacher's sampled responses to test prompts (`held_out`), chunked over positions.
+
+Prompts go through the student's chat template when the task asks for one
+(`task.chat_template`, as the cache and the evaluator format them).
 
 The version each step's rollouts were generated with is read back from the rollouts themselves
 (`Rollout.versions`, stamped by the engine), so `CellResult.behaviour_versions` is a
@@ -32,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +48,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.config import RunConfig
 from asyncopd.evaluation.greedy import evaluate
+from asyncopd.lab.study.held_out import held_out_stats, sample_held_out
 from asyncopd.learner.trainer import trainer_from_config
+from asyncopd.models.chat import prompt_formatter
 from asyncopd.models.loading import check_same_tokenizer, load_model, load_tokenizer
 from asyncopd.opd import estimator_spec
 from asyncopd.records import Prompt, Rollout, ScoredSample
@@ -55,6 +62,9 @@ from asyncopd.teacher.main import teacher_topk
 from asyncopd.teacher.scorer import TeacherScorer
 
 Weights = list[tuple[str, Tensor]]
+
+HELD_OUT_SEED = 7_919
+"""Sampling seed of the held-out set: fixed, so every cell of a config (any seed) sees the same sequences."""
 
 
 def behaviour_version(step: int, staleness: int) -> int:
@@ -94,7 +104,8 @@ class SnapshotRing:
 
 @dataclass
 class StudyModels:
-    """What every cell of one config shares: tokenizer, teacher scorer, test items, train items.
+    """What every cell of one config shares: tokenizer, teacher scorer, test items, train items,
+    and the held-out sequences of the dense KL.
 
     Built once per process (`load_study_models`); the student is loaded fresh for every cell.
     """
@@ -104,18 +115,36 @@ class StudyModels:
     scorer: TeacherScorer
     test_items: list[PromptItem]
     train_items: list[PromptItem]
+    held_out: list[Rollout] = field(default_factory=list)
 
 
-def load_study_models(config: RunConfig, test_size: int) -> StudyModels:
-    """The teacher (after the pipeline's tokenizer check), the test subset and the train prompts."""
+def _tokenize(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], list[int]]:
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return tokenize
+
+
+def load_study_models(config: RunConfig, test_size: int, held_out_size: int = 0) -> StudyModels:
+    """The teacher (after the pipeline's tokenizer check), the test subset, the train prompts
+    (both through the student's chat template when the task asks for it) and `held_out_size`
+    teacher samples on the first test prompts."""
     tokenizer = load_tokenizer(config.models.student)
     check_same_tokenizer(tokenizer, load_tokenizer(config.models.teacher))
     teacher = load_model(config.models.teacher, config.models.dtype, config.teacher.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = TeacherScorer(teacher, "study-teacher", config.teacher.max_batch_tokens, pad_id=int(pad))
-    test_items = list(load_task(config.task, "test"))[:test_size]
-    train_items = list(load_task(config.task, "train"))
-    return StudyModels(tokenizer, teacher, scorer, test_items, train_items)
+    chat = prompt_formatter(config.models.student, config.task)
+    test = list(load_task(config.task, "test", chat))
+    train_items = list(load_task(config.task, "train", chat))
+    held_out: list[Rollout] = []
+    if held_out_size > 0:
+        catalog = PromptCatalog(test[:held_out_size], _tokenize(tokenizer), int(teacher.config.vocab_size), seed=0)
+        prompts = [catalog.prompt(pos, "", 0) for pos in range(min(held_out_size, len(test)))]
+        engine = TransformersEngine(teacher, tokenizer, "study-held-out", max_model_len=config.rollout.max_model_len)
+        sampling = dataclasses.replace(sampling_from_config(config), seed=HELD_OUT_SEED)
+        held_out = sample_held_out(engine, prompts, sampling)
+    return StudyModels(tokenizer, teacher, scorer, test[:test_size], train_items, held_out)
 
 
 def seed_everything(seed: int) -> None:
@@ -138,6 +167,8 @@ class CellResult:
     seconds: float
     eval_seconds: float
     metrics: dict[str, list[float]] = field(default_factory=dict)
+    held_out: dict[str, float] = field(default_factory=dict)
+    """`held_out_stats` of the trained student (`reverse_kl` = dense KL(π‖p)); empty without a held-out set."""
 
 
 class StalenessHarness:
@@ -169,11 +200,8 @@ class StalenessHarness:
         self.ring.push(self.version, self.trainer.named_weights())
         vocab = int(student.config.vocab_size)
 
-        def tokenize(text: str) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
         # the cache's prompt catalog, its epoch shuffle seeded by the cell's seed
-        self.catalog = PromptCatalog(shared.train_items, tokenize, vocab, seed=config.seed)
+        self.catalog = PromptCatalog(shared.train_items, _tokenize(tokenizer), vocab, seed=config.seed)
         self.support_kind, self.support_k = support_for(config.loss)
         self.teacher_topk = teacher_topk(config)
         self.teacher_tail = config.teacher.tail and self.teacher_topk > 0
@@ -215,6 +243,12 @@ class StalenessHarness:
         )
         return result.accuracy, result.seconds
 
+    def held_out(self) -> dict[str, float]:
+        """Dense KL(π‖p) of the learner's current student on the shared held-out set ({} without one)."""
+        if not self.shared.held_out:
+            return {}
+        return held_out_stats(self.trainer.model, self.shared.teacher, self.shared.held_out)
+
     def run(self, steps: int, *, evaluate_at_end: bool = True) -> CellResult:
         start = time.perf_counter()
         kl: list[float] = []
@@ -244,6 +278,7 @@ class StalenessHarness:
             metrics.setdefault("grad_norm", []).append(stats.grad_norm)
         train_seconds = time.perf_counter() - start
         accuracy, eval_seconds = self.evaluate() if evaluate_at_end else (float("nan"), 0.0)
+        held_out = self.held_out() if evaluate_at_end else {}
         return CellResult(
             staleness=self.staleness,
             seed=self.config.seed,
@@ -255,4 +290,5 @@ class StalenessHarness:
             seconds=train_seconds,
             eval_seconds=eval_seconds,
             metrics=metrics,
+            held_out=held_out,
         )

@@ -23,6 +23,12 @@ Choices (reported in study.md):
 - part 3 trains at staleness 1 (one-step-off, the mildest asynchrony) with the MC-correctable
   estimator (recompute + is). N is bounded by the vocabulary in the rollout engine (N <= |V|),
   so training stops at N = |V| = 32 on the toy; the offline probe draws N = 64 too.
+- part 4 ("wide") is part 3's comparison where the top-K misses mass: the wide-vocabulary world
+  (`--wide-config`, configs/wide.yaml: the Qwen3 tokenizer, 151,936 rows, 279-token responses, a
+  teacher whose top-8 misses ~16 % of its mass), sparse top-K (K = 8, 64) vs MC N = 1, 8, 64,
+  plus forward top-K (K = 8, 64) at its own lr (`wide_forward_lr`, 1e-4: forward KL overshoots
+  at the config's 3e-4 there); every cell reports the dense held-out KL(π‖p) with accuracy.
+  Its rows carry `world="wide"`, so their cells are trained from the wide config.
 
 It knows config overrides and numbers; nothing of models or processes.
 """
@@ -31,6 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+TOY, WIDE = "toy", "wide"
+"""The worlds a cell trains in: the `-c` config (the toy) or `--wide-config` (part 4)."""
+
+PART_NAMES = {"wide": 4}
+"""Parts that also go by a name on the command line (`--parts wide`)."""
 
 
 @dataclass(frozen=True)
@@ -41,19 +53,23 @@ class Row:
     overrides: tuple[str, ...]
     reference: str | None = None
     """Label of the row a table's Δ column compares this one with (matched ratio handling)."""
+    world: str = TOY
+    """Which config the row's cells train from (`TOY` = `-c`, `WIDE` = `--wide-config`)."""
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run: a row's overrides at a fixed staleness and seed."""
+    """One training run: a row's overrides at a fixed staleness and seed, in one world."""
 
     overrides: tuple[str, ...]
     staleness: int
     seed: int
+    world: str = TOY
 
     @property
     def key(self) -> str:
-        return f"{' '.join(self.overrides)} | s={self.staleness} | seed={self.seed}"
+        where = "" if self.world == TOY else f" | world={self.world}"
+        return f"{' '.join(self.overrides)} | s={self.staleness} | seed={self.seed}{where}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,23 @@ class StudySize:
     """`--calibrate`: the median (log π_θ/μ)² one version of staleness should produce."""
     calibration_steps: int = 12
     """`--calibrate`: rollout batches per calibration run."""
+    held_out_size: int = 8
+    """Held-out sequences (the teacher's samples on test prompts) for every cell's dense KL(π‖p)."""
+    wide_steps: int = 4
+    """Part 4: rollout batches per wide-world cell (279-token rollouts; ~7 min a cell on a loaded 2-core box)."""
+    wide_test_size: int = 16
+    """Part 4: greedy test prompts per wide-world evaluation (279-token responses)."""
+    wide_batch_size: int = 4
+    """Part 4: rollouts per batch (`learner.batch_size`, one per mini-batch); 0 = the wide config's (8)."""
+    wide_max_tokens: int = 0
+    """Part 4: response length cap (`rollout.sampling.max_tokens`; 0 = the config's, which holds the
+    task's 279 tokens). `quick()` cuts responses short (truncated rollouts): a smoke run, not a result."""
+    wide_topk_sizes: tuple[int, ...] = (8, 64)
+    """Part 4: K of the sparse (student top-K) and forward (teacher top-K) rows."""
+    wide_mc_sizes: tuple[int, ...] = (1, 8, 64)
+    """Part 4: N of the MC reverse-KL rows."""
+    wide_forward_lr: float = 1e-4
+    """Part 4: lr of the forward-KL rows (at the wide config's 3e-4 forward KL overshoots)."""
 
     @classmethod
     def quick(cls) -> StudySize:
@@ -87,7 +120,18 @@ class StudySize:
             part2_staleness=(2,),
             draws=4,
             calibration_steps=3,
+            held_out_size=2,
+            wide_steps=1,
+            wide_test_size=2,
+            wide_batch_size=4,
+            wide_max_tokens=48,
         )
+
+    def steps_of(self, world: str) -> int:
+        return self.wide_steps if world == WIDE else self.steps
+
+    def test_size_of(self, world: str) -> int:
+        return self.wide_test_size if world == WIDE else self.test_size
 
 
 def _reverse(*extra: str) -> tuple[str, ...]:
@@ -102,6 +146,11 @@ class StudyPlan:
     k: int
     size: StudySize = field(default_factory=StudySize)
     parts: tuple[int, ...] = (1, 2, 3)
+
+    @property
+    def worlds(self) -> tuple[str, ...]:
+        """The worlds the selected parts train in (the toy's baseline always runs)."""
+        return (TOY, WIDE) if 4 in self.parts else (TOY,)
 
     @property
     def forward_row(self) -> Row:
@@ -170,6 +219,35 @@ class StudyPlan:
             )
         return rows
 
+    def part4_rows(self) -> list[Row]:
+        """The wide world: sparse top-K and MC N (recompute + is, part 3's estimator), then forward top-K."""
+        size = self.size
+        rows = [
+            Row(
+                f"sparse top-{k} (reverse_kl_topk, tail=bucket)",
+                _reverse("loss.kind=reverse_kl_topk", f"loss.k={k}"),
+                world=WIDE,
+            )
+            for k in size.wide_topk_sizes
+        ]
+        rows += [
+            Row(
+                f"MC N={n} (reverse_kl_mc, recompute, is)",
+                _reverse("loss.kind=reverse_kl_mc", f"loss.k={n}", "loss.advantage=recompute", "loss.correction=is"),
+                world=WIDE,
+            )
+            for n in size.wide_mc_sizes
+        ]
+        rows += [
+            Row(
+                f"forward top-{k} (forward_kl_topk, lr {size.wide_forward_lr:g})",
+                ("loss.kind=forward_kl_topk", f"loss.k={k}", f"learner.lr={size.wide_forward_lr:g}"),
+                world=WIDE,
+            )
+            for k in size.wide_topk_sizes
+        ]
+        return rows
+
     def probe_overrides(self) -> tuple[str, ...]:
         """The loss section the probe's estimators share (the MC-correctable one)."""
         return _reverse("loss.kind=reverse_kl_mc", "loss.advantage=recompute", "loss.correction=is")
@@ -185,12 +263,12 @@ class StudyPlan:
             return self.size.part1_staleness
         if part == 2:
             return self.size.part2_staleness
-        if part == 3:
+        if part in (3, 4):
             return (self.size.part3_staleness,)
-        raise ValueError(f"parts are 1, 2, 3; got {part}")
+        raise ValueError(f"parts are 1, 2, 3, 4; got {part}")
 
     def row(self, label: str) -> Row:
-        """The row of any part with this label."""
+        """The row of any toy part with this label (part 4's labels repeat part 3's in another world)."""
         for part in (1, 2, 3):
             for row in self.rows_of(part):
                 if row.label == label:
@@ -211,7 +289,9 @@ class StudyPlan:
             return self.part2_rows()
         if part == 3:
             return self.part3_rows()
-        raise ValueError(f"parts are 1, 2, 3; got {part}")
+        if part == 4:
+            return self.part4_rows()
+        raise ValueError(f"parts are 1, 2, 3, 4; got {part}")
 
     def cells(self) -> list[Cell]:
         """Every distinct training cell the selected parts need, in a stable order."""
@@ -220,19 +300,20 @@ class StudyPlan:
             for row in self.rows_of(part):
                 for s in self.staleness_of(part):
                     for seed in self.size.seeds:
-                        cell = Cell(row.overrides, s, seed)
+                        cell = Cell(row.overrides, s, seed, row.world)
                         seen.setdefault(cell.key, cell)
         return list(seen.values())
 
 
 def parse_parts(text: str) -> tuple[int, ...]:
-    """`"1,3"` -> (1, 3); only 1, 2, 3 are parts."""
+    """`"1,3"` -> (1, 3); `"wide"` -> (4,); only 1, 2, 3, 4 (= wide) are parts."""
+    expected = f"--parts {text!r}: expected a comma list of 1, 2, 3, 4 (4 = wide)"
     try:
-        parts = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
+        parts = tuple(sorted({PART_NAMES.get(p.strip()) or int(p) for p in text.split(",") if p.strip()}))
     except ValueError:
-        raise ValueError(f"--parts {text!r}: expected a comma list of 1, 2, 3") from None
-    if not parts or any(p not in (1, 2, 3) for p in parts):
-        raise ValueError(f"--parts {text!r}: expected a comma list of 1, 2, 3")
+        raise ValueError(expected) from None
+    if not parts or any(p not in (1, 2, 3, 4) for p in parts):
+        raise ValueError(expected)
     return parts
 
 
@@ -244,4 +325,4 @@ def seeds_from(base: int, count: int) -> tuple[int, ...]:
 
 def cells_of(plan: StudyPlan, row: Row, staleness: int) -> Sequence[Cell]:
     """The cells (one per seed) behind one table entry."""
-    return [Cell(row.overrides, staleness, seed) for seed in plan.size.seeds]
+    return [Cell(row.overrides, staleness, seed, row.world) for seed in plan.size.seeds]

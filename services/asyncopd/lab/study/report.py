@@ -17,7 +17,7 @@ from asyncopd.lab.study.findings import all_findings
 from asyncopd.lab.study.plan import StudyPlan, StudySize
 from asyncopd.lab.study.plots import write_plots
 from asyncopd.lab.study.runner import Source, StudyRun
-from asyncopd.lab.study.summary import Results, paired
+from asyncopd.lab.study.summary import Results, paired, spread
 
 PROBE_STATS = (
     ("relative_bias", "rel. bias ‖E[g]−g*‖/‖g*‖"),
@@ -143,6 +143,93 @@ def part3_tables(results: Results) -> list[str]:
     return lines
 
 
+def _short(label: str) -> str:
+    return label.split(" (", maxsplit=1)[0]
+
+
+def _mass(baseline: dict[str, Any], role: str, k: int) -> str:
+    value = (baseline.get("held_out") or {}).get(f"{role}_top{k}_missing")
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def part4_setup(results: Results) -> str:
+    """One paragraph: the wide world's config, lrs and cell size."""
+    size, wide = results.plan.size, results.run.wide_source
+    if wide is None:
+        return "Config: not recorded."
+    config = wide.config()
+    where = f"`{wide.path}`" + (f" with `--set {' '.join(wide.overrides)}`" if wide.overrides else "")
+    return (
+        f"Config {where}: the Qwen3 tokenizer, tiny Qwen3 teacher and student at "
+        f"{config.models.student} / {config.models.teacher}, responses capped at "
+        f"{config.rollout.sampling.max_tokens} tokens (the task's are 279). Reverse-KL rows train at lr "
+        f"{config.learner.lr:g}; forward rows at {size.wide_forward_lr:g} (forward KL overshoots at 3e-4 there, "
+        f"docs/wide-world.md). Each cell: {size.wide_steps} rollout batch{'es' if size.wide_steps > 1 else ''} × "
+        f"{config.learner.batch_size} "
+        f"rollouts ({config.learner.mini_batches} optimizer steps each), greedy accuracy on {size.wide_test_size} "
+        "test prompts and the dense held-out KL(π‖p) after the last step."
+    )
+
+
+def part4_tables(results: Results) -> list[str]:
+    """The wide world: what the top-K misses, then accuracy and dense held-out KL(π‖p) per estimator."""
+    plan, run = results.plan, results.run
+    base = run.wide_baseline or {}
+    s = plan.size.part3_staleness
+    rows = plan.part4_rows()
+    held = base.get("held_out") or {}
+    ks = plan.size.wide_topk_sizes
+    lines = [
+        f"Held-out set: the teacher's sampled responses to {len(base.get('held_out_response_tokens', []))} test "
+        f"prompts ({int(held.get('positions', 0))} response positions, |V| = {base.get('vocab_size', 'n/a')}); "
+        "KL(π‖p) summed over the full vocabulary at every position, token mean. What a top-K list misses there "
+        "(1 − mass of the K most likely tokens, token mean):",
+        "",
+    ]
+    lines += _table(
+        ["model", *(f"top-{k} missing mass" for k in ks)],
+        [[role, *(_mass(base, role, k) for k in ks)] for role in ("teacher", "student")],
+    )
+    before = held.get("reverse_kl")
+    lines += [
+        "",
+        f"Before training: held-out KL(π‖p) {before:.4f}, greedy accuracy student "
+        f"{base.get('student_accuracy', math.nan):.3f}, teacher {base.get('teacher_accuracy', math.nan):.3f} "
+        f"({base.get('test_size', 0)} test prompts)."
+        if before is not None
+        else "Before training: not measured.",
+        "",
+    ]
+    if not all(results.has(r, s) for r in rows):
+        return lines
+    reference = next((r for r in rows if r.label.startswith(f"MC N={max(plan.size.wide_mc_sizes)} ")), rows[0])
+    body = []
+    for row in rows:
+        kls = results.held_out_kls(row, s)
+        change = spread([k - before for k in kls]) if before is not None else spread([])
+        delta = "—" if row is reference else paired(kls, results.held_out_kls(reference, s)).signed(4)
+        body.append(
+            [row.label, results.accuracy(row, s).text(), results.held_out_kl(row, s).text(4), change.signed(4), delta]
+        )
+    steps = plan.size.wide_steps
+    lines += [
+        f"### Table 4: the wide world after {steps} rollout batch{'es' if steps > 1 else ''} at s={s} "
+        "(mean ± std over seeds)",
+        "",
+    ]
+    lines += _table(
+        [
+            "estimator",
+            "accuracy",
+            "held-out KL(π‖p)",
+            "change vs untrained",
+            f"Δ KL vs {reference.label.split(' (')[0]}",
+        ],
+        body,
+    )
+    return lines
+
+
 def markdown(results: Results, source: Source, plots: Sequence[Path], workers: int) -> str:
     plan, run, size = results.plan, results.run, results.plan.size
     base = run.baseline
@@ -185,6 +272,15 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         lines += ["## Part 2: corrections for stale reverse KL", "", *part2_tables(results), ""]
     if 3 in plan.parts:
         lines += ["## Part 3: sparse top-K vs Monte-Carlo reverse KL", "", *part3_tables(results), ""]
+    if 4 in plan.parts:
+        lines += [
+            "## Part 4: sparse top-K vs Monte-Carlo in the wide-vocabulary world",
+            "",
+            part4_setup(results),
+            "",
+            *part4_tables(results),
+            "",
+        ]
     findings = all_findings(results)
     lines += ["## What the toy shows", ""]
     lines += [f.markdown() for f in findings] or ["- (no part ran to completion)"]
@@ -238,6 +334,8 @@ def study_json(results: Results, source: Source, workers: int) -> dict[str, Any]
             "cells": run.cells,
             "probes": run.probes,
             "calibration": run.calibration,
+            "wide_baseline": run.wide_baseline,
+            "wide_source": None if run.wide_source is None else asdict(run.wide_source),
             "findings": [asdict(f) for f in all_findings(results)],
         }
     )
@@ -265,6 +363,10 @@ def write_report(results: Results, source: Source, out: Path, workers: int) -> d
     return {"markdown": md, "json": js, **{p.stem: p for p in plots}}
 
 
+def _source(data: dict[str, Any]) -> Source:
+    return Source(data["path"], tuple(data["overrides"]))
+
+
 def load_results(path: Path) -> tuple[Results, Source, int]:
     """The results, source and worker count saved in a study.json (to re-render its report)."""
     data = json.loads(path.read_text())
@@ -277,5 +379,7 @@ def load_results(path: Path) -> tuple[Results, Source, int]:
         baseline=data["baseline"],
         wall_seconds=float(data["wall_seconds"]),
         calibration=data.get("calibration"),
+        wide_baseline=data.get("wide_baseline"),
+        wide_source=None if data.get("wide_source") is None else _source(data["wide_source"]),
     )
     return Results(plan, run), Source(data["config"], tuple(data["overrides"])), int(data["workers"])

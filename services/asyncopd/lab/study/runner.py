@@ -1,7 +1,8 @@
 """Runs a `StudyPlan`: every training cell, the gradient probe and the before-training baseline.
 
 Each job builds its config with `load_config(path, base overrides + the cell's overrides +
-seed=...)` and runs in a worker process with one torch thread (or inline with `workers=1`), so a
+seed=...)`, the path and base overrides of the cell's world (the toy's `-c`, part 4's
+`--wide-config`), and runs in a worker process with one torch thread (or inline with `workers=1`), so a
 cell's result depends only on its config: same seed, same numbers, whatever the worker count.
 Worker processes keep the teacher and datasets of a config loaded between jobs.
 
@@ -26,7 +27,8 @@ import torch
 from asyncopd.config import RunConfig, load_config
 from asyncopd.evaluation.greedy import evaluate
 from asyncopd.lab.study.harness import StalenessHarness, StudyModels, load_study_models
-from asyncopd.lab.study.plan import Cell, StudyPlan
+from asyncopd.lab.study.held_out import held_out_stats
+from asyncopd.lab.study.plan import TOY, WIDE, Cell, StudyPlan
 from asyncopd.lab.study.probe import EstimatorSpec, probe_gradients
 from asyncopd.models.loading import load_model
 
@@ -42,7 +44,7 @@ class Source:
         return load_config(self.path, [*self.overrides, *extra])
 
 
-_MODELS: dict[tuple[str, int], StudyModels] = {}
+_MODELS: dict[tuple[str, int, int], StudyModels] = {}
 
 
 def quiet_process() -> None:
@@ -55,25 +57,29 @@ def quiet_process() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _shared(config: RunConfig, test_size: int) -> StudyModels:
+def _shared(config: RunConfig, test_size: int, held_out_size: int = 0) -> StudyModels:
     key = (
-        config.models.model_dump_json() + config.task.model_dump_json() + config.teacher.model_dump_json(),
+        config.models.model_dump_json()
+        + config.task.model_dump_json()
+        + config.teacher.model_dump_json()
+        + config.rollout.model_dump_json(),  # the held-out set's sampling
         test_size,
+        held_out_size,
     )
     if key not in _MODELS:
-        _MODELS[key] = load_study_models(config, test_size)
+        _MODELS[key] = load_study_models(config, test_size, held_out_size)
     return _MODELS[key]
 
 
 def train_cell(
-    source: Source, cell: Cell, steps: int, test_size: int, *, evaluate_at_end: bool = True
+    source: Source, cell: Cell, steps: int, test_size: int, *, evaluate_at_end: bool = True, held_out_size: int = 0
 ) -> dict[str, Any]:
-    """Train one cell and return its record (study.json's `cells` entries)."""
+    """Train one cell (from its world's `source`) and return its record (study.json's `cells` entries)."""
     overrides = (*cell.overrides, f"seed={cell.seed}")
     config = source.config(*overrides)
-    harness = StalenessHarness(config, cell.staleness, _shared(config, test_size))
+    harness = StalenessHarness(config, cell.staleness, _shared(config, test_size, held_out_size))
     result = harness.run(steps, evaluate_at_end=evaluate_at_end)
-    return {"key": cell.key, "overrides": list(cell.overrides), **asdict(result)}
+    return {"key": cell.key, "world": cell.world, "overrides": list(cell.overrides), **asdict(result)}
 
 
 def median_drift(record: dict[str, Any]) -> float:
@@ -134,23 +140,29 @@ def probe_seed(
     return {"seed": seed, "stats": {label: s.as_dict() for label, s in stats.items()}}
 
 
-def baseline(source: Source, test_size: int) -> dict[str, Any]:
-    """Greedy test accuracy of the initial student and of the teacher (the bounds of every cell)."""
+def baseline(source: Source, test_size: int, held_out_size: int = 0, ks: Sequence[int] = ()) -> dict[str, Any]:
+    """Greedy test accuracy of the initial student and of the teacher (the bounds of every cell);
+    with a held-out set, the initial student's dense KL(π‖p) and both models' top-k missing mass."""
     config = source.config()
-    shared = _shared(config, test_size)
+    shared = _shared(config, test_size, held_out_size)
     max_tokens = config.rollout.sampling.max_tokens
     student = load_model(config.models.student, config.models.dtype, config.learner.device)
-    return {
+    out: dict[str, Any] = {
         "student_accuracy": evaluate(student, shared.tokenizer, shared.test_items, max_tokens).accuracy,
         "teacher_accuracy": evaluate(shared.teacher, shared.tokenizer, shared.test_items, max_tokens).accuracy,
         "test_size": len(shared.test_items),
+        "vocab_size": int(student.config.vocab_size),
     }
+    if shared.held_out:
+        out["held_out"] = held_out_stats(student, shared.teacher, shared.held_out, ks)
+        out["held_out_response_tokens"] = [r.num_tokens for r in shared.held_out]
+    return out
 
 
 def _cost(cell: Cell) -> float:
-    """Rough relative cost, to start the longest cells first."""
+    """Rough relative cost, to start the longest cells first (a wide cell outweighs any toy one)."""
     k = next((int(o.split("=")[1]) for o in cell.overrides if o.startswith("loss.k=")), 1)
-    return k + 0.1 * cell.staleness
+    return k + 0.1 * cell.staleness + (1000.0 if cell.world == WIDE else 0.0)
 
 
 @dataclass
@@ -163,6 +175,10 @@ class StudyRun:
     wall_seconds: float
     calibration: dict[str, Any] | None = None
     """`calibrate_lr`'s record when `--calibrate` chose the lr (else None)."""
+    wide_baseline: dict[str, Any] | None = None
+    """`baseline` of the wide world when part 4 ran (with the teachers' and students' top-K missing mass)."""
+    wide_source: Source | None = None
+    """Where part 4's cells came from."""
 
 
 def run_study(
@@ -171,17 +187,32 @@ def run_study(
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
     calibration: dict[str, Any] | None = None,
+    *,
+    wide_source: Source | None = None,
 ) -> StudyRun:
-    """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel."""
+    """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel.
+
+    `wide_source` is where part 4's cells come from (required when it is selected)."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
+    if 4 in plan.parts and wide_source is None:
+        raise ValueError("part 4 (wide) needs wide_source, the wide world's config")
+    sources = {TOY: source, WIDE: wide_source or source}
     cells = sorted(plan.cells(), key=_cost, reverse=True)
     estimators = [EstimatorSpec(label, kind, k) for label, kind, k in plan.probe_estimators()]
     size = plan.size
+    held = size.held_out_size
     # (name, job): module-level functions bound with functools.partial, so they pickle to workers
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("baseline", functools.partial(baseline, source, size.test_size))
+        ("baseline", functools.partial(baseline, source, size.test_size, held))
     ]
+    if 4 in plan.parts:
+        jobs.append(
+            (
+                "baseline wide",
+                functools.partial(baseline, sources[WIDE], size.wide_test_size, held, size.wide_topk_sizes),
+            )
+        )
     if 3 in plan.parts:
         overrides = plan.probe_overrides()
         jobs += [
@@ -193,7 +224,20 @@ def run_study(
             )
             for seed in size.seeds
         ]
-    jobs += [(cell.key, functools.partial(train_cell, source, cell, size.steps, size.test_size)) for cell in cells]
+    jobs += [
+        (
+            cell.key,
+            functools.partial(
+                train_cell,
+                sources[cell.world],
+                cell,
+                size.steps_of(cell.world),
+                size.test_size_of(cell.world),
+                held_out_size=held,
+            ),
+        )
+        for cell in cells
+    ]
     results: dict[str, dict[str, Any]] = {}
     done = 0
 
@@ -220,4 +264,6 @@ def run_study(
         baseline=results["baseline"],
         wall_seconds=time.perf_counter() - start,
         calibration=calibration,
+        wide_baseline=results.get("baseline wide"),
+        wide_source=wide_source if 4 in plan.parts else None,
     )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asyncopd.lab.study.plan import Cell, Row, StudyPlan
+from asyncopd.lab.study.plan import TOY, Cell, Row, StudyPlan
 from asyncopd.lab.study.runner import StudyRun, median_drift
 
 
@@ -83,10 +83,10 @@ class Results:
         self._cells = {c["key"]: c for c in run.cells}
 
     def has(self, row: Row, staleness: int) -> bool:
-        return all(Cell(row.overrides, staleness, seed).key in self._cells for seed in self.seeds)
+        return all(Cell(row.overrides, staleness, seed, row.world).key in self._cells for seed in self.seeds)
 
     def record(self, row: Row, staleness: int, seed: int) -> dict[str, Any]:
-        return self._cells[Cell(row.overrides, staleness, seed).key]
+        return self._cells[Cell(row.overrides, staleness, seed, row.world).key]
 
     def accuracies(self, row: Row, staleness: int) -> list[float]:
         return [float(self.record(row, staleness, seed)["accuracy"]) for seed in self.seeds]
@@ -104,6 +104,17 @@ class Results:
         per_s = [self.accuracies(row, s) for s in stalenesses]
         return [statistics.fmean(acc[i] for acc in per_s) - ref[i] for i in range(len(self.seeds))]
 
+    def held_out_kls(self, row: Row, staleness: int) -> list[float]:
+        """Per seed: the cell's dense held-out KL(π‖p) after training (nan where not measured)."""
+        out = []
+        for seed in self.seeds:
+            value = (self.record(row, staleness, seed).get("held_out") or {}).get("reverse_kl")
+            out.append(math.nan if value is None else float(value))
+        return out
+
+    def held_out_kl(self, row: Row, staleness: int) -> Spread:
+        return spread(self.held_out_kls(row, staleness))
+
     def kl_curve(self, row: Row, staleness: int) -> list[float]:
         """Per-step KL metric, mean over seeds."""
         curves = [self.record(row, staleness, seed)["kl"] for seed in self.seeds]
@@ -117,6 +128,10 @@ class Results:
 
     def drift(self, staleness: int) -> float:
         """Staleness in log-ratio units: median over every cell at `staleness` that measures it (MC
-        rows) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
-        values = [d for c in self.run.cells if int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))]
+        rows of the toy) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
+        values = [
+            d
+            for c in self.run.cells
+            if c.get("world", TOY) == TOY and int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))
+        ]
         return statistics.median(values) if values else math.nan
