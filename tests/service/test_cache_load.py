@@ -30,3 +30,17 @@ def test_cache_load_smoke_loses_nothing_and_reports_figures(capsys: pytest.Captu
         stats = result["per_rpc"][rpc]
         assert stats["calls"] > 0 and 0 < stats["p50_ms"] <= stats["p99_ms"], (rpc, stats)
     assert "p99 ms" in out and "accounting:" in out
+
+
+def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    load.add_args(parser)
+    argv = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "3", "--drain", "5"]
+    args = parser.parse_args([*argv, "--direct", "--json"])
+    assert load.run(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["path"] == "direct" and result["invariant_holds"] and result["trained_twice"] == 0
+    assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8 and not result["errors"]
+    assert result["cache_cpu_s"] > 0 and result["ops_per_cache_cpu_s"] > 0
+    assert "direct payloads" in out and "RPC per cache CPU second" in out

@@ -52,6 +52,26 @@ def test_small_fleet_accounting_and_staleness(eta: int) -> None:
     assert rep["cache_cpu_seconds"] > 0 and rep["learner_samples_per_s"] > 0
 
 
+def test_small_fleet_with_token_budget_and_masked_stale_tokens() -> None:
+    """stale_tokens: mask with a token budget of 3 tickets (each reserving --max-tokens): the
+    accounting stays exact and every trained token is within the bound (the learner stand-in
+    masks the older ones as collate does)."""
+    for seconds in (4.0, 8.0, 16.0, 32.0):
+        args = fleet_args(
+            rollouts=4, teachers=2, rollout_tps=2000.0, teacher_tps=8000.0, learner_step_s=0.05, batch_size=4,
+            max_staleness=1, seconds=seconds, mean_tokens=64.0, max_tokens=256, stale_tokens="mask",
+            max_tokens_in_flight=3 * 256,
+        )  # fmt: skip
+        rep = bench.measure(args)
+        assert rep["invariant_holds"], rep
+        if rep["steps"] >= 3:
+            break
+    assert rep["steps"] >= 3, f"the learner trained {rep['steps']} steps in {seconds:.0f} s"
+    assert rep["config"]["max_tokens_in_flight"] == 768 and rep["config"]["stale_tokens"] == "mask"
+    hist = {int(k): v for k, v in rep["staleness_histogram"].items()}
+    assert sum(hist.values()) == rep["samples_trained"] and max(hist) <= 1
+
+
 def test_simulated_records_pass_wire_validation() -> None:
     """What the simulated engines emit is valid for the cache: ids in the vocabulary, sorted
     top-K log-probs whose mass with the tail is at most 1, per-token versions of the weights."""

@@ -14,15 +14,27 @@ per chunk. Printed per shape: service throughput / raw throughput, and the cache
 time per sample (user + system of all its threads, over the timed rounds) -- flat across
 shapes when no payload byte passes through the cache. Default shapes: 256 x 512 x top-64 and
 64 x 4,096 x top-64 (issue #16's targets: ratio >= 0.8, <= 0.3 ms CPU per sample).
+
+`--fsync everysec,always` measures the cost of durability (issue #20): the same workload runs
+against one redis-server per mode (AOF on, `appendfsync` set to the mode, in a temporary
+directory on the repository's disk), the modes alternating over `--fsync-repeats` passes (best
+pass kept, so drifting machine load weighs on both), and the service throughput of each mode is
+printed relative to the first one. The chart ships `appendfsync always`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
+import socket
+import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -66,6 +78,30 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=151669, help="vocabulary size of the synthetic ids")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (keys are removed)")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    parser.add_argument(
+        "--fsync",
+        default="",
+        help="comma-separated appendfsync modes (e.g. everysec,always): run the workload once per mode on a "
+        "private redis-server with AOF on and print each mode's throughput relative to the first "
+        "(--redis-url is ignored then)",
+    )
+    parser.add_argument(
+        "--fsync-repeats", type=int, default=3, help="with --fsync: passes per mode, alternating (best kept)"
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="N >= 2: start a local 3-master Redis Cluster and run one shape with 1 shard and with N shards "
+        "(N cache processes), N driver processes in both, and print the throughput ratio N / 1 "
+        "(--redis-url is ignored then; see asyncopd.lab.bench.cache_shards)",
+    )
+    parser.add_argument(
+        "--shard-repeats", type=int, default=2, help="with --shards: passes per configuration, alternating (best kept)"
+    )
+    parser.add_argument(
+        "--cluster-maxmemory-mb", type=int, default=1024, help="with --shards: maxmemory of each cluster master"
+    )
 
 
 def _config(args: argparse.Namespace, prefix: str) -> Any:
@@ -260,7 +296,93 @@ def _run_shape(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _aof_redis(mode: str) -> Iterator[str]:
+    """A redis-server with AOF on and `appendfsync mode`, on a free port in a temp dir (by handle)."""
+    import redis
+
+    from asyncopd.lab.launch.redis_server import find_redis_server
+
+    exe = find_redis_server()
+    if exe is None:
+        raise SystemExit("--fsync needs redis-server on PATH")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory(prefix="bench-aof-", dir=".") as tmp:
+        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", mode, "--maxmemory-policy", "noeviction"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _run_fsync(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.fsync.split(",") if m.strip()]
+    if not modes or any(m not in ("always", "everysec", "no") for m in modes):
+        raise SystemExit(f"--fsync {args.fsync!r}: name modes among always, everysec, no")
+    # Modes alternate (A B A B ...) for --fsync-repeats passes, each mode's best pass kept per
+    # shape: a machine whose load drifts then weighs on both modes alike.
+    passes: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in modes}
+    with contextlib.ExitStack() as stack:
+        urls = {m: stack.enter_context(_aof_redis(m)) for m in modes}
+        for _ in range(args.fsync_repeats):
+            for mode in modes:
+                passes[mode].append(_run_shapes(argparse.Namespace(**{**vars(args), "redis_url": urls[mode]})))
+    by_mode = {
+        m: [max((p[i] for p in passes[m]), key=lambda r: r["service_samples_per_s"]) for i in range(len(args.shapes))]
+        for m in modes
+    }
+    base = modes[0]
+    print(
+        f"cache bench, durability: AOF on, appendfsync per mode, modes alternating over {args.fsync_repeats} "
+        f"passes (best kept); service throughput relative to {base}"
+    )
+    print(f"  {'shape':<20} " + " ".join(f"{m + ' smp/s':>16}" for m in modes) + " " + " ".join(
+        f"{m + '/' + base:>16}" for m in modes[1:]
+    ))  # fmt: skip
+    out = []
+    for i, shape in enumerate(args.shapes):
+        rates = [by_mode[m][i]["service_samples_per_s"] for m in modes]
+        ratios = {m: rates[j] / rates[0] for j, m in enumerate(modes)}
+        out.append({"shape": str(shape), "samples_per_s": dict(zip(modes, rates, strict=True)), "ratio": ratios})
+        print(
+            f"  {shape!s:<20} "
+            + " ".join(f"{r:>16.1f}" for r in rates)
+            + " "
+            + " ".join(f"{ratios[m]:>16.3f}" for m in modes[1:])
+        )
+    if args.json:
+        print(json.dumps(out))
+    return 0 if all(r["accounting_ok"] for ps in passes.values() for rs in ps for r in rs) else 1
+
+
+def _run_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for shape in args.shapes:
+        one = argparse.Namespace(**{**vars(args), "samples": shape.samples, "tokens": shape.tokens, "topk": shape.topk})
+        results.append(_run_shape(one))
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.shards:
+        from asyncopd.lab.bench import cache_shards
+
+        return cache_shards.run(args)
+    if args.fsync:
+        return _run_fsync(args)
     results = []
     for shape in args.shapes:
         one = argparse.Namespace(**{**vars(args), "samples": shape.samples, "tokens": shape.tokens, "topk": shape.topk})

@@ -45,6 +45,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=10.0, help="seconds to let the pipeline drain")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (keys are removed)")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="payload frames through Redis, metadata to the cache (cache.direct_payloads, the deployed default); "
+        "without it payloads travel inline through the cache RPCs",
+    )
 
 
 def _config(args: argparse.Namespace, prefix: str) -> Any:
@@ -74,7 +80,8 @@ def _serve(args: argparse.Namespace, prefix: str, conn: Connection) -> None:
         _config(args, prefix), "cache-load", prompts=prompts, tokenize=_tokenize, vocab_size=VOCAB, serve_metrics=False
     )
     conn.send(cache.address)
-    conn.recv()
+    while conn.recv() == "cpu":  # CPU seconds of this process, all threads (the gRPC workers)
+        conn.send(time.process_time())
     cache.stop(grace=1.0)
 
 
@@ -124,8 +131,12 @@ def _scores(rollout: Any, topk: int, rng: np.random.Generator) -> Any:
     )
 
 
-def drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the load against a cache at `address`; returns the measured figures and checks."""
+def drive(
+    address: str, args: argparse.Namespace, payloads: Any = None, cpu: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """Run the load against a cache at `address`; returns the measured figures and checks.
+    `payloads`: a PayloadStore for direct frames (None: inline); `cpu`: the cache process's CPU
+    seconds so far (its CPU over the load is reported when given)."""
     from asyncopd.wire.cache_client import CacheClient
     from asyncopd.wire.rpc import channel
 
@@ -135,7 +146,7 @@ def drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
     trained_ids: list[str] = []
     versions_seen: list[int] = []
     ch = channel(address)
-    client = CacheClient(ch, timeout_s=60.0)
+    client = CacheClient(ch, timeout_s=60.0, payloads=payloads)
 
     def guard(body: Callable[..., None], *body_args: Any) -> Callable[[], None]:
         def run() -> None:
@@ -188,12 +199,14 @@ def drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
         threading.Thread(target=guard(lambda j=j: teacher(j)), name=f"teacher-{j}") for j in range(args.teachers)
     ]
     learner_thread = threading.Thread(target=guard(learner), name="learner")
+    cpu0 = cpu() if cpu is not None else 0.0
     t0 = time.perf_counter()
     for t in [*threads, learner_thread]:
         t.start()
     stop_producing.wait(min(args.duration, 30.0))
     stop_producing.set()
     load_s = time.perf_counter() - t0
+    cache_cpu_s = cpu() - cpu0 if cpu is not None else None
     ops_during_load = sum(len(v) for v in rec.lat.values())
     # Drain: the learner and teachers go on until nothing is in flight or the drain time is up.
     deadline = time.monotonic() + args.drain
@@ -222,6 +235,9 @@ def drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
         "load_s": load_s,
         "ops": ops_during_load,
         "ops_per_s": ops_during_load / load_s,
+        "path": "direct" if payloads is not None else "inline",
+        "cache_cpu_s": cache_cpu_s,
+        "ops_per_cache_cpu_s": ops_during_load / cache_cpu_s if cache_cpu_s else None,
         "samples_trained_per_s": len(trained_ids) / max(load_s, 1e-9),
         "per_rpc": per_rpc,
         "produced": final.produced,
@@ -258,9 +274,21 @@ def run(args: argparse.Namespace) -> int:
     parent, child = ctx.Pipe()
     server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
     server.start()
+    store = None
+    if args.direct:
+        from asyncopd.wire.payload_store import PayloadStore
+
+        store = PayloadStore(redis.Redis.from_url(args.redis_url), prefix)
+
+    def cpu() -> float:
+        parent.send("cpu")
+        return float(parent.recv())
+
     try:
-        result = drive(parent.recv(), args)
+        result = drive(parent.recv(), args, store, cpu)
     finally:
+        if store is not None:
+            store.close()
         parent.send("stop")
         server.join(timeout=30)
         raw = redis.Redis.from_url(args.redis_url)
@@ -274,10 +302,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _print(result: dict[str, Any]) -> None:
     print(
-        f"cache-load: {result['producers']} producers, {result['teachers']} teachers, 1 learner, "
+        f"cache-load ({result['path']} payloads): {result['producers']} producers, {result['teachers']} teachers, "
+        "1 learner, "
         f"{result['load_s']:.1f} s: {result['ops_per_s']:.0f} RPC/s sustained, "
         f"{result['samples_trained_per_s']:.0f} samples trained/s, {result['steps']} learner steps"
     )
+    if result["cache_cpu_s"] is not None:
+        print(
+            f"cache process CPU over the load: {result['cache_cpu_s']:.2f} s "
+            f"({result['cache_cpu_s'] / result['load_s']:.2f} cores), "
+            f"{result['ops_per_cache_cpu_s']:.0f} RPC per cache CPU second"
+        )
     print(f"{'rpc':<16}{'calls':>8}{'p50 ms':>10}{'p99 ms':>10}")
     for rpc, r in result["per_rpc"].items():
         print(f"{rpc:<16}{r['calls']:>8}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")

@@ -44,6 +44,10 @@ _CONFIG_KEYS = (
     "teacher_topk",
     "rollout_batch",
     "claim_batch",
+    "max_tokens_in_flight",
+    "stale_tokens",
+    "cache_poll_ms",
+    "direct",
 )
 # Calls that return at once (no server-side wait): their round trip is pure control-plane cost.
 _NON_WAITING = ("PutRollouts", "PutScores", "AckBatch", "PublishVersion", "ReleasePrompts")
@@ -63,6 +67,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mean-tokens", type=float, default=256.0, help="mean response length (log-normal)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="longest response")
+    parser.add_argument(
+        "--max-tokens-in-flight",
+        type=int,
+        default=0,
+        help="cache.max_tokens_in_flight: token budget of admission, each ticket reserving --max-tokens (0 = off)",
+    )
+    parser.add_argument(
+        "--stale-tokens", choices=("drop", "mask"), default="drop", help="stale_tokens: drop the sample or mask them"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length")
     parser.add_argument("--support", choices=sorted(_SUPPORT), default="topk", help="per-position rollout support")
     parser.add_argument("--k", type=int, default=8, help="support size K (student top-K or MC samples)")
@@ -73,6 +86,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (its keys are removed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated engines")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON here ('-' = stdout)")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0.0,
+        help="> 0: measure an idle fleet instead (the window held, every client long-polling) for this long "
+        "and print the cache's CPU (see asyncopd.lab.bench.fleet_idle)",
+    )
+    parser.add_argument(
+        "--idle-wait-ms", type=int, default=500, help="with --idle-seconds: server-side wait of each idle call"
+    )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="payload frames through Redis by the actors, metadata to the cache (cache.direct_payloads, the "
+        "deployed default); without it payloads travel inline through the cache RPCs",
+    )
+    parser.add_argument(
+        "--cache-poll-ms",
+        type=float,
+        default=250.0,
+        help="cache.poll_interval_ms: how often a waiting call re-runs its script without a wake-up",
+    )
 
 
 def _config(args: argparse.Namespace, prefix: str) -> Any:
@@ -81,7 +116,9 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
     return config_from_dict(
         {
             "max_staleness": args.max_staleness,
+            "stale_tokens": args.stale_tokens,
             "learner": {"batch_size": args.batch_size},
+            "rollout": {"sampling": {"max_tokens": args.max_tokens}},  # what each ticket reserves
             "redis": {"url": args.redis_url, "key_prefix": prefix},
             "cache": {
                 # every actor may hold one long-polling call; the rest must not queue behind them
@@ -89,9 +126,28 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
                 "byte_budget_mb": 4096.0,
                 "max_request_mb": 200.0,
                 "eviction": "backpressure",
+                "max_tokens_in_flight": args.max_tokens_in_flight,
+                "poll_interval_ms": args.cache_poll_ms,
             },
         }
     )
+
+
+def cache_cpu_seconds(parent: Connection) -> float:
+    """The CPU seconds the `_serve` child has used so far."""
+    parent.send("cpu")
+    return float(parent.recv())
+
+
+def stop_cache(parent: Connection, server: Any, redis_url: str, prefix: str) -> None:
+    """Stop the `_serve` child and delete the run's keys."""
+    import redis
+
+    parent.send("stop")
+    server.join(timeout=30)
+    r = redis.Redis.from_url(redis_url)
+    delete_prefix(r, prefix)
+    r.close()
 
 
 def _serve(args: argparse.Namespace, prefix: str, conn: Connection) -> None:
@@ -126,7 +182,7 @@ def ideal_rates(args: argparse.Namespace, mean_tokens: float) -> dict[str, float
 
 def staleness_policy(args: argparse.Namespace) -> StalenessPolicy:
     """The cache's staleness rules for this run's bound and learner batch."""
-    return StalenessPolicy(args.max_staleness, args.batch_size)
+    return StalenessPolicy(args.max_staleness, args.batch_size, args.stale_tokens)
 
 
 def admission_bound(args: argparse.Namespace, mean_tokens: float) -> float:
@@ -177,13 +233,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
     server.start()
     channels = []
+    # --direct: the actors write and read payload frames in Redis themselves (one pool for all
+    # threads, a connection each), the cache sees metadata only
+    frames = None
+    if args.direct:
+        from asyncopd.wire.payload_store import PayloadStore
+
+        pool_size = args.rollouts + args.teachers + 8
+        frames = PayloadStore(redis.Redis.from_url(args.redis_url, max_connections=pool_size), prefix)
     try:
         address = parent.recv()
 
         def client() -> CacheClient:
             ch = fleet_channel(address)
             channels.append(ch)
-            return CacheClient(ch, logprob_dtype="float16", timeout_s=60.0)
+            return CacheClient(ch, logprob_dtype="float16", timeout_s=60.0, payloads=frames)
 
         weights, times, record, stop = SimulatedWeights(), RpcTimes(), LearnerLog(), threading.Event()
         support = SupportKind(_SUPPORT[args.support])
@@ -242,11 +306,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.batch_size,
                 step_s=args.learner_step_s,
                 wait_ms=wait_ms,
+                mask=staleness_policy(args) if args.stale_tokens == "mask" else None,
             )
         )
         control = client()
-        parent.send("cpu")
-        cache_cpu0 = float(parent.recv())
+        cache_cpu0 = cache_cpu_seconds(parent)
         own_cpu0, start = time.process_time(), time.monotonic()
         record.start = start
         for th in threads:
@@ -257,19 +321,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             th.join(timeout=60)
         wall = time.monotonic() - start
         own_cpu = time.process_time() - own_cpu0
-        parent.send("cpu")
-        cache_cpu = float(parent.recv()) - cache_cpu0
+        cache_cpu = cache_cpu_seconds(parent) - cache_cpu0
         stuck = [th.name for th in threads if th.is_alive()]
         control.publish_version(weights.version, finished=True)
         stats = control.stats_snapshot()
     finally:
         for ch in channels:
             ch.close()
-        parent.send("stop")
-        server.join(timeout=30)
-        r = redis.Redis.from_url(args.redis_url)
-        delete_prefix(r, prefix)
-        r.close()
+        if frames is not None:
+            frames.close()
+        stop_cache(parent, server, args.redis_url, prefix)
     if errors:
         raise RuntimeError(f"{len(errors)} actor(s) failed; first: {errors[0]!r}") from errors[0]
     if stuck:
@@ -352,6 +413,9 @@ def _report(
         "produced": stats.produced,
         "trained": stats.trained,
         "dropped": dict(stats.dropped),
+        "drop_rate": sum(stats.dropped.values()) / max(1, stats.produced),
+        "masked_tokens": record.masked_tokens,
+        "masked_token_fraction": record.masked_tokens / max(1, trained_tokens + record.masked_tokens),
         "in_flight": stats.in_flight,
         "invariant_holds": stats.invariant_holds(),
         "cores": os.cpu_count(),
@@ -365,7 +429,8 @@ def print_table(rep: dict[str, Any]) -> None:
         f"fleet bench: {c['rollouts']} rollouts x {c['rollout_tps']:g} tok/s, {c['teachers']} teachers x "
         f"{c['teacher_tps']:g} tok/s, learner B={c['batch_size']} step {c['learner_step_s']:g}s, "
         f"max_staleness {c['max_staleness']}, {rep['wall_seconds']:.1f}s, mean response "
-        f"{rep['mean_response_tokens']:.0f} tokens, support {c['support']} K={c['k']}, teacher top-{c['teacher_topk']}"
+        f"{rep['mean_response_tokens']:.0f} tokens, support {c['support']} K={c['k']}, "
+        f"teacher top-{c['teacher_topk']}, {'direct' if c['direct'] else 'inline'} payloads"
     )
     print("  ideal capacity (samples/s): " + ", ".join(f"{k} {v:.1f}" for k, v in ideal.items()))
     rows = [
@@ -377,6 +442,8 @@ def print_table(rep: dict[str, Any]) -> None:
         ("steps / samples trained", f"{rep['steps']} / {rep['samples_trained']}"),
         ("rollout / teacher tokens/s", f"{rep['rollout_tokens_per_s']:.0f} / {rep['teacher_tokens_per_s']:.0f}"),
         ("staleness of trained samples", json.dumps(rep["staleness_histogram"])),
+        ("dropped / produced", f"{rep['drop_rate']:.4f} {rep['dropped']}"),
+        ("masked stale tokens (fraction)", f"{rep['masked_tokens']} ({rep['masked_token_fraction']:.4f})"),
         ("staleness served (cache Stats)", json.dumps(rep["staleness_served"])),
         ("cache CPU ms / produced sample", f"{rep['cache_cpu_ms_per_sample']:.2f}"),
         ("cache CPU (service process)", f"{rep['cache_cpu_fraction']:.2f} cores"),
@@ -396,6 +463,10 @@ def print_table(rep: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.idle_seconds > 0:
+        from asyncopd.lab.bench import fleet_idle
+
+        return fleet_idle.run(args)
     rep = measure(args)
     print_table(rep)
     if args.json:

@@ -22,7 +22,9 @@ from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
+from asyncopd.cache.policy import StalenessPolicy
 from asyncopd.lab.fleet.engines import SimulatedRollout, SimulatedTeacher, SimulatedWeights
 from asyncopd.records import Prompt
 from asyncopd.wire.cache_client import CacheClient, CacheFull
@@ -73,6 +75,7 @@ class LearnerLog:
 
     steps: list[tuple[float, int, int, list[int]]] = field(default_factory=list)  # (t, samples, tokens, staleness)
     start: float = 0.0  # time.monotonic() when the fleet started
+    masked_tokens: int = 0  # response tokens beyond the bound, masked (stale_tokens: mask)
 
     @property
     def staleness(self) -> list[int]:
@@ -157,8 +160,11 @@ def learner_actor(
     batch_size: int,
     step_s: float,
     wait_ms: int,
+    mask: StalenessPolicy | None = None,
 ) -> None:
-    """Pull at the learner's version -> simulated step -> ack -> publish, until `stop`."""
+    """Pull at the learner's version -> simulated step -> ack -> publish, until `stop`. With `mask`
+    (stale_tokens: mask) tokens beyond its bound are masked as the learner's collate does: they
+    are not counted trained, and a sample's recorded staleness is its oldest trained token's."""
     version = 0
     while not stop.is_set():
         batch = times.timed("PullBatch", partial(cache.pull_batch, batch_size, version, wait_ms, "fleet-learner"))
@@ -167,8 +173,16 @@ def learner_actor(
         if stop.wait(step_s):
             return  # the claim is returned to the pool after cache.batch_claim_s; counted in flight
         times.timed("AckBatch", partial(cache.ack_batch, batch.batch_id))
-        version += 1
         tokens = sum(s.rollout.num_tokens for s in batch.samples)
-        record.steps.append((time.monotonic(), len(batch.samples), tokens, list(batch.staleness)))
+        staleness = list(batch.staleness)
+        if mask is not None:  # at the version the batch was pulled (and trained) at
+            staleness = []
+            for s in batch.samples:
+                kept = s.rollout.versions[s.rollout.versions >= mask.oldest_usable(version)]
+                record.masked_tokens += s.rollout.num_tokens - int(kept.size)
+                tokens -= s.rollout.num_tokens - int(kept.size)
+                staleness.append(version - int(np.min(kept)))  # no token left: fail loudly
+        version += 1
+        record.steps.append((time.monotonic(), len(batch.samples), tokens, staleness))
         weights.publish(version)  # replicas get the weights first, then the cache the version
         times.timed("PublishVersion", partial(cache.publish_version, version))
