@@ -11,9 +11,11 @@ from asyncopd.lab.chaos.checks import (
     check_step_log,
     combined_accounting,
     longest_gap,
+    prompt_position,
     regressions,
+    skipped_positions,
 )
-from asyncopd.lab.chaos.faults import KINDS, FaultSpec, default_schedule, parse_fault, parse_schedule
+from asyncopd.lab.chaos.faults import KINDS, OPT_IN, FaultSpec, default_schedule, parse_fault, parse_schedule
 from asyncopd.lab.chaos.injector import Injector
 from asyncopd.lab.launch.progress import Snapshot
 
@@ -114,7 +116,7 @@ def test_parse_faults() -> None:
 
 def test_default_schedule_covers_every_kind_in_order_within_the_run() -> None:
     schedule = default_schedule(120)
-    assert {f.kind for f in schedule} == set(KINDS)
+    assert {f.kind for f in schedule} == set(KINDS) - set(OPT_IN)
     versions = [f.at_version for f in schedule]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
     assert versions[0] >= 1 and versions[-1] < 120
@@ -186,3 +188,29 @@ def test_reaching_the_step_budget_ends_the_run_and_never_fired_faults_stay_pendi
     injector = Injector([FaultSpec("start-rollout", 400)], finish_at=100)
     assert tick(injector, run, 300, steps_total=300)
     assert injector.outcomes == [] and not injector.done(300)
+
+
+# -- prompt positions ----------------------------------------------------------------------
+
+
+def test_a_position_replayed_under_another_run_id_is_trained_twice() -> None:
+    """A Redis wipe that restarted the cursor at 0: new sample ids, the same prompts again."""
+    assert prompt_position("0a1b2c-17:ffee00112233") == ("", 17) and prompt_position("p/3:ab") is None
+    assert prompt_position("s1.0a1b2c-4:ff") == ("s1", 4)
+    verdict = check_step_log([step(1, "aaa-0:x1", "aaa-1:x2"), step(2, "bbb-0:y1", "bbb-2:y2")])
+    assert verdict.trained_twice == [] and verdict.positions_trained_twice == [0]
+    assert verdict.position_twice_detail == ["0: aaa-0:x1 @ v1, bbb-0:y1 @ v2"]
+    assert any("prompt position" in p and "bbb-0:y1 @ v2" in p for p in verdict.problems())
+
+
+def test_positions_of_voided_steps_may_be_trained_again() -> None:
+    log = [step(1, "aaa-0:x1"), step(2, "aaa-1:x2"), start(1, 1), step(2, "aaa-1:x3")]
+    verdict = check_step_log(log)
+    assert verdict.positions_trained_twice == [] and verdict.positions_trained == 2
+
+
+def test_holes_beyond_drops_are_skipped_positions() -> None:
+    verdict = check_step_log([step(1, "aaa-0:a", "aaa-1:b"), step(2, "aaa-5:c", "s1.bbb-0:d", "s1.bbb-1:e")])
+    assert verdict.position_holes == 3 and verdict.positions_trained_twice == []
+    assert skipped_positions(verdict, {"dropped_total": 3, "in_flight": 0}) == 0
+    assert skipped_positions(verdict, {"dropped_total": 1, "in_flight": 1}) == 1

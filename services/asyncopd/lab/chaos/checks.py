@@ -11,6 +11,12 @@
   `start` event that resumed from checkpoint version c voids the earlier steps with version > c
   (their updates died with the learner that made them); a start without a checkpoint voids all
   earlier steps.
+- Prompt positions (a sample id is `<run id>-<dataset position>:<nonce>`, from its admission
+  ticket): no position is trained twice by surviving steps (a Redis that lost the prompt cursor
+  and replayed positions, or a lost ack, shows up here even when sample ids differ), and the
+  positions below the highest one trained that no surviving step trained are no more than the
+  samples counted dropped or still in flight (`skipped_positions`): a cursor that jumped ahead
+  (a restore past admitted work) leaves more holes than drops.
 - Versions polled from the learner while the run went on never go down.
 
 Pure functions over dicts and lists; the harness collects the inputs.
@@ -19,12 +25,21 @@ Pure functions over dicts and lists; the harness collects the inputs.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 WIPED = "redis_wiped"
+_POSITION = re.compile(r"^(?:(s\d+)\.)?[0-9A-Za-z]+-(\d+):")
+
+
+def prompt_position(sample_id: str) -> tuple[str, int] | None:
+    """(cache shard tag, position in that shard's prompt sequence) a sample answered, from its
+    ticket (`[s<shard>.]<run id>-<position>`); None for another id form."""
+    m = _POSITION.match(sample_id)
+    return None if m is None else (m.group(1) or "", int(m.group(2)))
 
 
 def _merge(into: dict[str, int], more: Mapping[str, Any]) -> None:
@@ -75,12 +90,25 @@ class StepLogVerdict:
     trained_twice: list[str] = field(default_factory=list)
     version_regressions: list[str] = field(default_factory=list)
     missing_sample_ids: int = 0
+    positions_trained: int = 0
+    positions_trained_twice: list[int] = field(default_factory=list)
+    # the first few positions trained twice: "position: sample id @ step version, ..." (what a
+    # failure report needs to name the fault that did it)
+    position_twice_detail: list[str] = field(default_factory=list)
+    position_holes: int = 0  # positions below the highest trained one that no surviving step trained
+    unparsed_sample_ids: int = 0
 
     def problems(self) -> list[str]:
         out = [f"version went backwards: {r}" for r in self.version_regressions]
         if self.trained_twice:
             shown = ", ".join(self.trained_twice[:5])
             out.append(f"{len(self.trained_twice)} sample(s) trained twice by surviving steps: {shown}")
+        if self.positions_trained_twice:
+            shown = ", ".join(str(p) for p in self.positions_trained_twice[:5])
+            out.append(
+                f"{len(self.positions_trained_twice)} prompt position(s) trained twice by surviving steps: {shown}"
+                + (f" ({'; '.join(self.position_twice_detail)})" if self.position_twice_detail else "")
+            )
         if self.missing_sample_ids:
             out.append(f"{self.missing_sample_ids} step(s) logged without sample ids (set learner.log_sample_ids)")
         return out
@@ -113,6 +141,7 @@ def check_step_log(records: Iterable[Mapping[str, Any]]) -> StepLogVerdict:
                 ids = []
             steps.append({"version": version, "ids": list(ids), "void": False})
     counts: Counter[str] = Counter()
+    trained_at: dict[str, list[int]] = {}  # sample id -> versions of the surviving steps that trained it
     for step in steps:
         verdict.steps += 1
         if step["void"]:
@@ -122,8 +151,40 @@ def check_step_log(records: Iterable[Mapping[str, Any]]) -> StepLogVerdict:
             verdict.surviving_steps += 1
             verdict.samples_surviving += len(step["ids"])
             counts.update(step["ids"])
+            for sid in step["ids"]:
+                trained_at.setdefault(sid, []).append(step["version"])
     verdict.trained_twice = sorted(sid for sid, n in counts.items() if n > 1)
+    positions: Counter[tuple[str, int]] = Counter()
+    for sid, n in counts.items():
+        pos = prompt_position(sid)
+        if pos is None:
+            verdict.unparsed_sample_ids += 1
+        else:
+            positions[pos] += n
+    verdict.positions_trained = len(positions)
+    verdict.positions_trained_twice = sorted(p for (_, p), n in positions.items() if n > 1)
+    twice = {key for key, n in positions.items() if n > 1}
+    by_position: dict[tuple[str, int], list[str]] = {}
+    for sid in sorted(trained_at):
+        pos = prompt_position(sid)
+        if pos in twice:
+            by_position.setdefault(pos, []).extend(f"{sid} @ v{v}" for v in trained_at[sid])
+    verdict.position_twice_detail = [
+        f"{p}: {', '.join(by_position[(s, p)])}" for s, p in sorted(by_position, key=lambda sp: sp[1])[:3]
+    ]
+    for shard in {s for s, _ in positions}:
+        mine = [p for s, p in positions if s == shard]
+        verdict.position_holes += max(mine) + 1 - len(mine)
     return verdict
+
+
+def skipped_positions(verdict: StepLogVerdict, accounting: Mapping[str, Any]) -> int:
+    """Holes in the trained positions beyond what drops and in-flight samples explain (0 = none
+    skipped). Every admitted position is answered by a sample that is trained, dropped (by a
+    counted reason) or still in flight, so holes > dropped + in flight means positions were never
+    handed out; voided steps' samples are counted by the cache as trained, so they excuse holes too."""
+    excused = int(accounting.get("dropped_total", 0)) + int(accounting.get("in_flight", 0)) + verdict.samples_void
+    return max(0, verdict.position_holes - excused)
 
 
 def regressions(versions: Sequence[tuple[float, int]]) -> list[str]:

@@ -15,10 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="run the pipeline with faults injected on a schedule (kills, restarts, Redis wipes) and check it",
         description=(
             "Run the local pipeline, inject faults when the learner reaches given versions (kill -9 of "
-            "rollout replicas, teachers, the cache, the learner; Redis restarts with and without its data; a "
-            "replica frozen during weight broadcasts), and check: produced = trained + dropped + in_flight "
-            "over Redis restarts, no sample trained twice, versions monotonic, accuracy in line with a "
-            "fault-free run. Writes chaos.json and chaos.md; exits 1 if any check fails."
+            "rollout replicas, teachers, the cache, the learner; Redis restarts with and without its data and "
+            "from an AOF cut short; a replica frozen during weight broadcasts or cut off weight sync; the "
+            "learner killed between checkpoint and ack; a full checkpoint disk; a poison rollout; hostile "
+            "clients), and check: produced = trained + dropped + in_flight over Redis restarts, no sample or "
+            "prompt position trained twice or skipped, versions monotonic, accuracy in line with a fault-free "
+            "run. Writes chaos.json and chaos.md; exits 1 if any check fails."
         ),
     )
     add_config_args(p)

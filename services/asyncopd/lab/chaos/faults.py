@@ -14,6 +14,24 @@ target child, e.g. `kill-rollout@12:rollout-1`. Kinds:
   kill-learner    SIGKILL the learner; restarted, it resumes from its newest checkpoint
   freeze-rollout  SIGSTOP a rollout replica for `hold_s` (longer than the weight-sync timeout), so
                   it stops answering in the middle of weight broadcasts; then SIGCONT
+  redis-rollback  note the size of Redis's append-only file, let the run write for `restart_after_s`,
+                  then SIGKILL Redis, cut the file back to the noted size and restart it: Redis comes
+                  back without its last writes (acks, claims, puts) under the same run id, as after
+                  a crash with appendfsync everysec; the cache must detect it and train nothing twice
+  rogue-client    fire issue #20's attacks (asyncopd.lab.chaos.rogue) at the live services without
+                  the learner's epoch or an identity; each must be refused, the run goes on
+  disk-full       make the learner's checkpoint directory refuse writes for `hold_s` (chattr +i as
+                  root, mode 0555 otherwise): checkpoints fail, the learner must survive it
+  partition-replica  cut one replica (rollout-0 unless named) off weight sync for `hold_s` while it
+                  keeps generating: the learner is told to drop its registration every 0.3 s (what
+                  the learner does itself once a partition silences the replica's heartbeat); its
+                  weights fall behind, it must stop acquiring (lag gate) and catch up afterwards
+  learner-oom     SIGKILL the learner the moment its next checkpoint is published (LATEST changes),
+                  i.e. between the checkpoint and the acks of the batches it saves, as an OOM kill
+                  there would; restarted after `restart_after_s`, it resumes from that checkpoint
+  poison-sample   a sample that kills whoever scores it: the teacher is SIGKILLed while it scores,
+                  restarted, and killed again when the same rollouts come back to it, until they
+                  reach `cache.max_deliveries` and are dropped as 'poison'; the run goes on
 
 Parsing and the default schedule are pure; `asyncopd.lab.chaos.injector` carries them out.
 """
@@ -31,9 +49,23 @@ KINDS = (
     "wipe-redis",
     "kill-learner",
     "freeze-rollout",
+    "redis-rollback",
+    "rogue-client",
+    "disk-full",
+    "learner-oom",
+    "poison-sample",
+    "partition-replica",
 )
+# Kinds the default schedule leaves out, and why (name them with --faults). None today: disk-full
+# joined once the learner waited out a failing checkpoint instead of exiting (issue #20 item 5).
+OPT_IN: dict[str, str] = {}
 # Kinds whose target is a child of that service (the first live one unless named).
-TARGET_PREFIX = {"kill-rollout": "rollout-", "freeze-rollout": "rollout-", "kill-teacher": "teacher-"}
+TARGET_PREFIX = {
+    "kill-rollout": "rollout-",
+    "freeze-rollout": "rollout-",
+    "partition-replica": "rollout-",
+    "kill-teacher": "teacher-",
+}
 
 
 @dataclass(frozen=True)
@@ -44,7 +76,7 @@ class FaultSpec:
     at_version: int
     target: str | None = None
     restart_after_s: float = 2.0
-    hold_s: float | None = None  # freeze-rollout; None = 2 x weightsync.timeout_s + 2
+    hold_s: float | None = None  # freeze-rollout (None = 2 x weightsync.timeout_s + 2), disk-full (None = 10 s)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -81,7 +113,8 @@ def parse_schedule(text: str) -> list[FaultSpec]:
 
 
 def default_schedule(steps: int) -> list[FaultSpec]:
-    """Every fault kind once (rollout kills three times), spread over 5%..70% of the run.
+    """Every fault kind but the `OPT_IN` ones once (rollout kills three times), spread over
+    5%..70% of the run.
 
     The last 30% leaves room for faults that fire late (one fault at a time, each waiting for
     the previous recovery) and for the learner to show progress after the last recovery.
@@ -94,9 +127,15 @@ def default_schedule(steps: int) -> list[FaultSpec]:
         ("kill-cache", None, 2.0),
         ("restart-redis", None, 1.0),
         ("kill-rollout", "rollout-0", 2.0),
-        ("wipe-redis", None, 1.0),
-        ("kill-learner", None, 1.0),
+        ("wipe-redis", None, 1.0),  # under a live learner: it must hand its cursor back at once
         ("freeze-rollout", "rollout-0", 0.0),
+        ("kill-learner", None, 1.0),
+        ("redis-rollback", None, 1.5),  # 1.5 s of writes lost
+        ("rogue-client", None, 0.0),
+        ("disk-full", None, 0.0),  # hold_s None: 10 s of failing checkpoints
+        ("learner-oom", None, 1.0),
+        ("poison-sample", None, 0.0),
+        ("partition-replica", "rollout-0", 0.0),
     ]
     if steps < 4 * len(plan):
         raise ValueError(f"the default fault schedule needs at least {4 * len(plan)} learner steps, got {steps}")

@@ -24,7 +24,14 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncopd.config import load_config
-from asyncopd.lab.chaos.checks import accuracy_in_line, check_step_log, combined_accounting, longest_gap, regressions
+from asyncopd.lab.chaos.checks import (
+    accuracy_in_line,
+    check_step_log,
+    combined_accounting,
+    longest_gap,
+    regressions,
+    skipped_positions,
+)
 from asyncopd.lab.chaos.faults import FaultSpec
 from asyncopd.lab.chaos.injector import Injector
 from asyncopd.lab.launch.processes import ChildDied
@@ -181,6 +188,12 @@ def assess(
             problems.append(f"staleness {max(served)} served; the bound is {report['max_staleness']}")
     verdict = check_step_log(step_records)
     problems += verdict.problems()
+    skipped = None if accounting is None else skipped_positions(verdict, accounting)
+    if skipped:
+        problems.append(
+            f"{skipped} prompt position(s) skipped: {verdict.position_holes} holes below the highest trained "
+            "position, more than the samples dropped, in flight or voided"
+        )
     polled = regressions(injector.versions)
     problems += polled
     accuracy_ok, accuracy_note = accuracy_in_line(
@@ -195,6 +208,7 @@ def assess(
         "samples_lost": None if accounting is None else accounting["unaccounted"],
         "accounting": accounting,
         "step_log": verdict.__dict__,
+        "positions_skipped": skipped,
         "version_regressions": polled,
         "accuracy": {
             "after": None if report is None else report.get("accuracy_after"),
@@ -256,10 +270,11 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines += [
         "",
         "| faults injected | survived | samples lost silently | dropped (counted, by reason) | trained twice | "
-        "version regressions | accuracy after (fault-free) |",
-        "|---|---|---|---|---|---|---|",
+        "positions trained twice / skipped | version regressions | accuracy after (fault-free) |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {result['faults_injected']} | {result['faults_survived']} | {result['samples_lost']} | "
         f"{acc.get('dropped', '-')} | {len(log['trained_twice'])} | "
+        f"{len(log.get('positions_trained_twice', []))} / {result.get('positions_skipped', '-')} | "
         f"{len(log['version_regressions']) + len(result['version_regressions'])} | "
         f"{_f(accuracy['after'])} ({_f(accuracy['fault_free'])}) |",
         "",

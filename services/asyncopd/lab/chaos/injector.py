@@ -24,7 +24,9 @@ It knows the launcher's handles (children, ports, the private Redis); the checks
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -225,6 +227,19 @@ class Injector:
             return (lambda: self._restart(run, name, outcome)), spec.restart_after_s
         if kind in ("restart-redis", "wipe-redis"):
             return self._redis_fault(run, spec, outcome)
+        if kind == "redis-rollback":
+            return self._redis_rollback(run, spec, outcome)
+        if kind == "rogue-client":
+            self._rogue(run, outcome)
+            return None, 0.0
+        if kind == "disk-full":
+            return self._disk_full(run, spec, outcome)
+        if kind == "learner-oom":
+            return self._learner_oom(run, spec, outcome), 0.0
+        if kind == "poison-sample":
+            return self._poison(run, outcome), 0.0
+        if kind == "partition-replica":
+            return self._partition(run, spec, outcome), 0.0
         if kind == "freeze-rollout":
             child = self._target(run, spec)
             outcome.target = child.name
@@ -287,6 +302,253 @@ class Injector:
             outcome.detail += f"; restarted, answering after {time.monotonic() - started:.1f}s"
 
         return restart, spec.restart_after_s
+
+    def _redis_rollback(
+        self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome
+    ) -> tuple[Callable[[], None] | None, float]:
+        if run.redis is None or not run.redis.private or self.redis_dir is None:
+            raise RuntimeError("redis-rollback needs the run's own Redis with a persistence dir (private_redis)")
+        redis_cfg = run.config.redis.model_copy(update={"url": run.redis.url})
+        files = sorted((self.redis_dir / "appendonlydir").glob("*.incr.aof"))
+        if not files:
+            raise RuntimeError(f"no incremental append-only file under {self.redis_dir / 'appendonlydir'}")
+        aof = files[-1]
+        cut_at = aof.stat().st_size
+        outcome.target = "redis"
+        outcome.detail = f"{aof.name} noted at {cut_at} bytes"
+
+        def rollback() -> None:
+            run.supervisor.child("redis").kill()
+            if not aof.exists():
+                raise RuntimeError(f"{aof.name} was rewritten during the window; nothing cut")
+            size = aof.stat().st_size
+            with aof.open("r+b") as f:
+                f.truncate(cut_at)
+            started = time.monotonic()
+            fresh = run.restart_child("redis")
+            wait_redis(fresh, redis_cfg, redis_cfg.url)
+            outcome.detail += (
+                f"; {spec.restart_after_s:.1f}s later SIGKILL redis, AOF cut from {size} to {cut_at} bytes "
+                f"({size - cut_at} bytes of writes lost), answering after {time.monotonic() - started:.1f}s"
+            )
+
+        return rollback, spec.restart_after_s
+
+    def _rogue(self, run: LocalRun, outcome: FaultOutcome) -> None:
+        from safetensors import safe_open
+
+        from asyncopd.lab.chaos.rogue import attack
+
+        if run.ports is None:
+            raise RuntimeError("rogue-client: the run has no ports yet")
+        student = Path(run.config.models.student)
+        params: list[tuple[str, tuple[int, ...]]] = []
+        for path in sorted(student.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                params += [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]  # noqa: SIM118
+        if not params:
+            raise RuntimeError(f"rogue-client: no safetensors weights under {student}")
+        host = "127.0.0.1"
+        results = attack(
+            f"{host}:{run.ports.cache}",
+            f"{host}:{run.ports.learner}",
+            f"{host}:{run.ports.rollouts[0]}",
+            params,
+            int(outcome.fired_version or 0),
+            identities=run.config.tls.enabled,
+        )
+        outcome.target = "cache, learner, rollout-0"
+        outcome.detail = ", ".join(f"{r.attack}: {r.code}" for r in results)
+        accepted = [f"{r.attack} ({r.message})" for r in results if not r.refused]
+        if accepted:
+            outcome.error = "accepted: " + "; ".join(accepted)
+
+    def _disk_full(
+        self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome
+    ) -> tuple[Callable[[], None] | None, float]:
+        directory = run.out_dir / "checkpoints"
+        hold = spec.hold_s if spec.hold_s is not None else 10.0
+        outcome.target = "learner"
+        if os.geteuid() == 0:  # root writes through file modes
+            subprocess.run(["chattr", "+i", str(directory)], check=True, capture_output=True)
+            how, undo = "chattr +i", ["chattr", "-i", str(directory)]
+        else:
+            mode = directory.stat().st_mode
+            directory.chmod(0o555)
+            how, undo = "mode 0555", []
+        outcome.detail = f"{directory.name}/ refuses writes ({how}) for {hold:.0f}s"
+
+        def restore() -> None:
+            if undo:
+                subprocess.run(undo, check=True, capture_output=True)
+            else:
+                directory.chmod(mode)
+
+        return restore, hold
+
+    def _learner_oom(self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome) -> Callable[[], None]:
+        latest = run.out_dir / "checkpoints" / "LATEST"
+        before = latest.read_text() if latest.exists() else ""
+        outcome.target = "learner"
+        outcome.detail = f"waiting for the checkpoint after {before.strip() or 'none'}"
+
+        def kill_then_restart() -> None:
+            deadline = time.monotonic() + 120.0
+            while (latest.read_text() if latest.exists() else "") == before:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no new checkpoint within 120 s")
+                time.sleep(0.005)
+            published = time.monotonic()
+            child = run.supervisor.child("learner")
+            child.kill()
+            now = latest.read_text().strip()
+            outcome.detail = (
+                f"SIGKILL learner (pid {child.pid}) {1000 * (time.monotonic() - published):.0f} ms after {now}"
+            )
+            time.sleep(spec.restart_after_s)
+            self._restart(run, "learner", outcome)
+
+        return kill_then_restart
+
+    def _poison(self, run: LocalRun, outcome: FaultOutcome) -> Callable[[], None]:
+        """A rollout that crashes its teacher on every delivery, until `cache.max_deliveries`.
+
+        A toy teacher scores a claim within milliseconds, faster than anything outside it can
+        kill it in between, so each delivery is taken in teacher-0's name by the injector (a
+        real ClaimRollouts: the cache counts it as teacher-0's) while teacher-0 is frozen, and
+        teacher-0 is then killed and restarted as the crash. The rollouts come back when their
+        lease expires and are claimed again the same way; after the last delivery's lease they
+        are dropped as `poison`. The learner may train on its backlog meanwhile, so the rollouts
+        can turn stale and be dropped (correctly) before their last delivery: then it starts
+        again on fresh ones (at most `attempts`)."""
+        import grpc
+
+        from asyncopd.v1 import cache_pb2, cache_pb2_grpc
+        from asyncopd.wire.rpc import channel
+
+        if run.ports is None:
+            raise RuntimeError("poison-sample: the run has no ports yet")
+        cache = run.config.cache
+        outcome.target = "teacher-0"
+        attempts = 4
+
+        def kill_each_delivery() -> None:
+            chan = channel(f"127.0.0.1:{run.ports.cache}")  # type: ignore[union-attr]
+            stub = cache_pb2_grpc.CacheServiceStub(chan)
+
+            def deliver(n: int, wait_ms: int) -> set[str]:
+                req = cache_pb2.ClaimRolloutsRequest(
+                    teacher="teacher-0", max_rollouts=n, wait_ms=wait_ms, by_reference=True
+                )
+                resp = stub.ClaimRollouts(req, timeout=wait_ms / 1000.0 + 30.0)
+                return {m.sample_id for m in resp.metas}
+
+            def poison_drops() -> int:
+                return int(stub.Stats(cache_pb2.StatsRequest(), timeout=30.0).dropped.get("poison", 0))
+
+            notes: list[str] = []
+            try:
+                before = poison_drops()
+                for attempt in range(1, attempts + 1):
+                    run.supervisor.child("teacher-0").freeze()
+                    poisoned = deliver(run.config.teacher.claim_batch, 10_000)
+                    if not poisoned:
+                        run.supervisor.child("teacher-0").thaw()
+                        raise RuntimeError("no unscored rollout to deliver for 10 s")
+                    deliveries = 1
+                    while True:
+                        run.supervisor.child("teacher-0").kill()  # the crash the delivery causes
+                        run.restart_child("teacher-0")
+                        if deliveries >= cache.max_deliveries:
+                            outcome.detail = "; ".join(
+                                [
+                                    *notes,
+                                    f"{deliveries} deliveries of the same {len(poisoned)} rollout(s), each "
+                                    f"followed by a kill of teacher-0 (cache.max_deliveries "
+                                    f"{cache.max_deliveries}): dropped as poison at their next lease expiry",
+                                ]
+                            )
+                            return
+                        run.supervisor.child("teacher-0").freeze()  # the redelivery is the injector's
+                        time.sleep(cache.teacher_lease_s + 0.2)
+                        again = deliver(len(poisoned), 10_000) & poisoned
+                        if not again:
+                            run.supervisor.child("teacher-0").thaw()
+                            # teacher-0's own claims between its restart and its freeze count as
+                            # deliveries too: the cap may have been reached before ours
+                            if (dropped := poison_drops() - before) > 0:
+                                outcome.detail = "; ".join(
+                                    [
+                                        *notes,
+                                        f"{len(poisoned)} rollout(s) delivered until the cap (cache.max_deliveries "
+                                        f"{cache.max_deliveries}; {deliveries} by the injector, each followed by a "
+                                        f"kill of teacher-0): {dropped} dropped as poison",
+                                    ]
+                                )
+                                return
+                            notes.append(f"attempt {attempt}: not delivered again after {deliveries} (stale)")
+                            break
+                        poisoned, deliveries = again, deliveries + 1
+                raise RuntimeError(f"no rollouts reached {cache.max_deliveries} deliveries: {'; '.join(notes)}")
+            except grpc.RpcError as err:
+                raise RuntimeError(f"poison-sample: ClaimRollouts failed: {err.code()}: {err.details()}") from err
+            finally:
+                chan.close()
+
+        return kill_each_delivery
+
+    def _partition(self, run: LocalRun, spec: FaultSpec, outcome: FaultOutcome) -> Callable[[], None]:
+        import urllib.request
+
+        from asyncopd.wire.learner_client import LearnerClient
+        from asyncopd.wire.rpc import channel
+
+        child = self._target(run, spec)
+        if run.ports is None:
+            raise RuntimeError("partition-replica: the run has no ports yet")
+        hold = spec.hold_s if spec.hold_s is not None else 10.0
+        metrics_url = f"http://127.0.0.1:{run.ports.metrics[child.name]}/metrics"
+        learner_address = f"127.0.0.1:{run.ports.learner}"
+        outcome.target = child.name
+
+        def gauge(name: str) -> float | None:
+            try:
+                with urllib.request.urlopen(metrics_url, timeout=2.0) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                return None
+            for line in text.splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        def cut_then_heal() -> None:
+            ch = channel(learner_address)
+            learner = LearnerClient(ch)
+            drops, gated, lag = 0, 0.0, 0.0
+            try:
+                deadline = time.monotonic() + hold
+                while time.monotonic() < deadline:
+                    try:
+                        learner.unregister(child.name)
+                        drops += 1
+                    except Exception as exc:  # refused (an identity check) is the finding, reported
+                        outcome.error = f"the learner refused to drop {child.name}: {exc}"
+                        return
+                    gated = max(gated, gauge("asyncopd_rollout_lag_gated") or 0.0)
+                    lag = max(lag, gauge("asyncopd_rollout_version_lag") or 0.0)
+                    time.sleep(0.3)
+            finally:
+                ch.close()
+            outcome.detail = (
+                f"{child.name} dropped from weight sync {drops} times over {hold:.0f}s while generating; "
+                f"version lag up to {lag:.0f} (bound {run.config.max_staleness}), "
+                f"{'stopped acquiring (lag gate)' if gated else 'never gated'}"
+            )
+            if lag > run.config.max_staleness and not gated:
+                outcome.error = f"{child.name} lagged {lag:.0f} versions and kept acquiring"
+
+        return cut_then_heal
 
     # -- targets -----------------------------------------------------------------------------
 
