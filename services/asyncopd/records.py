@@ -1,4 +1,5 @@
-"""The domain records that flow through the pipeline: prompts, rollouts, teacher scores.
+"""The domain records that flow through the pipeline: prompts, rollouts, teacher scores, and the
+prompt cursor state a checkpoint records.
 
 Plain dataclasses over numpy arrays. They know nothing of protobuf, gRPC or Redis; the
 `asyncopd.wire` package converts them to and from the wire protocol and validates them there.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -95,3 +97,22 @@ class ScoredSample:
 
     rollout: Rollout
     scores: TeacherScores
+
+
+@dataclass(frozen=True)
+class CursorState:
+    """The prompt cursor as a checkpoint records it (CursorState on the wire): every dataset
+    position below `cursor` except `open` was trained (saved in that checkpoint) or counted dropped.
+    `runs`: the run id of each cache shard's state it was read from (empty: unknown, an older
+    checkpoint); a shard still on that run kept its state and is not restored from it."""
+
+    cursor: int
+    open: tuple[int, ...] = ()
+    runs: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "open": list(self.open), "runs": list(self.runs)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CursorState:
+        return cls(int(raw["cursor"]), tuple(int(p) for p in raw["open"]), tuple(str(r) for r in raw.get("runs", ())))

@@ -128,4 +128,6 @@ def test_producers_teachers_learner_hammering_two_cache_processes() -> None:
         assert stats.in_flight == sum(stats.queue_depth[q] for q in ("unscored", "scoring", "scored", "claimed"))
         assert sum(stats.staleness_served.values()) == STEPS * BATCH
         assert stats.dropped.get("stale", 0) > 0, "lagging replicas should have produced stale work"
-        assert stats.counters.get("redelivered", 0) > 0, "the crashing teacher's claims should be re-delivered"
+        # the crashing teacher's leases ran out and were reclaimed (re-delivered, or dropped as stale
+        # when the learner had moved past them meanwhile: the accounting above shows none was lost)
+        assert stats.counters.get("teacher_leases_expired", 0) > 0, "the crashing teacher's claims should come back"

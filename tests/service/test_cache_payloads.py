@@ -102,17 +102,18 @@ def test_direct_path_trains_everything_and_leaves_no_frame() -> None:
 
 
 def _record_script_args(cache: RunningCache) -> list[int]:
-    """Wrap every script the store runs; returns the list of argument lengths seen."""
+    """Wrap the store's script runner (every script goes through it, with KEYS[1] = its prefix);
+    returns the list of argument lengths seen."""
     seen: list[int] = []
-    scripts = cache.store._scripts
-    for name, script in list(scripts.items()):
+    store: Any = cache.store
+    run = store._script
 
-        def wrapped(keys: Any = None, args: Any = None, client: Any = None, _s: Any = script) -> Any:
-            for a in list(keys or []) + list(args or []):
-                seen.append(len(a) if isinstance(a, (bytes, str)) else len(str(a)))
-            return _s(keys=keys, args=args, client=client)
+    def wrapped(name: str, args: Any) -> Any:
+        for a in [store.prefix, *args]:
+            seen.append(len(a) if isinstance(a, (bytes, str)) else len(str(a)))
+        return run(name, args)
 
-        scripts[name] = wrapped  # type: ignore[assignment]
+    store._script = wrapped
     return seen
 
 

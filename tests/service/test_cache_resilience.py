@@ -100,6 +100,12 @@ def test_redis_restart_without_persistence_counts_and_reproduces(tmp_path: Path)
             assert stats.dropped == {"lost": 4} and stats.produced == 4 and stats.in_flight == 0
             assert stats.learner_version == 2 and stats.invariant_holds()
 
+            # Fresh admission waits for the learner to hand back its prompt cursor (the pull
+            # reported the run state re-created mid-run and held); this one has no checkpoint.
+            assert client.run_state()[1], "the re-created run state holds fresh admission"
+            assert client.acquire_prompts("r1", 8)[0] == []
+            client.prompt_cursor([], None)
+            assert client.pull_batch(4, 2) is None and not client.run_state()[1]
             # The lost prompts are handed out again and the run goes on.
             again, version, _ = client.acquire_prompts("r1", 8)
             assert len(again) == 8 and version == 2

@@ -76,6 +76,23 @@ def test_future_boundary_exactly(published: int) -> None:
         policy.check_token_version(published + 2, published, "rollouts[0].versions")
 
 
+@given(st.integers(0, 20), st.integers(0, 500), st.one_of(st.none(), st.integers(0, 500)), st.booleans())
+def test_a_restarted_learner_starts_where_every_old_token_is_stale(
+    eta: int, published: int, checkpoint: int | None, restarted: bool
+) -> None:
+    """Past every version a replica may hold tokens of (one ahead of the published version, or of
+    the checkpoint's when that is newer, e.g. after the cache lost its state): each is stale at
+    the start version, and one version lower would leave the newest one usable."""
+    policy = StalenessPolicy(eta, 4)
+    start = policy.start_version(published, checkpoint, restarted)
+    if not restarted and published == 0 and checkpoint is None:
+        assert start == 0  # the first learner of a fresh run
+        return
+    newest_old = policy.newest_allowed(max(published, checkpoint or 0))
+    assert all(policy.is_stale(v, start) for v in range(newest_old + 1))
+    assert not policy.is_stale(newest_old, start - 1), "no larger jump than needed"
+
+
 @pytest.mark.parametrize(("eta", "batch_size"), [(0, 4), (1, 4), (3, 2)])
 def test_pull_size_boundary_exactly(eta: int, batch_size: int) -> None:
     """A batch of exactly the window can be served; one more can never be; below 1 is refused."""

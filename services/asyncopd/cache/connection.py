@@ -6,16 +6,19 @@ failure, so a Redis restart is visible in the stats rather than hidden in the dr
 Redis refuses for lack of memory (OOM under `maxmemory`) raises `RedisFull`, a
 `ResourceExhausted`: the servicer answers RESOURCE_EXHAUSTED and producers back off, as when the
 cache's own byte budget is full. `check_eviction_policy` refuses a Redis that may evict keys.
+With `redis.cluster` the client is a `RedisCluster` (it routes each script by its KEYS[1], the
+shard's hash-tagged prefix, and each command by its key).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from asyncopd.config.redis import RedisConfig
@@ -55,6 +58,16 @@ class _Redis(redis.Redis):
         return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
+class _RedisCluster(RedisCluster):
+    """RedisCluster whose OOM refusals are `RedisFull` (commands and scripts; pipelines raise redis-py's)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise _full(exc) from exc
+
+
 class UnsafeRedis(RuntimeError):
     """The Redis configuration would lose samples silently."""
 
@@ -63,9 +76,21 @@ def check_eviction_policy(client: redis.Redis) -> str | None:
     """Refuse a Redis whose `maxmemory-policy` is not `noeviction`: an `allkeys-*` or
     `volatile-*` policy deletes samples, counters and claims behind the cache's back instead of
     refusing writes. Returns the policy, or None when Redis will not say (managed services often
-    refuse CONFIG GET): then a warning, and the operator's word is taken for it."""
+    refuse CONFIG GET): then a warning, and the operator's word is taken for it. On a Redis
+    Cluster every master is asked (each holds some shards)."""
+    if isinstance(client, RedisCluster):
+        policies = {_policy(client, node) for node in client.get_primaries()}
+        return policies.pop() if len(policies) == 1 else None
+    return _policy(client)
+
+
+def _policy(client: redis.Redis | RedisCluster, node: Any = None) -> str | None:
+    where = "" if node is None else f" on {node.name}"
     try:
-        reply = client.config_get("maxmemory-policy")
+        if node is None:
+            reply = client.config_get("maxmemory-policy")
+        else:
+            reply = client.config_get("maxmemory-policy", target_nodes=node)  # type: ignore[call-arg]
     except redis.ResponseError as exc:
         log.warning(
             "could not read Redis maxmemory-policy (%s); make sure it is 'noeviction', or samples and "
@@ -81,27 +106,35 @@ def check_eviction_policy(client: redis.Redis) -> str | None:
         return None
     if policy != "noeviction":
         raise UnsafeRedis(
-            f"Redis maxmemory-policy is {policy!r}: it would evict samples, counters and claims silently. "
+            f"Redis maxmemory-policy{where} is {policy!r}: it would evict samples, counters and claims silently. "
             "Set maxmemory-policy noeviction (redis.conf, CONFIG SET maxmemory-policy noeviction, or your "
             "managed Redis's parameter group); the cache then refuses writes when full (RESOURCE_EXHAUSTED)."
         )
     return str(policy)
 
 
-def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
-    """A client for `config.url`; `socket_timeout_s` must exceed the longest blocking read."""
+def connect(config: RedisConfig, socket_timeout_s: float = 30.0, max_connections: int | None = None) -> redis.Redis:
+    """A client for `config.url`; `socket_timeout_s` must exceed the longest blocking read.
+    `max_connections` bounds its pool (per node on a cluster): at least the threads that use it at
+    once, or the rest fail with 'Too many connections' (redis-py's default pool holds 100)."""
     kwargs: dict[str, Any] = {
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": 5.0,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
     if config.password is not None:
         kwargs["password"] = config.password.get_secret_value()
     if config.username is not None:
         kwargs["username"] = config.username
     if config.url.startswith("rediss://") and config.tls_ca_file:
         kwargs["ssl_ca_certs"] = config.tls_ca_file
+    if config.cluster:
+        del kwargs["retry"]  # the cluster client retries MOVED/ASK redirections itself
+        # typed as redis.Redis: the cluster client answers the same commands (scripts by KEYS[1])
+        return cast(redis.Redis, _RedisCluster.from_url(config.url, **kwargs))
     return _Redis.from_url(config.url, **kwargs)
 
 

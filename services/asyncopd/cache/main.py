@@ -20,6 +20,7 @@ from asyncopd.cache.prompts import PromptCatalog, Tokenize
 from asyncopd.cache.recorder import MetricsRecorder
 from asyncopd.cache.requests import ServicerLimits
 from asyncopd.cache.servicer import CacheServicer
+from asyncopd.cache.shards import ShardedStore
 from asyncopd.cache.store import ExperienceStore, StorePolicy
 from asyncopd.config import RunConfig
 from asyncopd.models.chat import prompt_formatter
@@ -48,6 +49,10 @@ def store_policy(config: RunConfig) -> StorePolicy:
         retry_s=c.redis_retry_s,
         poll_s=c.poll_interval_ms / 1000.0,
         payload_ttl_s=c.payload_ttl_s,
+        max_deliveries=c.max_deliveries,
+        stale_tokens=config.stale_tokens,
+        max_tokens_in_flight=c.max_tokens_in_flight,
+        tokens_per_ticket=config.rollout.sampling.max_tokens,
     )
 
 
@@ -79,7 +84,7 @@ class RunningCache:
     """A started cache service; `stop()` shuts it down (Redis keeps the state)."""
 
     server: RunningServer
-    store: ExperienceStore
+    store: ExperienceStore | ShardedStore
     servicer: CacheServicer
     metrics_server: metrics.MetricsServer | None
 
@@ -113,11 +118,19 @@ def start_cache(
         prompts = list(load_task(config.task, "train", prompt_formatter(config.models.student, config.task)))
     items = list(prompts)
     catalog = PromptCatalog(items, tokenize, vocab_size, seed=config.task.seed)
-    redis_client = client or connect(config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0)
+    # every gRPC worker may run a script at once, plus the wake-up listener and the gauge refresher
+    redis_client = client or connect(
+        config.redis, socket_timeout_s=c.max_wait_ms / 1000.0 + 10.0, max_connections=c.server.workers + 8
+    )
     registry = metrics.ServiceRegistry("cache", name)
     policy = store_policy(config)
     recorder = MetricsRecorder(metrics.CacheMetrics(registry, eviction_policy=c.eviction), policy)
-    store = ExperienceStore(redis_client, config.redis.key_prefix, policy, on_redis_error=recorder.redis_error)
+    store: ExperienceStore | ShardedStore
+    if c.shards > 1:
+        store = ShardedStore(redis_client, config.redis.key_prefix, policy, c.shards, recorder.redis_error)
+    else:  # on a Redis Cluster the one keyspace is hash-tagged too (shard 0), so scripts run on one node
+        shard = 0 if config.redis.cluster else None
+        store = ExperienceStore(redis_client, config.redis.key_prefix, policy, recorder.redis_error, shard=shard)
     check_eviction_policy(redis_client)  # once reachable: an evicting Redis would lose samples silently
     limits = ServicerLimits(
         vocab_size=vocab_size,
@@ -126,6 +139,7 @@ def start_cache(
         max_items=c.max_items_per_request,
         max_wait_ms=c.max_wait_ms,
         key_prefix=config.redis.key_prefix,
+        tagged=c.shards > 1 or config.redis.cluster,
     )
     servicer = CacheServicer(store, catalog, limits, recorder)
     server = start_server(

@@ -85,6 +85,7 @@ class MetricsRecorder:
         self._eviction = policy.eviction
         m.max_staleness.set(policy.max_staleness)
         m.budget_bytes.set(policy.byte_budget)
+        m.token_budget.set(policy.max_tokens_in_flight)
 
     @contextmanager
     def _timer(self) -> Iterator[None]:
@@ -126,6 +127,8 @@ class MetricsRecorder:
             self.m.redeliveries.labels(queue="scoring").inc(claimed.redelivered)
         if claimed.stale_dropped:
             self.m.dropped.labels(reason="stale").inc(claimed.stale_dropped)
+        if claimed.poisoned:
+            self.m.dropped.labels(reason="poison").inc(claimed.poisoned)
 
     def pulled(self, out: PullOutcome) -> None:
         self.m.learner_version.set(out.version)
@@ -156,3 +159,7 @@ class MetricsRecorder:
         self.m.learner_version.set(stats.learner_version)
         for queue, depth in stats.queue_depth.items():
             self.m.queue_depth.labels(queue=queue).set(depth)
+        self.m.redis_state.labels(reason="reset").set(stats.counters.get("resets", 0))
+        self.m.redis_state.labels(reason="rollback").set(stats.counters.get("rollbacks", 0))
+        self.m.tokens_reserved.set(stats.counters.get("tok_reserved", 0))
+        self.m.masked_samples.set(stats.counters.get("masked_samples", 0))

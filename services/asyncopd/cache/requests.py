@@ -43,6 +43,7 @@ class ServicerLimits:
     max_prompt_tokens: int = 32768
     max_response_tokens: int = 32768
     key_prefix: str = "asyncopd"  # the run's redis.key_prefix: payload keys must be under it
+    tagged: bool = False  # shard keyspaces are hash-tagged (cache.shards > 1 or redis.cluster)
     max_support: int = 4096
 
 
@@ -95,17 +96,31 @@ class RequestParser:
             raise WireError(f"tickets: {len(request.tickets)} exceed the limit of {self.limits.max_items}")
         return [name(t, f"tickets[{i}]") for i, t in enumerate(request.tickets)]
 
-    def _ref(self, msg: Any, kind: payload.PayloadKind, sample_id: str, field: str) -> PayloadRef:
+    def _prefix(self, kind: payload.PayloadKind, ticket: str = "", key: str = "") -> str:
+        """The key prefix a frame must be under: the run's, or in a hash-tagged keyspace its
+        shard's (a rollout's from its ticket, scores' from the shard named in their key)."""
+        if not self.limits.tagged:
+            return self.limits.key_prefix
+        if kind == "r":
+            return payload.frame_prefix(self.limits.key_prefix, ticket)
+        return (
+            payload.scores_prefix(self.limits.key_prefix, key)
+            if key
+            else payload.shard_prefix(self.limits.key_prefix, 0)
+        )
+
+    def _ref(self, msg: Any, kind: payload.PayloadKind, sample_id: str, field: str, ticket: str = "") -> PayloadRef:
         if not msg.HasField("payload"):
             raise WireError(f"{field}.payload: required")
         ref = msg.payload
-        key = payload.check_key(ref.key, self.limits.key_prefix, kind, sample_id, f"{field}.payload.key")
+        prefix = self._prefix(kind, ticket, ref.key)
+        key = payload.check_key(ref.key, prefix, kind, sample_id, f"{field}.payload.key")
         if ref.nbytes < 1 or ref.nbytes > self.limits.max_request_bytes * 64:
             raise WireError(f"{field}.payload.nbytes: {ref.nbytes} is not a plausible frame length")
         return PayloadRef(key, int(ref.nbytes), int(ref.checksum))
 
-    def _new_ref(self, kind: payload.PayloadKind, sample_id: str, frame: payload.Frame) -> PayloadRef:
-        key = payload.payload_key(self.limits.key_prefix, kind, sample_id, uuid.uuid4().hex[:16])
+    def _new_ref(self, kind: payload.PayloadKind, sample_id: str, frame: payload.Frame, ticket: str = "") -> PayloadRef:
+        key = payload.payload_key(self._prefix(kind, ticket), kind, sample_id, uuid.uuid4().hex[:16])
         return PayloadRef(key, frame.nbytes, frame.checksum)
 
     def rollouts(self, request: Any, published: int) -> list[StoredRollout]:
@@ -127,7 +142,7 @@ class RequestParser:
             name(r.ticket, f"{field}.ticket")
             frame = payload.encode_rollout(r, self.limits.logprob_dtype)
             k = 0 if r.support_ids is None else int(r.support_ids.shape[1])
-            ref = self._new_ref("r", r.sample_id, frame)
+            ref = self._new_ref("r", r.sample_id, frame, r.ticket)
             stored.append(
                 StoredRollout(r.sample_id, r.ticket, r.oldest_version, r.num_tokens, k, ref, newest, frame.data)
             )
@@ -150,7 +165,7 @@ class RequestParser:
                     f"{field}.oldest_version: {m.oldest_version} must be >= 0 and <= newest_version {m.newest_version}"
                 )
             self.policy.check_token_version(int(m.newest_version), published, f"{field}.newest_version")
-            ref = self._ref(m, "r", sid, field)
+            ref = self._ref(m, "r", sid, field, ticket)
             stored.append(
                 StoredRollout(
                     sid, ticket, int(m.oldest_version), int(m.num_tokens), int(m.support_size), ref,
@@ -195,7 +210,7 @@ class RequestParser:
         for i, msg in enumerate(request.scores):
             shape = shape_of.get(msg.sample_id)
             if shape is None:  # unknown, already scored, or gone: late work, ignored and counted
-                late = payload.payload_key(self.limits.key_prefix, "s", msg.sample_id, "late")
+                late = payload.payload_key(self._prefix("s"), "s", msg.sample_id, "late")
                 items.append(StoredScores(msg.sample_id, PayloadRef(late, 0, 0)))
                 continue
             t, k = shape
@@ -222,7 +237,8 @@ class RequestParser:
 
     def pull(self, request: Any) -> tuple[int, int, str, int]:
         """(size, learner_version, learner, wait_ms) of a PullBatch request."""
-        self.policy.check_pull_size(request.size)
+        if request.size != 0 or not request.keep_batch_ids:  # size 0 with kept batches: keep-alive only
+            self.policy.check_pull_size(request.size)
         if request.learner_version < 0:
             raise WireError(f"learner_version: {request.learner_version} is negative")
         learner = name(request.learner or "learner", "learner")

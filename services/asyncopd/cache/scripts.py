@@ -12,32 +12,46 @@ usable version are computed by `asyncopd.cache.policy` and passed in as argument
 whose bound depends on the learner version takes the version it was computed for and answers
 {'VERSION', current} when the learner published since; the store recomputes and reruns.
 
-KEYS[1] is the run's key prefix (ending in ':'); every key a script touches hangs off it. That
-is fine on a standalone Redis or a replicated primary, not on Redis Cluster (keys are not
-declared one by one). The key layout:
+KEYS[1] is the key prefix (ending in ':'); every key a script touches hangs off it. With
+`cache.shards > 1` or `redis.cluster` it is a shard's hash-tagged prefix
+`<prefix>:{<prefix>:s<i>}:` (`asyncopd.wire.payload.shard_prefix`): every key under it, the
+payload frames its producers wrote included, hashes to that one Redis Cluster slot, and a
+cluster client routes the script by KEYS[1]. The key layout (under the prefix):
 
   run            run id (random; recreated when Redis lost everything)  ver  learner version
   fin            1 once the learner finished                             cursor  next dataset position
   cnt            hash of counters (produced, trained, slots, bytes, unscored, claimed, ...)
   drop           hash reason -> dropped samples       evict  hash policy -> evictions
   served         hash staleness -> samples served     pulled hash version -> samples pulled at it
-  t:<ticket>     hash pos, replica, ver of an open admission ticket
+  t:<ticket>     hash pos, replica, ver of an open admission ticket, tk: tokens it reserves of the
+                 token budget while a replica holds it (cnt.tok_reserved is their sum)
   tlease         zset ticket -> lease deadline (ms)   reissue  list of tickets to hand out again
   (tickets are "<run id>-<cursor position>": a ticket of this run below the cursor without an
    open t:<ticket> hash was answered already, so closed tickets need no storage)
   s:<sid>        hash of a sample's metadata: st (unscored/scored/claimed), ov/nv oldest/newest token
-                 version, T, K, seq, ticket, xid (queue entry), nb (bytes counted against the budget),
-                 kr/nr/cr rollout frame key/bytes/CRC-32, ks/ns/cs the same for the scores frame
+                 version, T, K, seq, ticket, nb (bytes counted against the budget),
+                 kr/nr/cr rollout frame key/bytes/CRC-32, ks/ns/cs the same for the scores frame,
+                 td/ld deliveries to teachers / batch claims so far, teacher (the last one it went to),
+                 jv the version its staleness is judged by (StalenessPolicy.judged_version: ov, or nv
+                 under stale_tokens: mask; absent = ov)
   pr:<sid>:<nonce>, ps:<sid>:<nonce>
                  payload frames (asyncopd.wire.payload) written by the rollout replica / teacher
                  with a TTL; a put checks STRLEN = declared bytes and PERSISTs them, every script
                  that removes a sample DELs them with its hash; never passed as script arguments
-  q              stream of unscored sample ids; consumer group `teachers`
+  ready          zset sid -> seq: unscored rollouts no teacher holds (oldest first)
+  tclaim         zset sid -> teacher lease deadline (ms): unscored rollouts a teacher holds;
+                 expired ones are found with ZRANGEBYSCORE ... LIMIT (no walk over all claims) and
+                 go back to `ready`, or are dropped as 'poison' after cache.max_deliveries deliveries
   scored         zset sid -> ov * 2^32 + seq  (scored, unclaimed; oldest version first)
   fifo, lru      zset sid -> seq / last touch ms (same members; eviction orders)
-  b:<bid>        hash ver, learner, n, acked of a batch claim; b:<bid>:ids list of its sids;
+  lepoch         the newest learner's fencing epoch (BeginLearner); pull, ack and publish refuse older ones
+  b:<bid>        hash ver, learner, n, acked, consumed (trained; acked after the learner's next
+                 checkpoint, counted in cnt.consumed) of a batch claim; b:<bid>:ids list of its sids;
                  b:<bid>:refused hash sid -> reason of frames the cache could not read (inline pulls)
-  bclaim         zset bid -> claim deadline (ms)
+  wseq           write sequence: INCR in the same MULTI as every script; lower than a process saw
+                 = Redis rolled back (asyncopd.cache.rollback)
+  bclaim         zset bid -> claim deadline (ms); an expired claim returns its samples to the
+                 pool, except those claimed cache.max_deliveries times: dropped as 'poison'
 
 This module loads Lua source only; `asyncopd.cache.store` runs it.
 """
@@ -47,19 +61,19 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-# The stream's consumer group (the Lua names it too, in drop_sample and put_scores).
-GROUP = "teachers"
-
 NAMES = (
     "acquire",
     "release",
     "put_rollouts",
     "put_scores",
+    "claim",
     "pull",
     "ack",
-    "drop_stale_unscored",
     "refuse_unscored",
     "publish",
+    "reclaim",  # a batch claim a Redis rollback lost, made again (asyncopd.cache.rollback)
+    "begin",
+    "restore_cursor",
 )
 
 

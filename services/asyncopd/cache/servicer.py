@@ -10,6 +10,7 @@ for the others (the inline path) the servicer turns stored frames back into mess
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,14 +19,24 @@ import grpc
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.cache.recorder import NullRecorder, Recorder
 from asyncopd.cache.requests import RequestParser, ServicerLimits, name
+from asyncopd.cache.shards import ShardedStore
 from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PayloadRef, SampleMeta
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.v1 import common_pb2 as pb
 from asyncopd.wire import payload
-from asyncopd.wire.convert import Limits, prompt_to_proto, rollout_to_proto, scores_to_proto
+from asyncopd.wire.convert import (
+    Limits,
+    cursor_from_proto,
+    cursor_to_proto,
+    prompt_to_proto,
+    rollout_to_proto,
+    scores_to_proto,
+)
+from asyncopd.wire.errors import WireError
 from asyncopd.wire.rpc import status_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 def unavailable(method: F) -> F:
@@ -44,6 +55,31 @@ def unavailable(method: F) -> F:
 
 def _ref(ref: PayloadRef) -> Any:
     return cache_pb2.PayloadRef(key=ref.key, nbytes=ref.nbytes, checksum=ref.checksum)
+
+
+# The most batches a learner may keep claimed awaiting its checkpoint (PullBatch.keep_batch_ids).
+MAX_KEPT_BATCHES = 4096
+
+
+def _epoch(value: int) -> int:
+    if value < 0:
+        raise WireError(f"learner_epoch: {value} is negative")
+    return value
+
+
+# The most tickets a learner may name as trained since its checkpoint (PromptCursor.trained_tickets).
+MAX_TRAINED_TICKETS = 1 << 20
+
+
+def _names(ids: Any, field: str, cap: int) -> list[str]:
+    """A learner's list of batch ids or tickets: at most `cap`, each a valid name."""
+    if len(ids) > cap:
+        raise WireError(f"{field}: {len(ids)} entries, at most {cap}")
+    return [name(b, field) for b in ids]
+
+
+def _batch_ids(ids: Any, field: str) -> list[str]:
+    return _names(ids, field, MAX_KEPT_BATCHES)
 
 
 def rollout_meta(m: SampleMeta) -> Any:
@@ -70,7 +106,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     def __init__(
         self,
-        store: ExperienceStore,
+        store: ExperienceStore | ShardedStore,
         catalog: PromptCatalog,
         limits: ServicerLimits,
         recorder: Recorder | None = None,
@@ -159,9 +195,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     @unavailable
     @status_errors
     def PullBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        out = self.store.pull_batch(*self.parse.pull(request))
+        keep = _batch_ids(request.keep_batch_ids, "keep_batch_ids")
+        out = self.store.pull_batch(*self.parse.pull(request), epoch=_epoch(request.learner_epoch), keep=keep)
         self.recorder.pulled(out)
-        resp = cache_pb2.PullBatchResponse()
+        runs, held = self.store.run_state()
+        resp = cache_pb2.PullBatchResponse(runs=list(runs), admission_held=held)
         if out.batch is None:
             return resp
         resp.batch_id = out.batch.batch_id
@@ -180,16 +218,46 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     @status_errors
     def AckBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         refused = self.parse.refused(request.refused)
-        trained = self.store.ack_batch(name(request.batch_id, "batch_id"), refused)
+        epoch = _epoch(request.learner_epoch)
+        trained = self.store.ack_batch(name(request.batch_id, "batch_id"), refused, epoch=epoch)
         self.recorder.trained(trained)
         return cache_pb2.AckBatchResponse(trained=trained)
 
     @unavailable
     @status_errors
     def PublishVersion(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        version = self.store.publish_version(request.version, request.finished)
+        version = self.store.publish_version(request.version, request.finished, epoch=_epoch(request.learner_epoch))
         self.recorder.published(version)
         return cache_pb2.PublishVersionResponse(version=version)
+
+    @unavailable
+    @status_errors
+    def BeginLearner(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        learner = name(request.learner or "learner", "learner")
+        if request.checkpoint_version < 0:
+            raise WireError(f"checkpoint_version: {request.checkpoint_version} is negative")
+        saved = cursor_from_proto(request.cursor) if request.HasField("cursor") else None
+        start = self.store.begin_learner(request.has_checkpoint, request.checkpoint_version, saved)
+        self.recorder.published(start.published)
+        log.info(
+            "learner %s began: epoch %d, published version %d, starts at %d, %d prompt positions re-opened",
+            learner, start.epoch, start.published, start.start_version, start.cursor_restored,
+        )  # fmt: skip
+        return cache_pb2.BeginLearnerResponse(
+            learner_epoch=start.epoch,
+            published_version=start.published,
+            start_version=start.start_version,
+            cursor_restored=start.cursor_restored,
+        )
+
+    @unavailable
+    @status_errors
+    def PromptCursor(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        trained = _batch_ids(request.trained_batch_ids, "trained_batch_ids")
+        tickets = _names(request.trained_tickets, "trained_tickets", MAX_TRAINED_TICKETS)
+        saved = cursor_from_proto(request.saved) if request.HasField("saved") else None
+        state = self.store.cursor_state(_epoch(request.learner_epoch), trained, saved, tickets)
+        return cache_pb2.PromptCursorResponse(cursor=cursor_to_proto(state))
 
     @unavailable
     @status_errors

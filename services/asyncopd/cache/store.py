@@ -2,7 +2,7 @@
 
 `ExperienceStore` is the cache service's domain logic. It holds no state of its own that
 Redis does not hold (several service processes may share one Redis, and any may restart):
-every change is one atomic Lua script (`asyncopd.cache.scripts`) or one stream command. It
+every change is one atomic Lua script (`asyncopd.cache.scripts`). It
 stores sample metadata only (oldest token version, lengths, byte counts, checksums, and the keys
 of the payload frames its producers wrote to Redis themselves, `asyncopd.wire.payload_store`),
 so no payload byte passes through it or through a script argument: a put checks each frame
@@ -19,8 +19,9 @@ scripts. It knows the eviction policies and the accounting:
 where in_flight = unscored (incl. being scored) + scored + claimed by a learner, each counted
 separately in Redis, so the equation is a real consistency check, not a definition.
 
-Waiting requests (AcquirePrompts, PullBatch with wait_ms) do not poll: the scripts that make
-room or add scored samples PUBLISH a wake-up (`<prefix>:wake:prompts`, `<prefix>:wake:batch`),
+Waiting requests (AcquirePrompts, ClaimRollouts, PullBatch with wait_ms) do not poll: the scripts
+that make room, queue rollouts or add scored samples PUBLISH a wake-up (`<prefix>:wake:prompts`,
+`<prefix>:wake:rollouts`, `<prefix>:wake:batch`),
 one listener thread per store turns it into a condition variable, and a waiter re-runs its
 script only when woken or every `poll_s` (a fallback for time-based events such as expired
 leases, and for a wake-up missed while reconnecting). Idle replicas cost ~nothing.
@@ -45,8 +46,11 @@ import redis
 
 from asyncopd.cache import scripts
 from asyncopd.cache.policy import StalenessPolicy
+from asyncopd.cache.rollback import Journal, JournalEntry, Mark, RedisRolledBack, RollbackGuard
+from asyncopd.records import CursorState
+from asyncopd.wire import payload, payload_store
 from asyncopd.wire.errors import WireError
-from asyncopd.wire.rpc import FailedPrecondition, ResourceExhausted
+from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,38 @@ T = TypeVar("T")
 
 class CacheUnavailable(RuntimeError):
     """Redis could not be reached within the retry window (maps to gRPC UNAVAILABLE)."""
+
+
+class LearnerFenced(PermissionDenied):
+    """A learner whose epoch is older than the newest `begin_learner` (maps to PERMISSION_DENIED)."""
+
+    def __init__(self, epoch: int, current: int) -> None:
+        super().__init__(
+            f"learner epoch {epoch} is fenced: a learner of epoch {current} started since "
+            "(only the newest learner may pull, ack and publish; this one must stop)"
+        )
+
+
+@dataclass(frozen=True)
+class LearnerStart:
+    """What `begin_learner` answers: the learner's fencing epoch, the published version, the
+    version it starts at and how many prompt positions it re-opened from its checkpoint."""
+
+    epoch: int
+    published: int
+    start_version: int
+    cursor_restored: int
+
+
+# Create the run state (KEYS[1] = run) if there is none; ARGV[2] = 1: a state re-created mid-run,
+# which also holds fresh admission (KEYS[2] = hold) until the learner restores the cursor.
+_CREATE_RUN = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  if ARGV[2] == '1' then redis.call('SET', KEYS[2], '1') end
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,10 @@ class StorePolicy:
     retry_s: float = 30.0
     poll_s: float = 0.25  # fallback re-check of a waiting request (wake-ups come by pub/sub)
     payload_ttl_s: float = 600.0  # frames without accepted metadata expire after this long
+    max_deliveries: int = 5  # teacher deliveries / batch claims of one sample before it is dropped as poison
+    stale_tokens: str = "drop"  # StalenessPolicy.stale_tokens: drop a sample with tokens beyond the bound, or mask them
+    max_tokens_in_flight: int = 0  # admission's token budget (all shards together; 0 = none)
+    tokens_per_ticket: int = 0  # what each open ticket reserves of it (rollout.sampling.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -158,6 +198,7 @@ class Claimed:
     samples: list[SampleMeta]
     redelivered: int
     stale_dropped: int = 0  # rollouts beyond the bound, dropped instead of handed out
+    poisoned: int = 0  # rollouts whose lease ran out max_deliveries times, dropped as poison
 
 
 @dataclass(frozen=True)
@@ -227,11 +268,24 @@ class ExperienceStore:
         key_prefix: str,
         policy: StorePolicy,
         on_redis_error: Callable[[str], None] | None = None,
+        *,
+        shard: int | None = None,
+        shards: int = 1,
     ) -> None:
-        """`on_redis_error(reason)` is told of each failed Redis call ("connection" or "timeout")."""
-        self.staleness = StalenessPolicy(policy.max_staleness, policy.batch_size)
+        """`on_redis_error(reason)` is told of each failed Redis call ("connection" or "timeout").
+
+        With `shard` (one of `shards`, `asyncopd.cache.shards`) the store keeps its state in that
+        shard's hash-tagged keyspace (`payload.shard_prefix`: one Redis Cluster slot), its tickets
+        and batch ids start with `s<shard>.`, its dataset positions are those = shard mod `shards`,
+        and it admits its share of the window (at least one batch)."""
+        self.staleness = StalenessPolicy(policy.max_staleness, policy.batch_size, policy.stale_tokens)
         self.redis = client
-        self.prefix = key_prefix.rstrip(":") + ":"
+        self.shard, self.shards = shard, shards
+        tagged = key_prefix if shard is None else payload.shard_prefix(key_prefix, shard)
+        self.prefix = tagged.rstrip(":") + ":"
+        self._tag = "" if shard is None else f"s{shard}."
+        self.window = max(policy.batch_size, self.staleness.window // shards)
+        self.token_budget = policy.max_tokens_in_flight // shards  # this shard's share (0 = none)
         self.policy = policy
         self.redis_errors = 0
         self._on_redis_error = on_redis_error
@@ -243,12 +297,30 @@ class ExperienceStore:
         # The learner version the version-dependent script arguments are computed for first (a
         # guess: a script finding another version answers with it, and the call is rerun).
         self._version_hint = 0
+        # The highest learner epoch this process has seen: a new learner's epoch is above it even
+        # when Redis lost the epoch key, and it is restored with the version after such a loss.
+        self._epoch_seen = 0
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self._wake = threading.Condition()
-        self._woken = {"prompts": 0, "batch": 0}  # wake-ups seen per channel
+        self._woken = {"prompts": 0, "rollouts": 0, "batch": 0}  # wake-ups seen per channel
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
+        # Rollbacks (a Redis back from a shorter append-only file): the write sequence seen, and
+        # this process's batch claims and acks to apply again (asyncopd.cache.rollback).
+        self._guard = RollbackGuard(self.key)
+        self._journal = Journal(horizon_s=3600.0)
+        self._guard_run: str | None = None
+        # The thread applying the journal after a rollback (None: none is). Every other thread's
+        # script waits until it is done: a request run on the rolled-back state before the repair
+        # (an answer to a ticket the repair is about to close) would train a prompt twice.
+        self._replay_owner: int | None = None
+        self._replay_done = threading.Condition()
+        # A new connection found Redis behind (or connects cannot be watched): look before a write.
+        self._suspect = not self._watch_connects()
+        self._look_each_time = self._suspect
+        self.rollbacks = 0  # rollbacks this process detected (counted in Redis as cnt.rollbacks)
         self._retrying(self._ensure_state)
+        self._retrying(self._after_reconnect)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -256,21 +328,20 @@ class ExperienceStore:
         return self.prefix + name
 
     def _ensure_state(self) -> None:
-        """Create the run state if Redis has none (first start, or Redis lost everything)."""
-        created = self.redis.set(self.key("run"), uuid.uuid4().hex[:12], nx=True)
+        """Create the run state if Redis has none (first start, or Redis lost everything). One
+        re-created mid-run (this process saw another run) holds fresh admission until the
+        learner hands its checkpoint's cursor state back (`restore_cursor`), in the same step, so
+        no replica is handed position 0 of a run that trained it already."""
+        new_run, mid_run = self._tag + uuid.uuid4().hex[:12], int(self._run_id is not None)
+        created = self.redis.eval(_CREATE_RUN, 2, self.key("run"), self.key("hold"), new_run, mid_run)
         run_id = _s(self.redis.get(self.key("run")))
         if created and self._run_id is not None:
             self.redis.hincrby(self.key("cnt"), "resets", 1)
         if self._run_id is not None and run_id != self._run_id:
             log.warning("Redis lost the cache state (run %s -> %s); in-flight work is redone", self._run_id, run_id)
-            if self._version_seen > 0:
-                self._scripts["publish"](keys=[self.prefix], args=[self._version_seen, 0])
+            if self._version_seen > 0 or self._epoch_seen > 0:
+                self._scripts["publish"](keys=[self.prefix], args=[self._version_seen, 0, self._epoch_seen])
         self._run_id = run_id
-        try:
-            self.redis.xgroup_create(self.key("q"), scripts.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
     def _retrying(self, op: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.policy.retry_s
@@ -280,6 +351,7 @@ class ExperienceStore:
             try:
                 if failed:
                     self._ensure_state()
+                    self._after_reconnect()
                 return op()
             except redis.AuthenticationError:
                 raise  # a wrong password does not heal by retrying (it is a ConnectionError subclass)
@@ -293,10 +365,6 @@ class ExperienceStore:
                 log.warning("Redis error (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._ensure_state()  # the stream vanished with the rest of Redis's data
 
     def _script(self, name: str, args: Sequence[Any]) -> Any:
         """Run Lua script `name`; when it finds the run state gone (Redis lost it), rebuild and rerun."""
@@ -304,13 +372,145 @@ class ExperienceStore:
 
         def run() -> Any:
             for _ in range(3):
-                res = script(keys=[self.prefix], args=list(args))
+                self._await_replay()
+                if self._suspect and not self._replaying:
+                    self._after_reconnect()
+                res, seq, rollbacks, run, mark = self._guard.execute(self.redis, script, [self.prefix], list(args))
                 if not (isinstance(res, list) and res and _s(res[0]) == "RESET"):
+                    self._after_write(name, args, res, (seq, rollbacks, run), mark)
                     return res
                 self._ensure_state()
+                self._after_reconnect()
             raise CacheUnavailable("Redis keeps losing the cache state (is something flushing it?)")
 
         return self._retrying(run)
+
+    def _watch_connects(self) -> bool:
+        """Have every connection of the client's pool (open ones and future ones) look for a
+        rollback right after it connects (`RollbackGuard.check_connection`); False when the
+        client has no such pool (every write then looks first, one more round trip)."""
+        pool = getattr(self.redis, "connection_pool", None)
+        make = getattr(pool, "make_connection", None)
+        if pool is None or make is None:
+            return False
+
+        def make_connection() -> Any:
+            conn = make()
+            conn.register_connect_callback(self._on_connect)
+            return conn
+
+        pool.make_connection = make_connection
+        for conn in [*getattr(pool, "_available_connections", []), *getattr(pool, "_in_use_connections", [])]:
+            conn.register_connect_callback(self._on_connect)
+        return True
+
+    def _on_connect(self, conn: Any) -> None:
+        if self._guard_run is None or self._replaying or self._suspect:
+            return  # not started, handling one, or already known: the next write looks first
+        if self._guard.check_connection(conn, self._run_id) is not None:
+            self._suspect = True
+            raise RedisRolledBack("Redis is behind what this cache process saw (a rollback); handling it first")
+
+    def _after_reconnect(self) -> None:
+        """Before a write: a new run state starts the write sequence afresh; the same run state
+        with a lower sequence than this process saw is a rollback, handled before the write."""
+        self._suspect = self._look_each_time
+        if self._run_id != self._guard_run:
+            self._guard.start(self.redis)
+            self._journal.clear()
+            self._guard_run = self._run_id
+            return
+        found = self._guard.check(self.redis, self._run_id)
+        if found is not None:
+            self._recover_rollback(found)
+
+    def _after_write(
+        self, name: str, args: Sequence[Any], res: Any, state: tuple[int, int, str | None], mark: Mark
+    ) -> None:
+        """Journal batch claims and acks; handle a rollback the write revealed (`state`: the write
+        sequence after the script, cnt.rollbacks and the run id, all from the same MULTI)."""
+        if name == "pull" and isinstance(res, list) and _s(res[0]) == "OK":
+            sids = tuple(_s(res[i]) for i in range(4, len(res), 2))
+            ovs = tuple(int(res[i]) for i in range(5, len(res), 2))
+            pipe = self.redis.pipeline(transaction=False)
+            for sid in sids:
+                pipe.hget(self.key(f"s:{sid}"), "ticket")
+            tickets = tuple(_s(t or b"") for t in pipe.execute())
+            bid, learner = _s(args[5]), _s(args[6])
+            entry = JournalEntry("pull", time.monotonic(), bid, (), sids, tickets, ovs, int(res[1]), learner)
+            self._journal.add(entry)
+        elif name == "ack" and not isinstance(res, list) and int(res) >= 0:
+            self._journal.add(JournalEntry("ack", time.monotonic(), _s(args[0]), tuple(args)))
+        if not self._replaying:
+            seq, rollbacks, run = state
+            found = self._guard.observe(seq, rollbacks, mark, run=run)
+            if found is not None:
+                self._recover_rollback(found)
+
+    @property
+    def _replaying(self) -> bool:
+        """Whether this thread is applying the journal (its own scripts run on)."""
+        return self._replay_owner == threading.get_ident()
+
+    def _await_replay(self) -> None:
+        """Wait while another thread applies the journal after a rollback."""
+        me = threading.get_ident()
+        with self._replay_done:
+            while self._replay_owner is not None and self._replay_owner != me:
+                self._replay_done.wait()
+
+    def _recover_rollback(self, found: str) -> None:
+        """Redis went back in time (asyncopd.cache.rollback): count it once ('rollback'; a
+        'replay' was counted by another process), re-publish the newest version seen, and apply
+        this process's recent batch claims and acks again. One thread does it; another that
+        found the same rollback meanwhile waits until it is done, and no other thread's script
+        runs before (`_await_replay`)."""
+        me = threading.get_ident()
+        with self._replay_done:
+            if self._replay_owner == me:
+                return  # re-entered from the repair's own scripts
+            if self._replay_owner is not None:
+                while self._replay_owner is not None:
+                    self._replay_done.wait()
+                return  # handled by the thread that found it first
+            self._replay_owner = me
+        try:
+            if found == "rollback":
+                had, seen = self._guard.handled(self.redis)
+                self.rollbacks += 1
+                log.error(
+                    "Redis rolled back: write sequence %d, this process had seen %d (an append-only file "
+                    "that lost its tail, or a failover to a lagging replica); counted in cnt.rollbacks, "
+                    "answers to lost tickets are dropped as 'lost', recent batch claims and acks re-applied",
+                    had,
+                    seen,
+                )
+            if self._version_seen > 0:
+                self._script("publish", [self._version_seen, 0, self._epoch_seen])
+            claim_ms = int(self.policy.batch_claim_s * 1000)
+            reclaimed = recreated = missing = acks = 0
+            for entry in self._journal.recent():
+                if entry.kind == "pull":
+                    samples = zip(entry.sample_ids, entry.tickets, entry.oldest, strict=True)
+                    args = [self._now_ms(), claim_ms, entry.batch_id, entry.version, entry.learner]
+                    got = self._script("reclaim", [*args, *(x for triple in samples for x in triple)])
+                    reclaimed, recreated = reclaimed + int(got[0]), recreated + int(got[1])
+                    missing += int(got[2])
+                else:
+                    self._script("ack", list(entry.args))  # idempotent: a kept ack answers its count
+                    acks += 1
+            log.warning(
+                "after the rollback: %d samples claimed again, %d re-created (their put was lost too), %d claimed "
+                "elsewhere or already answered, %d recent acks re-run",
+                reclaimed,
+                recreated,
+                missing,
+                acks,
+            )
+        finally:
+            with self._replay_done:
+                self._replay_owner = None
+                self._replay_done.notify_all()
 
     def _at_version(self, name: str, args: Callable[[int], Sequence[Any]], version: int | None = None) -> Any:
         """Run a script whose arguments depend on the learner version (`args(version)`).
@@ -328,7 +528,7 @@ class ExperienceStore:
 
     def _wait(self, op: Callable[[], T | None], wait_ms: int, channel: str) -> T | None:
         """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
-        runs, sleep until a wake-up on `channel` ("prompts" or "batch") or `poll_s`."""
+        runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch") or `poll_s`."""
         deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
         while True:
             seen = self._woken[channel]
@@ -377,6 +577,10 @@ class ExperienceStore:
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
 
+    def _position(self, local: int) -> int:
+        """The dataset position of this shard's cursor position `local` (shards interleave)."""
+        return local if self.shard is None else local * self.shards + self.shard
+
     # -- learner version ----------------------------------------------------------------------
 
     def version(self) -> int:
@@ -386,10 +590,115 @@ class ExperienceStore:
         self._version_seen = max(self._version_seen, current)
         return self._version_seen
 
-    def publish_version(self, version: int, finished: bool = False) -> int:
+    def _fence(self, epoch: int, res: Any) -> None:
+        """Raise `LearnerFenced` when a script refused `epoch`; note the epoch otherwise."""
+        if isinstance(res, list) and res and _s(res[0]) == "FENCED":
+            raise LearnerFenced(epoch, int(res[1]))
+        self._epoch_seen = max(self._epoch_seen, epoch)
+
+    def begin_learner(self, has_checkpoint: bool, checkpoint_version: int, saved: CursorState | None) -> LearnerStart:
+        """A learner starts: a new fencing epoch (every older learner is refused from now on, and
+        its batch claims expire at once), the version it starts at (`StalenessPolicy.start_version`)
+        and, when Redis's prompt cursor is behind the checkpoint's (Redis lost its state), the
+        checkpoint's cursor state restored."""
+        res = self._script("begin", [self._epoch_seen])
+        epoch, published = int(res[0]), int(res[1])
+        self._epoch_seen = max(self._epoch_seen, epoch)
+        self._version_seen = max(self._version_seen, published)
+        published = self._version_seen
+        start = self.staleness.start_version(published, checkpoint_version if has_checkpoint else None, epoch > 1)
+        restored = self.restore_cursor(epoch, saved)  # also releases a re-created state's hold
+        return LearnerStart(epoch, published, start, restored)
+
+    def restore_cursor(self, epoch: int, saved: CursorState | None, trained_tickets: Sequence[str] = ()) -> int:
+        """Move the prompt cursor up to `saved` (and past the positions of `trained_tickets`: the
+        learner's batches trained since `saved`, unsaved yet) and re-open its open positions and
+        those admitted after it but not trained, when Redis's cursor is behind because it lost its
+        state (a run state other than the one `saved` was read from); release the hold a re-created
+        state puts on fresh admission. -> positions re-opened (0 when it was not behind, or holds
+        the same run: a rollback, which `_recover_rollback` repairs, not this)."""
+        state = saved or CursorState(0)
+        run = state.runs[0] if len(state.runs) == 1 else ""
+        trained = self._ticket_positions(trained_tickets)
+        args = [epoch, state.cursor, run, int(saved is not None), len(state.open), *state.open, *trained]
+        res = self._script("restore_cursor", args)
+        self._fence(epoch, res)
+        n = int(res[1])
+        if n:
+            log.warning("prompt cursor restored to %d from a checkpoint; %d positions re-opened", state.cursor, n)
+        return n
+
+    def _ticket_positions(self, tickets: Sequence[str]) -> list[int]:
+        """This shard's cursor positions of `tickets` of earlier run states (`<tag><run>-<pos>`);
+        tickets of the current run are live here and left out."""
+        out = []
+        for ticket in tickets:
+            head, sep, pos = ticket.rpartition("-")
+            if sep and pos.isdigit() and head.startswith(self._tag) and head != self._run_id:
+                out.append(int(pos))
+        return out
+
+    def run_state(self) -> tuple[tuple[str, ...], bool]:
+        """((the run id Redis holds,), whether fresh admission is held for a cursor restore): the
+        shape `ShardedStore.run_state` has, one run id per shard."""
+
+        def read() -> tuple[tuple[str, ...], bool]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.key("run"))
+            pipe.exists(self.key("hold"))
+            run, held = pipe.execute()
+            return (_s(run or b""),), bool(held)
+
+        return self._retrying(read)
+
+    def cursor_state(
+        self,
+        epoch: int,
+        trained_batches: Sequence[str],
+        saved: CursorState | None = None,
+        trained_tickets: Sequence[str] = (),
+    ) -> CursorState:
+        """The prompt cursor state a checkpoint records: the cursor, and the positions below it
+        still open (tickets out or waiting for re-issue, samples stored), except those of
+        `trained_batches` (the checkpoint saves them; `trained_tickets` are their samples'
+        tickets). `saved` (the previous checkpoint's) is restored first when Redis lost its state
+        since (`restore_cursor`).
+
+        Read in two steps: tickets with the cursor in one transaction, then the samples; a ticket
+        answered in between is seen as a ticket, so no open position is missed. Only the learner
+        of `epoch` acks, and it does not while it checkpoints."""
+        self.restore_cursor(epoch, saved, trained_tickets)
+
+        def read() -> CursorState:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.get(self.key("run"))
+            pipe.get(self.key("cursor"))
+            pipe.zrange(self.key("tlease"), 0, -1)
+            pipe.lrange(self.key("reissue"), 0, -1)
+            for bid in trained_batches:
+                pipe.lrange(self.key(f"b:{bid}:ids"), 0, -1)
+            run, cursor, leased, reissue, *batches = pipe.execute()
+            tickets = [_s(t) for t in [*leased, *reissue]]
+            trained = {_s(sid) for ids in batches for sid in ids}
+            sids = [
+                key[len(self.prefix) + 2 :]
+                for key in (_s(k) for k in self.redis.scan_iter(match=self.key("s:*"), count=1000))
+            ]
+            pipe = self.redis.pipeline(transaction=False)
+            for sid in sids:
+                pipe.hget(self.key(f"s:{sid}"), "ticket")
+            tickets += [_s(t) for sid, t in zip(sids, pipe.execute(), strict=True) if t and sid not in trained]
+            head = _s(run or b"") + "-"
+            positions = {int(t[len(head) :]) for t in tickets if t.startswith(head) and t[len(head) :].isdigit()}
+            return CursorState(int(cursor or 0), tuple(sorted(positions)), (_s(run or b""),))
+
+        return self._retrying(read)
+
+    def publish_version(self, version: int, finished: bool = False, *, epoch: int = 0) -> int:
         if version < 0:
             raise ValueError(f"version: {version} is negative")
-        res = self._script("publish", [version, int(finished)])
+        res = self._script("publish", [version, int(finished), epoch])
+        self._fence(epoch, res)
         if _s(res[0]) == "BEHIND":
             raise FailedPrecondition(f"version {version} is behind the published version {int(res[1])}")
         self._version_seen = max(self._version_seen, int(res[1]))
@@ -403,9 +712,10 @@ class ExperienceStore:
         lease_ms = int(self.policy.prompt_lease_s * 1000)
 
         def once() -> Admitted | None:
-            args = [self._now_ms(), replica, max_prompts, self.staleness.window, lease_ms]
+            args = [self._now_ms(), replica, max_prompts, self.window, lease_ms]
+            args += [self.token_budget, self.policy.tokens_per_ticket]
             res = self._script("acquire", args)
-            tickets = [Admission(_s(res[i]), int(res[i + 1])) for i in range(3, len(res), 2)]
+            tickets = [Admission(_s(res[i]), self._position(int(res[i + 1]))) for i in range(3, len(res), 2)]
             out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
             return out if tickets or out.finished else None
 
@@ -440,6 +750,7 @@ class ExperienceStore:
             ref = r.payload
             items += [r.sample_id, r.ticket, r.oldest_version, r.num_tokens, r.support_size]
             items += [ref.key, ref.nbytes, ref.checksum, r.newest_version]
+            items.append(self.staleness.judged_version(r.oldest_version, r.newest_version))
         inline = [(r.payload.key, r.frame) for r in rollouts if r.frame is not None]
         self.write_frames(inline)
 
@@ -482,7 +793,7 @@ class ExperienceStore:
         """Frames by key (None where gone), for the inline path."""
         if not keys:
             return []
-        frames: list[Any] = self._retrying(lambda: self.redis.mget(list(keys)))
+        frames: list[Any] = self._retrying(lambda: payload_store.mget(self.redis, keys))
         return frames
 
     def _forget(self, frames: Sequence[tuple[str, bytes | bytearray]]) -> None:
@@ -494,65 +805,35 @@ class ExperienceStore:
                 log.warning("could not remove %d frames of a refused put; they expire by TTL", len(frames))
 
     def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> Claimed:
-        """Unscored rollouts for `teacher`: expired leases of other teachers first, then new ones."""
-        q, lease_ms = self.key("q"), int(self.policy.teacher_lease_s * 1000)
+        """Unscored rollouts for `teacher`, oldest first (expired leases of other teachers go back
+        to the queue first; those delivered `max_deliveries` times are dropped as poison)."""
+        p = self.policy
+        totals = {"redelivered": 0, "stale": 0, "poisoned": 0}
 
-        def claim() -> Claimed:
-            ids: list[tuple[Any, Any]] = []
-            start: Any = "0-0"
-            redelivered = 0
-            while len(ids) < max_rollouts:
-                res = self.redis.xautoclaim(
-                    q, scripts.GROUP, teacher, lease_ms, start_id=start, count=max_rollouts - len(ids)
-                )
-                got = [(eid, f) for eid, f in res[1] if f]
-                ids += got
-                redelivered += len(got)
-                start = res[0]
-                if _s(start) == "0-0":
-                    break
-            if len(ids) < max_rollouts:
-                block = wait_ms if (not ids and wait_ms > 0) else None
-                read: Any = self.redis.xreadgroup(
-                    scripts.GROUP, teacher, {q: ">"}, count=max_rollouts - len(ids), block=block
-                )
-                for _, entries in read or []:
-                    ids += [(eid, f) for eid, f in entries if f]
-            return self._load_claimed(ids, redelivered)
+        def args(version: int) -> list[Any]:
+            bound = self.staleness.oldest_usable(version)
+            return [
+                self._now_ms(),
+                teacher,
+                max_rollouts,
+                int(p.teacher_lease_s * 1000),
+                p.max_deliveries,
+                version,
+                bound,
+            ]
 
-        return self._retrying(claim)
+        def once() -> list[SampleMeta] | None:
+            res = self._at_version("claim", args)
+            totals["redelivered"] += int(res[1])
+            totals["stale"] += int(res[2])
+            totals["poisoned"] += int(res[3])
+            width = 1 + len(_META_FIELDS)
+            metas = [_meta(_s(res[i]), res[i + 1 : i + width]) for i in range(5, len(res), width)]
+            got = [m for m in metas if m is not None]
+            return got or None
 
-    def _load_claimed(self, entries: list[tuple[Any, Any]], redelivered: int) -> Claimed:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.key("ver"))
-        sids = [_s(fields.get(b"sid", fields.get("sid", b""))) for _, fields in entries]
-        for sid in sids:
-            pipe.hmget(self.key(f"s:{sid}"), "st", *_META_FIELDS)
-        version_raw, *rows = pipe.execute()
-        version = int(version_raw or 0)
-        oldest_usable = self.staleness.oldest_usable(version)
-        metas: list[SampleMeta] = []
-        dead, stale = [], []
-        for (eid, _), sid, (st, *row) in zip(entries, sids, rows, strict=True):
-            meta = _meta(sid, row)
-            if meta is None or _s(st) != "unscored":
-                dead.append(eid)  # scored or dropped meanwhile: the queue entry is stale
-            elif meta.oldest_version < oldest_usable:
-                stale.append(sid)
-            else:
-                metas.append(meta)
-        if dead:
-            self.redis.xack(self.key("q"), scripts.GROUP, *dead)
-            self.redis.xdel(self.key("q"), *dead)
-        dropped = 0
-        if stale:
-            res = self._at_version(
-                "drop_stale_unscored", lambda v: [v, self.staleness.oldest_usable(v), *stale], version
-            )
-            dropped = int(res[1])
-        if redelivered:
-            self.redis.hincrby(self.key("cnt"), "redelivered", redelivered)
-        return Claimed(metas, redelivered, dropped)
+        got = self._wait(once, wait_ms, "rollouts")
+        return Claimed(got or [], totals["redelivered"], totals["stale"], totals["poisoned"])
 
     def sample_shapes(self, sample_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(num_tokens, support_size) of each known, still unscored sample (to validate scores)."""
@@ -603,8 +884,21 @@ class ExperienceStore:
 
     # -- batches ------------------------------------------------------------------------------
 
-    def pull_batch(self, size: int, learner_version: int, learner: str, wait_ms: int = 0) -> PullOutcome:
-        """Claim exactly `size` scored samples no staler than the bound, or none."""
+    def pull_batch(
+        self,
+        size: int,
+        learner_version: int,
+        learner: str,
+        wait_ms: int = 0,
+        *,
+        epoch: int = 0,
+        keep: Sequence[str] = (),
+    ) -> PullOutcome:
+        """Claim exactly `size` scored samples no staler than the bound, or none. The claims of
+        `keep` (batches the learner trained and acks after its next checkpoint) are extended and
+        their admission slots freed first; a learner `epoch` older than the newest is refused.
+        `size` 0 with `keep` only extends those claims (a learner waiting out a failed checkpoint):
+        nothing is claimed and the version is not touched."""
         p = self.policy
         totals = {"returned": 0, "stale": 0, "version": learner_version}
         # The batch is served at learner_version (an older one is refused as BEHIND), so the
@@ -612,9 +906,10 @@ class ExperienceStore:
         oldest_usable = self.staleness.oldest_usable(learner_version)
 
         def once() -> PulledBatch | None:
-            bid = uuid.uuid4().hex
+            bid = self._tag + uuid.uuid4().hex
             args = [self._now_ms(), learner_version, oldest_usable, size, p.order, bid, learner]
-            res = self._script("pull", [*args, int(p.batch_claim_s * 1000)])
+            res = self._script("pull", [*args, int(p.batch_claim_s * 1000), p.max_deliveries, epoch, *keep])
+            self._fence(epoch, res)
             tag = _s(res[0])
             if tag == "BEHIND":
                 raise FailedPrecondition(
@@ -623,7 +918,7 @@ class ExperienceStore:
             self._version_hint = int(res[1])
             totals["version"], totals["returned"] = int(res[1]), totals["returned"] + int(res[2])
             totals["stale"] += int(res[3])
-            if tag == "WAIT":
+            if tag in ("WAIT", "KEPT"):
                 return None
             sids = [_s(res[i]) for i in range(4, len(res), 2)]
             ovs = [int(res[i]) for i in range(5, len(res), 2)]
@@ -644,10 +939,12 @@ class ExperienceStore:
             mapping: dict[Any, Any] = dict(refused)
             self._retrying(lambda: self.redis.hset(self.key(f"b:{batch_id}:refused"), mapping=mapping))
 
-    def ack_batch(self, batch_id: str, refused: dict[str, str] | None = None) -> int:
+    def ack_batch(self, batch_id: str, refused: dict[str, str] | None = None, *, epoch: int = 0) -> int:
         """Count the batch trained, except `refused` samples (sid -> reason): dropped with that reason."""
         extra = [x for sid, reason in (refused or {}).items() for x in (sid, reason)]
-        n = int(self._script("ack", [batch_id, *extra]))
+        res = self._script("ack", [batch_id, epoch, *extra])
+        self._fence(epoch, res)
+        n = int(res)
         if n < 0:
             raise FailedPrecondition(
                 f"batch {batch_id!r} is unknown or its claim expired (its samples went back to the pool)"
@@ -667,12 +964,15 @@ class ExperienceStore:
             pipe.zcard(self.key("scored"))
             pipe.zcard(self.key("tlease"))
             pipe.llen(self.key("reissue"))
-            pipe.xpending(self.key("q"), scripts.GROUP)
+            pipe.zcard(self.key("tclaim"))
             pipe.get(self.key("fin"))
-            ver, cnt_raw, drop, evict, served, n_scored, n_leased, n_reissue, pending, fin = pipe.execute()
+            pipe.get(self.key("run"))
+            ver, cnt_raw, drop, evict, served, n_scored, n_leased, n_reissue, scoring, fin, run = pipe.execute()
+            if run is None or _s(run) != self._run_id:  # Redis lost the state: rebuild it, then report
+                self._ensure_state()
+                return read()
             cnt = _int_map(cnt_raw)
             unscored, claimed = cnt.get("unscored", 0), cnt.get("claimed", 0)
-            scoring = int(pending["pending"]) if pending else 0
             return StoreStats(
                 learner_version=int(ver or 0),
                 admitted=cnt.get("admitted", 0),
@@ -686,7 +986,7 @@ class ExperienceStore:
                     "prompts_leased": int(n_leased),
                     "prompts_reissue": int(n_reissue),
                     "unscored": unscored - scoring,
-                    "scoring": scoring,
+                    "scoring": int(scoring),
                     "scored": int(n_scored),
                     "claimed": claimed,
                 },

@@ -75,9 +75,42 @@ class CacheConfig(Section):
         "(redis.url, credentials) and send the cache metadata only; false sends payloads through the cache "
         "(for producers that cannot reach Redis).",
     )
+    max_deliveries: int = Field(
+        5,
+        gt=0,
+        description="How many times one sample is handed to a teacher, and how many times it is claimed in a "
+        "learner batch, before a lease or claim that runs out again drops it as 'poison' (a sample that crashes "
+        "whoever takes it is not handed out forever). 1 means never re-delivered.",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Independent cache shards, each its own hash-tagged Redis keyspace with its own admission (its "
+        "share of the window, at least one batch), teacher queue, byte budget (byte_budget_mb / shards) and "
+        "accounting; on a Redis Cluster they spread over the masters. Puts go to the shard of their ticket, "
+        "batches are taken from the shards round-robin. Needs direct_payloads.",
+    )
+    max_tokens_in_flight: int = Field(
+        0,
+        ge=0,
+        description="Token budget of admission: tokens the rollout replicas may be generating at once. Each open "
+        "admission ticket reserves rollout.sampling.max_tokens from it until its rollout is put (or it is released "
+        "or its lease runs out); each shard keeps max_tokens_in_flight / shards. 0 = no token budget (the sample "
+        "window, (max_staleness + 1) * learner.batch_size, applies either way).",
+    )
     redis_retry_s: float = Field(
         30.0, gt=0, description="How long a request retries a lost Redis connection before failing UNAVAILABLE."
     )
+
+    @model_validator(mode="after")
+    def _shards_need_direct_payloads(self) -> CacheConfig:
+        if self.shards > 1 and not self.direct_payloads:
+            raise ValueError(
+                f"shards: {self.shards} needs direct_payloads: true (producers write each frame into its sample's "
+                "shard; the inline path cannot tell a scores frame's shard)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _request_fits_message(self) -> CacheConfig:

@@ -94,7 +94,8 @@ class LearnerConfig(Section):
         ge=0,
         description=(
             "Checkpoint every N steps, and always on exit/SIGTERM (0 = only then); what a crash can lose and "
-            "where `asyncopd run --resume` continues from."
+            "where `asyncopd run --resume` continues from. Batches are acked (counted trained) only by the "
+            "checkpoint that saves them; with 0 each batch is acked right after training instead."
         ),
     )
     eval_every: int = Field(0, ge=0, description="Evaluate greedy test accuracy every N steps (0 = off).")

@@ -23,3 +23,8 @@ class RedisConfig(Section):
         "asyncopd", min_length=1, description="Prefix of every key, so several runs can share a Redis."
     )
     tls_ca_file: str | None = Field(None, description="CA bundle to verify a rediss:// server.")
+    cluster: bool = Field(
+        False,
+        description="url names a node of a Redis Cluster: clients follow the cluster's slot map, and the cache keeps "
+        "each shard's keys (payload frames included) under one hash tag so every script runs on one node.",
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from asyncopd.config.autoscaler import AutoscalerConfig
@@ -29,6 +31,13 @@ class RunConfig(Section):
         4,
         ge=0,
         description="Largest learner-version lag of a trained sample. 0 = strict synchronous training.",
+    )
+    stale_tokens: Literal["drop", "mask"] = Field(
+        "drop",
+        description="What happens to a sample whose oldest token is more than max_staleness versions behind the "
+        "learner (a long response that crossed weight versions): drop it whole, or mask those tokens (the learner "
+        "trains on the rest; kept while its newest token is within the bound, counted in the cache's "
+        "masked_samples and the learner's masked_stale_tokens).",
     )
     output_dir: str = Field(
         "runs/{name}/{timestamp}",
@@ -122,4 +131,15 @@ def cross_field_errors(config: RunConfig) -> list[tuple[str, str]]:
                     "(or lower rollout.batch_size / raise cache.max_request_mb)",
                 )
             )
+    tokens = config.cache.max_tokens_in_flight
+    per_ticket = config.rollout.sampling.max_tokens
+    if tokens and tokens < per_ticket * config.cache.shards:
+        errors.append(
+            (
+                "cache.max_tokens_in_flight",
+                f"{tokens} admits nothing: every admission ticket reserves rollout.sampling.max_tokens "
+                f"({per_ticket}) and each of the {config.cache.shards} cache.shards keeps its share of the budget; "
+                f"set it to at least {per_ticket * config.cache.shards} (or 0 for no token budget)",
+            )
+        )
     return errors

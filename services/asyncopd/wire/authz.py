@@ -58,6 +58,8 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     _CACHE + "PullBatch": frozenset({"learner"}),
     _CACHE + "AckBatch": frozenset({"learner"}),
     _CACHE + "PublishVersion": frozenset({"learner"}),
+    _CACHE + "BeginLearner": frozenset({"learner"}),
+    _CACHE + "PromptCursor": frozenset({"learner"}),
     # Read-only views (the autoscaler, probes, dashboards' tools).
     _CACHE + "Stats": AUTHENTICATED,
     _LEARNER + "Status": AUTHENTICATED,

@@ -25,12 +25,14 @@ from typing import Any
 import grpc
 
 from asyncopd.config import RunConfig
-from asyncopd.records import Prompt, Rollout, ScoredSample, TeacherScores
+from asyncopd.records import CursorState, Prompt, Rollout, ScoredSample, TeacherScores
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.wire import payload
 from asyncopd.wire.convert import (
     Limits,
     LogprobDType,
+    cursor_from_proto,
+    cursor_to_proto,
     prompt_from_proto,
     rollout_from_proto,
     rollout_to_proto,
@@ -52,6 +54,17 @@ class Batch:
     samples: list[ScoredSample]
     staleness: list[int]  # per sample: learner_version - oldest token version
     refused: dict[str, str] = field(default_factory=dict)  # sid -> reason: frames refused (not in samples)
+
+
+@dataclass(frozen=True)
+class LearnerStart:
+    """BeginLearner's answer (see the RPC): this learner's fencing epoch, the published version,
+    the version to start at and the prompt positions re-opened from its checkpoint."""
+
+    epoch: int
+    published: int
+    start_version: int
+    cursor_restored: int
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,12 @@ class CacheClient:
         self._payload_dtype: LogprobDType = payload_dtype
         self._refused: dict[str, dict[str, str]] = {}  # batch id -> frames refused, sent with its ack
         self._shapes: dict[str, tuple[int, int]] = {}  # claimed sid -> (T, K), to check scores against
+        self._scores_prefix: dict[str, str] = {}  # claimed sid -> key prefix of its scores (its rollout's shard)
+        # The fencing epoch of `begin_learner`, sent with every pull, ack and publish (0: unfenced).
+        self.learner_epoch = 0
+        # what the last PullBatch said of the cache's run state (see `run_state`)
+        self._runs: tuple[str, ...] = ()
+        self._admission_held = False
 
     @classmethod
     def for_run(cls, channel: grpc.Channel, config: RunConfig) -> CacheClient:
@@ -164,7 +183,7 @@ class CacheClient:
         for i, r in enumerate(rollouts):
             payload.check_rollout(r, self._limits, f"rollouts[{i}]")
             frame = payload.encode_rollout(r, self._payload_dtype)
-            key = store.new_key("r", r.sample_id)
+            key = store.new_key("r", r.sample_id, payload.frame_prefix(store.prefix, r.ticket))
             frames.append((key, frame.data))
             metas.append(
                 cache_pb2.RolloutMeta(
@@ -207,7 +226,9 @@ class CacheClient:
                 continue
             if len(self._shapes) > 65536:  # claims never scored (the teacher gave up on them)
                 self._shapes.clear()
+                self._scores_prefix.clear()
             self._shapes[m.sample_id] = (m.num_tokens, m.support_size)
+            self._scores_prefix[m.sample_id] = payload.scores_prefix(self.payloads.prefix, m.payload.key)
             out.append(r)
         if refused:
             self._call(self._stub.PutScores, cache_pb2.PutScoresRequest(refused=refused))
@@ -230,7 +251,7 @@ class CacheClient:
             t, k = self._shapes.pop(sc.sample_id, (t, k))
             payload.check_scores(sc, self._limits, t, k or None, f"scores[{i}]")
             frame = payload.encode_scores(sc, self._payload_dtype)
-            key = store.new_key("s", sc.sample_id)
+            key = store.new_key("s", sc.sample_id, self._scores_prefix.pop(sc.sample_id, None))
             frames.append((key, frame.data))
             metas.append(
                 cache_pb2.ScoresMeta(
@@ -245,16 +266,60 @@ class CacheClient:
 
     # -- learner ----------------------------------------------------------------------------
 
-    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch | None:
-        """Claim exactly `size` scored samples no staler than the bound, or None if not ready."""
+    def begin_learner(
+        self, learner: str = "learner", checkpoint_version: int | None = None, cursor: CursorState | None = None
+    ) -> LearnerStart:
+        """Start as the run's learner: take a fencing epoch (kept here and sent with every later
+        pull, ack and publish; older learners are refused from now on), learn the version to start
+        at, and hand the cache the checkpoint's prompt cursor (restored when Redis lost its own)."""
+        req = cache_pb2.BeginLearnerRequest(
+            learner=learner, has_checkpoint=checkpoint_version is not None, checkpoint_version=checkpoint_version or 0
+        )
+        if cursor is not None:
+            req.cursor.CopyFrom(cursor_to_proto(cursor))
+        resp = self._call(self._stub.BeginLearner, req)
+        self.learner_epoch = int(resp.learner_epoch)
+        return LearnerStart(
+            int(resp.learner_epoch), int(resp.published_version), int(resp.start_version), int(resp.cursor_restored)
+        )
+
+    def prompt_cursor(
+        self, trained_batch_ids: Sequence[str], saved: CursorState | None = None, trained_tickets: Sequence[str] = ()
+    ) -> CursorState:
+        """The prompt cursor state to record in a checkpoint that saves `trained_batch_ids`
+        (`saved`, the previous checkpoint's, is restored first if Redis lost its state since;
+        `trained_tickets`, the tickets of those batches' samples, are never re-opened by it)."""
+        req = cache_pb2.PromptCursorRequest(
+            learner_epoch=self.learner_epoch,
+            trained_batch_ids=list(trained_batch_ids),
+            trained_tickets=list(trained_tickets),
+        )
+        if saved is not None:
+            req.saved.CopyFrom(cursor_to_proto(saved))
+        resp = self._call(self._stub.PromptCursor, req)
+        return cursor_from_proto(resp.cursor)
+
+    def pull_batch(
+        self,
+        size: int,
+        learner_version: int,
+        wait_ms: int = 0,
+        learner: str = "learner",
+        keep: Sequence[str] = (),
+    ) -> Batch | None:
+        """Claim exactly `size` scored samples no staler than the bound, or None if not ready;
+        `keep`: batches trained but not acked yet (their claims are extended)."""
         req = cache_pb2.PullBatchRequest(
             size=size,
             learner_version=learner_version,
             wait_ms=wait_ms,
             learner=learner,
             by_reference=self.payloads is not None,
+            learner_epoch=self.learner_epoch,
+            keep_batch_ids=list(keep),
         )
         resp = self._call(self._stub.PullBatch, req, wait_ms)
+        self._runs, self._admission_held = tuple(resp.runs), bool(resp.admission_held)
         if not resp.batch_id:
             return None
         if self.payloads is None:
@@ -265,6 +330,11 @@ class CacheClient:
             self.ack_batch(batch.batch_id)  # nothing to train: every sample counted dropped
             return None
         return batch
+
+    def run_state(self) -> tuple[tuple[str, ...], bool]:
+        """What the last PullBatch said: each cache shard's run id, and whether fresh admission is
+        held until the learner restores the prompt cursor (a run state re-created mid-run)."""
+        return self._runs, self._admission_held
 
     def _read_batch(self, batch_id: str, refs: list[Any], store: PayloadStore) -> Batch:
         keys, sizes = [], []
@@ -302,14 +372,16 @@ class CacheClient:
     def ack_batch(self, batch_id: str) -> int:
         """The batch was trained: its samples are removed and counted (frames this client refused
         when it read the batch are counted dropped with their reason); returns how many trained."""
-        req = cache_pb2.AckBatchRequest(batch_id=batch_id, refused=self._refused.get(batch_id, {}))
+        req = cache_pb2.AckBatchRequest(
+            batch_id=batch_id, refused=self._refused.get(batch_id, {}), learner_epoch=self.learner_epoch
+        )
         trained = int(self._call(self._stub.AckBatch, req).trained)
         self._refused.pop(batch_id, None)
         return trained
 
     def publish_version(self, version: int, finished: bool = False) -> int:
         """Publish the learner's version (optimizer steps taken); `finished` stops admission."""
-        req = cache_pb2.PublishVersionRequest(version=version, finished=finished)
+        req = cache_pb2.PublishVersionRequest(version=version, finished=finished, learner_epoch=self.learner_epoch)
         return int(self._call(self._stub.PublishVersion, req).version)
 
     def published_version(self) -> int:

@@ -12,7 +12,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from asyncopd.records import Prompt, Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
+from asyncopd.records import CursorState, Prompt, Rollout, ScoredSample, SupportKind, TaskInfo, TeacherScores
+from asyncopd.v1 import cache_pb2
 from asyncopd.v1 import common_pb2 as pb
 from asyncopd.wire.errors import WireError
 from asyncopd.wire.tensors import decode_numpy, encode
@@ -100,6 +101,23 @@ def _shape(arr: np.ndarray, field: str, shape: tuple[int | None, ...]) -> None:
     if not ok:
         want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
         raise WireError(f"{field}: shape {list(arr.shape)} does not match the expected {want}")
+
+
+MAX_CURSOR_RUNS = 1024  # cache shards a cursor state may name
+
+
+def cursor_to_proto(state: CursorState) -> cache_pb2.CursorState:
+    return cache_pb2.CursorState(cursor=state.cursor, open=list(state.open), runs=list(state.runs))
+
+
+def cursor_from_proto(msg: cache_pb2.CursorState, field: str = "cursor") -> CursorState:
+    if msg.cursor < 0 or any(p < 0 or p >= msg.cursor for p in msg.open):
+        raise WireError(f"{field}: open positions must lie in [0, cursor)")
+    if len(msg.runs) > MAX_CURSOR_RUNS:
+        raise WireError(f"{field}.runs: {len(msg.runs)} run ids, at most {MAX_CURSOR_RUNS}")
+    if any(len(r) > 256 for r in msg.runs):
+        raise WireError(f"{field}.runs: a run id longer than 256 characters")
+    return CursorState(int(msg.cursor), tuple(int(p) for p in msg.open), tuple(str(r) for r in msg.runs))
 
 
 def task_to_proto(task: TaskInfo) -> pb.TaskInfo:

@@ -79,6 +79,47 @@ def payload_key(key_prefix: str, kind: PayloadKind, sample_id: str, nonce: str) 
     return f"{key_prefix.rstrip(':')}:p{kind}:{sample_id}:{nonce}"
 
 
+def shard_prefix(key_prefix: str, shard: int) -> str:
+    """The key prefix of cache shard `shard` in a hash-tagged keyspace (`cache.shards > 1` or
+    `redis.cluster`): `<prefix>:{<prefix>:s<shard>}`. Every key under it, the payload frames
+    included, hashes to one Redis Cluster slot, so one script may touch all of them."""
+    base = key_prefix.rstrip(":")
+    return f"{base}:{{{base}:s{shard}}}"
+
+
+_SHARD_TICKET = re.compile(r"^s(\d{1,4})\.")
+
+
+def ticket_shard(ticket: str) -> int | None:
+    """The shard that issued `ticket` (its tickets start with `s<shard>.`); None when the keyspace
+    is not hash-tagged (a single, untagged store)."""
+    m = _SHARD_TICKET.match(ticket)
+    return int(m.group(1)) if m else None
+
+
+def key_shard(key: str, key_prefix: str) -> int | None:
+    """The shard whose tagged keyspace holds `key` (see `shard_prefix`), or None."""
+    base = key_prefix.rstrip(":")
+    head = f"{base}:{{{base}:s"
+    if not key.startswith(head):
+        return None
+    digits, close, _ = key[len(head) :].partition("}")
+    return int(digits) if close and digits.isdigit() and len(digits) <= 4 else None
+
+
+def frame_prefix(key_prefix: str, ticket: str) -> str:
+    """The prefix a rollout's frame key goes under: the keyspace of the shard its ticket came
+    from (so the put script finds it in its own hash slot), or the run's own prefix."""
+    shard = ticket_shard(ticket)
+    return key_prefix if shard is None else shard_prefix(key_prefix, shard)
+
+
+def scores_prefix(key_prefix: str, rollout_key: str) -> str:
+    """The prefix a scores frame key goes under: its rollout frame's shard's (or the run's)."""
+    shard = key_shard(rollout_key, key_prefix)
+    return key_prefix if shard is None else shard_prefix(key_prefix, shard)
+
+
 def check_key(key: str, key_prefix: str, kind: PayloadKind, sample_id: str, field: str) -> str:
     """Refuse a key that is not this sample's (a client must not make the cache touch other keys)."""
     head = payload_key(key_prefix, kind, sample_id, "")

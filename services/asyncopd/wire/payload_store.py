@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import grpc
 import redis
@@ -67,7 +67,17 @@ def connect(config: RedisConfig, socket_timeout_s: float = 30.0) -> redis.Redis:
         kwargs["username"] = config.username
     if config.url.startswith("rediss://") and config.tls_ca_file:
         kwargs["ssl_ca_certs"] = config.tls_ca_file
+    if config.cluster:
+        # typed as redis.Redis: the cluster client answers the same commands
+        return cast(redis.Redis, redis.RedisCluster.from_url(config.url, **kwargs))
     return redis.Redis.from_url(config.url, **kwargs)
+
+
+def mget(client: redis.Redis, keys: Sequence[str]) -> list[Any]:
+    """MGET; on a Redis Cluster one per hash slot (a batch's frames live in several shards)."""
+    if isinstance(client, redis.RedisCluster):
+        return list(client.mget_nonatomic(list(keys)))
+    return list(client.mget(list(keys)))
 
 
 class PayloadStore:
@@ -85,9 +95,11 @@ class PayloadStore:
     def from_config(cls, config: RedisConfig, ttl_s: float = 600.0) -> PayloadStore:
         return cls(connect(config), config.key_prefix, ttl_s)
 
-    def new_key(self, kind: PayloadKind, sample_id: str) -> str:
-        """A fresh key for a frame of `sample_id` (a random nonce: re-sends never collide)."""
-        return payload_key(self.prefix, kind, sample_id, uuid.uuid4().hex[:16])
+    def new_key(self, kind: PayloadKind, sample_id: str, prefix: str | None = None) -> str:
+        """A fresh key for a frame of `sample_id` (a random nonce: re-sends never collide), under
+        `prefix` (default the run's): a sharded cache wants a rollout's frame in its ticket's shard
+        (`payload.frame_prefix`) and the scores next to their rollout (`payload.scores_prefix`)."""
+        return payload_key(prefix or self.prefix, kind, sample_id, uuid.uuid4().hex[:16])
 
     @_unavailable_as_rpc_error
     def write(self, items: Sequence[tuple[str, bytes | bytearray]]) -> None:
@@ -104,7 +116,7 @@ class PayloadStore:
         """The frames at `keys` (None where gone); `sizes` (from metadata) bound each MGET."""
         out: list[Any] = []
         for chunk in self._chunks(sizes):
-            out += self.redis.mget([keys[i] for i in chunk])
+            out += mget(self.redis, [keys[i] for i in chunk])
         return out  # bytes (the client does not decode responses)
 
     @_unavailable_as_rpc_error

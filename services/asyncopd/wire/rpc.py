@@ -9,6 +9,7 @@ It knows nothing about any particular service.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -130,9 +131,17 @@ def start_server(
     return running
 
 
+# Clients spread their RPCs over every address the target resolves to (round_robin), instead of
+# pinning one HTTP/2 connection to the first (pick_first): several cache replicas behind a
+# headless Service (`dns:///<name>:<port>`, one A record per pod) then share the load. A target
+# with one address behaves as before.
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 def channel(address: str, max_message_mb: int = 64, tls: TLSConfig | None = None) -> grpc.Channel:
-    """A client channel with the same message limits (and TLS material) as the servers."""
-    options = _options(max_message_mb)
+    """A client channel with the same message limits (and TLS material) as the servers, balanced
+    round-robin over the addresses `address` resolves to."""
+    options = [*_options(max_message_mb), ("grpc.service_config", _ROUND_ROBIN)]
     if tls is not None and tls.enabled:
         creds = grpc.ssl_channel_credentials(
             root_certificates=_read(tls.ca_file),

@@ -1,4 +1,6 @@
--- ARGV: version, finished(0/1) -> {'OK', version} | {'BEHIND', version}
+-- ARGV: version, finished(0/1), learner_epoch -> {'OK', version} | {'BEHIND', version} | {'FENCED', epoch}
+local fence = fenced(tonumber(ARGV[3]))
+if fence then return {'FENCED', fence} end
 local v = tonumber(ARGV[1])
 local cur = num(redis.call('GET', k('ver')))
 if v < cur then return {'BEHIND', cur} end

@@ -1,9 +1,32 @@
--- ARGV: now_ms, learner_version, oldest_usable, size, order, batch_id, learner, claim_ms
+-- ARGV: now_ms, learner_version, oldest_usable, size, order, batch_id, learner, claim_ms, max_deliveries,
+--       learner_epoch, kept batch ids...
 -- (oldest_usable is for learner_version, which is the version the batch is served at)
 -- -> {'OK', version, returned, stale_dropped, sid1, ov1, ...} | {'WAIT', version, returned, stale_dropped}
---  | {'BEHIND', version}
+--  | {'BEHIND', version} | {'FENCED', epoch} | {'KEPT', version} (size 0: keep-alive of the kept batches only)
+-- Kept batches were trained and are acked after the learner's next checkpoint: their claims are
+-- extended by claim_ms, and their samples marked consumed once (cnt.consumed: admission counts
+-- their slots free, acquire.lua), so deferred acks never hold admission shut.
 local now, want_ver, oldest_usable, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local order, bid, learner, claim = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local fence = fenced(tonumber(ARGV[10]))
+if fence then return {'FENCED', fence} end
+local consumed = false
+for i = 11, #ARGV do
+  local kh = k('b:' .. ARGV[i])
+  if redis.call('ZSCORE', k('bclaim'), ARGV[i]) then
+    redis.call('ZADD', k('bclaim'), fmt(now + claim), ARGV[i])
+    if redis.call('HSETNX', kh, 'consumed', 1) == 1 then
+      redis.call('HINCRBY', k('cnt'), 'consumed', redis.call('LLEN', kh .. ':ids'))
+      consumed = true
+    end
+  end
+end
+if size == 0 then
+  -- Keep-alive only (a learner waiting out a failed checkpoint): claims extended, nothing claimed,
+  -- the version untouched.
+  if consumed then wake('prompts') end
+  return {'KEPT', num(redis.call('GET', k('ver'))), 0, 0}
+end
 local ver = num(redis.call('GET', k('ver')))
 if want_ver < ver then return {'BEHIND', ver} end
 local moved = want_ver > ver
@@ -12,10 +35,10 @@ if moved then
   redis.call('SET', k('ver'), want_ver)
   ver = want_ver
 end
-local returned = return_expired(now)
+local returned = return_expired(now, tonumber(ARGV[9]))
 local stale_ids = redis.call('ZRANGEBYSCORE', k('scored'), '-inf', '(' .. fmt(oldest_usable * SHIFT))
 for _, sid in ipairs(stale_ids) do drop_sample(sid, 'stale') end
-if moved or #stale_ids > 0 then wake('prompts') end
+if moved or consumed or #stale_ids > 0 then wake('prompts') end
 if returned > 0 then wake('batch') end
 if redis.call('ZCARD', k('scored')) < size then return {'WAIT', ver, returned, #stale_ids} end
 local ids
@@ -30,8 +53,12 @@ for _, sid in ipairs(ids) do
   pool_rem(sid)
   local h = k('s:' .. sid)
   redis.call('HSET', h, 'st', 'claimed')
+  redis.call('HINCRBY', h, 'ld', 1)  -- batch claims of this sample (capped: return_expired)
   local ov = num(redis.call('HGET', h, 'ov'))
   redis.call('HINCRBY', k('served'), ver - ov, 1)
+  -- kept under stale_tokens: mask (judged by its newest token): the learner masks its tokens older
+  -- than oldest_usable; counted once per claim (a returned and re-claimed batch counts again)
+  if ov < oldest_usable then redis.call('HINCRBY', k('cnt'), 'masked_samples', 1) end
   redis.call('RPUSH', bh .. ':ids', sid)
   out[#out + 1] = sid
   out[#out + 1] = ov

@@ -17,7 +17,7 @@ for i = 1, n do
   local kind
   if seen[sid] or f[1] ~= 'unscored' then
     kind = 'late'
-  elseif num(f[2]) < oldest_usable then
+  elseif f[1] and judged(k('s:' .. sid)) < oldest_usable then
     kind = 'stale'
   elseif not frame_ok(ARGV[b + 2], tonumber(ARGV[b + 3])) then
     kind = 'nopayload'
@@ -48,12 +48,12 @@ for i = 1, n do
     stale = stale + 1
   else
     local h = k('s:' .. sid)
-    local f = redis.call('HMGET', h, 'ov', 'seq', 'nb', 'xid')
+    local f = redis.call('HMGET', h, 'ov', 'seq', 'nb')
     redis.call('PERSIST', key)
     redis.call('HSET', h, 'st', 'scored', 'nb', num(f[3]) + nb, 'ks', key, 'ns', nb, 'cs', ARGV[b + 4])
-    redis.call('XACK', k('q'), 'teachers', f[4])
-    redis.call('XDEL', k('q'), f[4])
-    pool_add(sid, num(f[1]), num(f[2]), now)
+    redis.call('ZREM', k('tclaim'), sid)
+    redis.call('ZREM', k('ready'), sid)  -- its lease had run out and it was queued again
+    pool_add(sid, judged(h), num(f[2]), now)
     redis.call('HINCRBY', k('cnt'), 'unscored', -1)
     redis.call('HINCRBY', k('cnt'), 'scored', 1)
     redis.call('HINCRBY', k('cnt'), 'bytes', nb)

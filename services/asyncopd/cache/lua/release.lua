@@ -4,6 +4,7 @@ for i = 2, #ARGV do
   local t = ARGV[i]
   local th = k('t:' .. t)
   if redis.call('HGET', th, 'replica') == replica and redis.call('ZREM', k('tlease'), t) == 1 then
+    unreserve(th)
     redis.call('RPUSH', k('reissue'), t)
     released = released + 1
   end
