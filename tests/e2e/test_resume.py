@@ -1,6 +1,7 @@
 """An interrupted `asyncopd run`, continued with `--resume`: the learner starts from the
 checkpoint it wrote when it was stopped, the step log is appended to (versions go on without a
-gap or a repeat) and the run ends at its configured step count, in the same directory. The
+repeat, and without a gap but the restart's jump of max_staleness + 2) and the run ends at its
+configured step count, in the same directory. The
 resumed segment also runs the sampled evaluator beside the learner (`--eval-samples`)."""
 
 from __future__ import annotations
@@ -101,13 +102,17 @@ def test_an_interrupted_run_resumed_continues_its_versions_and_step_log(tmp_path
     assert records[: len(before)] == before, "the step log was appended to, not rewritten"
     starts = [r for r in records if r.get("event") == "start"]
     assert [s["checkpoint_version"] for s in starts] == [None, stopped_at]
-    assert starts[1]["version"] == stopped_at
+    # a restart starts at max(published, checkpoint) + max_staleness + 2 (asyncopd.cache.policy):
+    # past every version a replica of the first run may have stamped tokens with
+    jumped = stopped_at + 1 + 2
+    assert (starts[1]["version"], starts[1]["version_jump"]) == (jumped, jumped - stopped_at)
     steps = [r for r in records if r.get("event") == "step"]
     versions = [s["version"] for s in steps]
     assert versions == sorted(set(versions)), f"versions repeat or go back: {versions}"
     assert versions[-1] == STEPS
     for prev, step in itertools.pairwise(steps):
-        assert step["version_before"] == prev["version"], f"a gap in the versions: {versions}"
+        want = jumped if prev["version"] == stopped_at else prev["version"]  # the one jump: the restart
+        assert step["version_before"] == want, f"a gap in the versions: {versions}"
     assert all(s["version"] > stopped_at for s in steps[len([b for b in before if b.get("event") == "step"]) :])
 
     report = json.loads((run_dir / "report.json").read_text())

@@ -11,11 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
+from asyncopd.cache.policy import StalenessPolicy
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import Trainer
 from asyncopd.opd import OPDLoss
-from asyncopd.records import ScoredSample
-from asyncopd.wire.cache_client import Batch
+from asyncopd.records import CursorState, ScoredSample
+from asyncopd.wire.cache_client import Batch, LearnerStart
 from test_learner_step import generate, load, scored_samples
 from tiny_models import make_tiny_qwen3
 
@@ -51,7 +52,20 @@ class FlakyCache:
         if pending:
             raise RpcFailure(pending.pop(0), f"scripted {method} failure")
 
-    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Any:
+    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
+        self._maybe_fail("begin_learner")
+        start = StalenessPolicy(max_staleness=1, batch_size=4).start_version(self.published, checkpoint_version, False)
+        return LearnerStart(1, self.published, start, 0)
+
+    def run_state(self) -> Any:
+        return (), False
+
+    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
+        return CursorState(0)
+
+    def pull_batch(
+        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
+    ) -> Any:
         self._maybe_fail("pull_batch")
         self._n += 1
         return Batch(batch_id=f"b{self._n}", samples=self.samples[:size], staleness=[0] * size)
@@ -120,16 +134,20 @@ def test_rides_through_an_unreachable_cache_and_a_refused_ack(
     assert [len(r["sample_ids"]) for r in steps] == [4, 4, 4]
 
 
-def test_a_learner_behind_the_published_version_continues_after_it(
+def test_a_learner_behind_the_published_version_jumps_past_the_bound(
     samples: tuple[Path, list[ScoredSample]], tmp_path: Path
 ) -> None:
+    """Published 7, max_staleness 1: replicas may hold tokens of version 8; the learner starts at
+    7 + 1 + 2 = 10 (tokens of 8 are then 2 > 1 versions old), and publishes the jump before it
+    pushes weights (replicas take at most published + 1)."""
     student, batch = samples
     cache = FlakyCache(batch, published=7, failures={})
-    loop = run_loop(student, cache, steps=9, log=tmp_path / "steps.jsonl")
-    assert loop.trainer.version == 9
-    assert cache.versions == [7, 8, 9, 9], "versions never went back"
+    loop = run_loop(student, cache, steps=12, log=tmp_path / "steps.jsonl")
+    assert loop.trainer.version == 12
+    assert cache.versions == [10, 10, 11, 12, 12], "versions never went back"
     start = records(tmp_path / "steps.jsonl")[0]
-    assert start["event"] == "start" and start["version"] == 7 and start["published_version"] == 7
+    assert start["event"] == "start" and start["version"] == 10 and start["published_version"] == 7
+    assert start["version_jump"] == 10
 
 
 def test_other_errors_are_not_retried(samples: tuple[Path, list[ScoredSample]], tmp_path: Path) -> None:

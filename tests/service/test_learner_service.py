@@ -73,7 +73,10 @@ def status(client: LearnerClient) -> LearnerStatus | None:
         return None
 
 
-def test_sigterm_checkpoint_then_resume_at_the_same_version(tmp_path: Path) -> None:
+def test_sigterm_checkpoint_then_resume_past_the_staleness_bound(tmp_path: Path) -> None:
+    """SIGTERM writes a checkpoint of the reached version; the resumed learner holds the same
+    weights and numbers them max(published, checkpoint) + max_staleness + 2 (a restart's jump,
+    asyncopd.cache.policy), so no rollout of the previous incarnation looks fresh."""
     student = tiny_student(tmp_path / "student")
     port = free_port()
     base = make_config(unique_prefix("learner"), max_staleness=4)
@@ -142,15 +145,16 @@ def test_sigterm_checkpoint_then_resume_at_the_same_version(tmp_path: Path) -> N
             n_before = len(received)
             proc = start("--set", "learner.resume=true")
             resumed = wait_for(lambda: status(client), what="learner back up")
-            assert resumed.version == reached
+            jumped = reached + 4 + 2  # max_staleness 4
+            assert resumed.version == jumped
             wait_for(lambda: len(received) > n_before, what="replica re-registered with the restarted learner")
             version, weights = received[n_before]
-            assert version == reached
+            assert version == jumped
             assert weights.keys() == before.keys()
             assert all(torch.equal(weights[n], before[n]) for n in before)
 
-            produce_and_score(feed, "r0", reached, 4)
-            wait_for(lambda: client.status().version == reached + 1, what="training continues after resume")
+            produce_and_score(feed, "r0", jumped, 4)
+            wait_for(lambda: client.status().version == jumped + 1, what="training continues after resume")
         finally:
             stop.set()
             if proc.poll() is None:

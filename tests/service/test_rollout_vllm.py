@@ -174,3 +174,55 @@ def test_weight_switch_mid_generation_gives_per_token_versions(engine: VLLMEngin
         assert (np.diff(r.versions) >= 0).all() and r.versions[0] == version - 1, r.versions
     longest = max(rollouts, key=lambda r: r.num_tokens)
     assert longest.num_tokens > 8 and longest.versions[-1] == version, longest.versions
+
+
+def test_a_weight_stream_loads_through_the_worker_extension(engine: VLLMEngine, model: torch.nn.Module) -> None:
+    """The weight-sync receive path: buckets arrive through two reused buffers while every vLLM
+    worker (here one, tensor-parallel rank 0) loads its shard of each, one collective_rpc per bucket."""
+    from asyncopd.weightsync.manifest import pack, plan
+    from asyncopd.weightsync.receive import ReceiveBuffers, WeightStream
+
+    tokenizer = load_tokenizer(STUDENT)
+    changed = load_model(STUDENT)
+    with torch.no_grad():
+        for name, param in changed.state_dict().items():
+            if name.endswith("mlp.down_proj.weight"):
+                param.mul_(3.0)
+    named = [(n, t) for n, t in changed.state_dict().items() if n in engine.param_shapes()]
+    manifest = plan(named, 64 << 10)  # many buckets: 64 KiB each
+    buckets = pack(named, manifest, "cpu")
+    assert len(buckets) >= 6
+    posted: list[int] = []
+
+    def receive(into: torch.Tensor) -> int:
+        posted.append(len(posted))
+        into.copy_(buckets[posted[-1]])
+        return posted[-1]
+
+    calls: list[tuple[str, int]] = []
+    rpc = engine._llm.collective_rpc
+
+    def counted(method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = rpc(method, *args, **kwargs)
+        if isinstance(method, str) and method.startswith("weightsync_"):
+            calls.append((method, len(out)))
+        return out
+
+    engine._llm.collective_rpc = counted  # type: ignore[method-assign]
+    version = engine.version + 1
+    buffers = ReceiveBuffers()
+    try:
+        engine.load_weights(version, WeightStream(manifest, buffers, receive, lambda _: True))
+        ranks = rpc("weightsync_begin")
+        rpc("weightsync_finish")
+    finally:
+        engine._llm.collective_rpc = rpc  # type: ignore[method-assign]
+    assert ranks == [0]  # one worker per tensor-parallel rank answers
+    assert calls[0] == ("weightsync_begin", 1) and calls[-1] == ("weightsync_finish", 1)
+    assert [c for c, _ in calls[1:-1]] == ["weightsync_load_bucket"] * len(buckets)
+    assert buffers.allocations == 2 and posted == list(range(len(buckets)))
+    sampling = Sampling(temperature=1.0, max_tokens=16, seed=5)
+    rollouts = engine.generate(toy_prompts(tokenizer), sampling, SupportKind.STUDENT_TOPK, 4)
+    assert all((r.versions == version).all() for r in rollouts)
+    assert_matches_recomputation(changed, rollouts, sampling, SupportKind.STUDENT_TOPK, 4, atol=5e-4)
+    engine.load_weights(version + 1, list(model.state_dict().items()))

@@ -53,7 +53,7 @@ _LATEST = "LATEST"
 _STATE = "learner_state.pt"
 _DIGESTS = "digests.json"
 # Free space kept beyond the checkpoint's own size (filesystem metadata, the LATEST pointer).
-_SPACE_MARGIN = 1.1
+SPACE_MARGIN = 1.1
 
 
 class CheckpointSpaceError(OSError):
@@ -152,7 +152,7 @@ def ensure_space(root: Path, needed: int, free_bytes: int | None = None) -> None
     def free() -> int:
         return free_bytes if free_bytes is not None else shutil.disk_usage(root).free
 
-    want = int(needed * _SPACE_MARGIN)
+    want = int(needed * SPACE_MARGIN)
     existing = _checkpoints(root)
     # The newest checkpoint is what a resume needs; older ones go first when space is short.
     while free() < want and len(existing) > 1:

@@ -1,20 +1,48 @@
-"""The learner's training loop: pull a versioned batch -> train -> ack -> publish weights -> publish version.
+"""The learner's training loop: pull a versioned batch -> train -> publish weights -> publish version,
+and every N versions: checkpoint -> ack the batches it saved.
 
 Each iteration pulls up to `batch_size` scored samples no staler than the cache's bound,
-runs the trainer's optimizer step(s) (version += steps), acks the batch, broadcasts the new
-weights to the rollout replicas, and then tells the cache the new version (so admission
-control and staleness accounting use it). Every step is recorded in the Prometheus metrics
-and as one JSON line (the launcher builds the report and plots from that file); checkpoints
-and evaluations happen every N versions, and a final checkpoint when the loop stops (SIGTERM
-or the configured number of steps).
+runs the trainer's optimizer step(s) (version += steps), broadcasts the new weights to the
+rollout replicas, and then tells the cache the new version (so admission control and staleness
+accounting use it). Every step is recorded in the Prometheus metrics and as one JSON line (the
+launcher builds the report and plots from that file); checkpoints and evaluations happen every
+N versions, and a final checkpoint when the loop stops (SIGTERM or the configured number of steps).
+
+"Trained" means saved. A batch is acked (the cache counts its samples trained and deletes
+them) only once a checkpoint holds the update that consumed it: until then the loop keeps the
+batch's claim alive (every pull names the batches trained since the last checkpoint; the cache
+extends their claims and frees their admission slots) and acks them, in order, right after the
+checkpoint is written. If the process dies in between, the claims expire and the samples go back
+to the pool (where the restarted learner's version jump makes them stale: dropped, counted), so
+no sample is counted trained whose update was lost. With `checkpoint_every` = 0 (or no
+checkpoints at all) there is nothing to wait for and each batch is acked right after training.
+
+The checkpoint also records the prompt cursor state (`CursorState`: the next dataset position
+and the positions below it still open), which the cache restores if Redis lost its state: a run
+resumed after a Redis wipe neither replays nor skips prompts.
+
+Every start takes a fencing epoch from the cache (`begin`); every pull, ack and publish carries
+it, and a learner whose epoch is older than the newest is refused (PERMISSION_DENIED): it stops
+at once (`LearnerFenced`), without a checkpoint and without acking.
+
+A checkpoint that fails for lack of space or any OSError (disk full, EACCES, a read-only
+volume: `CheckpointSpaceError` is one) does not stop the learner and does not let it train on:
+it counts the failure (`checkpoint_failures`, the checkpoint alerts), logs the directory and the
+bytes the checkpoint needs, and waits, retrying the checkpoint with backoff (up to
+`checkpoint_retry_max_s`) while it keeps the unsaved batches' claims alive (a keep-alive
+PullBatch: see `_keep_claims`); once a checkpoint is written it acks them and trains on. A stop
+while it waits makes one last attempt; if that fails too the loop ends without acking (the claims
+expire and the samples go back to the pool, the accounting exact) and without publishing
+`finished`. Other exceptions from the checkpoint propagate.
 
 Faults it rides through: the cache (or its Redis) being unreachable for a while (every cache
 call is retried with backoff until it answers or the loop is stopped); an ack the cache refuses
 because it no longer knows the claim (Redis lost it, or it expired) — logged and counted, the
-cache owns those samples' accounting; and a restart from a checkpoint older than the version
-it had published before it died: it then continues numbering after the published version
-(`catch_up`), so versions stay monotonic for the replicas, the cache and staleness accounting,
-and it logs a `start` event naming the checkpoint it resumed from (steps logged after that
+cache owns those samples' accounting; and a restart (from a checkpoint, or after another
+learner of the run): it starts at the version the cache names, max(published, checkpoint) +
+max_staleness + 2 (`asyncopd.cache.policy`), past every version a replica may have stamped
+tokens with, so versions stay monotonic and no rollout of lost weights looks fresh; it logs a
+`start` event naming the checkpoint it resumed from and the jump (steps logged after that
 checkpoint by the previous incarnation were lost with it).
 
 It knows the trainer, the cache client, a `WeightTransport` (not which backend moves the bytes)
@@ -23,12 +51,13 @@ and the checkpoint files; the gRPC server and process signals belong to `asyncop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -39,23 +68,41 @@ from asyncopd.learner import checkpoint
 from asyncopd.learner.servicer import Progress
 from asyncopd.learner.trainer import StepStats, Trainer
 from asyncopd.observability.metrics import LearnerMetrics
-from asyncopd.records import ScoredSample
+from asyncopd.records import CursorState, ScoredSample
 from asyncopd.tracking import Tracker
 from asyncopd.weightsync.transport import PublishReport, WeightTransport
+from asyncopd.wire.cache_client import LearnerStart
 from asyncopd.wire.rpc import Outage, retryable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The most trained batches kept unacked: past this many the loop checkpoints early (each pull
+# names them all, and the cache accepts at most 4096).
+MAX_UNSAVED_BATCHES = 1024
+
+
+class LearnerFenced(RuntimeError):
+    """A newer learner began in this run (the cache refused this one's epoch): stop, save nothing."""
+
 
 class BatchSource(Protocol):
-    """What the loop needs of the cache (asyncopd.wire.cache_client.CacheClient fits)."""
+    """What the loop needs of the cache (asyncopd.wire.cache_client.CacheClient fits); the client
+    holds the fencing epoch `begin_learner` took and sends it with every later call."""
 
-    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Any: ...
+    def begin_learner(
+        self, learner: str = "learner", checkpoint_version: int | None = None, cursor: CursorState | None = None
+    ) -> LearnerStart: ...
+    def prompt_cursor(
+        self, trained_batch_ids: Sequence[str], saved: CursorState | None = None, trained_tickets: Sequence[str] = ()
+    ) -> CursorState: ...
+    def run_state(self) -> tuple[tuple[str, ...], bool]: ...
+    def pull_batch(
+        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Sequence[str] = ()
+    ) -> Any: ...
     def ack_batch(self, batch_id: str) -> int: ...
     def publish_version(self, version: int, finished: bool = False) -> int: ...
-    def published_version(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +119,10 @@ class LoopSettings:
     log_sample_ids: bool = False
     # Longest back-off between retries of a cache call that found the cache unreachable.
     max_retry_delay_s: float = 0.5
+    # Longest back-off between retries of a checkpoint that failed with an OSError (disk full,
+    # unwritable): the unsaved batches' claims are renewed before each wait, so keep it well
+    # under cache.batch_claim_s.
+    checkpoint_retry_max_s: float = 2.0
 
 
 Evaluate = Callable[[], dict[str, float]]
@@ -113,6 +164,17 @@ class LearnerLoop:
         self._steps_run = 0
         self.resumed_from = resumed_from
         self.acks_refused = 0
+        self.checkpoint_failures = 0
+        self.start: LearnerStart | None = None  # what the cache answered at `begin`
+        # Batches trained since the last checkpoint, oldest first: acked once one saves them.
+        self.unsaved: list[str] = []
+        self._unsaved_tickets: dict[str, list[str]] = {}  # batch id -> its samples' tickets
+        saved = trainer.prompt_cursor
+        self._saved_cursor = CursorState.from_dict(saved) if saved else None
+        # the cache run states (one per shard) the learner's cursor knowledge belongs to; a pull
+        # naming others means Redis lost its state since (see `_follow_run_state`)
+        self._cursor_runs: tuple[str, ...] = self._saved_cursor.runs if self._saved_cursor else ()
+        self.cursor_restores = 0
         self._delivered: int | None = None
         self._cache_outage = Outage("learner: the cache", first_delay_s=0.1, max_delay_s=settings.max_retry_delay_s)
         self.finished = trainer.version >= settings.steps
@@ -133,56 +195,108 @@ class LearnerLoop:
             finished=self.finished,
         )
 
+    @property
+    def acks_deferred(self) -> bool:
+        """Whether batches are acked after the checkpoint that saves them (else right after training)."""
+        return self.save_checkpoint is not None and self.settings.checkpoint_every > 0
+
     def run(self) -> None:
-        """Train until `steps` versions or `stop`; always ends with a checkpoint and the version published."""
-        self.catch_up()
-        self.finished = self.trainer.version >= self.settings.steps
-        self._deliver(self.trainer.version)  # replicas (and a restarted cache) start from our version
-        if self.metrics is not None:
-            self.metrics.target_steps.set(self.settings.steps)
-            self.metrics.policy_version.set(self.trainer.version)
-        last_checkpoint = self.trainer.version
+        """Train until `steps` versions or `stop`; always ends with a checkpoint (which acks every
+        batch trained since the previous one) and the version published. Raises `LearnerFenced`
+        (after neither checkpointing nor acking) when a newer learner began."""
+        fenced = False
         try:
-            while not self.stop.is_set() and not self.finished:
-                if not self._iteration():
-                    continue
+            self.begin()
+            self.finished = self.trainer.version >= self.settings.steps
+            self._deliver(self.trainer.version)  # replicas (and a restarted cache) start from our version
+            if self.metrics is not None:
+                self.metrics.target_steps.set(self.settings.steps)
+                self.metrics.policy_version.set(self.trainer.version)
+            last_checkpoint = self.trainer.version
+            saved = True
+            clean = False
+            try:
+                while not self.stop.is_set() and not self.finished:
+                    if not self._iteration():
+                        continue
+                    version = self.trainer.version
+                    every = self.settings.checkpoint_every
+                    due = every and version // every > last_checkpoint // every
+                    if self.save_checkpoint is not None and (due or len(self.unsaved) >= MAX_UNSAVED_BATCHES):
+                        if not self._checkpoint_until_saved(retry=True):
+                            break  # stopped while waiting for space: the final attempt below
+                        last_checkpoint = version
+                    if (
+                        self.evaluate is not None
+                        and self.settings.eval_every
+                        and version % self.settings.eval_every == 0
+                    ):
+                        self._run_eval()
+                clean = True
+            except grpc.RpcError as err:
+                fenced = err.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+                raise
+            finally:
+                if (
+                    not fenced
+                    and self.save_checkpoint is not None
+                    and (self.trainer.version != last_checkpoint or self.unsaved)
+                ):
+                    # finished: wait for space like any checkpoint; stopped or failing: one attempt
+                    saved = self._checkpoint_until_saved(retry=clean and not self.stop.is_set())
+            if not saved:
+                log.error(
+                    "learner stopping without a checkpoint: %d trained batches left unacked; their claims "
+                    "expire and their samples go back to the pool (not counted trained)",
+                    len(self.unsaved),
+                )
+            elif self.finished:
                 version = self.trainer.version
-                every = self.settings.checkpoint_every
-                if self.save_checkpoint is not None and every and version // every > last_checkpoint // every:
-                    self._checkpoint()
-                    last_checkpoint = version
-                if self.evaluate is not None and self.settings.eval_every and version % self.settings.eval_every == 0:
-                    self._run_eval()
+                self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=True))
+                log.info("training finished at version %d", self.trainer.version)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.PERMISSION_DENIED:  # type: ignore[attr-defined]
+                raise
+            log.error("learner fenced out, stopping without a checkpoint: %s", err.details())  # type: ignore[attr-defined]
+            raise LearnerFenced(str(err.details())) from err  # type: ignore[attr-defined]
         finally:
-            if self.save_checkpoint is not None and self.trainer.version != last_checkpoint:
-                self._checkpoint()
             if self.tracker is not None:
                 self.tracker.close()
-        if self.finished:
-            version = self.trainer.version
-            self._cache_call("publish_version", lambda: self.source.publish_version(version, finished=True))
-            log.info("training finished at version %d", self.trainer.version)
 
-    def catch_up(self) -> None:
-        """Start numbering after the version the cache has published (see the module doc); log a start event."""
-        published = self._cache_call("published_version", self.source.published_version)
-        start = self.trainer.version
-        if published > start:
+    def begin(self) -> None:
+        """Take this start's fencing epoch and the version to start at from the cache (see the
+        module doc), handing it the checkpoint's prompt cursor state; log a start event."""
+        resumed, cursor = self.resumed_from, self._saved_cursor
+        start = self._cache_call(
+            "begin_learner", lambda: self.source.begin_learner(self.settings.name, resumed, cursor)
+        )
+        self.start = start
+        before = self.trainer.version
+        if start.start_version > before:
             log.warning(
-                "the cache has version %d published but this learner starts at %d (resumed from an older "
-                "checkpoint, or none): continuing at version %d; the %d steps in between were lost",
-                published,
-                start,
-                published,
-                published - start,
+                "restarted learner (checkpoint version %s, published version %d): starting at version %d, "
+                "past every version a replica may have stamped tokens with (max(published, checkpoint) + "
+                "max_staleness + 2); in-flight rollouts of earlier weights are stale from now on",
+                resumed,
+                start.published,
+                start.start_version,
             )
-            self.trainer.version = published
+            self.trainer.version = start.start_version
+            # the jump goes to the cache first: replicas take a pushed version only up to published + 1
+            jumped = start.start_version
+            self._cache_call("publish_version", lambda: self.source.publish_version(jumped))
+        if start.cursor_restored:
+            log.warning("the cache had lost its prompt cursor: %d positions re-opened from the checkpoint",
+                        start.cursor_restored)  # fmt: skip
         self._write(
             {
                 "event": "start",
                 "version": self.trainer.version,
-                "checkpoint_version": self.resumed_from,
-                "published_version": published,
+                "checkpoint_version": resumed,
+                "published_version": start.published,
+                "version_jump": self.trainer.version - before,
+                "learner_epoch": start.epoch,
+                "cursor_restored": start.cursor_restored,
                 "time_unix": time.time(),
             }
         )
@@ -205,18 +319,122 @@ class LearnerLoop:
         """Cache calls retried because the cache (or its Redis) was unreachable."""
         return self._cache_outage.failures
 
+    def _checkpoint_until_saved(self, *, retry: bool) -> bool:
+        """`_checkpoint()`; while it fails with an OSError (no space, unwritable directory) and
+        `retry`, keep the unsaved batches' claims alive and try again with backoff until it is
+        written (True) or the loop is stopped (one last attempt; False if that fails too).
+        Nothing is trained meanwhile: the caller runs no step before this returns."""
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                self._checkpoint()
+            except OSError as err:
+                self.checkpoint_failures += 1
+                if not retry or self.stop.is_set():
+                    log.error("checkpoint failed (%s); not retrying: the loop is stopping", err)
+                    return False
+                if waited == 0.0:
+                    log.error(
+                        "checkpoint failed, training paused until one is written (retrying with backoff, "
+                        "the claims of %d unsaved batches kept alive): %s%s",
+                        len(self.unsaved),
+                        err,
+                        self._space_hint(),
+                    )
+                self._keep_claims()
+                wait = min(delay, self.settings.checkpoint_retry_max_s)
+                self.stop.wait(wait)
+                waited += wait
+                delay *= 2
+                continue
+            if waited:
+                log.warning("checkpoint written after %.1f s of failed attempts; training resumes", waited)
+            return True
+
+    def _space_hint(self) -> str:
+        """Where the checkpoint goes and what it needs, when the saver says (`checkpointer` does)."""
+        where = getattr(self.save_checkpoint, "directory", None)
+        need = getattr(self.save_checkpoint, "needed_bytes", None)
+        if where is None:
+            return ""
+        hint = f" (checkpoint directory {where}"
+        if callable(need):
+            with contextlib.suppress(OSError):
+                hint += f", ~{need() / 2**20:.1f} MiB needed"
+        return hint + ")"
+
+    def _keep_claims(self) -> None:
+        """Renew the claims of the unsaved batches without claiming a new one: a PullBatch of size
+        0 naming them (keep-alive only: the cache extends those claims, claims nothing and leaves
+        the version alone)."""
+        if not self.unsaved or self.stop.is_set():
+            return
+        keep = list(self.unsaved)
+        version = self.trainer.version
+        try:
+            self._cache_call(
+                "pull_batch (keep-alive)",
+                lambda: self.source.pull_batch(0, version, 0, self.settings.name, keep),
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.PERMISSION_DENIED or not self.stop.is_set():  # type: ignore[attr-defined]
+                raise
+
     def _checkpoint(self) -> None:
-        """Write a checkpoint; its time and its failures go to the metrics (the checkpoint-age and
-        checkpoint-failure alerts), a failure still propagates."""
+        """Write a checkpoint with the prompt cursor state, then ack the batches it saves, oldest
+        first. Its time and its failures go to the metrics (the checkpoint-age and
+        checkpoint-failure alerts), a failure still propagates (and nothing is acked)."""
         assert self.save_checkpoint is not None
+        trained, tickets = list(self.unsaved), self._trained_tickets()
+        saved = self._saved_cursor
+        cursor = self._cache_call("prompt_cursor", lambda: self.source.prompt_cursor(trained, saved, tickets))
+        self._cursor_runs = cursor.runs or self._cursor_runs
+        self.trainer.prompt_cursor = cursor.as_dict()
         try:
             self.save_checkpoint()
         except Exception:
             if self.metrics is not None:
                 self.metrics.checkpoint_failures.inc()
             raise
+        self._saved_cursor = cursor
         if self.metrics is not None:
             self.metrics.checkpoint_unixtime.set(time.time())
+        while self.unsaved:
+            self._ack(self.unsaved[0])
+            self._unsaved_tickets.pop(self.unsaved.pop(0), None)
+
+    def _trained_tickets(self) -> list[str]:
+        """Tickets of the unsaved batches' samples, all of them: the store leaves out those of its
+        current run. (Filtering here by the runs the last pull reported was wrong: a checkpoint
+        right after a wipe still sees the old run there, so the trained tickets were not sent and
+        their positions re-opened — 160 positions trained twice in a CI chaos run.)"""
+        return [t for bid in self.unsaved for t in self._unsaved_tickets.get(bid, [])]
+
+    def _follow_run_state(self) -> None:
+        """After a pull: when the cache reports run states other than the ones this learner's
+        cursor knowledge belongs to (Redis lost its state since) or fresh admission held for it,
+        hand the cache the checkpoint's cursor state and the tickets trained since, at once (not
+        at the next checkpoint): until then a re-created state admits nothing, so the run neither
+        replays the prompts it trained nor waits for a checkpoint that cannot come."""
+        runs, held = self.source.run_state()
+        if not runs:
+            return
+        if not self._cursor_runs and not held:
+            self._cursor_runs = runs  # first sight of the run (no checkpoint yet)
+            return
+        if not held and runs == self._cursor_runs:
+            return
+        trained, tickets, saved = list(self.unsaved), self._trained_tickets(), self._saved_cursor
+        cursor = self._cache_call("prompt_cursor (restore)", lambda: self.source.prompt_cursor(trained, saved, tickets))
+        self._cursor_runs = cursor.runs or runs
+        self.cursor_restores += 1
+        log.warning(
+            "the cache's run state changed (Redis lost it): prompt cursor handed back from %s, %d tickets "
+            "trained since kept closed; the cursor is at %d",
+            "the last checkpoint" if saved is not None else "nothing (no checkpoint yet)",
+            len(tickets),
+            cursor.cursor,
+        )
 
     def _ack(self, batch_id: str) -> None:
         try:
@@ -234,21 +452,27 @@ class LearnerLoop:
     def _iteration(self) -> bool:
         start = time.perf_counter()
         version = self.trainer.version
+        keep = list(self.unsaved)
         batch = self._cache_call(
             "pull_batch",
             lambda: self.source.pull_batch(
-                self.settings.batch_size, version, self.settings.pull_wait_ms, self.settings.name
+                self.settings.batch_size, version, self.settings.pull_wait_ms, self.settings.name, keep
             ),
         )
         pulled = time.perf_counter()
         if self.metrics is not None:
             self.metrics.phase("data_wait").observe(pulled - start)
+        self._follow_run_state()
         if batch is None or not batch.samples:
             return False
         version_before = self.trainer.version
         stats = self.trainer.train(batch.samples)
         trained = time.perf_counter()
-        self._ack(batch.batch_id)
+        if self.acks_deferred:
+            self.unsaved.append(batch.batch_id)
+            self._unsaved_tickets[batch.batch_id] = [s.rollout.ticket for s in batch.samples]
+        else:
+            self._ack(batch.batch_id)
         self.finished = self.trainer.version >= self.settings.steps
         report = self._deliver(self.trainer.version)
         done = time.perf_counter()
@@ -349,11 +573,17 @@ class LearnerLoop:
 
 
 def checkpointer(trainer: Trainer, directory: str, *, tokenizer: Any = None, keep: int = 2) -> SaveCheckpoint:
-    """A SaveCheckpoint bound to the trainer's model and state."""
+    """A SaveCheckpoint bound to the trainer's model and state (with `directory` and
+    `needed_bytes()` attributes, which the loop names when a checkpoint fails)."""
 
     def save() -> Path:
         path = checkpoint.save(directory, trainer.model, trainer.state_dict(), tokenizer=tokenizer, keep=keep)  # type: ignore[arg-type]
         log.info("checkpoint %s (version %d)", path, trainer.version)
         return path
 
+    def needed() -> int:
+        return int(checkpoint.needed_bytes(Path(directory), trainer.model) * checkpoint.SPACE_MARGIN)  # type: ignore[arg-type]
+
+    save.directory = directory  # type: ignore[attr-defined]
+    save.needed_bytes = needed  # type: ignore[attr-defined]
     return save

@@ -135,9 +135,12 @@ class Trainer:
         pack_sequences: bool = False,
         lockstep: distributed.Lockstep | None = None,
         sync_dtype: torch.dtype | None = None,
+        mask_stale_tokens_beyond: int | None = None,
     ) -> None:
         """`lockstep`: this process's rank when the learner runs over several (the model is sharded here);
-        `sync_dtype`: the dtype `named_weights` delivers (the rollout engines'; None = the weights' own)."""
+        `sync_dtype`: the dtype `named_weights` delivers (the rollout engines'; None = the weights' own);
+        `mask_stale_tokens_beyond`: max_staleness under stale_tokens: mask (tokens more than that many
+        versions behind the version a batch is trained at are masked; None = no per-token mask)."""
         if loss.spec.needs_teacher_logits and teacher is None:
             raise ValueError(f"loss.kind={loss.kind} needs dense teacher logits: pass a colocated teacher model")
         check_memory_settings(
@@ -170,6 +173,7 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.mini_batches = mini_batches
         self.pad_id = pad_id
+        self.mask_stale_tokens_beyond = mask_stale_tokens_beyond
         self.logit_chunk_tokens = logit_chunk_tokens
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.pack_sequences = pack_sequences
@@ -182,6 +186,9 @@ class Trainer:
         # autocast only when compute is narrower than the stored weights (fp32 masters, bf16 math)
         self.autocast_dtype = compute_dtype if compute_dtype not in (None, weights_dtype) else None
         self.version = 0
+        # The prompt cursor state (asyncopd.wire.cache_client.CursorState.as_dict) the loop
+        # records in each checkpoint, so a resumed run continues the prompt feed; None before one.
+        self.prompt_cursor: dict[str, Any] | None = None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         # (LambdaLR evaluates step 0 here: a bad schedule or ratio fails at construction)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -207,10 +214,12 @@ class Trainer:
             "version": self.version,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            **({"prompt_cursor": self.prompt_cursor} if self.prompt_cursor is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
+        self.prompt_cursor = state.get("prompt_cursor")  # absent in checkpoints older than it
         if "optimizer" in state:  # absent in a sharded checkpoint: `checkpoint.load_sharded` loads it
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -219,11 +228,17 @@ class Trainer:
         """Up to `mini_batches` optimizer steps on `samples` (fewer if the batch is smaller)."""
         if self.lockstep is not None:
             self.lockstep.lead(distributed.Op.TRAIN, list(samples))
-        batch = collate(samples, self.loss.kind, self.pad_id).to(self.device)
+        eta = self.mask_stale_tokens_beyond
+        oldest_usable = None if eta is None else self.version - eta  # StalenessPolicy.oldest_usable
+        batch = collate(samples, self.loss.kind, self.pad_id, oldest_usable).to(self.device)
+        masked = 0 if oldest_usable is None else sum(s.rollout.num_tokens for s in samples) - batch.tokens
         proximal = self._proximal(batch) if self.loss.correction == "decoupled" else None
         steps = min(self.mini_batches, batch.size)
         bounds = [round(i * batch.size / steps) for i in range(steps + 1)]
-        return [self._step(batch, proximal, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        stats = [self._step(batch, proximal, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        if oldest_usable is not None:
+            stats[0].metrics["masked_stale_tokens"] = float(masked)
+        return stats
 
     def micro_batches(self, batch: TrainBatch, lo: int, hi: int) -> list[tuple[int, int]]:
         """Row ranges of rows lo:hi, one per forward/backward (by rows, or by the token budget)."""
@@ -433,4 +448,5 @@ def trainer_from_config(
         pack_sequences=lc.pack_sequences,
         lockstep=lockstep,
         sync_dtype=torch_dtype(config.models.dtype),
+        mask_stale_tokens_beyond=config.max_staleness if config.stale_tokens == "mask" else None,
     )

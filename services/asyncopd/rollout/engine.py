@@ -25,6 +25,7 @@ import torch
 
 from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.sampling import Sampling
+from asyncopd.weightsync.receive import WeightStream
 
 
 @dataclass(frozen=True)
@@ -116,17 +117,28 @@ class Engine(abc.ABC):
 
 def check_weights(
     version: int, current: int, named_tensors: Iterable[tuple[str, torch.Tensor]], shapes: dict[str, torch.Size]
-) -> list[tuple[str, torch.Tensor]]:
-    """Validate an update completely before anything is applied (so a bad update changes nothing)."""
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Validate an update completely before anything is applied (so a bad update changes nothing).
+
+    A `WeightStream` (weight sync's receive path) is checked by the names and shapes it
+    announces and handed back unconsumed: its tensors arrive while the engine loads the ones
+    before, through two reused buffers, so the engine must copy each as it comes (never list them)."""
     if version < current:
         raise ValueError(f"weights version {version} is older than the loaded version {current}")
+    if isinstance(named_tensors, WeightStream):
+        _check_shapes(named_tensors.specs, shapes)
+        return named_tensors
     tensors = list(named_tensors)
-    for name, tensor in tensors:
+    _check_shapes([(name, tuple(t.shape)) for name, t in tensors], shapes)
+    return tensors
+
+
+def _check_shapes(specs: Iterable[tuple[str, tuple[int, ...]]], shapes: dict[str, torch.Size]) -> None:
+    for name, shape in specs:
         if name not in shapes:
             raise ValueError(f"weights: unknown parameter {name!r}")
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise ValueError(f"weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
-    return tensors
+        if tuple(shape) != tuple(shapes[name]):
+            raise ValueError(f"weights: {name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
 
 
 class StopChecker:

@@ -130,6 +130,7 @@ def serve(config: RunConfig, name: str) -> None:
         wait_ms=config.rollout.acquire_wait_ms,
         metrics=m,
         continuous=config.rollout.continuous,
+        max_lag=config.max_staleness,
     )
     threads = [_thread("rollout-loop", lambda: loop.run(stop), errors, stop)]
 

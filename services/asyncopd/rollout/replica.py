@@ -27,6 +27,7 @@ from asyncopd.observability.metrics import RolloutMetrics
 from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout.engine import Engine
 from asyncopd.rollout.sampling import Sampling
+from asyncopd.weightsync.receive import WeightStream
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import Outage, retryable
 from asyncopd.wire.work_loop import Claimed, Ended, put_with_backoff, run_work_loop
@@ -107,17 +108,22 @@ class RolloutReplica:
     def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The weight-update hook (weightsync subscriber, PushWeights): pause, load, resume."""
         start = time.monotonic()
-        tensors = list(named_tensors)
+        # A WeightStream is loaded as it arrives (its tensors are reused buffers: never listed).
+        tensors = named_tensors if isinstance(named_tensors, WeightStream) else list(named_tensors)
         self._paused = True
         try:
             self.engine.load_weights(version, tensors)
         finally:
             self._paused = False
+        if isinstance(tensors, WeightStream):
+            count, nbytes = len(tensors.specs), tensors.received_bytes
+        else:
+            count, nbytes = len(tensors), sum(t.numel() * t.element_size() for _, t in tensors)
         if self._metrics is not None:
             self._metrics.weight_update_seconds.observe(time.monotonic() - start)
-            self._metrics.weight_update_bytes.inc(sum(t.numel() * t.element_size() for _, t in tensors))
+            self._metrics.weight_update_bytes.inc(nbytes)
             self._metrics.policy_version.set(version)
-        log.info("replica %s loaded weights version %d (%d tensors)", self.name, version, len(tensors))
+        log.info("replica %s loaded weights version %d (%d tensors)", self.name, version, count)
 
     def status(self) -> ReplicaStatus:
         now = time.monotonic()
@@ -159,8 +165,18 @@ class RolloutLoop:
         wait_ms: int = 500,
         metrics: RolloutMetrics | None = None,
         continuous: bool = True,
+        max_lag: int | None = None,
     ) -> None:
+        """`max_lag`: when the engine's weights are more than this many versions behind the
+        published learner version (the staleness bound), everything generated now would be
+        dropped as stale on arrival: the loop stops acquiring prompts until weight sync catches
+        up (None: never stops)."""
         self._replica = replica
+        self._max_lag = max_lag
+        self._published = 0  # the newest learner version the cache told this loop of
+        self._gated_since: float | None = None
+        self._last_probe = 0.0
+        self.gated_s = 0.0  # seconds spent not acquiring because the weights lagged
         self._continuous = continuous
         self._cache = cache
         self._sampling = sampling
@@ -241,11 +257,73 @@ class RolloutLoop:
             self._release([*engine.abort_submitted(), *(_prompt_of(r) for r in undelivered)])
             self._idle()
 
+    def _lag(self) -> int:
+        return self._published - self._replica.engine.version
+
+    def _lagging(self) -> bool:
+        return self._max_lag is not None and self._lag() > self._max_lag
+
+    def _note_published(self, version: int) -> None:
+        self._published = max(self._published, version)
+        if self._metrics is not None:
+            self._metrics.version_lag.set(max(0, self._lag()))
+
+    def _gate(self, gated: bool) -> None:
+        now = time.monotonic()
+        if gated and self._gated_since is None:
+            self._gated_since = now
+            log.warning(
+                "replica %s: weights version %d lag the published %d by more than %d: not acquiring prompts "
+                "until weight sync catches up",
+                self._replica.name,
+                self._replica.engine.version,
+                self._published,
+                self._max_lag,
+            )
+        elif not gated and self._gated_since is not None:
+            self.gated_s += now - self._gated_since
+            log.info(
+                "replica %s caught up (weights %d): acquiring again", self._replica.name, self._replica.engine.version
+            )
+            self._gated_since = None
+        if self._metrics is not None:
+            self._metrics.lag_gated.set(int(gated))
+
+    def _wait_for_weights(self, wait_ms: int) -> bool:
+        """Gated: wait up to `wait_ms` for the weights to catch up -> finished (the run ended).
+        The published version and the finished flag are re-read from the cache's stats at most
+        every 2 s (they are not learned from admissions while none are asked for)."""
+        deadline = time.monotonic() + wait_ms / 1000.0
+        while self._lagging():
+            if time.monotonic() - self._last_probe >= 2.0:
+                self._last_probe = time.monotonic()
+                stats = self._cache.stats_snapshot()
+                self._note_published(stats.learner_version)
+                if stats.finished:
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.05))
+        return False
+
     def _acquire(self, n: int | None = None, wait_ms: int | None = None) -> Claimed[Prompt]:
+        wait = self._wait_ms if wait_ms is None else wait_ms
+        if self._lagging():
+            self._gate(True)
+            if self._wait_for_weights(wait):
+                return Claimed([], True)
+            if self._lagging():
+                return Claimed([], False)
+        self._gate(False)
         start = time.monotonic()
-        prompts, _, finished = self._cache.acquire_prompts(
-            self._replica.name, n or self._batch_size, self._wait_ms if wait_ms is None else wait_ms
-        )
+        prompts, version, finished = self._cache.acquire_prompts(self._replica.name, n or self._batch_size, wait)
+        self._note_published(version)
+        if prompts and self._lagging():
+            # The learner moved past this replica's weights meanwhile: these would be stale on arrival.
+            self._release(prompts)
+            self._gate(True)
+            prompts = []
         if self._metrics is not None:
             self._metrics.admission_wait_seconds.inc(time.monotonic() - start)
             self._metrics.engine_queue_depth.set(len(prompts))

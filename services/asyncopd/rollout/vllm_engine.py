@@ -17,13 +17,16 @@ collected when it finishes.
 
 Engine settings (tensor parallel size, memory fraction, max model length, CUDA graphs, prefix
 caching, dtype) are constructor arguments; `rollout.main` passes `rollout.vllm` from the config.
+Any tensor-parallel size: new weights go to every worker through the worker extension
+`weightsync.vllm_worker` (each worker loads its own shard, one bucket per `collective_rpc`).
 With prefix caching on, the cache is reset after each weight load (a cached prefix holds keys
 and values the old weights computed).
 
 Per-token versions: the engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)
 and this class calls `LLMEngine.step()` itself, one decode step at a time under a lock that
-`load_weights` also takes; new weights go in with the model runner's `reload_weights` through
-`collective_rpc` (tensors cannot cross a process boundary that way, hence in-process). A step's
+`load_weights` also takes; new weights go in bucket by bucket through `collective_rpc` (with
+tensor parallelism the executor's workers are processes: each bucket is then pickled to them,
+a bucket at a time, never the whole model). A step's
 new tokens carry the version loaded when the step ran. Async scheduling is off so that a step
 returns the tokens it computed.
 
@@ -47,6 +50,8 @@ from asyncopd.records import Prompt, Rollout, SupportKind
 from asyncopd.rollout import vllm_sampling
 from asyncopd.rollout.engine import Engine, EngineInfo, build_rollout, check_weights
 from asyncopd.rollout.sampling import Sampling
+from asyncopd.weightsync.receive import WeightStream
+from asyncopd.weightsync.vllm_worker import WORKER_EXTENSION
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -108,6 +113,8 @@ class VLLMEngine(Engine):
             max_model_len=max_model_len,
             extra_args=extra_args,
             logprobs_mode="processed_logprobs",
+            # every worker (tensor-parallel rank) loads its own shard of a weight update
+            worker_extension_cls=WORKER_EXTENSION,
             # vLLM's engine metrics (vllm:num_requests_running, vllm:kv_cache_usage_perc, ...) exist
             # only with stats on; `LLM` turns them off by default. The rollout re-exports them.
             disable_log_stats=False,
@@ -162,9 +169,20 @@ class VLLMEngine(Engine):
         return self._shapes
 
     def load_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Every vLLM worker (one per tensor-parallel rank) loads its shard, one bucket per call
+        (`weightsync.vllm_worker`); a `WeightStream`'s next bucket arrives meanwhile."""
         tensors = check_weights(version, self._version, named_tensors, self.param_shapes())
+        if isinstance(tensors, WeightStream):
+            buckets: Iterable[list[tuple[str, torch.Tensor]]] = tensors.buckets()
+        else:
+            buckets = [list(tensors)]
         with self._lock:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+            self._llm.collective_rpc("weightsync_begin")
+            try:
+                for bucket in buckets:
+                    self._llm.collective_rpc("weightsync_load_bucket", args=(bucket,))
+            finally:
+                self._llm.collective_rpc("weightsync_finish")
             if self.pause_mode == "abort":
                 self._restart_inflight()
             if self._prefix_caching:
