@@ -649,3 +649,18 @@ def test_one_shared_image_by_default_and_the_role_targets_with_image_per_role() 
         render("", "--set", "autoscaler.enabled=true", "--set", "image.tag=1.2.3", "--set", "image.perRole=true")
     )
     assert per_role == {role: f"ghcr.io/asyncopd/asyncopd:1.2.3-{role}" for role in shared}
+
+
+def test_several_cache_replicas_are_reached_round_robin_through_a_headless_service() -> None:
+    docs = render("", "--set", "cache.replicas=3")
+    assert find(docs, "Deployment", "rel-asyncopd-cache")["spec"]["replicas"] == 3
+    pods = find(docs, "Service", "rel-asyncopd-cache-pods")
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["ports"][0]["name"] == "grpc"
+    config = yaml.safe_load(find(docs, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["endpoints"]["cache"] == "dns:///rel-asyncopd-cache-pods:50051"
+    cert = find(docs, "Certificate", "rel-asyncopd-tls-cache")
+    assert "rel-asyncopd-cache-pods" in cert["spec"]["dnsNames"], "TLS clients check the name they dial"
+    one = render()
+    assert not [d for d in one if d["metadata"]["name"] == "rel-asyncopd-cache-pods"]
+    config = yaml.safe_load(find(one, "ConfigMap", "rel-asyncopd-config")["data"]["config.yaml"])
+    assert config["endpoints"]["cache"] == "rel-asyncopd-cache:50051"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -18,7 +19,13 @@ from asyncopd.cache.store import StorePolicy, StoreStats
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import StepStats
 from asyncopd.observability import metrics
-from asyncopd.wire.cache_client import Batch
+from asyncopd.records import CursorState
+from asyncopd.wire.cache_client import Batch, LearnerStart
+
+
+def _sample(n: int) -> SimpleNamespace:
+    """What the loop reads of a trained sample it does not train itself: its ticket."""
+    return SimpleNamespace(rollout=SimpleNamespace(ticket=f"run-{n}"))
 
 
 class Refused(grpc.RpcError):
@@ -32,6 +39,7 @@ class Refused(grpc.RpcError):
 class Trainer:
     def __init__(self) -> None:
         self.version = 0
+        self.prompt_cursor: dict[str, Any] | None = None
 
     def train(self, samples: list[Any]) -> list[StepStats]:
         self.version += 1
@@ -49,9 +57,20 @@ class Cache:
         self.n = 0
         self.published = 0
 
-    def pull_batch(self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner") -> Batch:
+    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
+        return LearnerStart(1, self.published, self.published, 0)
+
+    def run_state(self) -> Any:
+        return (), False
+
+    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
+        return CursorState(0)
+
+    def pull_batch(
+        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
+    ) -> Batch:
         self.n += 1
-        return Batch(batch_id=f"b{self.n}", samples=[object()], staleness=[0])  # type: ignore[list-item]
+        return Batch(batch_id=f"b{self.n}", samples=[_sample(self.n)], staleness=[0])  # type: ignore[list-item]
 
     def ack_batch(self, batch_id: str) -> int:
         if batch_id in self.refuse:
@@ -100,13 +119,15 @@ def test_refused_acks_and_checkpoints_are_counted(tmp_path: Path) -> None:
 
 
 def test_a_failed_checkpoint_is_counted_and_still_raised(tmp_path: Path) -> None:
+    """A checkpoint failing with anything but an OSError (those wait for space: the service test
+    test_learner_disk_full) propagates."""
     registry = metrics.ServiceRegistry("learner", "l", process_metrics=False)
 
-    def full() -> None:
-        raise OSError(28, "No space left on device")
+    def broken() -> None:
+        raise RuntimeError("state dict does not serialize")
 
-    run = loop(Cache(refuse=set()), 3, full, registry, tmp_path)
-    with pytest.raises(OSError, match="No space"):
+    run = loop(Cache(refuse=set()), 3, broken, registry, tmp_path)
+    with pytest.raises(RuntimeError, match="serialize"):
         run.run()
     # The periodic checkpoint failed, then the final one on the way out: both counted.
     assert value(registry, "asyncopd_learner_checkpoint_failures_total") == 2

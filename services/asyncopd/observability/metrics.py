@@ -76,7 +76,7 @@ SERVICES: Final = ("rollout", "teacher", "cache", "learner", "autoscaler")
 
 # Label values created at zero up front. A service may record other values; these are the ones
 # dashboards and alerts name.
-DROP_REASONS: Final = ("stale", "evicted", "lost", "invalid", "expired")
+DROP_REASONS: Final = ("stale", "evicted", "lost", "invalid", "expired", "poison")
 # Cache queues as the store reports them: prompts leased to / waiting re-issue from rollouts,
 # rollouts waiting for (unscored) or held by (scoring) a teacher, scored samples ready, samples
 # claimed in a batch the learner has not acked.
@@ -197,6 +197,16 @@ class RolloutMetrics:
             "asyncopd_rollout_admission_wait_seconds_total",
             "Time spent waiting for the cache to admit prompts (rate = fraction of time blocked).",
         )
+        self.version_lag = _gauge(
+            r,
+            "asyncopd_rollout_version_lag",
+            "Published learner version minus the version of the weights this replica holds (as it last heard).",
+        )
+        self.lag_gated = _gauge(
+            r,
+            "asyncopd_rollout_lag_gated",
+            "One while the replica acquires no prompts because its weights lag by more than the staleness bound.",
+        )
 
 
 class TeacherMetrics:
@@ -278,6 +288,28 @@ class CacheMetrics:
         self.redis_errors = _counter(
             r, "asyncopd_cache_redis_errors_total", "Failed Redis operations, by reason.", ["reason"]
         )
+        self.redis_state = _gauge(
+            r,
+            "asyncopd_cache_redis_state_losses",
+            "Times Redis lost cache state in this run, from its own counters: 'reset' (came back empty or "
+            "went back in time) and 'rollback' (came back with fewer writes than a cache process saw).",
+            ["reason"],
+        )
+        self.tokens_reserved = _gauge(
+            r,
+            "asyncopd_cache_tokens_reserved",
+            "Tokens admission holds for open tickets (Redis's cnt.tok_reserved, all shards), against "
+            "asyncopd_cache_token_budget.",
+        )
+        self.token_budget = _gauge(
+            r, "asyncopd_cache_token_budget", "Configured cache.max_tokens_in_flight (0 = no token budget)."
+        )
+        self.masked_samples = _gauge(
+            r,
+            "asyncopd_cache_masked_samples",
+            "Samples served in this run with tokens beyond the staleness bound, which the learner masks "
+            "(stale_tokens: mask; Redis's cnt.masked_samples, all shards).",
+        )
         self.request_seconds = _histogram(
             r,
             "asyncopd_cache_request_seconds",
@@ -294,6 +326,8 @@ class CacheMetrics:
             self.redis_errors.labels(reason=reason)
         self.evictions.labels(policy=eviction_policy)
         self.evicted_bytes.labels(policy=eviction_policy)
+        for reason in ("reset", "rollback"):
+            self.redis_state.labels(reason=reason)
 
 
 class LearnerMetrics:

@@ -3,12 +3,14 @@ it reads, and its environment.
 
 The ports are chosen up front (so the resolved config can name every endpoint before anything
 starts); the config file has endpoints, ports and paths filled in and never a password (that
-travels in the environment). It knows the run config's layout; nothing about processes.
+travels in the environment, as does the run's weight-sync store key: one random key per run,
+unless the launcher's own environment sets one). It knows the run config's layout; nothing about processes.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 from asyncopd.config import RunConfig
 from asyncopd.config.loader import REDIS_PASSWORD_ENV
+from asyncopd.config.weightsync import WEIGHTSYNC_KEY_ENV
 from asyncopd.lab.launch.ports import free_port
 
 STEP_LOG_NAME = "learner_steps.jsonl"
@@ -95,4 +98,8 @@ def child_env(config: RunConfig, base: Mapping[str, str] | None = None) -> dict[
     env.pop(REDIS_PASSWORD_ENV, None)
     if config.redis.password is not None:
         env[REDIS_PASSWORD_ENV] = config.redis.password.get_secret_value()
+    # The learner signs its weight-sync store values with it and the rollouts verify them
+    # (asyncopd.weightsync.groups): a local run is signed too.
+    if not env.get(WEIGHTSYNC_KEY_ENV):
+        env[WEIGHTSYNC_KEY_ENV] = secrets.token_urlsafe(32)
     return env
