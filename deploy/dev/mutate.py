@@ -98,6 +98,7 @@ LUA_TESTS = (
     "tests/service/test_cache_policy_boundary.py",
     "tests/service/test_cache_eviction.py",
     "tests/service/test_cache_budget_exact.py",
+    "tests/service/test_cache_poison.py",
 )
 
 
@@ -159,10 +160,14 @@ LUA_MUTANTS = (
     ),
     LuaMutant(
         "unscored: stale boundary < -> <=",
-        "drop_stale_unscored.lua",
-        "num(f[2]) < oldest_usable then",
-        "num(f[2]) <= oldest_usable then",
+        "claim.lua",
+        "if num(f[3]) < oldest_usable then",
+        "if num(f[3]) <= oldest_usable then",
     ),
+    LuaMutant(
+        "claim: one teacher delivery past the cap", "claim.lua", "num(f[2]) >= maxd then", "num(f[2]) > maxd then"
+    ),
+    LuaMutant("expire: one batch claim past the cap", "common.lua", "num(f[4]) >= maxd then", "num(f[4]) > maxd then"),
     LuaMutant(
         "acquire: admits past the window",
         "acquire.lua",
@@ -179,7 +184,6 @@ EQUIVALENT = {
     "per_position[ -1][0].shape[1]": "every sample's K is the same (checked just before), so first = last",
     "non_blocking=False": "same values; only whether a host->device copy may overlap (none on CPU)",
     "pull: stale range inclusive": "scores are ov * 2^32 + seq with seq >= 1 (INCR): none equals the bound",
-    "unscored: stale boundary": "the store passes only ids it found stale (ov < bound); versions only grow",
 }
 
 

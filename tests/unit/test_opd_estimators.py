@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 from asyncopd.opd import (
+    ProjectedLogits,
     forward_kl_full,
     forward_kl_topk,
     gather_logprobs,
@@ -507,3 +508,52 @@ def test_shape_errors_say_what_is_wrong() -> None:
         reverse_kl_topk(z, ids, torch.zeros((*LEAD, K)), tail="renorm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="proximal_logprobs"):
         reverse_kl_mc(z, ids, torch.zeros((*LEAD, K)), torch.zeros((*LEAD, K)), correction="decoupled")
+
+
+# ---------------------------------------------------------------- at Qwen3's vocabulary
+
+
+def test_forward_kl_topk_bucket_is_the_dense_kl_at_qwen3_vocabulary() -> None:
+    """The wide world's shape (docs/wide-world.md): 151,936 rows, a few dozen task ids carrying the
+    mass and every other row's logit exactly 0 in both models, so the teacher's tail is
+    proportional to the student's and the top-64 bucket KL *is* the dense forward KL. In fp32,
+    through the chunked LM head as the learner computes it, value and gradients (hidden states
+    and LM head) match the dense fp64 formula: the estimator is not why forward_kl_topk trained
+    worse there."""
+    rows, hidden, task, k = 151_936, 16, 40, 64
+    gen = torch.Generator().manual_seed(15)
+    task_ids = torch.randperm(rows, generator=gen)[:task]
+
+    def head(scale: float) -> Tensor:
+        w = torch.zeros(rows, hidden, dtype=torch.float64)
+        w[task_ids] = scale * torch.randn(task, hidden, generator=gen, dtype=torch.float64)
+        return w
+
+    w_student, w_teacher = head(2.0), head(2.5)
+    h = torch.randn(6, hidden, generator=gen, dtype=torch.float64)
+    teacher_logp = torch.log_softmax(h @ w_teacher.T, -1)
+    # K = 64 ids: the task's 40 and 24 rows at logit 0 (the rest are at logit 0 in both models)
+    others = torch.ones(rows, dtype=torch.bool)
+    others[task_ids] = False
+    top_ids = torch.cat([task_ids, torch.nonzero(others).flatten()[: k - task]]).expand(6, k)
+    top_logp = teacher_logp.gather(-1, top_ids)
+    # as in the world the student leaves more mass outside the 64 ids (≥ 1e-4) than the teacher
+    # (from 1e-8 to 3e-3)
+    tail = 1 - top_logp.exp().sum(-1)
+    student_tail = 1 - torch.log_softmax(h @ w_student.T, -1).gather(-1, top_ids).exp().sum(-1)
+    assert float(tail.min()) < 1e-7 and float(tail.max()) > 1e-3 and float(student_tail.min()) > 1e-4
+
+    h32 = h.float().requires_grad_()
+    w32 = w_student.float().requires_grad_()
+    got = forward_kl_topk(ProjectedLogits(h32, w32, None, 4), top_ids, top_logp.float(), tail="bucket")
+    h64 = h.clone().requires_grad_()
+    w64 = w_student.clone().requires_grad_()
+    want = dense_forward_kl(h64 @ w64.T, h @ w_teacher.T)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-6)
+    got.sum().backward()
+    want.sum().backward()
+    assert h32.grad is not None and w32.grad is not None and h64.grad is not None and w64.grad is not None
+    torch.testing.assert_close(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w32.grad.double(), w64.grad, rtol=1e-4, atol=1e-7)
+    # the rows outside the task get the dense gradient too (π_v − p_v, here ∝ π_v): not zero
+    assert float(w64.grad[others].abs().max()) > 0
