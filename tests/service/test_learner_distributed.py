@@ -16,7 +16,7 @@ import pytest
 import torch
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner import checkpoint
-from asyncopd.learner.distributed import Lockstep, Op, Rendezvous, follow, free_port, init
+from asyncopd.learner.distributed import Lockstep, Op, Rendezvous, follow, free_port, init, leave
 from asyncopd.learner.trainer import Trainer
 from asyncopd.opd import OPDLoss
 from asyncopd.records import ScoredSample
@@ -70,7 +70,7 @@ def rank_main(rank: int, port: int, job: tuple[Path, Path, str, dict[str, Any], 
     res = result(t, stats if rank == 0 else [])
     if rank == 0:
         torch.save(res, out)
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def two_ranks(target: Any, *args: Any, timeout: float = 120) -> None:
@@ -150,7 +150,7 @@ def checkpoint_rank_main(rank: int, port: int, job: tuple[Path, Path, Path, Path
     res = result(t, stats if rank == 0 else [])
     if rank == 0:
         torch.save(res, out)
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(models: tuple[Path, Path], tmp_path: Path) -> None:
@@ -203,7 +203,7 @@ def gather_rank_main(rank: int, port: int, job: tuple[Path, Path]) -> None:
         torch.save({"manifest": snapshot.manifest.to_json(), "buckets": snapshot.buckets, "again": again.buckets}, out)
     else:
         follow(lockstep, {Op.GATHER: lambda _: t.named_weights().gather_only()})
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def test_sync_gathers_sharded_weights_per_bucket_in_bf16(models: tuple[Path, Path], tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ def resume_rank_main(rank: int, port: int, job: tuple[Path, Path, Path]) -> None
     res = result(t, stats if rank == 0 else [])
     if rank == 0:
         torch.save({**res, "version": t.version}, out)
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(models: tuple[Path, Path], tmp_path: Path) -> None:

@@ -160,6 +160,11 @@ def follower(rank: int, port: int, config: RunConfig, master_addr: str = "127.0.
         torch.distributed.destroy_process_group()
 
 
+def _spawned_follower(rank: int, port: int, config: RunConfig, master_addr: str) -> None:
+    follower(rank, port, config, master_addr)
+    distributed.leave()
+
+
 def _start_ranks(config: RunConfig) -> tuple[RunConfig, distributed.Lockstep | None, list[Any]]:
     """Rank 0's side of `learner.world_size` > 1: spawn the other ranks (local runs) and join them."""
     lc = config.learner
@@ -169,7 +174,7 @@ def _start_ranks(config: RunConfig) -> tuple[RunConfig, distributed.Lockstep | N
     procs: list[Any] = []
     if rv is None:
         rv = distributed.Rendezvous(0, lc.world_size, "127.0.0.1", distributed.free_port())
-        procs = distributed.spawn_followers(follower, (config, rv.master_addr), lc.world_size, rv.master_port)
+        procs = distributed.spawn_followers(_spawned_follower, (config, rv.master_addr), lc.world_size, rv.master_port)
     if rv.rank != 0:
         raise ValueError(f"the learner service is rank 0; rank {rv.rank} runs `follower`")
     device = distributed.init(rv, lc.device)
@@ -250,7 +255,7 @@ def serve(config: RunConfig, name: str) -> None:
             follower(rv.rank, rv.master_port, config, rv.master_addr)
         finally:
             health.stop(2.0)
-        return
+        distributed.leave()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
