@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -304,6 +304,7 @@ class ExperienceStore:
         self._wake = threading.Condition()
         self._woken = {"prompts": 0, "rollouts": 0, "batch": 0}  # wake-ups seen per channel
         self._listener: threading.Thread | None = None
+        self._subscribed = False  # the listener holds a live subscription (waiters need no timer of their own)
         self._closed = threading.Event()
         # Rollbacks (a Redis back from a shorter append-only file): the write sequence seen, and
         # this process's batch claims and acks to apply again (asyncopd.cache.rollback).
@@ -528,18 +529,31 @@ class ExperienceStore:
 
     def _wait(self, op: Callable[[], T | None], wait_ms: int, channel: str) -> T | None:
         """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
-        runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch") or `poll_s`."""
+        runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch").
+
+        Wake-ups come from the scripts (pub/sub) and, for what only time changes (an expired
+        prompt lease, teacher claim or batch claim), from the listener's one shared deadline
+        check every `poll_s`: a waiter has no timer of its own while the listener is subscribed,
+        so an idle fleet of N waiters costs N script runs per call, not N per `poll_s`. A wait
+        that ends without a wake-up returns None without running `op` again (nothing changed).
+        Without a live subscription (before the first, or while Redis is away) every waiter
+        re-checks on its own every `poll_s`, as a wake-up may be missed then."""
         deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
         while True:
             seen = self._woken[channel]
             result = self._retrying(op)
-            left = deadline - time.monotonic()
-            if result is not None or left <= 0:
+            if result is not None or time.monotonic() >= deadline:
                 return result
             self._listen()
             with self._wake:
-                if self._woken[channel] == seen:  # nothing happened while op ran
-                    self._wake.wait(min(left, self.policy.poll_s))
+                while self._woken[channel] == seen:  # nothing happened since op ran
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    if not self._subscribed:
+                        self._wake.wait(min(left, self.policy.poll_s))
+                        break  # no live subscription: re-check on the timer
+                    self._wake.wait(left)
 
     def _listen(self) -> None:
         """Start the wake-up listener (once, on the first wait)."""
@@ -548,24 +562,51 @@ class ExperienceStore:
                 self._listener = threading.Thread(target=self._listen_loop, name="cache-wake", daemon=True)
                 self._listener.start()
 
+    def _bump(self, channels: Iterable[str]) -> None:
+        with self._wake:
+            for c in channels:
+                self._woken[c] += 1
+            self._wake.notify_all()
+
     def _listen_loop(self) -> None:
         channels = {self.key(f"wake:{c}").encode(): c for c in self._woken}
         while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)
+                with self._wake:
+                    self._subscribed = True
+                # a wake-up published while there was no subscription is lost: every waiter re-checks once
+                self._bump(self._woken)
+                check_at = time.monotonic() + self.policy.poll_s
                 while not self._closed.is_set():
-                    msg = pubsub.get_message(timeout=0.2)
+                    msg = pubsub.get_message(timeout=max(0.0, min(0.2, check_at - time.monotonic())))
                     if msg is not None and msg.get("channel") in channels:
-                        with self._wake:
-                            self._woken[channels[msg["channel"]]] += 1
-                            self._wake.notify_all()
+                        self._bump([channels[msg["channel"]]])
+                    if time.monotonic() >= check_at:
+                        self._bump(self._deadlines_passed())
+                        check_at = time.monotonic() + self.policy.poll_s
             except redis.RedisError as exc:  # waiters fall back to poll_s until it is back
                 if not self._closed.is_set():
                     log.debug("wake-up listener: %s; resubscribing", exc)
                     self._closed.wait(0.5)
             finally:
+                with self._wake:
+                    self._subscribed = False
+                    self._wake.notify_all()  # waiters without a timer take theirs up again
                 pubsub.close()
+
+    # the time-ordered sets whose members come due with time alone, and the channel each wakes
+    _DUE = (("tlease", "prompts"), ("tclaim", "rollouts"), ("bclaim", "batch"))
+
+    def _deadlines_passed(self) -> list[str]:
+        """The channels with a lease or claim past its deadline (one round trip for all three):
+        their waiters re-run their scripts, which hand the expired work out again."""
+        now = self._now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for key, _ in self._DUE:
+            pipe.zrangebyscore(self.key(key), "-inf", now, start=0, num=1)
+        return [channel for (_, channel), due in zip(self._DUE, pipe.execute(), strict=True) if due]
 
     def close(self) -> None:
         """Stop the wake-up listener and close the Redis client."""
@@ -647,7 +688,13 @@ class ExperienceStore:
             pipe.get(self.key("run"))
             pipe.exists(self.key("hold"))
             run, held = pipe.execute()
-            return (_s(run or b""),), bool(held)
+            if run is None or _s(run) != self._run_id:
+                # Redis lost the state and no script of this process has run since: re-create it
+                # (holding fresh admission) before answering, or a learner would hand its cursor
+                # back to a process that still takes the lost run's tickets for live ones
+                self._ensure_state()
+                return read()
+            return (_s(run),), bool(held)
 
         return self._retrying(read)
 
