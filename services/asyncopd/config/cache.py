@@ -59,9 +59,10 @@ class CacheConfig(Section):
     poll_interval_ms: float = Field(
         250.0,
         gt=0,
-        description="How often a waiting request re-checks Redis without a wake-up (waits end on pub/sub wake-ups "
-        "from the scripts that free admission slots or add scored samples; this covers expired leases and "
-        "missed wake-ups).",
+        description="How often the cache process checks, once for all its waiting requests, whether a prompt lease, "
+        "teacher claim or batch claim has expired (waits otherwise end on pub/sub wake-ups from the scripts that "
+        "free admission slots or add work); while its wake-up subscription is down, every waiting request "
+        "re-checks Redis on its own this often.",
     )
     payload_ttl_s: float = Field(
         600.0,
