@@ -7,10 +7,8 @@ into its sample's shard themselves, and the learner's pulls take batches from bo
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -28,6 +26,7 @@ from required_tools import require_tool
 from test_cache_harness import (
     SHARED_REDIS,
     VOCAB,
+    in_thread,
     make_config,
     make_rollout,
     make_scores,
@@ -156,7 +155,7 @@ def test_the_cache_service_on_the_cluster_wakes_waiters_and_keeps_accounts(clust
             assert {payload.ticket_shard(p.ticket) for p in prompts} == {0, 1}
             assert client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)]).accepted == 4
             claimed = client.claim_rollouts("t0", 4)
-            pull, pulled = _in_thread(lambda: client.pull_batch(2, 0, wait_ms=4000))
+            pull, pulled = in_thread(lambda: client.pull_batch(2, 0, wait_ms=4000))
             time.sleep(0.3)  # the pull waits on an empty pool now
             assert client.put_scores([make_scores(r) for r in claimed]).accepted == 4
             pull.join(timeout=10)
@@ -185,19 +184,6 @@ def test_an_evicting_master_anywhere_in_the_cluster_is_refused(cluster: LocalClu
         last.config_set("maxmemory-policy", "noeviction")
         last.close()
         client.close()
-
-
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        out["value"] = fn()
-        out["seconds"] = time.monotonic() - t0
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    return th, out
 
 
 def _sharded_frames(store: ShardedStore, frames: PayloadStore, prefix: str, tickets: list[str]) -> None:

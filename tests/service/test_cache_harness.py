@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,20 @@ def make_config(prefix: str, redis_url: str = SHARED_REDIS, **values: Any) -> Ru
             node = node.setdefault(part, {})
         node[leaf] = value
     return config_from_dict(data)
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `fn` on a daemon thread; the dict gets its return value and how long it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        out["value"] = fn()
+        out["seconds"] = time.monotonic() - t0
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, out
 
 
 def unique_prefix(tag: str = "t") -> str:

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from asyncopd.cache.main import RunningCache
 from asyncopd.wire.cache_client import CacheClient
 from asyncopd.wire.rpc import channel
-from test_cache_harness import make_config, make_rollout, make_scores, running_cache, unique_prefix
+from test_cache_harness import in_thread, make_config, make_rollout, make_scores, running_cache, unique_prefix
 
 
 def _count_calls(cache: RunningCache, name: str) -> list[int]:
@@ -35,19 +34,6 @@ def _count_calls(cache: RunningCache, name: str) -> list[int]:
     return calls
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        out["value"] = fn()
-        out["seconds"] = time.monotonic() - t0
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    return th, out
-
-
 def test_waits_end_on_wake_ups_not_on_polls() -> None:
     config = make_config(
         unique_prefix("wake"), max_staleness=0, **{"learner.batch_size": 2, "cache.poll_interval_ms": 5000.0}
@@ -58,12 +44,12 @@ def test_waits_end_on_wake_ups_not_on_polls() -> None:
         assert len(prompts) == 2  # the window (eta + 1) * B = 2 is now full
         client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
         claimed = client.claim_rollouts("t0", 2, wait_ms=1000)
-        pull, pulled = _in_thread(lambda: client.pull_batch(2, 0, wait_ms=4000))
+        pull, pulled = in_thread(lambda: client.pull_batch(2, 0, wait_ms=4000))
         time.sleep(0.3)  # the pull is waiting now
         other.put_scores([make_scores(r) for r in claimed])
         pull.join(timeout=10)
         assert pulled["value"] is not None and pulled["seconds"] < 2.0, pulled
-        acquire, acquired = _in_thread(lambda: other.acquire_prompts("r1", 1, wait_ms=4000))
+        acquire, acquired = in_thread(lambda: other.acquire_prompts("r1", 1, wait_ms=4000))
         time.sleep(0.3)  # admission is full until the batch is acked and v1 published
         client.ack_batch(pulled["value"].batch_id)
         client.publish_version(1)
@@ -84,7 +70,7 @@ def test_an_idle_waiting_request_barely_touches_redis() -> None:
         # missed before): a timer per waiter re-ran it every 250 ms (~5), polling every 10 ms ~100
         assert 1 <= calls[0] <= 2, calls
         calls[0] = 0
-        waiters = [_in_thread(lambda i=i: client.acquire_prompts(f"w{i}", 1, wait_ms=1500)) for i in range(20)]
+        waiters = [in_thread(lambda i=i: client.acquire_prompts(f"w{i}", 1, wait_ms=1500)) for i in range(20)]
         for th, _ in waiters:
             th.join(timeout=10)
         assert all(out["value"][0] == [] and out["seconds"] >= 1.4 for _, out in waiters)
@@ -103,13 +89,13 @@ def test_what_only_time_changes_still_wakes_the_waiters() -> None:
         other = CacheClient(channel(cache.address), timeout_s=30.0)
         prompts, _, _ = client.acquire_prompts("r0", 2)  # the window; r0 then goes silent
         assert len(prompts) == 2
-        acquire, acquired = _in_thread(lambda: other.acquire_prompts("r1", 2, wait_ms=5000))
+        acquire, acquired = in_thread(lambda: other.acquire_prompts("r1", 2, wait_ms=5000))
         acquire.join(timeout=10)
         # the leases ran out after 1 s and the waiter got their positions again
         assert len(acquired["value"][0]) == 2 and 0.8 <= acquired["seconds"] < 3.0, acquired
         other.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(acquired["value"][0])])
         assert len(client.claim_rollouts("t0", 2, wait_ms=1000)) == 2  # t0 then dies holding them
-        claim, claimed = _in_thread(lambda: other.claim_rollouts("t1", 2, wait_ms=5000))
+        claim, claimed = in_thread(lambda: other.claim_rollouts("t1", 2, wait_ms=5000))
         claim.join(timeout=10)
         assert len(claimed["value"]) == 2 and 0.8 <= claimed["seconds"] < 3.0, claimed
 
@@ -119,7 +105,7 @@ def test_a_waiting_teacher_is_woken_by_a_put() -> None:
     with running_cache(config) as (cache, client):
         other = CacheClient(channel(cache.address), timeout_s=30.0)
         prompts, _, _ = client.acquire_prompts("r0", 2)
-        claim, claimed = _in_thread(lambda: client.claim_rollouts("t0", 2, wait_ms=4000))
+        claim, claimed = in_thread(lambda: client.claim_rollouts("t0", 2, wait_ms=4000))
         time.sleep(0.3)  # the claim is waiting on an empty queue now
         other.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
         claim.join(timeout=10)
