@@ -1,10 +1,11 @@
-"""`asyncopd study --quick --calibrate` end to end: the lr is calibrated, every part trains (3 rollout
-batches of 4 optimizer steps), the probe draws, and the report holds the drift table and the three
-parts' tables with their rows (part 2 with matched ratio handling), every cell in study.json, and
-the plots. Part 4 (the wide world, a chat-template task at 151,936 rows) trains every row for one
-batch of 4 rollouts cut at 48 tokens and reports the dense held-out KL(π‖p) next to accuracy; the wide teacher's
-top-8 list misses ≥ 5 % of its mass on the held-out sequences. The wide models are built on first
-use (`make wide` builds them ahead)."""
+"""`asyncopd study --quick --calibrate` end to end: the lr is calibrated (the toy's and the wide
+world's), every part trains (3 rollout batches of 4 optimizer steps), the probe draws, and the
+report holds the drift table and the three parts' tables with their rows (part 2 with matched
+ratio handling), every cell in study.json, and the plots. Part 4 (the wide world, a chat-template
+task at 151,936 rows) trains every row for one batch of 4 rollouts cut at 48 tokens and reports
+the dense held-out KL(π‖p) next to accuracy; the wide teacher's top-8 list misses ≥ 5 % of its
+mass on the held-out sequences. The wide models are built on first use (`make wide` builds them
+ahead)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ PART4_ROWS = [
     "sparse top-8 (reverse_kl_topk, tail=bucket)",
     "sparse top-64 (reverse_kl_topk, tail=bucket)",
     *(f"MC N={n} (reverse_kl_mc, recompute, is)" for n in (1, 8, 64)),
-    "forward top-8 (forward_kl_topk, lr 0.0001)",
-    "forward top-64 (forward_kl_topk, lr 0.0001)",
+    "forward top-8 (forward_kl_topk, lr ",  # + the lr: 1e-4, or the wide world's calibrated lr when smaller
+    "forward top-64 (forward_kl_topk, lr ",
 ]
 PLOTS = ["part1_accuracy", "part1_kl", "part2_accuracy", "part2_kl", "part3_gradients", "part3_accuracy"]
 
@@ -110,7 +111,10 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path, wide_world: Pa
     part3 = _section(md, "### Table 3b", "## Part 4")
     assert _table_rows(part3) == ["estimator", *PART3_ROWS]
     part4 = _section(md, "## Part 4", "## What the toy shows")
-    assert _table_rows(_section(part4, "### Table 4", None)) == ["estimator", *PART4_ROWS]
+    table4 = _table_rows(_section(part4, "### Table 4", None))
+    assert len(table4) == 1 + len(PART4_ROWS) and table4[0] == "estimator"
+    assert all(row.startswith(label) for row, label in zip(table4[1:], PART4_ROWS, strict=True)), table4
+    assert "lr calibrated in this world for 0.001 per version" in part4
     assert _table_rows(part4)[:3] == ["model", "teacher", "student"]
     findings = _section(md, "## What the toy shows", "## Where it disagrees")
     for part in ("Part 1", "Part 2", "Part 3a", "Part 3b", "Part 4"):
@@ -151,6 +155,9 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path, wide_world: Pa
             if s > 0:
                 assert measured[-1] > 1e-8
     assert data["calibration"]["target"] == 1e-3 and len(data["calibration"]["rounds"]) >= 1
+    wide_cal = data["wide_calibration"]  # the wide world gets its own lr, and its cells train at it
+    assert wide_cal["target"] == 1e-3 and wide_cal["rounds"][0]["drift"] > 0
+    assert f"learner.lr={wide_cal['lr']:g}" in data["wide_source"]["overrides"]
     assert data["size"]["minibatches_per_batch"] == 4
     assert set(data["probes"][0]["stats"]) >= set(PROBE_ROWS)
 

@@ -7,12 +7,12 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asyncopd.cli.serve import add_config_args
 
 if TYPE_CHECKING:
-    from asyncopd.lab.study.plan import StudySize
+    from asyncopd.lab.study.plan import StudyPlan, StudySize
     from asyncopd.lab.study.runner import Source
 
 
@@ -70,9 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     p.add_argument(
         "--calibrate",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="first choose learner.lr so that one version of staleness gives a median (log π_θ/μ)² of about 1e-3 "
-        "(short runs at s=1), then run the study at that lr",
+        "(short runs at s=1; the toy and, with part 4, the wide world each get their own lr), then run the study "
+        "at those lrs (default on; --no-calibrate keeps the configs' lr)",
     )
     p.add_argument(
         "--report-only",
@@ -134,13 +136,16 @@ def _run(args: argparse.Namespace) -> int:
     source = Source(source.path, (*source.overrides, f"learner.mini_batches={size.minibatches_per_batch}"))
     plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
     wide = _wide_source(args.wide_config, size, args.wide_set) if 4 in parts else None
-    calibration = None
+    calibration = wide_calibration = None
     if args.calibrate:
-        from asyncopd.lab.study.runner import calibrate_lr, quiet_process
-
-        quiet_process()
-        calibration = calibrate_lr(source, plan, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        calibration, wide_calibration = _calibrate(source, wide, plan, args.workers)
         source = Source(source.path, (*source.overrides, f"learner.lr={calibration['lr']:g}"))
+        if wide is not None and wide_calibration is not None:
+            wide = Source(wide.path, (*wide.overrides, f"learner.lr={wide_calibration['lr']:g}"))
+            # forward KL overshoots above wide_forward_lr; below it, every wide row trains at the calibrated lr
+            forward_lr = min(size.wide_forward_lr, float(wide_calibration["lr"]))
+            size = dataclasses.replace(size, wide_forward_lr=forward_lr)
+            plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
     print(
         f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps"
         + (f" (wide cells: {size.wide_steps})" if 4 in parts else "")
@@ -155,10 +160,41 @@ def _run(args: argparse.Namespace) -> int:
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         calibration=calibration,
         wide_source=wide,
+        wide_calibration=wide_calibration,
     )
     written = write_report(Results(plan, run), source, args.out, args.workers)
     print(f"wrote {written['markdown']} and {written['json']} ({run.wall_seconds / 60:.1f} min)")
     return 0
+
+
+def _calibrate(
+    toy: Source, wide: Source | None, plan: StudyPlan, workers: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The toy's calibrated lr and, with part 4, the wide world's; with 2+ workers the wide world's
+    calibration runs in a worker process beside the toy's."""
+    import concurrent.futures
+    import multiprocessing
+
+    from asyncopd.lab.study.plan import WIDE
+    from asyncopd.lab.study.runner import calibrate_lr, quiet_process
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    quiet_process()
+    if wide is None:
+        return calibrate_lr(toy, plan, progress=say), None
+    rounds = plan.size.wide_calibration_rounds
+    if workers <= 1:
+        return calibrate_lr(toy, plan, progress=say), calibrate_lr(wide, plan, rounds=rounds, world=WIDE, progress=say)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=quiet_process) as pool:
+        wide_job = pool.submit(calibrate_lr, wide, plan, rounds=rounds, world=WIDE)
+        toy_result = calibrate_lr(toy, plan, progress=say)
+        wide_result = wide_job.result()
+    for r in wide_result["rounds"]:
+        say(f"calibrate (wide): lr {r['lr']:.3g} -> median (log r)^2 per version {r['drift']:.3g}")
+    return toy_result, wide_result
 
 
 def _wide_source(path: str, size: StudySize, extra: list[str]) -> Source:

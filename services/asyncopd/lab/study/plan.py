@@ -108,7 +108,12 @@ class StudySize:
     wide_mc_sizes: tuple[int, ...] = (1, 8, 64)
     """Part 4: N of the MC reverse-KL rows."""
     wide_forward_lr: float = 1e-4
-    """Part 4: lr of the forward-KL rows (at the wide config's 3e-4 forward KL overshoots)."""
+    """Part 4: lr of the forward-KL rows (at the wide config's 3e-4 forward KL overshoots); with a
+    calibrated wide lr, the smaller of the two."""
+    wide_calibration_steps: int = 4
+    """`--calibrate`, part 4: rollout batches per wide calibration run (s = 1; the drift of batches 1..)."""
+    wide_calibration_rounds: int = 2
+    """`--calibrate`, part 4: calibration rounds in the wide world (each one wide cell without evaluation)."""
 
     @classmethod
     def quick(cls) -> StudySize:
@@ -125,6 +130,8 @@ class StudySize:
             wide_test_size=2,
             wide_batch_size=4,
             wide_max_tokens=48,
+            wide_calibration_steps=2,
+            wide_calibration_rounds=1,
         )
 
     def steps_of(self, world: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncopd.lab.study.findings import all_findings
-from asyncopd.lab.study.plan import StudyPlan, StudySize
+from asyncopd.lab.study.plan import WIDE, StudyPlan, StudySize
 from asyncopd.lab.study.plots import write_plots
 from asyncopd.lab.study.runner import Source, StudyRun
 from asyncopd.lab.study.summary import Results, paired, spread
@@ -61,9 +61,12 @@ def drift_table(results: Results) -> list[str]:
     lines += _table(["s (versions)", "median (log π_θ/μ)²", "per version"], body)
     cal = results.run.calibration
     if cal:
-        rounds = "; ".join(f"lr {r['lr']:.3g} → {_drift(r['drift'])}" for r in cal["rounds"])
-        lines += ["", f"lr calibrated for {cal['target']:g} per version: {rounds}; chosen lr {cal['lr']:g}."]
+        lines += ["", f"lr calibrated for {cal['target']:g} per version: {_rounds(cal)}; chosen lr {cal['lr']:g}."]
     return lines
+
+
+def _rounds(cal: dict[str, Any]) -> str:
+    return "; ".join(f"lr {r['lr']:.3g} → {_drift(r['drift'])}" for r in cal["rounds"])
 
 
 def part1_tables(results: Results) -> list[str]:
@@ -163,11 +166,24 @@ def part4_setup(results: Results) -> str:
         f"Config {where}: the Qwen3 tokenizer, tiny Qwen3 teacher and student at "
         f"{config.models.student} / {config.models.teacher}, responses capped at "
         f"{config.rollout.sampling.max_tokens} tokens (the task's are 279). Reverse-KL rows train at lr "
-        f"{config.learner.lr:g}; forward rows at {size.wide_forward_lr:g} (forward KL overshoots at 3e-4 there, "
+        f"{config.learner.lr:g}; forward rows at {size.wide_forward_lr:g} (forward KL overshoots above 1e-4 there, "
         f"docs/wide-world.md). Each cell: {size.wide_steps} rollout batch{'es' if size.wide_steps > 1 else ''} × "
         f"{config.learner.batch_size} "
         f"rollouts ({config.learner.mini_batches} optimizer steps each), greedy accuracy on {size.wide_test_size} "
-        "test prompts and the dense held-out KL(π‖p) after the last step."
+        "test prompts and the dense held-out KL(π‖p) after the last step." + _wide_drift(results)
+    )
+
+
+def _wide_drift(results: Results) -> str:
+    """The wide world's lr calibration and the drift its MC cells measured at their staleness."""
+    s = results.plan.size.part3_staleness
+    measured = f" Measured drift in its MC cells at s={s}: median (log π_θ/μ)² {_drift(results.drift(s, WIDE))}."
+    cal = results.run.wide_calibration
+    if not cal:
+        return measured
+    return (
+        f" lr calibrated in this world for {cal['target']:g} per version: {_rounds(cal)}; chosen lr {cal['lr']:g}."
+        + measured
     )
 
 
@@ -334,6 +350,7 @@ def study_json(results: Results, source: Source, workers: int) -> dict[str, Any]
             "cells": run.cells,
             "probes": run.probes,
             "calibration": run.calibration,
+            "wide_calibration": run.wide_calibration,
             "wide_baseline": run.wide_baseline,
             "wide_source": None if run.wide_source is None else asdict(run.wide_source),
             "findings": [asdict(f) for f in all_findings(results)],
@@ -381,5 +398,6 @@ def load_results(path: Path) -> tuple[Results, Source, int]:
         calibration=data.get("calibration"),
         wide_baseline=data.get("wide_baseline"),
         wide_source=None if data.get("wide_source") is None else _source(data["wide_source"]),
+        wide_calibration=data.get("wide_calibration"),
     )
     return Results(plan, run), Source(data["config"], tuple(data["overrides"])), int(data["workers"])

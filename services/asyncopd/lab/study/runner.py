@@ -94,31 +94,36 @@ def calibrate_lr(
     plan: StudyPlan,
     *,
     rounds: int = 3,
+    world: str = TOY,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The lr at which one version of staleness moves the median (log π_θ/μ)² to `calibration_target`.
 
-    Trains the plan's calibration row at s = 1 for `calibration_steps` batches; drift grows
-    like lr² for small steps, so each round rescales lr by sqrt(target / measured). Returns the
-    chosen lr and every round's (lr, drift).
+    Trains the plan's calibration row at s = 1 in `world` (`source` is that world's config) for
+    the world's calibration batches; drift grows like lr² for small steps, so each round rescales
+    lr by sqrt(target / measured). Returns the chosen lr and every round's (lr, drift).
     """
     say = progress or (lambda _msg: None)
     size = plan.size
     row = plan.calibration_row()
     lr = float(source.config().learner.lr)
+    steps = size.wide_calibration_steps if world == WIDE else size.calibration_steps
     history: list[dict[str, float]] = []
     for _ in range(rounds):
-        cell = Cell(row.overrides, 1, size.seeds[0])
+        cell = Cell(row.overrides, 1, size.seeds[0], world)
         record = train_cell(
             Source(source.path, (*source.overrides, f"learner.lr={lr:.6g}")),
             cell,
-            size.calibration_steps,
-            size.test_size,
+            steps,
+            size.test_size_of(world),
             evaluate_at_end=False,
         )
         drift = median_drift(record)
         history.append({"lr": lr, "drift": drift})
-        say(f"calibrate: lr {lr:.3g} -> median (log r)^2 per version {drift:.3g} (target {size.calibration_target:g})")
+        say(
+            f"calibrate ({world}): lr {lr:.3g} -> median (log r)^2 per version {drift:.3g} "
+            f"(target {size.calibration_target:g})"
+        )
         if not math.isfinite(drift) or drift <= 0:
             break
         lr = lr * math.sqrt(size.calibration_target / drift)
@@ -179,6 +184,8 @@ class StudyRun:
     """`baseline` of the wide world when part 4 ran (with the teachers' and students' top-K missing mass)."""
     wide_source: Source | None = None
     """Where part 4's cells came from."""
+    wide_calibration: dict[str, Any] | None = None
+    """`calibrate_lr`'s record for the wide world when part 4's lr was calibrated (else None)."""
 
 
 def run_study(
@@ -189,6 +196,7 @@ def run_study(
     calibration: dict[str, Any] | None = None,
     *,
     wide_source: Source | None = None,
+    wide_calibration: dict[str, Any] | None = None,
 ) -> StudyRun:
     """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel.
 
@@ -266,4 +274,5 @@ def run_study(
         calibration=calibration,
         wide_baseline=results.get("baseline wide"),
         wide_source=wide_source if 4 in plan.parts else None,
+        wide_calibration=wide_calibration,
     )

@@ -126,12 +126,12 @@ class Results:
     def probe_labels(self) -> list[str]:
         return list(self.run.probes[0]["stats"]) if self.run.probes else []
 
-    def drift(self, staleness: int) -> float:
-        """Staleness in log-ratio units: median over every cell at `staleness` that measures it (MC
-        rows of the toy) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
+    def drift(self, staleness: int, world: str = TOY) -> float:
+        """Staleness in log-ratio units: median over every cell of `world` at `staleness` that measures it
+        (MC rows) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
         values = [
             d
             for c in self.run.cells
-            if c.get("world", TOY) == TOY and int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))
+            if c.get("world", TOY) == world and int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))
         ]
         return statistics.median(values) if values else math.nan
