@@ -15,8 +15,9 @@ from asyncopd.cache.policy import StalenessPolicy
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import Trainer
 from asyncopd.opd import OPDLoss
-from asyncopd.records import CursorState, ScoredSample
+from asyncopd.records import ScoredSample
 from asyncopd.wire.cache_client import Batch, LearnerStart
+from batch_source_stub import StubBatchSource
 from test_learner_step import generate, load, scored_samples
 from tiny_models import make_tiny_qwen3
 
@@ -34,17 +35,14 @@ class RpcFailure(grpc.RpcError):
         return self._details
 
 
-class FlakyCache:
+class FlakyCache(StubBatchSource):
     """A BatchSource whose calls fail as scripted: `failures[method]` is a list of codes to raise first."""
 
     def __init__(self, samples: list[ScoredSample], published: int, failures: dict[str, list[grpc.StatusCode]]):
+        super().__init__(published)
         self.samples = samples
-        self.published = published
         self.failures = failures
         self.calls: dict[str, int] = {}
-        self.acked: list[str] = []
-        self.versions: list[int] = []
-        self._n = 0
 
     def _maybe_fail(self, method: str) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
@@ -57,35 +55,24 @@ class FlakyCache:
         start = StalenessPolicy(max_staleness=1, batch_size=4).start_version(self.published, checkpoint_version, False)
         return LearnerStart(1, self.published, start, 0)
 
-    def run_state(self) -> Any:
-        return (), False
-
-    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
-        return CursorState(0)
+    def batch(self, n: int, size: int) -> Batch:
+        return Batch(batch_id=f"b{n}", samples=self.samples[:size], staleness=[0] * size)
 
     def pull_batch(
         self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
     ) -> Any:
         self._maybe_fail("pull_batch")
-        self._n += 1
-        return Batch(batch_id=f"b{self._n}", samples=self.samples[:size], staleness=[0] * size)
+        return super().pull_batch(size, learner_version, wait_ms, learner, keep)
 
     def ack_batch(self, batch_id: str) -> int:
         self._maybe_fail("ack_batch")
-        self.acked.append(batch_id)
-        return 1
+        return super().ack_batch(batch_id)
 
     def publish_version(self, version: int, finished: bool = False) -> int:
         self._maybe_fail("publish_version")
         if version < self.published:
             raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"version {version} is behind {self.published}")
-        self.published = version
-        self.versions.append(version)
-        return version
-
-    def published_version(self) -> int:
-        self._maybe_fail("published_version")
-        return self.published
+        return super().publish_version(version, finished)
 
 
 @pytest.fixture(scope="module")

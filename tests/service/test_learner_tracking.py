@@ -13,45 +13,24 @@ from asyncopd.config.tracking import TrackingConfig
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import Trainer
 from asyncopd.opd import OPDLoss
-from asyncopd.records import CursorState
 from asyncopd.tracking import open_tracker
-from asyncopd.wire.cache_client import Batch, LearnerStart
+from asyncopd.wire.cache_client import Batch
+from batch_source_stub import StubBatchSource
 from test_learner_step import generate, load, scored_samples
 from tiny_models import make_tiny_qwen3
 
 pytestmark = pytest.mark.service
 
 
-class StaleCache:
+class StaleCache(StubBatchSource):
     """A BatchSource handing out the same samples with staleness 0, 1, 1, 2."""
 
     def __init__(self, samples: list[Any]) -> None:
-        self.samples, self.published, self.n = samples, 0, 0
+        super().__init__()
+        self.samples = samples
 
-    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
-        return LearnerStart(1, self.published, self.published, 0)
-
-    def run_state(self) -> Any:
-        return (), False
-
-    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
-        return CursorState(0)
-
-    def pull_batch(
-        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
-    ) -> Any:
-        self.n += 1
-        return Batch(batch_id=f"b{self.n}", samples=self.samples[:size], staleness=[0, 1, 1, 2][:size])
-
-    def ack_batch(self, batch_id: str) -> int:
-        return 1
-
-    def publish_version(self, version: int, finished: bool = False) -> int:
-        self.published = version
-        return version
-
-    def published_version(self) -> int:
-        return self.published
+    def batch(self, n: int, size: int) -> Batch:
+        return Batch(batch_id=f"b{n}", samples=self.samples[:size], staleness=[0, 1, 1, 2][:size])
 
 
 def test_loop_step_records_reach_tensorboard(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from asyncopd.cache.store import StorePolicy, StoreStats
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.trainer import StepStats
 from asyncopd.observability import metrics
-from asyncopd.records import CursorState
-from asyncopd.wire.cache_client import Batch, LearnerStart
+from asyncopd.wire.cache_client import Batch
+from batch_source_stub import StubBatchSource
 
 
 def _sample(n: int) -> SimpleNamespace:
@@ -49,40 +49,20 @@ class Trainer:
         return [("w", torch.zeros(2))]
 
 
-class Cache:
+class Cache(StubBatchSource):
     """A BatchSource whose acks of the batches in `refuse` are refused (FAILED_PRECONDITION)."""
 
     def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
         self.refuse = refuse
-        self.n = 0
-        self.published = 0
 
-    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
-        return LearnerStart(1, self.published, self.published, 0)
-
-    def run_state(self) -> Any:
-        return (), False
-
-    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
-        return CursorState(0)
-
-    def pull_batch(
-        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
-    ) -> Batch:
-        self.n += 1
-        return Batch(batch_id=f"b{self.n}", samples=[_sample(self.n)], staleness=[0])  # type: ignore[list-item]
+    def batch(self, n: int, size: int) -> Batch:
+        return Batch(batch_id=f"b{n}", samples=[_sample(n)], staleness=[0])  # type: ignore[list-item]
 
     def ack_batch(self, batch_id: str) -> int:
         if batch_id in self.refuse:
             raise Refused()
-        return 1
-
-    def publish_version(self, version: int, finished: bool = False) -> int:
-        self.published = version
-        return version
-
-    def published_version(self) -> int:
-        return self.published
+        return super().ack_batch(batch_id)
 
 
 def value(registry: metrics.ServiceRegistry, name: str) -> float:

@@ -18,12 +18,12 @@ from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.learner.loop import LearnerLoop, LoopSettings
 from asyncopd.learner.servicer import LearnerServicer
 from asyncopd.learner.trainer import StepStats
-from asyncopd.records import CursorState
 from asyncopd.v1 import learner_pb2 as pb
 from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.grpc_transport import GrpcPush
 from asyncopd.weightsync.transport import PublishReport, Registration, Snapshot, WeightTransport
-from asyncopd.wire.cache_client import Batch, LearnerStart
+from asyncopd.wire.cache_client import Batch
+from batch_source_stub import StubBatchSource
 
 INTERFACE = sorted(WeightTransport.__abstractmethods__)
 
@@ -179,37 +179,15 @@ class CountingTrainer:
         return [("weight", self.weight)]
 
 
-class Cache:
+class Cache(StubBatchSource):
     """A BatchSource that always has two samples."""
 
-    def __init__(self) -> None:
-        self.versions: list[int] = []
-        self.n = 0
-
-    def begin_learner(self, learner: str = "learner", checkpoint_version: int | None = None, cursor: Any = None) -> Any:
-        return LearnerStart(1, 0, 0, 0)
-
-    def run_state(self) -> Any:
-        return (), False
-
-    def prompt_cursor(self, trained_batch_ids: Any, saved: Any = None, trained_tickets: Any = ()) -> Any:
-        return CursorState(0)
-
-    def pull_batch(
-        self, size: int, learner_version: int, wait_ms: int = 0, learner: str = "learner", keep: Any = ()
-    ) -> Batch:
-        self.n += 1
-        return Batch(batch_id=f"b{self.n}", samples=[_sample(self.n), _sample(self.n)], staleness=[0, 1])  # type: ignore[list-item]
+    def batch(self, n: int, size: int) -> Batch:
+        return Batch(batch_id=f"b{n}", samples=[_sample(n), _sample(n)], staleness=[0, 1])  # type: ignore[list-item]
 
     def ack_batch(self, batch_id: str) -> int:
+        super().ack_batch(batch_id)
         return 2
-
-    def publish_version(self, version: int, finished: bool = False) -> int:
-        self.versions.append(version)
-        return version
-
-    def published_version(self) -> int:
-        return 0
 
 
 class Context:
