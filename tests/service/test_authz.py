@@ -96,7 +96,7 @@ def servers(pki: Path) -> Iterator[Servers]:
     config = config_from_dict(
         {
             "redis": {"url": SHARED_REDIS, "key_prefix": prefix},
-            "cache": {"server": {"port": 0}},
+            "cache": {"server": {"port": 0}, "hold_until_learner": False},  # no learner begins here
             "tls": server_tls.model_dump(),
         }
     )

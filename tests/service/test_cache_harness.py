@@ -48,7 +48,8 @@ def make_config(prefix: str, redis_url: str = SHARED_REDIS, **values: Any) -> Ru
         "max_staleness": 1,
         "learner": {"batch_size": 4},
         "redis": {"url": redis_url, "key_prefix": prefix},
-        "cache": {"server": {"port": 0, "workers": 32}, "redis_retry_s": 20.0},
+        # no learner begins in most cache tests: admit at once (the hold has tests of its own)
+        "cache": {"server": {"port": 0, "workers": 32}, "redis_retry_s": 20.0, "hold_until_learner": False},
     }
     for dotted, value in values.items():
         node = data

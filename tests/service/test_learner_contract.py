@@ -242,6 +242,43 @@ def test_a_redis_wipe_and_resume_continue_the_prompt_cursor(tmp_path: Path) -> N
         assert stats.trained == 2 * BATCH and stats.invariant_holds() and stats.in_flight == 0
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_fresh_cache_on_a_wiped_redis_admits_nothing_before_the_learner(tmp_path: Path, hold: bool) -> None:
+    """Redis lost everything while the cache was down too: the new cache process cannot tell a
+    lost run from a new one. With `cache.hold_until_learner` (the default) it admits nothing until
+    a learner begins and hands back its checkpoint's cursor, so the replicas that come first get
+    no position the run trained; without it they get position 0 again (the replay the option is
+    for: the negative control)."""
+    prefix = unique_prefix("freshwipe")
+    config = make_config(prefix, **{"cache.hold_until_learner": hold})
+    with running_cache(config, wipe_after=False) as (cache, client):
+        held, _, _ = client.acquire_prompts("r0", BATCH)
+        # a new run: admission opens with the learner's begin (at once without the hold)
+        assert len(held) == (0 if hold else BATCH)
+        learner = Learner(cache.address, tmp_path, checkpoint_every=2)
+        prompts, _, _ = client.acquire_prompts("r0", 2 * BATCH - len(held))
+        prompts = [*held, *prompts]
+        assert [position(p) for p in prompts] == list(range(2 * BATCH))
+        feed(client, prompts, 0)
+        wait_for(lambda: len(learner.checkpoints) == 1, "the checkpoint at version 2")
+        learner.close()
+        checkpoint = learner.checkpoints[-1]
+        assert checkpoint["prompt_cursor"]["cursor"] == 2 * BATCH
+    wipe(config.redis.url, prefix)  # Redis lost everything, and the cache restarted
+    with running_cache(config) as (cache, client):
+        early, _, _ = client.acquire_prompts("r0", 2 * BATCH, wait_ms=200)  # a replica before the learner
+        if not hold:
+            assert [position(p) for p in early] == list(range(2 * BATCH)), "without the hold: replayed"
+            return
+        assert early == [], "a fresh process admitted positions a learner may have trained"
+        resumed = Learner(
+            cache.address, tmp_path, trainer=CountingTrainer(checkpoint), resumed_from=checkpoint["version"]
+        )
+        again, _, _ = client.acquire_prompts("r0", BATCH, wait_ms=2000)
+        assert [position(p) for p in again] == list(range(2 * BATCH, 3 * BATCH)), "nothing replayed or skipped"
+        resumed.close()
+
+
 def test_a_redis_wipe_under_a_live_learner_neither_replays_nor_skips_prompts(tmp_path: Path) -> None:
     """Redis loses everything while the cache and the learner keep running: the re-created run
     state admits nothing fresh (it would start at position 0 again) until the learner's next pull

@@ -155,7 +155,12 @@ def test_the_cache_image_serves_without_torch_transformers_or_matplotlib() -> No
         run_in_image(
             "cache",
             CACHE,
-            [f"redis.url={SHARED_REDIS}", f"redis.key_prefix={prefix}", "cache.server.port=0"],
+            [
+                f"redis.url={SHARED_REDIS}",
+                f"redis.key_prefix={prefix}",
+                "cache.server.port=0",
+                "cache.hold_until_learner=false",
+            ],
         )
     finally:
         wipe(SHARED_REDIS, prefix)

@@ -128,7 +128,7 @@ def test_the_redis_password_never_appears_in_logs_metrics_or_stats(
         config = config_from_dict(
             {
                 "redis": {"url": server.url, "key_prefix": "pw"},
-                "cache": {"server": {"port": 0, "metrics_port": 0}},
+                "cache": {"server": {"port": 0, "metrics_port": 0}, "hold_until_learner": False},
             }
         )
         assert config.redis.password is not None and config.redis.password.get_secret_value() == password

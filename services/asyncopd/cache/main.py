@@ -53,6 +53,7 @@ def store_policy(config: RunConfig) -> StorePolicy:
         stale_tokens=config.stale_tokens,
         max_tokens_in_flight=c.max_tokens_in_flight,
         tokens_per_ticket=config.rollout.sampling.max_tokens,
+        hold_until_learner=c.hold_until_learner,
     )
 
 

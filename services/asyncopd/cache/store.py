@@ -84,8 +84,9 @@ class LearnerStart:
     cursor_restored: int
 
 
-# Create the run state (KEYS[1] = run) if there is none; ARGV[2] = 1: a state re-created mid-run,
-# which also holds fresh admission (KEYS[2] = hold) until the learner restores the cursor.
+# Create the run state (KEYS[1] = run) if there is none; ARGV[2] = 1: a state that holds fresh
+# admission (KEYS[2] = hold) until the learner begins or restores the cursor (re-created mid-run,
+# or cache.hold_until_learner).
 _CREATE_RUN = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   if ARGV[2] == '1' then redis.call('SET', KEYS[2], '1') end
@@ -114,6 +115,10 @@ class StorePolicy:
     stale_tokens: str = "drop"  # StalenessPolicy.stale_tokens: drop a sample with tokens beyond the bound, or mask them
     max_tokens_in_flight: int = 0  # admission's token budget (all shards together; 0 = none)
     tokens_per_ticket: int = 0  # what each open ticket reserves of it (rollout.sampling.max_tokens)
+    # A run state this process creates holds fresh admission until a learner begins or restores the
+    # cursor (cache.hold_until_learner; the config's default is True, a bare policy's False). A state
+    # re-created after this process saw another run always holds.
+    hold_until_learner: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,9 +337,12 @@ class ExperienceStore:
         """Create the run state if Redis has none (first start, or Redis lost everything). One
         re-created mid-run (this process saw another run) holds fresh admission until the
         learner hands its checkpoint's cursor state back (`restore_cursor`), in the same step, so
-        no replica is handed position 0 of a run that trained it already."""
-        new_run, mid_run = self._tag + uuid.uuid4().hex[:12], int(self._run_id is not None)
-        created = self.redis.eval(_CREATE_RUN, 2, self.key("run"), self.key("hold"), new_run, mid_run)
+        no replica is handed position 0 of a run that trained it already. With
+        `hold_until_learner` every state this process creates holds (until a learner begins): a
+        process started after Redis lost everything cannot tell that from a new run."""
+        new_run = self._tag + uuid.uuid4().hex[:12]
+        hold = int(self._run_id is not None or self.policy.hold_until_learner)
+        created = self.redis.eval(_CREATE_RUN, 2, self.key("run"), self.key("hold"), new_run, hold)
         run_id = _s(self.redis.get(self.key("run")))
         if created and self._run_id is not None:
             self.redis.hincrby(self.key("cnt"), "resets", 1)

@@ -103,6 +103,14 @@ class CacheConfig(Section):
     redis_retry_s: float = Field(
         30.0, gt=0, description="How long a request retries a lost Redis connection before failing UNAVAILABLE."
     )
+    hold_until_learner: bool = Field(
+        True,
+        description="A cache process that creates the run state (a new run, or a Redis that lost everything while "
+        "this process was down too) admits no prompts until a learner begins or hands back its checkpoint's "
+        "prompt cursor: a process that started after Redis lost the state cannot tell a new run from a lost one, "
+        "and admitting at position 0 of a run that trained it would train those prompts twice. False: admit at once "
+        "(a cache driven without a learner, e.g. the benchmarks).",
+    )
 
     @model_validator(mode="after")
     def _shards_need_direct_payloads(self) -> CacheConfig:

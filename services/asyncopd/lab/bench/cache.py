@@ -113,6 +113,7 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
             "learner": {"batch_size": args.samples},
             "redis": {"url": args.redis_url, "key_prefix": prefix},
             "cache": {
+                "hold_until_learner": False,  # admission opens without a learner's begin
                 "server": {"port": 0, "workers": 16, "max_message_mb": 512},
                 "byte_budget_mb": 8192.0,
                 "max_request_mb": 500.0,

@@ -61,7 +61,7 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
             "max_staleness": args.max_staleness,
             "learner": {"batch_size": args.batch_size},
             "redis": {"url": args.redis_url, "key_prefix": prefix},
-            "cache": {"server": {"port": 0, "workers": 64}, "byte_budget_mb": 4096.0},
+            "cache": {"server": {"port": 0, "workers": 64}, "byte_budget_mb": 4096.0, "hold_until_learner": False},
         }
     )
 

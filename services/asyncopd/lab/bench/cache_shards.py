@@ -89,6 +89,7 @@ def _config(args: argparse.Namespace, url: str, prefix: str, layout: Layout) -> 
             "learner": {"batch_size": args.samples // layout.drivers},
             "redis": {"url": url, "key_prefix": prefix, "cluster": True},
             "cache": {
+                "hold_until_learner": False,  # admission opens without a learner's begin
                 "shards": layout.shards,
                 "server": {"port": 0, "workers": 16, "max_message_mb": 512},
                 "byte_budget_mb": 8192.0,

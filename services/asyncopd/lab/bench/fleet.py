@@ -121,6 +121,7 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
             "rollout": {"sampling": {"max_tokens": args.max_tokens}},  # what each ticket reserves
             "redis": {"url": args.redis_url, "key_prefix": prefix},
             "cache": {
+                "hold_until_learner": False,  # admission opens without a learner's begin
                 # every actor may hold one long-polling call; the rest must not queue behind them
                 "server": {"port": 0, "workers": min(256, args.rollouts + args.teachers + 16), "max_message_mb": 256},
                 "byte_budget_mb": 4096.0,
