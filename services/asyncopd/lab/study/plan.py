@@ -21,8 +21,8 @@ Choices (reported in study.md):
 - every rollout batch is `minibatches_per_batch` optimizer steps (the paper code's 4; π_prox is
   fixed per rollout batch), and versions and staleness count rollout batches, as in that code.
 - part 3 trains at staleness 1 (one-step-off, the mildest asynchrony) with the MC-correctable
-  estimator (recompute + is). N is bounded by the vocabulary in the rollout engine (N <= |V|),
-  so training stops at N = |V| = 32 on the toy; the offline probe draws N = 64 too.
+  estimator (recompute + is) for N = 1, 4, 16, 32 (draws are with replacement, so N may exceed
+  |V|; `StudySize.train_mc_sizes`); the offline probe draws N = 64 too.
 - part 4 ("wide") is part 3's comparison where the top-K misses mass: the wide-vocabulary world
   (`--wide-config`, configs/wide.yaml: the Qwen3 tokenizer, 151,936 rows, 279-token responses, a
   teacher whose top-8 misses ~16 % of its mass), sparse top-K (K = 8, 64) vs MC N = 1, 8, 64,

@@ -80,9 +80,10 @@ def draw_gradients(
 
 
 def _support(logmu: Tensor, kind: SupportKind, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One support draw. `draw_support` (like the engines) bounds N by the vocabulary; N i.i.d. MC
-    draws beyond it are taken as chunks of at most |V| columns, each a fresh `draw_support` (its
-    first column a fresh y ~ μ): N i.i.d. draws from μ either way."""
+    """One support draw. N MC draws are taken as chunks of at most |V| columns, each a fresh
+    `draw_support` (its first column a fresh y ~ μ): N i.i.d. draws from μ, as one `draw_support`
+    of N (with replacement) would give; the chunking is kept so the committed probe figures
+    reproduce draw for draw."""
     vocab = logmu.shape[-1]
     chunks = [k] if kind == SupportKind.STUDENT_TOPK else [min(vocab, k - lo) for lo in range(0, k, vocab)]
     ids, behaviour = [], []

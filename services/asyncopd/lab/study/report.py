@@ -274,9 +274,9 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         f"- reverse KL in parts 1–2: `reverse_kl_mc` with N = K = {plan.k} samples per position (the same number "
         f"of teacher scores per position as forward top-{plan.k}); part 1 uses the rollout-time signal without "
         f"correction (advantage=rollout, correction=none), i.e. the pipeline without the OPD fix",
-        f"- part 3b trains at s={size.part3_staleness} with the MC-correctable estimator (recompute + is); the rollout "
-        f"engine accepts N ≤ |V| (32 on the toy), so training stops at N={max(size.train_mc_sizes)}; the offline "
-        f"probe draws N up to {max(size.probe_mc_sizes)} (chunks of ≤ |V| i.i.d. draws)",
+        f"- part 3b trains at s={size.part3_staleness} with the MC-correctable estimator (recompute + is) for N = "
+        f"{', '.join(map(str, size.train_mc_sizes))} (draws are with replacement, so N may exceed |V|); the offline "
+        f"probe draws N up to {max(size.probe_mc_sizes)} (in chunks of ≤ |V| i.i.d. draws, the same estimator)",
         f"- wall time {run.wall_seconds / 60:.1f} min with {workers} worker process(es), one torch thread each; "
         f"{len(run.cells)} trained cells",
         "",
