@@ -15,7 +15,16 @@ from asyncopd.opd import OPDLoss, forward_kl_topk, reverse_kl_mc, reverse_kl_mc_
 pytestmark = pytest.mark.unit
 
 CONFIG = LossConfig()
-SHARED = ("advantage", "correction", "clip_eps", "behavior_weight_cap", "m2po_tau", "decoupled_mode", "m2po_budget")
+SHARED = (
+    "advantage",
+    "correction",
+    "clip_eps",
+    "behavior_weight_cap",
+    "m2po_tau",
+    "decoupled_mode",
+    "m2po_budget",
+    "baseline",
+)
 
 
 @pytest.mark.parametrize("fn", [reverse_kl_mc, reverse_kl_mc_terms, OPDLoss.__init__])

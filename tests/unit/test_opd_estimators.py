@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -94,16 +95,25 @@ def naive_reverse_topk(tail: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return one
 
 
-def naive_mc(advantage: str, correction: str, clip_eps: float = 0.2, cap: float = 5.0) -> Callable[..., Tensor]:
+def naive_mc(
+    advantage: str, correction: str, clip_eps: float = 0.2, cap: float = 5.0, baseline: str = "none"
+) -> Callable[..., Tensor]:
     """(1/N) Σ_j ℓ_j per the doc; M2PO is handled by the caller via an explicit keep mask."""
 
     # one argument per per-position slice, in the order `per_position` passes them
     def one(z: Tensor, ids: Tensor, lt: Tensor, lmu: Tensor, lprox: Tensor, keep: Tensor) -> Tensor:  # noqa: PLR0917
         log_pi = naive_log_softmax(z)
         total = torch.zeros((), dtype=F64)
-        for j in range(len(ids)):
+        n = len(ids)
+        raw = [
+            (lt[j] - log_pi[int(ids[j])].detach()) if advantage == "recompute" else (lt[j] - lmu[j]) for j in range(n)
+        ]
+        advantages = raw
+        if baseline == "mean":  # each sample's advantage minus the mean of the others' at its position
+            advantages = [raw[j] - sum(raw[i] for i in range(n) if i != j) / (n - 1) for j in range(n)]
+        for j in range(n):
             lpi = log_pi[int(ids[j])]
-            a = (lt[j] - lpi.detach()) if advantage == "recompute" else (lt[j] - lmu[j])
+            a = advantages[j]
             r = torch.exp(lpi - lmu[j])
             if not bool(keep[j]):
                 continue
@@ -218,6 +228,47 @@ def test_reverse_kl_mc_matches_naive(advantage: str, correction: str) -> None:
     keep = torch.ones_like(x["ids"], dtype=torch.bool)
     ref = per_position(naive_mc(advantage, correction, cap=cap), x["z"], x["ids"], x["lt"], x["lmu"], x["lprox"], keep)
     assert_value_and_grad(ours, ref, x["z"])
+
+
+@pytest.mark.parametrize("advantage", ["recompute", "rollout"])
+@pytest.mark.parametrize("correction", ["none", "is", "ppo_clip"])
+def test_reverse_kl_mc_mean_baseline_matches_naive(advantage: str, correction: str) -> None:
+    x = mc_inputs(11)
+    kw: dict[str, Any] = {"advantage": advantage, "correction": correction}
+    ours = reverse_kl_mc(x["z"], x["ids"], x["lt"], x["lmu"], baseline="mean", **kw)
+    keep = torch.ones_like(x["ids"], dtype=torch.bool)
+    ref = per_position(
+        naive_mc(advantage, correction, baseline="mean"), x["z"], x["ids"], x["lt"], x["lmu"], x["lprox"], keep
+    )
+    assert_value_and_grad(ours, ref, x["z"])
+    again = reverse_kl_mc(x["z"], x["ids"], x["lt"], x["lmu"], baseline="mean", **kw)
+    plain = reverse_kl_mc(x["z"], x["ids"], x["lt"], x["lmu"], **kw)
+    assert not torch.allclose(grad_of(again, x["z"]), grad_of(plain, x["z"])), "the baseline changed nothing"
+
+
+def test_the_mean_baseline_leaves_the_on_policy_gradient_unbiased() -> None:
+    # μ = π_θ, draws from π_θ: averaged over many draws the baseline's gradient is the plain one's
+    # (the other samples' mean does not depend on the sample it is subtracted from)
+    torch.manual_seed(0)
+    z = logits(12, lead=(1,), vocab=6)
+    lt = torch.log_softmax(torch.randn(6, dtype=F64), -1)
+    probs = torch.softmax(z.detach(), -1)
+    draws = torch.multinomial(probs.expand(20000, -1), 4, replacement=True)  # [R, N]
+    zz = z.expand(20000, -1)
+    lmu = torch.log_softmax(zz.detach(), -1).gather(-1, draws)
+    grads = {
+        b: grad_of(reverse_kl_mc(zz, draws, lt[draws], lmu, correction="is", baseline=b).mean() * 20000, z)
+        for b in ("none", "mean")
+    }
+    torch.testing.assert_close(grads["mean"] / 20000, grads["none"] / 20000, atol=0.02, rtol=0.0)
+
+
+def test_the_mean_baseline_needs_two_samples_and_the_mc_estimator() -> None:
+    x = mc_inputs(13)
+    with pytest.raises(ValueError, match="N >= 2"):
+        reverse_kl_mc(x["z"], x["ids"][..., :1], x["lt"][..., :1], x["lmu"][..., :1], baseline="mean")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        reverse_kl_mc(x["z"], x["ids"], x["lt"], x["lmu"], baseline="median")  # type: ignore[arg-type]
 
 
 def test_reverse_kl_mc_m2po_and_mask_match_naive() -> None:

@@ -72,14 +72,26 @@ def test_kinds_match_the_config_schema() -> None:
     # and the learner's mapping carries every knob (a new LossConfig field must reach OPDLoss)
     from asyncopd.learner.trainer import loss_from_config
 
-    custom = LossConfig(correction="m2po_clip", decoupled_mode="truncate", m2po_budget=0.04, m2po_tau=0.1)
+    custom = LossConfig(
+        correction="m2po_clip", decoupled_mode="truncate", m2po_budget=0.04, m2po_tau=0.1, baseline="mean"
+    )
     loss = loss_from_config(custom)
-    assert (loss.correction, loss.decoupled_mode, loss.m2po_budget, loss.m2po_tau) == (
+    assert (loss.correction, loss.decoupled_mode, loss.m2po_budget, loss.m2po_tau, loss.baseline) == (
         "m2po_clip",
         "truncate",
         0.04,
         0.1,
+        "mean",
     )
+
+
+def test_a_baseline_is_refused_where_it_means_nothing() -> None:
+    with pytest.raises(ValueError, match="baseline='mean' needs kind='reverse_kl_mc' with k >= 2"):
+        LossConfig(kind="reverse_kl_mc", k=1, baseline="mean")
+    with pytest.raises(ValueError, match="baseline='mean' needs kind='reverse_kl_mc'"):
+        LossConfig(kind="forward_kl_topk", baseline="mean")
+    with pytest.raises(ValueError, match="applies to the MC estimator"):
+        OPDLoss("reverse_kl_topk", baseline="mean")
 
 
 def direct(x: LossInputs, kind: str, tail: str) -> Tensor:

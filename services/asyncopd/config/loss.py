@@ -48,6 +48,21 @@ class LossConfig(Section):
         description="M2PO dynamic clip (m2po_clip): second-moment budget of the harmful tokens' log-ratios.",
     )
 
+    baseline: Literal["none", "mean"] = Field(
+        "none",
+        description="reverse_kl_mc: subtract from each sample's advantage the mean of the other samples' at the same "
+        "position (mean: a leave-one-out baseline, variance reduction, unbiased when μ = π_θ; needs k >= 2).",
+    )
+
+    @model_validator(mode="after")
+    def _baseline_fits_kind(self) -> LossConfig:
+        if self.baseline != "none" and (self.kind != "reverse_kl_mc" or self.k < 2):
+            raise ValueError(
+                f"baseline={self.baseline!r} needs kind='reverse_kl_mc' with k >= 2 samples per position "
+                f"(got kind={self.kind!r}, k={self.k})"
+            )
+        return self
+
     @model_validator(mode="after")
     def _tail_fits_kind(self) -> LossConfig:
         if self.tail == "renorm" and self.kind != "forward_kl_topk":

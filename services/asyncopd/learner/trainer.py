@@ -411,6 +411,7 @@ def loss_from_config(lc: LossConfig, kind: EstimatorKind | None = None) -> OPDLo
         m2po_tau=lc.m2po_tau,
         decoupled_mode=lc.decoupled_mode,
         m2po_budget=lc.m2po_budget,
+        baseline=lc.baseline,
     )
 
 

@@ -41,6 +41,8 @@ Correction = Literal["is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip"]
 _FORWARD_TAILS = ("drop", "bucket", "renorm")
 _REVERSE_TAILS = ("drop", "bucket")
 _ADVANTAGES = ("recompute", "rollout")
+Baseline = Literal["none", "mean"]
+BASELINES = ("none", "mean")
 _CORRECTIONS = ("is", "none", "ppo_clip", "decoupled", "m2po", "m2po_clip")
 
 
@@ -165,10 +167,15 @@ def reverse_kl_mc_terms(
     mask: Tensor | None = None,
     decoupled_mode: DecoupledMode = "mask",
     m2po_budget: float = 0.01,
+    baseline: Baseline = "none",
 ) -> MCTerms:
     """The per-sample terms behind `reverse_kl_mc` (same arguments), for losses that log diagnostics."""
     if advantage not in _ADVANTAGES:
         raise ValueError(f"advantage must be one of {_ADVANTAGES}, got {advantage!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "mean" and sample_ids.shape[-1] < 2:
+        raise ValueError("baseline='mean' needs N >= 2 samples per position (it averages the other samples)")
     if correction not in _CORRECTIONS:
         raise ValueError(f"correction must be one of {_CORRECTIONS}, got {correction!r}")
     if correction == "decoupled" and proximal_logprobs is None:
@@ -194,6 +201,8 @@ def reverse_kl_mc_terms(
         else mask.to(torch.bool).unsqueeze(-1).expand_as(log_pi)
     )
     adv = (log_p - log_pi.detach()) if advantage == "recompute" else (log_p - log_mu)
+    if baseline == "mean":
+        adv = adv - leave_one_out_mean(adv.detach())
     log_ratio = log_pi - log_mu
     clipped = torch.zeros_like(valid)
     kept = valid
@@ -243,6 +252,7 @@ def reverse_kl_mc(
     mask: Tensor | None = None,
     decoupled_mode: DecoupledMode = "mask",
     m2po_budget: float = 0.01,
+    baseline: Baseline = "none",
 ) -> Tensor:
     """MC reverse-KL surrogate per position: L(s) = (1/N) Σ_j −w_j A_j; its gradient is the estimator.
 
@@ -257,6 +267,9 @@ def reverse_kl_mc(
     m2po_tau), "m2po_clip" (the paper code's M2PO: a PPO clip whose bounds come from the second
     moment of the harmful tokens' log-ratios against m2po_budget, floored at 0.3 / 0.5; global over
     the valid tokens passed in). The value is a surrogate, not a KL.
+    baseline: "none", or "mean": A_j minus the mean of the position's other N − 1 advantages
+    (`leave_one_out_mean`; needs N >= 2), a variance reduction that leaves the expected gradient
+    unchanged when the samples are drawn from π_θ (μ = π_θ).
     """
     terms = reverse_kl_mc_terms(
         student_logits,
@@ -272,5 +285,13 @@ def reverse_kl_mc(
         mask=mask,
         decoupled_mode=decoupled_mode,
         m2po_budget=m2po_budget,
+        baseline=baseline,
     )
     return terms.surrogate.mean(-1)
+
+
+def leave_one_out_mean(values: Tensor) -> Tensor:
+    """[..., N] -> [..., N]: for each j, the mean of the other N − 1 values at the same position
+    (the RLOO baseline; N >= 2)."""
+    n = values.shape[-1]
+    return (values.sum(-1, keepdim=True) - values) / (n - 1)

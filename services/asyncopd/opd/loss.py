@@ -16,7 +16,9 @@ from torch import Tensor
 
 from asyncopd.opd.corrections import DECOUPLED_MODES, DecoupledMode
 from asyncopd.opd.estimators import (
+    BASELINES,
     Advantage,
+    Baseline,
     Correction,
     forward_kl_full,
     forward_kl_topk,
@@ -101,6 +103,7 @@ class OPDLoss:
         m2po_tau: float = 0.04,
         decoupled_mode: DecoupledMode = "mask",
         m2po_budget: float = 0.01,
+        baseline: Baseline = "none",
     ) -> None:
         if kind not in ESTIMATOR_KINDS:
             raise ValueError(f"kind must be one of {ESTIMATOR_KINDS}, got {kind!r}")
@@ -119,6 +122,10 @@ class OPDLoss:
             raise ValueError(f"m2po_budget must be > 0, got {m2po_budget}")
         if decoupled_mode not in DECOUPLED_MODES:
             raise ValueError(f"decoupled_mode must be one of {DECOUPLED_MODES}, got {decoupled_mode!r}")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if baseline != "none" and self.spec.support is not Support.MC_SAMPLES:
+            raise ValueError(f"baseline={baseline!r} applies to the MC estimator (reverse_kl_mc), not {kind!r}")
         self.kind = kind
         self.tail = tail
         self.advantage = advantage
@@ -128,6 +135,7 @@ class OPDLoss:
         self.m2po_tau = m2po_tau
         self.decoupled_mode = decoupled_mode
         self.m2po_budget = m2po_budget
+        self.baseline = baseline
 
     def __call__(self, inputs: LossInputs) -> LossOutputs:
         valid = inputs.valid.to(torch.bool)
@@ -184,6 +192,7 @@ class OPDLoss:
             mask=valid,
             decoupled_mode=self.decoupled_mode,
             m2po_budget=self.m2po_budget,
+            baseline=self.baseline,
         )
         tokens = valid.unsqueeze(-1).expand_as(terms.log_ratio)
         count = tokens.sum().clamp(min=1).to(terms.log_ratio.dtype)
