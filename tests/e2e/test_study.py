@@ -32,6 +32,7 @@ PART2_ROWS = [
     "M2PO mask (advantage=rollout, correction=m2po)",
     "IS only (advantage=rollout, correction=is)",
     "none (advantage=rollout, correction=none)",
+    "none + mean baseline (advantage=rollout, correction=none)",
 ]
 DRIFT_ROW = "staleness as drift: median (log π_θ/μ)²"
 PROBE_ROWS = ["sparse top-8", "MC N=1", "MC N=4", "MC N=16", "MC N=64"]
@@ -129,7 +130,7 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path: Path, wide_world: Pa
     for row in data["rows"]["part4"]:
         assert f"{' '.join(row['overrides'])} | s=1 | seed=0 | world=wide" in keys, row["label"]
     # part 1's 'none' row at s=2 is shared with part 2; part 4's 7 cells train in the wide world
-    assert len(keys) == len(data["cells"]) == 17 + 7
+    assert len(keys) == len(data["cells"]) == 18 + 7
     wide_cells = [c for c in data["cells"] if c["world"] == "wide"]
     assert len(wide_cells) == 7
     for cell in wide_cells:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "at those lrs (default on; --no-calibrate keeps the configs' lr)",
     )
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse what <out>/study.json already holds (cells, probes, baselines, the calibrated lrs) and run "
+        "only what it lacks, e.g. after an interruption or a new row; refused if it ran other settings",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="re-render study.md and the plots from an existing <out>/study.json without training",
@@ -136,16 +143,26 @@ def _run(args: argparse.Namespace) -> int:
     source = Source(source.path, (*source.overrides, f"learner.mini_batches={size.minibatches_per_batch}"))
     plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
     wide = _wide_source(args.wide_config, size, args.wide_set) if 4 in parts else None
+    saved = _saved_study(args.out) if args.resume else None
     calibration = wide_calibration = None
-    if args.calibrate:
+    if saved is not None:  # the earlier run's lrs, not a new calibration (same study, same cells)
+        calibration, wide_calibration = saved.get("calibration"), saved.get("wide_calibration")
+    elif args.calibrate:
         calibration, wide_calibration = _calibrate(source, wide, plan, args.workers)
+    if calibration is not None:
         source = Source(source.path, (*source.overrides, f"learner.lr={calibration['lr']:g}"))
-        if wide is not None and wide_calibration is not None:
-            wide = Source(wide.path, (*wide.overrides, f"learner.lr={wide_calibration['lr']:g}"))
-            # forward KL overshoots above wide_forward_lr; below it, every wide row trains at the calibrated lr
-            forward_lr = min(size.wide_forward_lr, float(wide_calibration["lr"]))
-            size = dataclasses.replace(size, wide_forward_lr=forward_lr)
-            plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
+    if wide is not None and wide_calibration is not None:
+        wide = Source(wide.path, (*wide.overrides, f"learner.lr={wide_calibration['lr']:g}"))
+        # forward KL overshoots above wide_forward_lr; below it, every wide row trains at the calibrated lr
+        forward_lr = min(size.wide_forward_lr, float(wide_calibration["lr"]))
+        size = dataclasses.replace(size, wide_forward_lr=forward_lr)
+        plan = StudyPlan(k=base.loss.k, size=size, parts=parts)
+    previous: dict[str, dict[str, Any]] = {}
+    if saved is not None:
+        from asyncopd.lab.study.runner import previous_jobs
+
+        _check_resumable(saved, source, wide, size)
+        previous = previous_jobs(saved)
     print(
         f"asyncopd study: parts {','.join(map(str, parts))}, {len(plan.cells())} cells × {size.steps} steps"
         + (f" (wide cells: {size.wide_steps})" if 4 in parts else "")
@@ -161,10 +178,45 @@ def _run(args: argparse.Namespace) -> int:
         calibration=calibration,
         wide_source=wide,
         wide_calibration=wide_calibration,
+        previous=previous,
+        previous_seconds=float(saved["wall_seconds"]) if saved is not None else 0.0,
     )
     written = write_report(Results(plan, run), source, args.out, args.workers)
     print(f"wrote {written['markdown']} and {written['json']} ({run.wall_seconds / 60:.1f} min)")
     return 0
+
+
+def _saved_study(out: Path) -> dict[str, Any]:
+    saved = out / "study.json"
+    if not saved.is_file():
+        raise SystemExit(f"--resume: {saved} does not exist; run the study without --resume first")
+    data: dict[str, Any] = json.loads(saved.read_text())
+    return data
+
+
+def _check_resumable(saved: dict[str, Any], toy: Source, wide: Source | None, size: StudySize) -> None:
+    """Refuse to reuse cells of a study that ran other settings (cell keys name only the rows'
+    overrides, staleness and seed: a config, lr or size change would mix two studies silently)."""
+    ours = json.loads(json.dumps(dataclasses.asdict(size)))
+    differ = sorted(k for k in ours.keys() | saved["size"].keys() if ours.get(k) != saved["size"].get(k))
+    if differ:
+        raise SystemExit(f"--resume: the saved study ran another size ({', '.join(differ)} differ); leave out --resume")
+    if (toy.path, list(toy.overrides)) != (saved["config"], saved["overrides"]):
+        raise SystemExit(
+            f"--resume: the saved study ran -c {saved['config']} with {saved['overrides']}, this one "
+            f"-c {toy.path} with {list(toy.overrides)}; leave out --resume"
+        )
+    theirs = saved.get("wide_source")
+    if (
+        wide is not None
+        and theirs is not None
+        and (wide.path, list(wide.overrides))
+        != (
+            theirs["path"],
+            theirs["overrides"],
+        )
+    ):
+        raise SystemExit(f"--resume: the saved study's wide world ran {theirs}, this one {wide}; leave out --resume")
 
 
 def _calibrate(

@@ -62,7 +62,8 @@ def part2(results: Results) -> Finding | None:
     plan = results.plan
     rows = plan.part2_rows()
     # every stabilizer against the recompute row with the same ratio handling (clip 0.2 / unclipped)
-    recompute, none = rows[0], rows[-1]
+    recompute = rows[0]
+    none = next(r for r in rows if _short(r.label) == "none")
     # (IS only and none are not stabilizers: they are the uncorrected signal with / without IS)
     stabilizers = [
         r

@@ -17,7 +17,8 @@ Choices (reported in study.md):
   recompute unclipped (the paper's AsyncOPD configs, clip 1e6). rollout + IS + clip 0.2 is the
   paper code's uncorrected baseline (it has no "none": turning IS off there forces recompute).
   Both M2POs run (`m2po` = the masking rule, `m2po_clip` = the paper code's dynamic clip), and
-  decoupled PPO in both its variants (behaviour weight masked / truncated above the cap).
+  decoupled PPO in both its variants (behaviour weight masked / truncated above the cap). "none"
+  also runs with a leave-one-out mean baseline (`loss.baseline=mean`): it has none of its own.
 - every rollout batch is `minibatches_per_batch` optimizer steps (the paper code's 4; π_prox is
   fixed per rollout batch), and versions and staleness count rollout batches, as in that code.
 - part 3 trains at staleness 1 (one-step-off, the mildest asynchrony) with the MC-correctable
@@ -206,6 +207,7 @@ class StudyPlan:
             mc("M2PO mask", "rollout", "m2po", reference=unclipped.label),
             mc("IS only", "rollout", "is", reference=unclipped.label),
             mc("none", "rollout", "none", reference=unclipped.label),
+            mc("none + mean baseline", "rollout", "none", "loss.baseline=mean", reference=unclipped.label),
         ]
 
     def part3_rows(self) -> list[Row]:

@@ -278,7 +278,8 @@ def markdown(results: Results, source: Source, plots: Sequence[Path], workers: i
         f"{', '.join(map(str, size.train_mc_sizes))} (draws are with replacement, so N may exceed |V|); the offline "
         f"probe draws N up to {max(size.probe_mc_sizes)} (in chunks of ≤ |V| i.i.d. draws, the same estimator)",
         f"- wall time {run.wall_seconds / 60:.1f} min with {workers} worker process(es), one torch thread each; "
-        f"{len(run.cells)} trained cells",
+        f"{len(run.cells)} trained cells"
+        + (f" ({run.reused} jobs taken from an earlier run with `--resume`)" if run.reused else ""),
         "",
     ]
     lines += ["## Staleness", "", *drift_table(results), ""]
@@ -351,6 +352,7 @@ def study_json(results: Results, source: Source, workers: int) -> dict[str, Any]
             "probes": run.probes,
             "calibration": run.calibration,
             "wide_calibration": run.wide_calibration,
+            "reused": run.reused,
             "wide_baseline": run.wide_baseline,
             "wide_source": None if run.wide_source is None else asdict(run.wide_source),
             "findings": [asdict(f) for f in all_findings(results)],
@@ -399,5 +401,6 @@ def load_results(path: Path) -> tuple[Results, Source, int]:
         wide_baseline=data.get("wide_baseline"),
         wide_source=None if data.get("wide_source") is None else _source(data["wide_source"]),
         wide_calibration=data.get("wide_calibration"),
+        reused=int(data.get("reused") or 0),
     )
     return Results(plan, run), Source(data["config"], tuple(data["overrides"])), int(data["workers"])

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -186,6 +186,8 @@ class StudyRun:
     """Where part 4's cells came from."""
     wide_calibration: dict[str, Any] | None = None
     """`calibrate_lr`'s record for the wide world when part 4's lr was calibrated (else None)."""
+    reused: int = 0
+    """Jobs (cells, probes, baselines) taken from an earlier run's study.json (`--resume`), not run again."""
 
 
 def run_study(
@@ -197,10 +199,14 @@ def run_study(
     *,
     wide_source: Source | None = None,
     wide_calibration: dict[str, Any] | None = None,
+    previous: Mapping[str, dict[str, Any]] | None = None,
+    previous_seconds: float = 0.0,
 ) -> StudyRun:
     """Run every cell (and, with part 3, the probe) of `plan`; `workers` processes in parallel.
 
-    `wide_source` is where part 4's cells come from (required when it is selected)."""
+    `wide_source` is where part 4's cells come from (required when it is selected). `previous`
+    holds jobs an earlier run of the same study finished (`previous_jobs`), by job name: they are
+    taken as they are, and `previous_seconds` (that run's wall time) is added to this one's."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     if 4 in plan.parts and wide_source is None:
@@ -246,7 +252,11 @@ def run_study(
         )
         for cell in cells
     ]
-    results: dict[str, dict[str, Any]] = {}
+    previous = previous or {}
+    results: dict[str, dict[str, Any]] = {name: previous[name] for name, _ in jobs if name in previous}
+    jobs = [(name, job) for name, job in jobs if name not in results]
+    if results:
+        say(f"resume: {len(results)} jobs taken from the earlier run, {len(jobs)} to run")
     done = 0
 
     def record(name: str, value: dict[str, Any]) -> None:
@@ -257,7 +267,8 @@ def run_study(
         say(f"[{done}/{len(jobs)}] {name}{extra}  t={time.perf_counter() - start:.0f}s")
 
     if workers <= 1:
-        quiet_process()
+        if jobs:
+            quiet_process()
         for name, job in jobs:
             record(name, job())
     else:
@@ -270,9 +281,20 @@ def run_study(
         cells=[results[cell.key] for cell in plan.cells()],
         probes=[results[f"probe seed={seed}"] for seed in size.seeds] if 3 in plan.parts else [],
         baseline=results["baseline"],
-        wall_seconds=time.perf_counter() - start,
+        wall_seconds=previous_seconds + time.perf_counter() - start,
         calibration=calibration,
         wide_baseline=results.get("baseline wide"),
         wide_source=wide_source if 4 in plan.parts else None,
         wide_calibration=wide_calibration,
+        reused=len([name for name in previous if name in results]),
     )
+
+
+def previous_jobs(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """An earlier study.json's finished jobs by the names `run_study` gives them."""
+    jobs: dict[str, dict[str, Any]] = {c["key"]: c for c in saved.get("cells") or []}
+    jobs.update({f"probe seed={p['seed']}": p for p in saved.get("probes") or []})
+    for name, field in (("baseline", "baseline"), ("baseline wide", "wide_baseline")):
+        if saved.get(field):
+            jobs[name] = saved[field]
+    return jobs
