@@ -34,7 +34,7 @@ PART2_ROWS = [
     "none (advantage=rollout, correction=none)",
     "none + mean baseline (advantage=rollout, correction=none)",
 ]
-DRIFT_ROW = "staleness as drift: median (log π_θ/μ)²"
+DRIFT_ROW = "staleness as drift: median (log π_θ/μ)², cells that trained"
 PROBE_ROWS = ["sparse top-8", "MC N=1", "MC N=4", "MC N=16", "MC N=64"]
 PART3_ROWS = [
     "sparse top-8 (reverse_kl_topk, tail=bucket)",

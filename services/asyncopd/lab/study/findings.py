@@ -113,6 +113,43 @@ def part2(results: Results) -> Finding | None:
     )
 
 
+def part2_recompute(results: Results) -> Finding | None:
+    """The second half of the paper's Part 2 claim: recompute does better than the uncorrected
+    pipeline, i.e. the paper code's baseline (rollout advantage + IS + clip 0.2), at matched clipping."""
+    plan = results.plan
+    rows = plan.part2_rows()
+    recompute = rows[0]
+    baseline = next((r for r in rows if _short(r.label).endswith("= paper baseline")), None)
+    none = next((r for r in rows if _short(r.label) == "none"), None)
+    stalenesses = [s for s in plan.size.part2_staleness if all(results.has(r, s) for r in rows)]
+    if baseline is None or none is None or not stalenesses:
+        return None
+    diffs = {s: paired(results.accuracies(recompute, s), results.accuracies(baseline, s)) for s in stalenesses}
+    unclipped = plan.row(none.reference or recompute.label)
+    toy = (
+        f"{_short(recompute.label)} minus {_short(baseline.label)} (both clip 0.2): "
+        + ", ".join(f"{d.signed()} at s={s}" for s, d in diffs.items())
+        + "; measured drift at those staleness values "
+        + ", ".join(f"{results.drift(s):.2e}" for s in stalenesses)
+        + f". Against the signal without any correction (none, no counterpart in the paper's code), "
+        f"{_short(unclipped.label)} is "
+        + ", ".join(
+            f"{paired(results.accuracies(unclipped, s), results.accuracies(none, s)).signed()} at s={s}"
+            for s in stalenesses
+        )
+        + "."
+    )
+    signs = {sign_of(d) for d in diffs.values()}
+    verdict = "disagrees" if -1 in signs else ("agrees" if signs == {1} else "inconclusive")
+    return Finding(
+        "Part 2b (recompute vs the uncorrected pipeline)",
+        "recomputing the reverse-KL signal at the learner does better than the uncorrected asynchronous pipeline "
+        "(the paper code's baseline: rollout-time advantage, IS, PPO clip 0.2).",
+        toy,
+        verdict,
+    )
+
+
 def part3_gradients(results: Results) -> Finding | None:
     labels = results.probe_labels()
     mc = [(int(label.split("=")[1]), label) for label in labels if label.startswith("MC N=")]
@@ -198,25 +235,22 @@ def part4(results: Results) -> Finding | None:
     mc = sorted(plan.size.wide_mc_sizes)
     held = (results.run.wide_baseline or {}).get("held_out") or {}
     k0 = pairs[0][0].label
-    missing = held.get(f"student_top{plan.size.wide_topk_sizes[0]}_missing")
     pieces, signs = [], []
     for sparse, sampled in pairs:
         d = paired(results.held_out_kls(sparse, s), results.held_out_kls(sampled, s))  # > 0: MC ends closer
         signs.append(sign_of(d))
-        pieces.append(f"{_short(sparse.label)} minus {_short(sampled.label)} {d.signed(4)}")
+        k = _short(sparse.label).removeprefix("sparse top-")
+        miss = held.get(f"student_top{k}_missing")
+        closer = {1: "MC closer", -1: "sparse closer", 0: "within 2 s.e."}[sign_of(d)]
+        where = f" (the student's top-{k} misses {miss:.3f} of its mass)" if miss is not None else ""
+        pieces.append(f"{_short(sparse.label)} minus {_short(sampled.label)} {d.signed(4)}, {closer}{where}")
     many = paired(
         results.held_out_kls(by_label[f"MC N={mc[-1]}"], s), results.held_out_kls(by_label[f"MC N={mc[0]}"], s)
     )
     toy = (
         "held-out KL(π‖p) after training: "
         + ", ".join(f"{_short(r.label)} {results.held_out_kl(r, s).text(4)}" for r in rows)
-        + f". Paired (same seed): {'; '.join(pieces)}; MC N={mc[-1]} minus N={mc[0]} {many.signed(4)}"
-        + (
-            f". The initial student's top-{plan.size.wide_topk_sizes[0]} misses {missing:.3f} of its mass"
-            if missing
-            else ""
-        )
-        + "."
+        + f". Paired (same seed): {'; '.join(pieces)}; MC N={mc[-1]} minus N={mc[0]} {many.signed(4)}."
     )
     headline = signs[0]
     return Finding(
@@ -237,6 +271,7 @@ def all_findings(results: Results) -> list[Finding]:
     out = [
         part1(results) if 1 in parts else None,
         part2(results) if 2 in parts else None,
+        part2_recompute(results) if 2 in parts else None,
         part3_gradients(results) if 3 in parts else None,
         part3_accuracy(results) if 3 in parts else None,
         part4(results) if 4 in parts else None,

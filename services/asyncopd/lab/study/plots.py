@@ -84,7 +84,7 @@ def part2_accuracy(results: Results, out: Path) -> Path | None:
     plan = results.plan
     rows = plan.part2_rows()
     stalenesses = plan.size.part2_staleness
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(stalenesses)
     for j, s in enumerate(stalenesses):
         acc = [results.accuracy(r, s) for r in rows]
@@ -93,7 +93,7 @@ def part2_accuracy(results: Results, out: Path) -> Path | None:
             xs, [a.mean for a in acc], width, yerr=[0.0 if a.n < 2 else a.std for a in acc], capsize=3, label=f"s={s}"
         )
     ax.set_xticks([i + width * (len(stalenesses) - 1) / 2 for i in range(len(rows))])
-    ax.set_xticklabels([_tick(r.label) for r in rows], fontsize=7)
+    ax.set_xticklabels([_tick(r.label) for r in rows], fontsize=7, rotation=30, ha="right")
     ax.axhline(results.run.baseline["student_accuracy"], color="grey", ls=":", label="student before training")
     ax.set_ylabel("greedy test accuracy")
     ax.set_title(f"Part 2: stale reverse KL (MC N={plan.k}) by correction")

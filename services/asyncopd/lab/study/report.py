@@ -34,7 +34,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-DRIFT_LABEL = "staleness as drift: median (log π_θ/μ)²"
+DRIFT_LABEL = "staleness as drift: median (log π_θ/μ)², cells that trained"
 
 
 def _drift(value: float) -> str:
@@ -45,20 +45,28 @@ def drift_table(results: Results) -> list[str]:
     """Staleness in versions and in measured drift, with the lr calibration when there was one."""
     plan = results.plan
     ss = sorted({*plan.size.part1_staleness, *plan.size.part2_staleness, plan.size.part3_staleness})
-    body = [
-        [str(s), _drift(results.drift(s)), _drift(results.drift(s) / s) if s else "—"]
-        for s in ss
-        if s in plan.size.part1_staleness or s in plan.size.part2_staleness or s == plan.size.part3_staleness
-    ]
+    body = []
+    for s in ss:
+        trained, fell = results.drift_values(s), results.drift_values(s, collapsed=True)
+        drift = results.drift(s)
+        body.append(
+            [
+                str(s),
+                f"{_drift(drift)} ({len(trained)})",
+                _drift(drift / s) if s else "—",
+                f"{_drift(results.drift(s, collapsed=True))} ({len(fell)})",
+            ]
+        )
     lines = [
         "### Table 0: staleness in versions and in measured drift",
         "",
         "Drift = (log π_θ(y) − log μ(y))² over the first mini-batch's samples, measured by the loss before any update "
         "on that batch (MC rows only); median over each cell's batches that are exactly s versions stale, then over "
-        "cells.",
+        "cells (their number in brackets). Cells whose student ended below the untrained one (collapsed: the policy "
+        "ran away from μ, so their drift measures the collapse, not the staleness) are counted apart.",
         "",
     ]
-    lines += _table(["s (versions)", "median (log π_θ/μ)²", "per version"], body)
+    lines += _table(["s (versions)", "median (log π_θ/μ)², cells that trained", "per version", "collapsed cells"], body)
     cal = results.run.calibration
     if cal:
         lines += ["", f"lr calibrated for {cal['target']:g} per version: {_rounds(cal)}; chosen lr {cal['lr']:g}."]

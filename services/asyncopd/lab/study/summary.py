@@ -126,12 +126,25 @@ class Results:
     def probe_labels(self) -> list[str]:
         return list(self.run.probes[0]["stats"]) if self.run.probes else []
 
-    def drift(self, staleness: int, world: str = TOY) -> float:
-        """Staleness in log-ratio units: median over every cell of `world` at `staleness` that measures it
-        (MC rows) of the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
-        values = [
+    def collapsed(self, cell: dict[str, Any]) -> bool:
+        """A toy cell whose student ended below the untrained one (its policy ran away from μ:
+        its drift measures the collapse, not the staleness)."""
+        before = float(self.run.baseline.get("student_accuracy", math.nan))
+        return cell.get("world", TOY) == TOY and float(cell["accuracy"]) < before
+
+    def drift_values(self, staleness: int, world: str = TOY, *, collapsed: bool = False) -> list[float]:
+        """Per MC cell of `world` at `staleness` (cells that trained, or with `collapsed` those that
+        collapsed): the cell's median (log π_θ/μ)² over its batches exactly `staleness` versions stale."""
+        return [
             d
             for c in self.run.cells
-            if c.get("world", TOY) == world and int(c["staleness"]) == staleness and math.isfinite(d := median_drift(c))
+            if c.get("world", TOY) == world
+            and int(c["staleness"]) == staleness
+            and self.collapsed(c) == collapsed
+            and math.isfinite(d := median_drift(c))
         ]
+
+    def drift(self, staleness: int, world: str = TOY, *, collapsed: bool = False) -> float:
+        """Staleness in log-ratio units: the median of `drift_values` (nan when no cell measures it)."""
+        values = self.drift_values(staleness, world, collapsed=collapsed)
         return statistics.median(values) if values else math.nan
