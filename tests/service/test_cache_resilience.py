@@ -144,7 +144,8 @@ def test_serve_entrypoint_runs_until_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "asyncopd.cli", "serve", "cache", "--name", "cache-it",
          "--set", f"cache.server.port={port}", "--set", f"redis.key_prefix={prefix}",
-         "--set", "task.train_size=50"],
+         "--set", "task.train_size=50",
+         "--set", "cache.hold_until_learner=false"],  # no learner begins here: admit at once
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
