@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from asyncopd.lab.study.gradients import variance_slope
+from asyncopd.lab.study.plan import Row
 from asyncopd.lab.study.summary import Results, Spread, paired, sign_of, spread
 
 
@@ -63,7 +64,8 @@ def part2(results: Results) -> Finding | None:
     rows = plan.part2_rows()
     # every stabilizer against the recompute row with the same ratio handling (clip 0.2 / unclipped)
     recompute = rows[0]
-    none = next(r for r in rows if _short(r.label) == "none")
+    none = _named(rows, "none")
+    assert none is not None
     # (IS only and none are not stabilizers: they are the uncorrected signal with / without IS)
     stabilizers = [
         r
@@ -119,8 +121,8 @@ def part2_recompute(results: Results) -> Finding | None:
     plan = results.plan
     rows = plan.part2_rows()
     recompute = rows[0]
-    baseline = next((r for r in rows if _short(r.label).endswith("= paper baseline")), None)
-    none = next((r for r in rows if _short(r.label) == "none"), None)
+    baseline = _named(rows, "PPO clip 0.2 = paper baseline")
+    none = _named(rows, "none")
     stalenesses = [s for s in plan.size.part2_staleness if all(results.has(r, s) for r in rows)]
     if baseline is None or none is None or not stalenesses:
         return None
@@ -264,6 +266,11 @@ def part4(results: Results) -> Finding | None:
 
 def _short(label: str) -> str:
     return label.split(" (", maxsplit=1)[0]
+
+
+def _named(rows: list[Row], name: str) -> Row | None:
+    """The row whose label, before its settings in brackets, is `name`."""
+    return next((r for r in rows if _short(r.label) == name), None)
 
 
 def all_findings(results: Results) -> list[Finding]:

@@ -255,8 +255,9 @@ def run_study(
     previous = previous or {}
     results: dict[str, dict[str, Any]] = {name: previous[name] for name, _ in jobs if name in previous}
     jobs = [(name, job) for name, job in jobs if name not in results]
-    if results:
-        say(f"resume: {len(results)} jobs taken from the earlier run, {len(jobs)} to run")
+    reused = len(results)
+    if reused:
+        say(f"resume: {reused} jobs taken from the earlier run, {len(jobs)} to run")
     done = 0
 
     def record(name: str, value: dict[str, Any]) -> None:
@@ -286,7 +287,7 @@ def run_study(
         wide_baseline=results.get("baseline wide"),
         wide_source=wide_source if 4 in plan.parts else None,
         wide_calibration=wide_calibration,
-        reused=len([name for name in previous if name in results]),
+        reused=reused,
     )
 
 
