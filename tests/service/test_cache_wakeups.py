@@ -6,7 +6,12 @@
 - an idle waiting request runs its script once or twice per wait, not once per fallback poll:
   twenty idle waiters cost about one script run each, and what only time changes (an expired
   prompt lease, teacher claim or batch claim) still wakes its waiters, from the one shared
-  deadline check per cache process.
+  deadline check per cache process;
+- a client that stops waiting (`CacheClient.stop_waiting`, a service told to stop) cuts its
+  call at once, and the cache ends that server-side wait without taking anything for it;
+- on a sharded cache a waiting request is woken by whichever shard gets work;
+- waits hold the cache's worker threads: beyond `waiting_limit(workers)` they are answered at
+  once, so puts never queue behind long polls.
 """
 
 from __future__ import annotations
@@ -14,10 +19,24 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from asyncopd.cache.main import RunningCache
+from asyncopd.cache.waits import waiting_limit
+from asyncopd.wire import payload
 from asyncopd.wire.cache_client import CacheClient
+from asyncopd.wire.convert import Limits
+from asyncopd.wire.payload_store import PayloadStore
 from asyncopd.wire.rpc import channel
-from test_cache_harness import in_thread, make_config, make_rollout, make_scores, running_cache, unique_prefix
+from test_cache_harness import (
+    SHARED_REDIS,
+    VOCAB,
+    in_thread,
+    make_config,
+    make_rollout,
+    make_scores,
+    running_cache,
+    unique_prefix,
+)
 
 
 def _count_calls(cache: RunningCache, name: str) -> list[int]:
@@ -111,3 +130,111 @@ def test_a_waiting_teacher_is_woken_by_a_put() -> None:
         claim.join(timeout=10)
         # only the 'rollouts' wake-up explains a return well before the 5 s fallback poll
         assert len(claimed["value"]) >= 1 and claimed["seconds"] < 2.0, claimed
+
+
+def _waiting(cache: RunningCache) -> int:
+    """How many requests sleep on the store's wake-ups now."""
+    store: Any = cache.store
+    return store.wakeups.sleeping
+
+
+def test_a_client_that_stops_waiting_frees_the_server_wait_and_takes_nothing() -> None:
+    # A long wait keeps an idle fleet cheap; stopping must not wait it out, and the prompt that
+    # the abandoned wait would have taken must go to a live replica, not to the gone one.
+    config = make_config(
+        unique_prefix("gone"), max_staleness=0, **{"learner.batch_size": 1, "cache.poll_interval_ms": 5000.0}
+    )
+    with running_cache(config) as (cache, client):
+        leaving = CacheClient(channel(cache.address), timeout_s=30.0)
+        prompts, _, _ = client.acquire_prompts("r0", 1)
+        assert len(prompts) == 1  # the window (eta + 1) * B = 1 is full
+        acquire, acquired = in_thread(lambda: leaving.acquire_prompts("r-leaving", 1, wait_ms=20000))
+        deadline = time.monotonic() + 5
+        while _waiting(cache) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting(cache) == 1, "the request waits at the cache"
+        t0 = time.monotonic()
+        leaving.stop_waiting()
+        acquire.join(timeout=5)
+        assert acquired["value"] == ([], 0, False) and time.monotonic() - t0 < 1.0, acquired
+        while _waiting(cache) and time.monotonic() - t0 < 2.0:
+            time.sleep(0.02)
+        assert _waiting(cache) == 0, "the server-side wait ended with its caller"
+        # a later waiting call of a stopped client returns at once too
+        t1 = time.monotonic()
+        assert leaving.claim_rollouts("t-leaving", 1, wait_ms=20000) == []
+        assert time.monotonic() - t1 < 1.0
+        # free the slot: the next replica gets the prompt, the gone one took nothing
+        client.put_rollouts([make_rollout(prompts[0], 0)])
+        client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 1)])
+        batch = client.pull_batch(1, 0)
+        assert batch is not None
+        client.ack_batch(batch.batch_id)
+        client.publish_version(1)
+        time.sleep(0.3)  # a wait that ignored its gone caller would wake now and take the slot
+        got, _, _ = client.acquire_prompts("r1", 1)
+        assert len(got) == 1, "the freed slot went to the live replica"
+        stats = client.stats_snapshot()
+        assert stats.admitted == 2 and stats.invariant_holds(), stats
+
+
+def test_a_sharded_wait_is_woken_by_whichever_shard_gets_work() -> None:
+    # A waiting request sleeps on every shard's wake-ups: before, it waited on one shard (the
+    # next in rotation) and slept through work arriving at the other until its wait ran out.
+    prefix = unique_prefix("shard-wake")
+    values = {"learner.batch_size": 2, "cache.shards": 2, "cache.poll_interval_ms": 5000.0}
+    config = make_config(prefix, max_staleness=1, **values)
+    with running_cache(config) as (cache, _):
+        frames = PayloadStore(redis.Redis.from_url(SHARED_REDIS), prefix, ttl_s=60.0)
+        client = CacheClient(channel(cache.address), Limits(vocab_size=VOCAB), payloads=frames)
+        try:
+            client.begin_learner()
+            prompts, _, _ = client.acquire_prompts("r0", 4)
+            on_shard0 = [p for p in prompts if payload.ticket_shard(p.ticket) == 0]
+            assert len(on_shard0) == 2
+            for i, p in enumerate(on_shard0):  # two rounds: the rotation starts at a different shard each
+                claim, claimed = in_thread(lambda: client.claim_rollouts("t0", 1, wait_ms=4000))
+                time.sleep(0.3)  # the claim waits on empty queues now
+                client.put_rollouts([make_rollout(p, 0, seed=i)])
+                claim.join(timeout=10)
+                # only a wake-up from shard 0 explains a return well before the 4 s wait
+                assert len(claimed["value"]) == 1 and claimed["seconds"] < 2.0, (i, claimed)
+            assert client.stats_snapshot().invariant_holds()
+        finally:
+            frames.close()
+
+
+def test_waits_beyond_the_workers_reserve_are_answered_at_once_so_puts_still_get_through() -> None:
+    # Each waiting request holds one of the cache's gRPC worker threads. With as many waiting
+    # callers as workers, a put used to queue behind the waits until one ended; now the waits
+    # beyond the limit are answered at once (counted) and a reserve of threads stays free.
+    workers = 8
+    config = make_config(
+        unique_prefix("cut"), max_staleness=0, **{"learner.batch_size": 1, "cache.server.workers": workers}
+    )
+    with running_cache(config) as (cache, client):
+        limit = waiting_limit(workers)
+        assert cache.servicer.waits.limit == limit < workers
+        prompts, _, _ = client.acquire_prompts("r0", 1)  # the window is full: every acquire waits
+        callers = [CacheClient(channel(cache.address), timeout_s=30.0) for _ in range(workers)]
+        waiters = [
+            in_thread(lambda c=c, i=i: c.acquire_prompts(f"w{i}", 1, wait_ms=6000)) for i, c in enumerate(callers)
+        ]
+        deadline = time.monotonic() + 5
+        while sum(1 for _, out in waiters if "value" in out) < workers - limit and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answered = [out for _, out in waiters if "value" in out]
+        assert len(answered) == workers - limit and all(out["seconds"] < 2.0 for out in answered), answered
+        assert cache.servicer.waits.cut == workers - limit and cache.servicer.waits.waiting == limit
+        t0 = time.monotonic()
+        assert client.put_rollouts([make_rollout(prompts[0], 0)]).accepted == 1
+        assert time.monotonic() - t0 < 2.0, "a put waited for a thread held by a long poll"
+        for c in callers:
+            c.stop_waiting()
+        for th, _ in waiters:
+            th.join(timeout=10)
+        deadline = time.monotonic() + 2
+        while cache.servicer.waits.waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cache.servicer.waits.waiting == 0, "the cut-off callers' waits ended with them"
+        assert client.stats_snapshot().invariant_holds()

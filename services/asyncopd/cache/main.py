@@ -22,6 +22,7 @@ from asyncopd.cache.requests import ServicerLimits
 from asyncopd.cache.servicer import CacheServicer
 from asyncopd.cache.shards import ShardedStore
 from asyncopd.cache.store import ExperienceStore, StorePolicy
+from asyncopd.cache.waits import waiting_limit
 from asyncopd.config import RunConfig
 from asyncopd.models.chat import prompt_formatter
 from asyncopd.models.files import hub_offline, light_tokenizer, resolve_model_path
@@ -139,6 +140,7 @@ def start_cache(
         max_request_bytes=int(c.max_request_mb * _MIB),
         max_items=c.max_items_per_request,
         max_wait_ms=c.max_wait_ms,
+        max_waiting=waiting_limit(c.server.workers),
         key_prefix=config.redis.key_prefix,
         tagged=c.shards > 1 or config.redis.cluster,
     )

@@ -38,6 +38,14 @@ class Recorder(Protocol):
 
     def redis_error(self, reason: str) -> None: ...
 
+    def waiting(self, n: int) -> None:
+        """`n` requests wait at this process now."""
+        ...
+
+    def wait_cut(self) -> None:
+        """A waiting request was answered at once: no worker thread to spare for its wait."""
+        ...
+
     def refresh(self, stats: StoreStats) -> None:
         """Copy the Redis-held gauges (in flight, bytes, queue depths) into this process."""
         ...
@@ -71,6 +79,12 @@ class NullRecorder:
         pass
 
     def redis_error(self, reason: str) -> None:
+        pass
+
+    def waiting(self, n: int) -> None:
+        pass
+
+    def wait_cut(self) -> None:
         pass
 
     def refresh(self, stats: StoreStats) -> None:
@@ -151,6 +165,12 @@ class MetricsRecorder:
 
     def redis_error(self, reason: str) -> None:
         self.m.redis_errors.labels(reason=reason).inc()
+
+    def waiting(self, n: int) -> None:
+        self.m.waiting_requests.set(n)
+
+    def wait_cut(self) -> None:
+        self.m.waits_cut.inc()
 
     def refresh(self, stats: StoreStats) -> None:
         self.m.in_flight.set(stats.in_flight)

@@ -39,7 +39,8 @@ class ServicerLimits:
     logprob_dtype: LogprobDType = "float16"
     max_request_bytes: int = 48 << 20
     max_items: int = 4096
-    max_wait_ms: int = 10000
+    max_wait_ms: int = 30000
+    max_waiting: int = 6  # requests that may wait at once (`waits.waiting_limit` of the gRPC workers)
     max_prompt_tokens: int = 32768
     max_response_tokens: int = 32768
     key_prefix: str = "asyncopd"  # the run's redis.key_prefix: payload keys must be under it

@@ -21,6 +21,7 @@ from asyncopd.cache.recorder import NullRecorder, Recorder
 from asyncopd.cache.requests import RequestParser, ServicerLimits, name
 from asyncopd.cache.shards import ShardedStore
 from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PayloadRef, SampleMeta
+from asyncopd.cache.waits import Waits
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.v1 import common_pb2 as pb
 from asyncopd.wire import payload
@@ -116,6 +117,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.parse = RequestParser(limits, store.staleness)
         self.recorder: Recorder = recorder or NullRecorder()
         self._dtype = limits.logprob_dtype
+        # waiting requests hold worker threads: bounded, and ended when their caller goes away
+        self.waits = Waits(limits.max_waiting, store.wake_waiters, self.recorder.waiting, self.recorder.wait_cut)
 
     def _inline(self, metas: list[SampleMeta], scores: bool) -> tuple[list[Any], dict[str, str]]:
         """Messages of stored frames (inline path), and sid -> reason for frames unreadable."""
@@ -149,7 +152,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def AcquirePrompts(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         replica = name(request.replica, "replica")
         want = self.parse.count("max_prompts", request.max_prompts, "prompts")
-        got = self.store.acquire(replica, want, self.parse.wait_ms("wait_ms", request.wait_ms))
+        with self.waits.slot(context, self.parse.wait_ms("wait_ms", request.wait_ms)) as (wait_ms, gone):
+            got = self.store.acquire(replica, want, wait_ms, gone)
         self.recorder.admitted(got, want)
         prompts = [prompt_to_proto(self.catalog.prompt(a.pos, a.ticket, got.version)) for a in got.tickets]
         return cache_pb2.AcquirePromptsResponse(prompts=prompts, learner_version=got.version, finished=got.finished)
@@ -173,7 +177,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def ClaimRollouts(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         teacher = name(request.teacher, "teacher")
         want = self.parse.count("max_rollouts", request.max_rollouts, "rollouts")
-        claimed = self.store.claim_rollouts(teacher, want, self.parse.wait_ms("wait_ms", request.wait_ms))
+        with self.waits.slot(context, self.parse.wait_ms("wait_ms", request.wait_ms)) as (wait_ms, gone):
+            claimed = self.store.claim_rollouts(teacher, want, wait_ms, gone)
         self.recorder.claimed(claimed)
         if request.by_reference:
             return cache_pb2.ClaimRolloutsResponse(metas=[rollout_meta(m) for m in claimed.samples])
@@ -196,7 +201,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     @status_errors
     def PullBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         keep = _batch_ids(request.keep_batch_ids, "keep_batch_ids")
-        out = self.store.pull_batch(*self.parse.pull(request), epoch=_epoch(request.learner_epoch), keep=keep)
+        size, version, learner, asked_ms = self.parse.pull(request)
+        with self.waits.slot(context, asked_ms) as (wait_ms, gone):
+            out = self.store.pull_batch(
+                size, version, learner, wait_ms, epoch=_epoch(request.learner_epoch), keep=keep, gone=gone
+            )
         self.recorder.pulled(out)
         runs, held = self.store.run_state()
         resp = cache_pb2.PullBatchResponse(runs=list(runs), admission_held=held)

@@ -7,8 +7,9 @@ own admission (its share of the window, its dataset positions: those = shard mod
 teacher queue, scored pool, byte budget and accounting; nothing is shared between them, so no
 operation needs two shards at once. `ShardedStore` routes each call:
 
-- AcquirePrompts and ClaimRollouts ask the shards round-robin until the request is filled (a
-  waiting request waits on one shard, the next one each time);
+- AcquirePrompts and ClaimRollouts ask the shards round-robin until the request is filled; a
+  waiting request sleeps on the wake-ups of all shards at once (they share one condition) and
+  asks them all again when any of them wakes it;
 - PutRollouts by the ticket's shard (`s<i>.` ahead of the run id), PutScores by the shard in the
   frame key's hash tag (the scores sit next to their rollout), acks by the batch id's `s<i>.`;
 - PullBatch takes a whole batch from one shard, round-robin (a batch never spans shards, so its
@@ -37,6 +38,7 @@ from asyncopd.cache.store import (
     Admitted,
     Claimed,
     ExperienceStore,
+    Gone,
     LearnerStart,
     PullOutcome,
     PutOutcome,
@@ -44,6 +46,10 @@ from asyncopd.cache.store import (
     StoredScores,
     StorePolicy,
     StoreStats,
+    WakeUps,
+    sum_claims,
+    sum_pulls,
+    wait_any,
 )
 from asyncopd.records import CursorState
 from asyncopd.wire import payload
@@ -69,8 +75,9 @@ class ShardedStore:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         per_shard = replace(policy, byte_budget=max(1, policy.byte_budget // shards))
+        wakeups = WakeUps()  # one for all shards: a request waits on all of them (`wait_any`)
         self.stores = [
-            ExperienceStore(client, key_prefix, per_shard, on_redis_error, shard=i, shards=shards)
+            ExperienceStore(client, key_prefix, per_shard, on_redis_error, shard=i, shards=shards, wakeups=wakeups)
             for i in range(shards)
         ]
         self.policy = policy
@@ -165,20 +172,20 @@ class ShardedStore:
 
     # -- prompts and rollouts -----------------------------------------------------------------
 
-    def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0) -> Admitted:
-        order = self._rotation()
-        got: list[Any] = []
-        last: Admitted | None = None
-        for store in order:
-            last = store.acquire(replica, max_prompts - len(got))
-            got += last.tickets
-            if len(got) >= max_prompts or last.finished:
-                break
-        if not got and wait_ms > 0 and last is not None and not last.finished:
-            last = order[0].acquire(replica, max_prompts, wait_ms)
-            got = list(last.tickets)
-        assert last is not None
-        return Admitted(got, max(last.version, self._published), last.finished)
+    def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0, gone: Gone = None) -> Admitted:
+        def once() -> Admitted | None:
+            got: list[Any] = []
+            version, finished, reissued = self._published, False, 0
+            for store in self._rotation():
+                last = store.acquire_once(replica, max_prompts - len(got))
+                if last is not None:
+                    got, version, finished = got + last.tickets, max(version, last.version), last.finished
+                    reissued += last.reissued_expired
+                    if len(got) >= max_prompts or finished:
+                        break
+            return Admitted(got, version, finished, reissued) if got or finished else None
+
+        return self.stores[0].admission_outcome(wait_any(self.stores, once, wait_ms, "prompts", gone), max_prompts)
 
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         by_shard: dict[int, list[str]] = {}
@@ -203,21 +210,20 @@ class ShardedStore:
 
     # -- teachers -----------------------------------------------------------------------------
 
-    def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> Claimed:
-        order = self._rotation()
-        claims = [order[0].claim_rollouts(teacher, max_rollouts)]
-        for store in order[1:]:
-            if sum(len(c.samples) for c in claims) >= max_rollouts:
-                break
-            claims.append(store.claim_rollouts(teacher, max_rollouts - sum(len(c.samples) for c in claims)))
-        if wait_ms > 0 and not any(c.samples for c in claims):
-            claims.append(order[0].claim_rollouts(teacher, max_rollouts, wait_ms))
-        return Claimed(
-            [m for c in claims for m in c.samples],
-            sum(c.redelivered for c in claims),
-            sum(c.stale_dropped for c in claims),
-            sum(c.poisoned for c in claims),
-        )
+    def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0, gone: Gone = None) -> Claimed:
+        tries: list[Claimed] = []
+
+        def once() -> Claimed | None:
+            got = 0
+            for store in self._rotation():
+                tries.append(store.claim_once(teacher, max_rollouts - got))
+                got += len(tries[-1].samples)
+                if got >= max_rollouts:
+                    break
+            return sum_claims(tries) if got else None
+
+        wait_any(self.stores, once, wait_ms, "rollouts", gone)
+        return sum_claims(tries)
 
     def sample_shapes(self, sample_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
@@ -238,7 +244,9 @@ class ShardedStore:
 
     # -- batches ------------------------------------------------------------------------------
 
-    def pull_batch(self, size: int, learner_version: int, learner: str, wait_ms: int = 0, **kwargs: Any) -> PullOutcome:
+    def pull_batch(
+        self, size: int, learner_version: int, learner: str, wait_ms: int = 0, gone: Gone = None, **kwargs: Any
+    ) -> PullOutcome:
         """A whole batch from one shard (round-robin); every shard learns a new version first.
         `size` 0 (keep-alive of kept batches) goes to every shard: each extends the batches it holds."""
         if size == 0:
@@ -248,18 +256,17 @@ class ShardedStore:
             for store in self.stores:
                 store.publish_version(learner_version, **{k: v for k, v in kwargs.items() if k == "epoch"})
             self._published = learner_version
-        order = self._rotation()
-        outs = []
-        for store in order:
-            outs.append(store.pull_batch(size, learner_version, learner, **kwargs))
-            if outs[-1].batch is not None:
-                break
-        if outs[-1].batch is None and wait_ms > 0:
-            outs.append(order[0].pull_batch(size, learner_version, learner, wait_ms, **kwargs))
-        last = outs[-1]
-        return PullOutcome(
-            last.batch, max(o.version for o in outs), sum(o.returned for o in outs), sum(o.stale_dropped for o in outs)
-        )
+        tries: list[PullOutcome] = []
+
+        def once() -> PullOutcome | None:
+            for store in self._rotation():
+                tries.append(store.pull_once(size, learner_version, learner, **kwargs))
+                if tries[-1].batch is not None:
+                    return tries[-1]
+            return None
+
+        wait_any(self.stores, once, wait_ms, "batch", gone)
+        return sum_pulls(tries)
 
     def _batch_shard(self, batch_id: str) -> ExperienceStore:
         return self._shard(payload.ticket_shard(batch_id), f"batch {batch_id!r}")

@@ -206,6 +206,16 @@ class Claimed:
     poisoned: int = 0  # rollouts whose lease ran out max_deliveries times, dropped as poison
 
 
+def sum_claims(claims: Sequence[Claimed]) -> Claimed:
+    """Several claim attempts' answer as one: their samples, their drops added up."""
+    return Claimed(
+        [m for c in claims for m in c.samples],
+        sum(c.redelivered for c in claims),
+        sum(c.stale_dropped for c in claims),
+        sum(c.poisoned for c in claims),
+    )
+
+
 @dataclass(frozen=True)
 class PulledBatch:
     batch_id: str
@@ -220,6 +230,15 @@ class PullOutcome:
     version: int
     returned: int  # samples of expired claims put back in the pool
     stale_dropped: int
+
+
+def sum_pulls(pulls: Sequence[PullOutcome]) -> PullOutcome:
+    """Several pull attempts' answer as one: the batch one of them claimed (at most one does),
+    the newest version seen, what they put back and dropped added up."""
+    batch = next((o.batch for o in pulls if o.batch is not None), None)
+    return PullOutcome(
+        batch, max(o.version for o in pulls), sum(o.returned for o in pulls), sum(o.stale_dropped for o in pulls)
+    )
 
 
 @dataclass
@@ -264,6 +283,73 @@ def _meta(sid: str, row: Sequence[Any]) -> SampleMeta | None:
     )
 
 
+Gone = threading.Event | None  # set when the request's caller went away (cancelled, deadline passed)
+CHANNELS = ("prompts", "rollouts", "batch")
+
+
+class WakeUps:
+    """What waiting requests sleep on: one condition per wake-up channel, over one lock (the
+    shards of one process share one `WakeUps`, so a request can wait on all of them). A wake-up
+    of one channel rouses only that channel's waiters: a scored batch does not wake the
+    replicas waiting for admission. `sleeping` counts the requests asleep now."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = {c: threading.Condition(self.lock) for c in CHANNELS}
+        self.sleeping = 0
+
+    def notify(self, channels: Iterable[str]) -> None:
+        """Rouse the waiters of `channels` (the caller holds `lock`)."""
+        for c in channels:
+            self.cond[c].notify_all()
+
+
+def wait_any(
+    stores: Sequence[ExperienceStore], op: Callable[[], T | None], wait_ms: int, channel: str, gone: Gone = None
+) -> T | None:
+    """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
+    runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch") of any of
+    `stores` (which share one condition: the shards of one process), or until `gone` is set.
+
+    Wake-ups come from the scripts (pub/sub) and, for what only time changes (an expired
+    prompt lease, teacher claim or batch claim), from each listener's one shared deadline
+    check every `poll_s`: a waiter has no timer of its own while the listeners are subscribed,
+    so an idle fleet of N waiters costs N script runs per call, not N per `poll_s`, and a long
+    wait costs nothing while it sleeps. A wait that ends without a wake-up returns None without
+    running `op` again (nothing changed); so does one whose caller is `gone` (whatever `op`
+    would take now would be handed to nobody). Without a live subscription (before the first,
+    or while Redis is away) every waiter re-checks on its own every `poll_s`, as a wake-up may
+    be missed then."""
+    wake = stores[0].wakeups
+    if any(s.wakeups is not wake for s in stores):
+        raise ValueError("wait_any: the stores must share one WakeUps")
+    cond = wake.cond[channel]
+    poll_s = min(s.policy.poll_s for s in stores)
+    deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
+    while True:
+        seen = [s._woken[channel] for s in stores]
+        result = op()
+        if result is not None or time.monotonic() >= deadline:
+            return result
+        for s in stores:
+            s._listen()
+        with wake.lock:
+            wake.sleeping += 1
+            try:
+                while [s._woken[channel] for s in stores] == seen:  # nothing happened since op ran
+                    left = deadline - time.monotonic()
+                    if left <= 0 or (gone is not None and gone.is_set()):
+                        return None
+                    if not all(s._subscribed for s in stores):
+                        cond.wait(min(left, poll_s))
+                        break  # no live subscription: re-check on the timer
+                    cond.wait(left)
+            finally:
+                wake.sleeping -= 1
+        if gone is not None and gone.is_set():
+            return None
+
+
 class ExperienceStore:
     """The cache's state machine over one Redis key prefix (see `asyncopd.cache.scripts`)."""
 
@@ -276,8 +362,11 @@ class ExperienceStore:
         *,
         shard: int | None = None,
         shards: int = 1,
+        wakeups: WakeUps | None = None,
     ) -> None:
         """`on_redis_error(reason)` is told of each failed Redis call ("connection" or "timeout").
+        `wakeups`: what its waiters sleep on (shards of one process share one, so a request can
+        wait on all of them at once: `wait_any`).
 
         With `shard` (one of `shards`, `asyncopd.cache.shards`) the store keeps its state in that
         shard's hash-tagged keyspace (`payload.shard_prefix`: one Redis Cluster slot), its tickets
@@ -306,8 +395,8 @@ class ExperienceStore:
         # when Redis lost the epoch key, and it is restored with the version after such a loss.
         self._epoch_seen = 0
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
-        self._wake = threading.Condition()
-        self._woken = {"prompts": 0, "rollouts": 0, "batch": 0}  # wake-ups seen per channel
+        self.wakeups = wakeups if wakeups is not None else WakeUps()
+        self._woken = dict.fromkeys(CHANNELS, 0)  # wake-ups seen per channel
         self._listener: threading.Thread | None = None
         self._subscribed = False  # the listener holds a live subscription (waiters need no timer of their own)
         self._closed = threading.Event()
@@ -535,46 +624,30 @@ class ExperienceStore:
             ver = self._version_hint = int(res[1])
         raise CacheUnavailable(f"the learner version kept moving under {name} (8 reruns); retry")
 
-    def _wait(self, op: Callable[[], T | None], wait_ms: int, channel: str) -> T | None:
-        """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
-        runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch").
+    def _wait(self, op: Callable[[], T | None], wait_ms: int, channel: str, gone: Gone = None) -> T | None:
+        return wait_any([self], op, wait_ms, channel, gone)  # op retries Redis errors itself
 
-        Wake-ups come from the scripts (pub/sub) and, for what only time changes (an expired
-        prompt lease, teacher claim or batch claim), from the listener's one shared deadline
-        check every `poll_s`: a waiter has no timer of its own while the listener is subscribed,
-        so an idle fleet of N waiters costs N script runs per call, not N per `poll_s`. A wait
-        that ends without a wake-up returns None without running `op` again (nothing changed).
-        Without a live subscription (before the first, or while Redis is away) every waiter
-        re-checks on its own every `poll_s`, as a wake-up may be missed then."""
-        deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
-        while True:
-            seen = self._woken[channel]
-            result = self._retrying(op)
-            if result is not None or time.monotonic() >= deadline:
-                return result
-            self._listen()
-            with self._wake:
-                while self._woken[channel] == seen:  # nothing happened since op ran
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    if not self._subscribed:
-                        self._wake.wait(min(left, self.policy.poll_s))
-                        break  # no live subscription: re-check on the timer
-                    self._wake.wait(left)
+    def wake_waiters(self) -> None:
+        """Wake every waiting request of this store (and of the shards sharing its condition) to
+        look at its `gone` flag: a caller that went away ends its wait at once."""
+        with self.wakeups.lock:
+            self.wakeups.notify(CHANNELS)
 
     def _listen(self) -> None:
         """Start the wake-up listener (once, on the first wait)."""
-        with self._wake:
+        with self.wakeups.lock:
             if self._listener is None and not self._closed.is_set():
                 self._listener = threading.Thread(target=self._listen_loop, name="cache-wake", daemon=True)
                 self._listener.start()
 
     def _bump(self, channels: Iterable[str]) -> None:
-        with self._wake:
+        channels = list(channels)
+        if not channels:
+            return  # nothing happened: no waiter needs to wake (the deadline check finds none most times)
+        with self.wakeups.lock:
             for c in channels:
                 self._woken[c] += 1
-            self._wake.notify_all()
+            self.wakeups.notify(channels)
 
     def _listen_loop(self) -> None:
         channels = {self.key(f"wake:{c}").encode(): c for c in self._woken}
@@ -582,7 +655,7 @@ class ExperienceStore:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)
-                with self._wake:
+                with self.wakeups.lock:
                     self._subscribed = True
                 # a wake-up published while there was no subscription is lost: every waiter re-checks once
                 self._bump(self._woken)
@@ -599,9 +672,9 @@ class ExperienceStore:
                     log.debug("wake-up listener: %s; resubscribing", exc)
                     self._closed.wait(0.5)
             finally:
-                with self._wake:
+                with self.wakeups.lock:
                     self._subscribed = False
-                    self._wake.notify_all()  # waiters without a timer take theirs up again
+                    self.wakeups.notify(CHANNELS)  # waiters without a timer take theirs up again
                 pubsub.close()
 
     # the time-ordered sets whose members come due with time alone, and the channel each wakes
@@ -762,8 +835,14 @@ class ExperienceStore:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0) -> Admitted:
-        """Admission tickets for up to `max_prompts` dataset positions (re-issues first)."""
+    def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0, gone: Gone = None) -> Admitted:
+        """Admission tickets for up to `max_prompts` dataset positions (re-issues first), waiting
+        up to `wait_ms` for any (or for the run to finish) unless the caller is `gone`."""
+        got = self._wait(lambda: self.acquire_once(replica, max_prompts), wait_ms, "prompts", gone)
+        return self.admission_outcome(got, max_prompts)
+
+    def acquire_once(self, replica: str, max_prompts: int) -> Admitted | None:
+        """One admission attempt: None when it admitted nothing and the run is not finished."""
         lease_ms = int(self.policy.prompt_lease_s * 1000)
 
         def once() -> Admitted | None:
@@ -774,9 +853,12 @@ class ExperienceStore:
             out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
             return out if tickets or out.finished else None
 
-        got = self._wait(once, wait_ms, "prompts")
+        return self._retrying(once)
+
+    def admission_outcome(self, got: Admitted | None, max_prompts: int) -> Admitted:
+        """What an admission request answers, counted once per request (not per attempt): how
+        often producers find admission full."""
         if got is None or (len(got.tickets) < max_prompts and not got.finished):
-            # counted once per request (not per poll): how often producers find admission full
             self._retrying(lambda: self.redis.hincrby(self.key("cnt"), "admission_blocked", 1))
         return got if got is not None else Admitted([], self.version(), False)
 
@@ -859,11 +941,22 @@ class ExperienceStore:
             except redis.RedisError:
                 log.warning("could not remove %d frames of a refused put; they expire by TTL", len(frames))
 
-    def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0) -> Claimed:
+    def claim_rollouts(self, teacher: str, max_rollouts: int, wait_ms: int = 0, gone: Gone = None) -> Claimed:
         """Unscored rollouts for `teacher`, oldest first (expired leases of other teachers go back
-        to the queue first; those delivered `max_deliveries` times are dropped as poison)."""
+        to the queue first; those delivered `max_deliveries` times are dropped as poison),
+        waiting up to `wait_ms` for any unless the caller is `gone`."""
+        tries: list[Claimed] = []
+
+        def once() -> Claimed | None:
+            tries.append(self.claim_once(teacher, max_rollouts))
+            return tries[-1] if tries[-1].samples else None
+
+        self._wait(once, wait_ms, "rollouts", gone)
+        return sum_claims(tries)
+
+    def claim_once(self, teacher: str, max_rollouts: int) -> Claimed:
+        """One claim attempt (its samples may be none; its drops count all the same)."""
         p = self.policy
-        totals = {"redelivered": 0, "stale": 0, "poisoned": 0}
 
         def args(version: int) -> list[Any]:
             bound = self.staleness.oldest_usable(version)
@@ -877,18 +970,13 @@ class ExperienceStore:
                 bound,
             ]
 
-        def once() -> list[SampleMeta] | None:
+        def once() -> Claimed:
             res = self._at_version("claim", args)
-            totals["redelivered"] += int(res[1])
-            totals["stale"] += int(res[2])
-            totals["poisoned"] += int(res[3])
             width = 1 + len(_META_FIELDS)
             metas = [_meta(_s(res[i]), res[i + 1 : i + width]) for i in range(5, len(res), width)]
-            got = [m for m in metas if m is not None]
-            return got or None
+            return Claimed([m for m in metas if m is not None], int(res[1]), int(res[2]), int(res[3]))
 
-        got = self._wait(once, wait_ms, "rollouts")
-        return Claimed(got or [], totals["redelivered"], totals["stale"], totals["poisoned"])
+        return self._retrying(once)
 
     def sample_shapes(self, sample_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(num_tokens, support_size) of each known, still unscored sample (to validate scores)."""
@@ -948,19 +1036,33 @@ class ExperienceStore:
         *,
         epoch: int = 0,
         keep: Sequence[str] = (),
+        gone: Gone = None,
     ) -> PullOutcome:
-        """Claim exactly `size` scored samples no staler than the bound, or none. The claims of
+        """Claim exactly `size` scored samples no staler than the bound, or none, waiting up to
+        `wait_ms` for them unless the caller is `gone`. The claims of
         `keep` (batches the learner trained and acks after its next checkpoint) are extended and
         their admission slots freed first; a learner `epoch` older than the newest is refused.
         `size` 0 with `keep` only extends those claims (a learner waiting out a failed checkpoint):
         nothing is claimed and the version is not touched."""
+        tries: list[PullOutcome] = []
+
+        def once() -> PullOutcome | None:
+            tries.append(self.pull_once(size, learner_version, learner, epoch=epoch, keep=keep))
+            return tries[-1] if tries[-1].batch is not None else None
+
+        self._wait(once, wait_ms, "batch", gone)
+        return sum_pulls(tries)
+
+    def pull_once(
+        self, size: int, learner_version: int, learner: str, *, epoch: int = 0, keep: Sequence[str] = ()
+    ) -> PullOutcome:
+        """One pull attempt (its batch may be None; what it dropped as stale counts all the same)."""
         p = self.policy
-        totals = {"returned": 0, "stale": 0, "version": learner_version}
         # The batch is served at learner_version (an older one is refused as BEHIND), so the
         # bound is exact here without a version check.
         oldest_usable = self.staleness.oldest_usable(learner_version)
 
-        def once() -> PulledBatch | None:
+        def once() -> PullOutcome:
             bid = self._tag + uuid.uuid4().hex
             args = [self._now_ms(), learner_version, oldest_usable, size, p.order, bid, learner]
             res = self._script("pull", [*args, int(p.batch_claim_s * 1000), p.max_deliveries, epoch, *keep])
@@ -970,11 +1072,10 @@ class ExperienceStore:
                 raise FailedPrecondition(
                     f"learner_version {learner_version} is behind the published version {int(res[1])}"
                 )
-            self._version_hint = int(res[1])
-            totals["version"], totals["returned"] = int(res[1]), totals["returned"] + int(res[2])
-            totals["stale"] += int(res[3])
+            self._version_hint = version = int(res[1])
+            returned, stale = int(res[2]), int(res[3])
             if tag in ("WAIT", "KEPT"):
-                return None
+                return PullOutcome(None, version, returned, stale)
             sids = [_s(res[i]) for i in range(4, len(res), 2)]
             ovs = [int(res[i]) for i in range(5, len(res), 2)]
             pipe = self.redis.pipeline(transaction=False)
@@ -982,11 +1083,11 @@ class ExperienceStore:
                 pipe.hmget(self.key(f"s:{sid}"), *_META_FIELDS)
             metas = [_meta(sid, row) for sid, row in zip(sids, pipe.execute(), strict=True)]
             # claimed samples stay until acked (only ack and claim expiry touch them)
-            kept = [(m, int(res[1]) - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
-            return PulledBatch(bid, int(res[1]), [m for m, _ in kept], [st for _, st in kept])
+            kept = [(m, version - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
+            batch = PulledBatch(bid, version, [m for m, _ in kept], [st for _, st in kept])
+            return PullOutcome(batch, version, returned, stale)
 
-        batch = self._wait(once, wait_ms, "batch")
-        return PullOutcome(batch, totals["version"], totals["returned"], totals["stale"])
+        return self._retrying(once)
 
     def note_refused(self, batch_id: str, refused: dict[str, str]) -> None:
         """Frames of a claimed batch the cache could not read (inline path): its ack drops them."""

@@ -7,14 +7,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from asyncopd.config.base import Section
-from asyncopd.config.endpoints import ServerConfig
+from asyncopd.config.endpoints import CacheServerConfig
 
 
 class CacheConfig(Section):
     """The experience hub's policy knobs (Redis connection is `redis`)."""
 
-    server: ServerConfig = Field(
-        default_factory=lambda: ServerConfig(port=50051), description="gRPC server of the cache service."
+    server: CacheServerConfig = Field(
+        default_factory=CacheServerConfig, description="gRPC server of the cache service."
     )
     byte_budget_mb: float = Field(
         512.0,
@@ -54,7 +54,7 @@ class CacheConfig(Section):
         4096, ge=1, description="Most prompts, rollouts, scores or batch samples one request may ask for or carry."
     )
     max_wait_ms: int = Field(
-        10000, ge=0, description="Longest server-side wait a request may ask for (longer waits are cut to this)."
+        30000, ge=0, description="Longest server-side wait a request may ask for (longer waits are cut to this)."
     )
     poll_interval_ms: float = Field(
         250.0,

@@ -310,6 +310,18 @@ class CacheMetrics:
             "Samples served in this run with tokens beyond the staleness bound, which the learner masks "
             "(stale_tokens: mask; Redis's cnt.masked_samples, all shards).",
         )
+        self.waiting_requests = _gauge(
+            r,
+            "asyncopd_cache_waiting_requests",
+            "AcquirePrompts/ClaimRollouts/PullBatch requests waiting at this cache process now (each holds a gRPC "
+            "worker thread while it waits).",
+        )
+        self.waits_cut = _counter(
+            r,
+            "asyncopd_cache_waits_cut_total",
+            "Waiting requests answered at once because as many as cache.server.workers allow were waiting already "
+            "(a fleet larger than this cache's workers: raise them).",
+        )
         self.request_seconds = _histogram(
             r,
             "asyncopd_cache_request_seconds",
