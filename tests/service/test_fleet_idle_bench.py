@@ -32,3 +32,15 @@ def test_an_idle_fleet_gets_no_work_and_its_cache_cpu_is_reported(capsys: pytest
     assert rep["calls_per_s"]["AcquirePrompts"] > 4.0
     assert bench.run(args) == 0
     assert "cache CPU (service process)" in capsys.readouterr().out
+
+
+def test_the_idle_fleet_waits_as_deployed_unless_told() -> None:
+    from asyncopd.config import RunConfig
+
+    c = RunConfig()
+    assert fleet_idle.idle_waits(None) == {
+        "AcquirePrompts": c.rollout.acquire_wait_ms,
+        "ClaimRollouts": c.teacher.claim_wait_ms,
+        "PullBatch": c.learner.pull_wait_ms,
+    }
+    assert set(fleet_idle.idle_waits(200).values()) == {200}

@@ -61,6 +61,11 @@ class RolloutConfig(Section):
         description="Prompt + response tokens one sequence may hold; None = the model's max_position_embeddings.",
     )
     acquire_wait_ms: int = Field(
-        500, ge=0, le=60000, description="How long one AcquirePrompts call may wait at the cache for admission."
+        20000,
+        ge=0,
+        le=60000,
+        description="How long one AcquirePrompts call of an idle replica may wait at the cache for admission. Waits "
+        "end at once on the cache's wake-ups (freed slots, a new version, the run's end) and on stopping, so a long "
+        "wait costs no latency; it sets what an idle fleet costs the cache (one call per replica per wait).",
     )
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM engine settings.")

@@ -37,6 +37,10 @@ class TeacherConfig(Section):
     tail: bool = Field(True, description="Also return the tail log-mass log(1 - Σ top-K p) (needs topk >= 1).")
     claim_batch: int = Field(32, ge=1, description="Rollouts a teacher claims from the cache at once.")
     claim_wait_ms: int = Field(
-        500, ge=0, le=60000, description="How long one ClaimRollouts call may wait at the cache for work."
+        20000,
+        ge=0,
+        le=60000,
+        description="How long one ClaimRollouts call may wait at the cache for work. Waits end at once when "
+        "rollouts arrive (a wake-up) and on stopping; a long wait only makes an idle teacher cheaper.",
     )
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM teacher engine settings.")

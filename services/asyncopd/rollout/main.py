@@ -159,6 +159,7 @@ def serve(config: RunConfig, name: str) -> None:
             pass
     finally:
         stop.set()
+        cache.stop_waiting()  # a loop waiting at the cache (up to acquire_wait_ms) returns now
         for thread in threads:
             thread.join(timeout=30)
         server.stop()

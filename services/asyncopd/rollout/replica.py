@@ -186,8 +186,10 @@ class RolloutLoop:
         self._wait_ms = wait_ms
         self._metrics = metrics
         self.rollouts_put = 0
+        self._stop = threading.Event()  # the running loop's stop signal (`run`)
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         name = self._replica.name
         if self._continuous and self._replica.engine.streaming:
             ended = self._run_continuous(stop)
@@ -302,9 +304,8 @@ class RolloutLoop:
                 if stats.finished:
                     return True
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._stop.wait(min(left, 0.05)):
                 break
-            time.sleep(min(left, 0.05))
         return False
 
     def _acquire(self, n: int | None = None, wait_ms: int | None = None) -> Claimed[Prompt]:

@@ -85,9 +85,10 @@ def serve(config: RunConfig, name: str) -> None:
     errors: list[BaseException] = []
     topk = teacher_topk(config)
     cache_channel = channel(config.endpoints.cache, config.teacher.server.max_message_mb, config.tls)
+    cache = CacheClient.for_run(cache_channel, config)
     loop = TeacherLoop(
         replica,
-        CacheClient.for_run(cache_channel, config),
+        cache,
         topk=topk,
         tail=config.teacher.tail and topk > 0,
         claim_batch=config.teacher.claim_batch,
@@ -110,6 +111,7 @@ def serve(config: RunConfig, name: str) -> None:
             pass
     finally:
         stop.set()
+        cache.stop_waiting()  # a claim waiting at the cache (up to claim_wait_ms) returns now
         thread.join(timeout=30)
         server.stop()
         cache_channel.close()

@@ -18,6 +18,7 @@ It knows the cache service's RPCs and the payload frames; it knows nothing of ad
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,10 @@ class CacheClient:
         # what the last PullBatch said of the cache's run state (see `run_state`)
         self._runs: tuple[str, ...] = ()
         self._admission_held = False
+        # waiting calls in flight, cancelled by `stop_waiting` (which also ends every later one)
+        self._waiting: set[grpc.Future] = set()
+        self._waits_stopped = False
+        self._lock = threading.Lock()
 
     @classmethod
     def for_run(cls, channel: grpc.Channel, config: RunConfig) -> CacheClient:
@@ -148,12 +153,36 @@ class CacheClient:
         return cls(channel, payloads=payloads, payload_dtype=c.logprob_dtype)
 
     def _call(self, method: Any, request: Any, wait_ms: int = 0) -> Any:
+        """One unary call; a waiting one (`wait_ms` > 0) answers None when `stop_waiting` cut it."""
         try:
-            return method(request, timeout=self._timeout + wait_ms / 1000.0)
+            if wait_ms <= 0:
+                return method(request, timeout=self._timeout)
+            call = method.future(request, timeout=self._timeout + wait_ms / 1000.0)
+            with self._lock:
+                self._waiting.add(call)
+                if self._waits_stopped:
+                    call.cancel()
+            try:
+                return call.result()
+            except grpc.FutureCancelledError:
+                return None
+            finally:
+                with self._lock:
+                    self._waiting.discard(call)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]
                 raise CacheFull(err.details()) from err  # type: ignore[attr-defined]
             raise
+
+    def stop_waiting(self) -> None:
+        """Cut every waiting call (AcquirePrompts, ClaimRollouts, PullBatch with a wait) in flight
+        and every later one: each returns empty-handed at once, and the cache ends its server-side
+        wait without taking anything for it. A service calls this when told to stop, so a long
+        wait (seconds, to keep an idle fleet cheap) never delays its shutdown."""
+        with self._lock:
+            self._waits_stopped = True
+            for call in self._waiting:
+                call.cancel()
 
     # -- rollout replicas -------------------------------------------------------------------
 
@@ -161,6 +190,8 @@ class CacheClient:
         """Admit up to `max_prompts` prompts -> (prompts, learner_version, finished)."""
         req = cache_pb2.AcquirePromptsRequest(replica=replica, max_prompts=max_prompts, wait_ms=wait_ms)
         resp = self._call(self._stub.AcquirePrompts, req, wait_ms)
+        if resp is None:  # cut by stop_waiting
+            return [], 0, False
         prompts = [prompt_from_proto(p, self._limits, f"prompts[{i}]") for i, p in enumerate(resp.prompts)]
         return prompts, int(resp.learner_version), bool(resp.finished)
 
@@ -207,6 +238,8 @@ class CacheClient:
             teacher=teacher, max_rollouts=max_rollouts, wait_ms=wait_ms, by_reference=self.payloads is not None
         )
         resp = self._call(self._stub.ClaimRollouts, req, wait_ms)
+        if resp is None:  # cut by stop_waiting
+            return []
         if self.payloads is None:
             return [rollout_from_proto(r, self._limits, f"rollouts[{i}]") for i, r in enumerate(resp.rollouts)]
         metas = list(resp.metas)
@@ -319,6 +352,8 @@ class CacheClient:
             keep_batch_ids=list(keep),
         )
         resp = self._call(self._stub.PullBatch, req, wait_ms)
+        if resp is None:  # cut by stop_waiting
+            return None
         self._runs, self._admission_held = tuple(resp.runs), bool(resp.admission_held)
         if not resp.batch_id:
             return None

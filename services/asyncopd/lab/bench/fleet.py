@@ -94,7 +94,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "and print the cache's CPU (see asyncopd.lab.bench.fleet_idle)",
     )
     parser.add_argument(
-        "--idle-wait-ms", type=int, default=500, help="with --idle-seconds: server-side wait of each idle call"
+        "--idle-wait-ms",
+        type=int,
+        default=None,
+        help="with --idle-seconds: server-side wait of every idle call (default: each role's configured default: "
+        "rollout.acquire_wait_ms, teacher.claim_wait_ms, learner.pull_wait_ms)",
     )
     parser.add_argument(
         "--direct",
@@ -110,6 +114,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def fleet_workers(clients: int) -> int:
+    """The cache's gRPC workers for `clients` long-polling actors: the deployed default, or enough
+    that every actor may wait beside the reserve kept for non-waiting calls."""
+    from asyncopd.cache.waits import waiting_limit
+    from asyncopd.config.endpoints import CacheServerConfig
+
+    workers = CacheServerConfig().workers
+    while waiting_limit(workers) < clients:
+        workers += 32
+    return workers
+
+
 def _config(args: argparse.Namespace, prefix: str) -> Any:
     from asyncopd.config import config_from_dict
 
@@ -122,8 +138,12 @@ def _config(args: argparse.Namespace, prefix: str) -> Any:
             "redis": {"url": args.redis_url, "key_prefix": prefix},
             "cache": {
                 "hold_until_learner": False,  # admission opens without a learner's begin
-                # every actor may hold one long-polling call; the rest must not queue behind them
-                "server": {"port": 0, "workers": min(256, args.rollouts + args.teachers + 16), "max_message_mb": 256},
+                # every actor may hold one long-polling call (the deployed workers, more for a larger fleet)
+                "server": {
+                    "port": 0,
+                    "workers": fleet_workers(args.rollouts + args.teachers + 1),
+                    "max_message_mb": 256,
+                },
                 "byte_budget_mb": 4096.0,
                 "max_request_mb": 200.0,
                 "eviction": "backpressure",

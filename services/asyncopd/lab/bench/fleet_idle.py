@@ -5,9 +5,10 @@ client first takes every admission slot of the window ((eta + 1) * B tickets, he
 answered), so no replica can be admitted and nothing reaches the teachers or the learner. Then R
 rollout replicas long-poll AcquirePrompts, T teachers long-poll ClaimRollouts and the learner
 long-polls PullBatch, each a thread with its own connection, with the server-side waits a
-deployment asks for (`--idle-wait-ms`, the default of rollout.acquire_wait_ms and
-teacher.claim_wait_ms). After a settling second, the cache process's CPU over S seconds is the
-cost of R + T + 1 idle clients (goal of issue #16: 256 idle replicas <= 0.05 cores).
+deployment asks for (`idle_waits`: rollout.acquire_wait_ms, teacher.claim_wait_ms and
+learner.pull_wait_ms as configured by default, or `--idle-wait-ms` for all three). After a
+settling second, the cache process's CPU over S seconds is the cost of R + T + 1 idle clients
+(goal of issue #16: 256 idle replicas <= 0.05 cores).
 
 It measures only; it knows the cache through its gRPC client.
 """
@@ -31,6 +32,21 @@ def idle_cores(cpu_seconds: float, wall_seconds: float) -> float:
     return cpu_seconds / wall_seconds
 
 
+def idle_waits(wait_ms: int | None) -> dict[str, int]:
+    """The server-side wait (ms) of each role's idle call: `wait_ms` for all, or the deployed
+    defaults of the configuration (None)."""
+    if wait_ms is not None:
+        return {"AcquirePrompts": wait_ms, "ClaimRollouts": wait_ms, "PullBatch": wait_ms}
+    from asyncopd.config import RunConfig
+
+    c = RunConfig()
+    return {
+        "AcquirePrompts": c.rollout.acquire_wait_ms,
+        "ClaimRollouts": c.teacher.claim_wait_ms,
+        "PullBatch": c.learner.pull_wait_ms,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from asyncopd.lab.bench.cache_shards import first_answer
@@ -44,6 +60,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
     server.start()
     channels = []
+    clients: list[CacheClient] = []
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
@@ -52,7 +69,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         def client() -> CacheClient:
             ch = fleet_channel(address)
             channels.append(ch)
-            return CacheClient(ch, logprob_dtype="float16", timeout_s=60.0)
+            clients.append(CacheClient(ch, logprob_dtype="float16", timeout_s=60.0))
+            return clients[-1]
 
         control = client()
         window = staleness_policy(args).window
@@ -62,7 +80,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if not prompts:
                 break
             held += len(prompts)
-        times, wait = RpcTimes(), args.idle_wait_ms
+        times, waits = RpcTimes(), idle_waits(args.idle_wait_ms)
         errors: list[BaseException] = []
 
         def loop(method: str, call: Callable[[], Any]) -> threading.Thread:
@@ -79,13 +97,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         for i in range(args.rollouts):
             rollout = client()
-            acquire = partial(rollout.acquire_prompts, f"idle-{i}", args.rollout_batch, wait)
+            acquire = partial(rollout.acquire_prompts, f"idle-{i}", args.rollout_batch, waits["AcquirePrompts"])
             threads.append(loop("AcquirePrompts", partial(_first, acquire)))
         for i in range(args.teachers):
             teacher = client()
-            threads.append(loop("ClaimRollouts", partial(teacher.claim_rollouts, f"idle-t{i}", args.claim_batch, wait)))
+            claim = partial(teacher.claim_rollouts, f"idle-t{i}", args.claim_batch, waits["ClaimRollouts"])
+            threads.append(loop("ClaimRollouts", claim))
         learner = client()
-        threads.append(loop("PullBatch", partial(learner.pull_batch, args.batch_size, 0, wait, "idle-learner")))
+        pull = partial(learner.pull_batch, args.batch_size, 0, waits["PullBatch"], "idle-learner")
+        threads.append(loop("PullBatch", pull))
         for th in threads:
             th.start()
         time.sleep(1.0)  # every client is in its first wait
@@ -95,8 +115,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cpu, wall = cache_cpu_seconds(parent) - cpu0, time.monotonic() - start
         calls = {m: n - calls0.get(m, 0) for m, n in _calls(times).items()}
         stop.set()
+        for c in clients:  # every idle client returns from its wait now (as a stopping service does)
+            c.stop_waiting()
         for th in threads:
-            th.join(timeout=wait / 1000.0 + 60.0)
+            th.join(timeout=60.0)
         stats = control.stats_snapshot()
     finally:
         stop.set()
@@ -108,7 +130,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rollouts": args.rollouts,
         "teachers": args.teachers,
-        "wait_ms": wait,
+        "wait_ms": waits,
         "window_held": held,
         "seconds": wall,
         "cache_cpu_seconds": cpu,
@@ -131,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     rep = measure(args)
     print(
         f"fleet bench, idle: {rep['rollouts']} rollout replicas + {rep['teachers']} teachers + 1 learner "
-        f"long-polling ({rep['wait_ms']} ms waits), admission window ({rep['window_held']}) held, "
+        f"long-polling (waits, ms: {rep['wait_ms']}), admission window ({rep['window_held']}) held, "
         f"{rep['seconds']:.1f} s"
     )
     print(f"  cache CPU (service process): {rep['cache_cores']:.3f} cores ({rep['cache_cpu_seconds']:.2f} CPU s)")
