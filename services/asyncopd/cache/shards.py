@@ -8,7 +8,7 @@ teacher queue, scored pool, byte budget and accounting; nothing is shared betwee
 operation needs two shards at once. `ShardedStore` routes each call:
 
 - AcquirePrompts and ClaimRollouts ask the shards round-robin until the request is filled; a
-  waiting request sleeps on the wake-ups of all shards at once (they share one condition) and
+  waiting request sleeps on the wake-ups of all shards at once (they share one `WakeUps`) and
   asks them all again when any of them wakes it;
 - PutRollouts by the ticket's shard (`s<i>.` ahead of the run id), PutScores by the shard in the
   frame key's hash tag (the scores sit next to their rollout), acks by the batch id's `s<i>.`;

@@ -309,7 +309,7 @@ def wait_any(
 ) -> T | None:
     """Run `op` until it returns non-None or `wait_ms` has passed (at least once); between
     runs, sleep until a wake-up on `channel` ("prompts", "rollouts" or "batch") of any of
-    `stores` (which share one condition: the shards of one process), or until `gone` is set.
+    `stores` (which share one `WakeUps`: the shards of one process), or until `gone` is set.
 
     Wake-ups come from the scripts (pub/sub) and, for what only time changes (an expired
     prompt lease, teacher claim or batch claim), from each listener's one shared deadline
@@ -628,7 +628,7 @@ class ExperienceStore:
         return wait_any([self], op, wait_ms, channel, gone)  # op retries Redis errors itself
 
     def wake_waiters(self) -> None:
-        """Wake every waiting request of this store (and of the shards sharing its condition) to
+        """Wake every waiting request of this store (and of the shards sharing its `WakeUps`) to
         look at its `gone` flag: a caller that went away ends its wait at once."""
         with self.wakeups.lock:
             self.wakeups.notify(CHANNELS)
