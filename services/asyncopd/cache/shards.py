@@ -173,19 +173,22 @@ class ShardedStore:
     # -- prompts and rollouts -----------------------------------------------------------------
 
     def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0, gone: Gone = None) -> Admitted:
+        tries: list[Admitted] = []
+
         def once() -> Admitted | None:
             got: list[Any] = []
             version, finished, reissued = self._published, False, 0
             for store in self._rotation():
                 last = store.acquire_once(replica, max_prompts - len(got))
-                if last is not None:
-                    got, version, finished = got + last.tickets, max(version, last.version), last.finished
-                    reissued += last.reissued_expired
-                    if len(got) >= max_prompts or finished:
-                        break
-            return Admitted(got, version, finished, reissued) if got or finished else None
+                got, version, finished = got + last.tickets, max(version, last.version), last.finished
+                reissued += last.reissued_expired
+                if len(got) >= max_prompts or finished:
+                    break
+            tries.append(Admitted(got, version, finished, reissued))
+            return tries[-1] if got or finished else None
 
-        return self.stores[0].admission_outcome(wait_any(self.stores, once, wait_ms, "prompts", gone), max_prompts)
+        wait_any(self.stores, once, wait_ms, "prompts", gone)
+        return self.stores[0].admission_outcome(tries[-1], max_prompts)
 
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         by_shard: dict[int, list[str]] = {}

@@ -838,29 +838,34 @@ class ExperienceStore:
     def acquire(self, replica: str, max_prompts: int, wait_ms: int = 0, gone: Gone = None) -> Admitted:
         """Admission tickets for up to `max_prompts` dataset positions (re-issues first), waiting
         up to `wait_ms` for any (or for the run to finish) unless the caller is `gone`."""
-        got = self._wait(lambda: self.acquire_once(replica, max_prompts), wait_ms, "prompts", gone)
-        return self.admission_outcome(got, max_prompts)
-
-    def acquire_once(self, replica: str, max_prompts: int) -> Admitted | None:
-        """One admission attempt: None when it admitted nothing and the run is not finished."""
-        lease_ms = int(self.policy.prompt_lease_s * 1000)
+        tries: list[Admitted] = []
 
         def once() -> Admitted | None:
+            tries.append(self.acquire_once(replica, max_prompts))
+            return tries[-1] if tries[-1].tickets or tries[-1].finished else None
+
+        self._wait(once, wait_ms, "prompts", gone)
+        return self.admission_outcome(tries[-1], max_prompts)
+
+    def acquire_once(self, replica: str, max_prompts: int) -> Admitted:
+        """One admission attempt (its tickets may be none; its version is the published one)."""
+        lease_ms = int(self.policy.prompt_lease_s * 1000)
+
+        def once() -> Admitted:
             args = [self._now_ms(), replica, max_prompts, self.window, lease_ms]
             args += [self.token_budget, self.policy.tokens_per_ticket]
             res = self._script("acquire", args)
             tickets = [Admission(_s(res[i]), self._position(int(res[i + 1]))) for i in range(3, len(res), 2)]
-            out = Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
-            return out if tickets or out.finished else None
+            return Admitted(tickets, int(res[0]), bool(int(res[1])), int(res[2]))
 
         return self._retrying(once)
 
-    def admission_outcome(self, got: Admitted | None, max_prompts: int) -> Admitted:
-        """What an admission request answers, counted once per request (not per attempt): how
-        often producers find admission full."""
-        if got is None or (len(got.tickets) < max_prompts and not got.finished):
+    def admission_outcome(self, got: Admitted, max_prompts: int) -> Admitted:
+        """What an admission request answers (its last attempt), counted once per request (not
+        per attempt) when it came up short: how often producers find admission full."""
+        if len(got.tickets) < max_prompts and not got.finished:
             self._retrying(lambda: self.redis.hincrby(self.key("cnt"), "admission_blocked", 1))
-        return got if got is not None else Admitted([], self.version(), False)
+        return got
 
     def release(self, replica: str, tickets: Sequence[str]) -> int:
         if not tickets:

@@ -102,7 +102,7 @@ class Waits:
                 gone.set()
                 self._wake()
 
-        if not context.add_callback(ended):  # the RPC is over already
+        if wait_ms > 0 and not context.add_callback(ended):  # the RPC is over already
             gone.set()
         try:
             yield wait_ms, gone
