@@ -38,6 +38,16 @@ def waiting_limit(workers: int) -> int:
     return max(1, workers - max(2, min(32, workers // 8)))
 
 
+def workers_for(waiting: int) -> int:
+    """The fewest workers whose `waiting_limit` lets `waiting` requests wait at once."""
+    if waiting < 1:
+        raise ValueError(f"waiting must be >= 1, got {waiting}")
+    workers = waiting  # never fewer: the limit is at most the workers
+    while waiting_limit(workers) < waiting:
+        workers += 1
+    return workers
+
+
 class Waits:
     """Admits waiting requests up to `limit` at once; see the module docstring.
 

@@ -117,13 +117,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def fleet_workers(clients: int) -> int:
     """The cache's gRPC workers for `clients` long-polling actors: the deployed default, or enough
     that every actor may wait beside the reserve kept for non-waiting calls."""
-    from asyncopd.cache.waits import waiting_limit
+    from asyncopd.cache.waits import workers_for
     from asyncopd.config.endpoints import CacheServerConfig
 
-    workers = CacheServerConfig().workers
-    while waiting_limit(workers) < clients:
-        workers += 32
-    return workers
+    return max(CacheServerConfig().workers, workers_for(clients))
 
 
 def _config(args: argparse.Namespace, prefix: str) -> Any:
