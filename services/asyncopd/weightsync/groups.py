@@ -3,7 +3,7 @@
 The learner hosts a `TCPStore`; every membership epoch gets its own gloo or NCCL group built
 from `PrefixStore("ws/g<epoch>/pg", store)`, so a group can be thrown away and rebuilt when
 replicas join or leave without touching torch's global default group. This module also holds
-the store key scheme both sides share, and the small polling helpers around it.
+the store key scheme both sides share, and the small waiting helpers around it.
 
 It knows torch.distributed; it knows nothing of gRPC, models or the training loop.
 """
@@ -278,6 +278,60 @@ def done_key(epoch: int, seq: int) -> str:
     return f"ws/g{epoch}/done/{seq}"
 
 
+class KeyWaiter:
+    """Wakes the moment a store key is written, on a store connection of its own.
+
+    `TCPStore.wait` blocks inside the store until the key exists: no polling and no round trips
+    while idle, and the waiter learns of the key as soon as the store does. It cannot be
+    interrupted, and a wait that times out makes torch log two C++ warnings, so it runs in a
+    daemon thread on this connection (the caller's own connection stays free for its other
+    requests) with a long timeout, and the caller waits on an event that also honours `stop`.
+    A wait left behind by a stop ends when its key is written (a replica that stops unregisters,
+    and the learner then writes its epoch's next command, a rebuild), when the store goes away,
+    or with the process.
+    """
+
+    def __init__(self, store: dist.Store, block_s: float = 3600.0) -> None:
+        self._store = store
+        self._block = timedelta(seconds=block_s)
+        self._thread: threading.Thread | None = None
+
+    def wait(self, name: str, stop: threading.Event, check_s: float = 0.05) -> bool:
+        """True once `name` exists (verify it: anyone can write a key); False when `stop` is set
+        first. Raises what the store raised when it went away."""
+        if stop.is_set():
+            return False
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(f"store key {name}: this waiter's previous wait is still blocked")
+        written = threading.Event()
+        failure: list[BaseException] = []
+
+        def block() -> None:
+            try:
+                while True:
+                    try:
+                        self._store.wait([name], self._block)
+                        return
+                    except dist.DistStoreError:
+                        # A wait that timed out (the store still answers) goes on; a store that
+                        # went away raises from `check` and ends it.
+                        if self._store.check([name]):
+                            return
+            except (dist.DistError, RuntimeError) as exc:
+                failure.append(exc)
+            finally:
+                written.set()
+
+        self._thread = threading.Thread(target=block, name=f"weightsync-wait-{name}", daemon=True)
+        self._thread.start()
+        while not written.wait(check_s):
+            if stop.is_set():
+                return False
+        if failure:
+            raise failure[0]
+        return True
+
+
 # ---- authenticated values ------------------------------------------------------------------
 #
 # Anyone who reaches the store's port can write any key. Every value the two sides act on
@@ -373,13 +427,19 @@ class Signer:
         stop: threading.Event | None = None,
         timeout_s: float | None = None,
         interval_s: float = 0.02,
+        *,
+        waiter: KeyWaiter | None = None,
     ) -> str | None:
         """The verified payload once `name` holds one; None when `stop` is set or `timeout_s` passes first.
 
         Polls `check` (one round trip) rather than blocking in `get`, so a stop request or a
         deadline is honoured within `interval_s`; a value that does not verify is refused and
-        the poll goes on (the real writer replaces it); a store that went away raises.
+        the poll goes on (the real writer replaces it); a store that went away raises. With a
+        `waiter` (and a `stop`, no `timeout_s`) it first sleeps in the store until the key is
+        written instead: seen at once, and no round trips while it is absent.
         """
+        if waiter is not None and stop is not None and timeout_s is None and not waiter.wait(name, stop):
+            return None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             payload = self.read(store, name)
@@ -398,9 +458,11 @@ class Signer:
         stop: threading.Event | None = None,
         timeout_s: float | None = None,
         interval_s: float = 0.02,
+        *,
+        waiter: KeyWaiter | None = None,
     ) -> dict[str, Any] | None:
         """`poll`, parsed as a JSON object (a signed payload that is not one is refused as well)."""
-        payload = self.poll(store, name, stop, timeout_s, interval_s)
+        payload = self.poll(store, name, stop, timeout_s, interval_s, waiter=waiter)
         if payload is None:
             return None
         value = json.loads(payload)

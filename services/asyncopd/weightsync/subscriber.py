@@ -59,10 +59,6 @@ from asyncopd.wire.rpc import channel
 
 log = logging.getLogger(__name__)
 
-# How often an idle replica looks for the next command key (a store round trip each time); an
-# update's broadcast cannot start before every member looked, so this is its latency floor.
-_COMMAND_POLL_S = 0.005
-
 Apply = Callable[[int, Iterable[tuple[str, torch.Tensor]]], None]
 
 
@@ -117,6 +113,8 @@ class Subscriber:
         if self.base is not None:
             self.base.version = -1  # its versions are another learner's: no delta applies to them
         store = groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s)
+        # Its own connection: it sleeps in the store until the next command is written.
+        waiter = groups.KeyWaiter(groups.connect_store(reg.store_host, reg.store_port, reg.timeout_s))
         log.info("replica %s registered with the learner (registration %d)", self.replica, reg.registration)
         beating = threading.Event()
         beat = threading.Thread(
@@ -134,7 +132,7 @@ class Subscriber:
                 k += 1
                 if assignment.get("dropped"):
                     raise Dropped(str(assignment.get("reason", "dropped by the learner")))
-                self._join(store, assignment, reg.timeout_s)
+                self._join(store, waiter, assignment, reg.timeout_s)
         finally:
             beating.set()
             # Always: a registration left behind would hold this name until it is judged dead,
@@ -159,7 +157,9 @@ class Subscriber:
         except grpc.RpcError as exc:
             log.info("replica %s: unregister failed (learner gone?): %s", self.replica, exc.code())
 
-    def _join(self, store: dist.Store, assignment: dict[str, object], timeout_s: float) -> None:
+    def _join(
+        self, store: dist.Store, waiter: groups.KeyWaiter, assignment: dict[str, object], timeout_s: float
+    ) -> None:
         epoch, rank, world = int(assignment["epoch"]), int(assignment["rank"]), int(assignment["world"])  # type: ignore[call-overload]
         backend = groups.resolve_backend(str(assignment["backend"]), self.device)
         if backend == "nccl":
@@ -180,9 +180,9 @@ class Subscriber:
         seq = 0
         while not self.stop.is_set():
             seq += 1
-            command = self.signer.poll_json(
-                store, groups.command_key(epoch, seq), self.stop, interval_s=_COMMAND_POLL_S
-            )
+            # An update's broadcast cannot start before every member posted its receives: the
+            # command is waited for in the store (seen the moment it is written), not polled.
+            command = self.signer.poll_json(store, groups.command_key(epoch, seq), self.stop, waiter=waiter)
             if command is None:
                 return
             if command["op"] != "update":
