@@ -9,6 +9,8 @@
   deadline check per cache process;
 - a client that stops waiting (`CacheClient.stop_waiting`, a service told to stop) cuts its
   call at once, and the cache ends that server-side wait without taking anything for it;
+- new work wakes one waiter, who relays the wake-up when it found some: as many waiters run
+  their scripts as the work has room for, plus one, not every waiter;
 - on a sharded cache a waiting request is woken by whichever shard gets work;
 - waits hold the cache's worker threads: beyond `waiting_limit(workers)` they are answered at
   once, so puts never queue behind long polls.
@@ -130,6 +132,34 @@ def test_a_waiting_teacher_is_woken_by_a_put() -> None:
         claim.join(timeout=10)
         # only the 'rollouts' wake-up explains a return well before the 5 s fallback poll
         assert len(claimed["value"]) >= 1 and claimed["seconds"] < 2.0, claimed
+
+
+def test_new_work_wakes_as_many_waiters_as_it_has_room_for_plus_one_not_all() -> None:
+    """Eight teachers wait on an empty queue; a put of two rollouts wakes one, who claims one and
+    relays the wake-up, the next claims the other and relays, the third finds nothing and ends
+    the relay: three claim runs, not eight (every waiter woken, six for nothing). (The six left
+    run theirs once more when their waits end: a wake-up came during them.)"""
+    config = make_config(unique_prefix("relay"), **{"cache.poll_interval_ms": 5000.0})
+    with running_cache(config) as (cache, client):
+        other = CacheClient(channel(cache.address), timeout_s=30.0)
+        prompts, _, _ = client.acquire_prompts("r0", 2)
+        waiters = [in_thread(lambda i=i: client.claim_rollouts(f"t{i}", 1, wait_ms=6000)) for i in range(8)]
+        deadline = time.monotonic() + 10
+        while _waiting(cache) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting(cache) == 8
+        calls = _count_calls(cache, "claim")
+        other.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
+        while sum("value" in out for _, out in waiters) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # every waiter a put wakes has run its script by now
+        woken_runs = calls[0]
+        for th, _ in waiters:
+            th.join(timeout=15)
+        got = sorted((len(out["value"]), out["seconds"]) for _, out in waiters)
+        assert [n for n, _ in got] == [0] * 6 + [1, 1], got
+        assert all(seconds < 2.0 for n, seconds in got if n), got  # woken, not timed out
+        assert woken_runs <= 4, woken_runs
 
 
 def _waiting(cache: RunningCache) -> int:

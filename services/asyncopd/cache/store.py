@@ -298,10 +298,15 @@ class WakeUps:
         self.cond = {c: threading.Condition(self.lock) for c in CHANNELS}
         self.sleeping = 0
 
-    def notify(self, channels: Iterable[str]) -> None:
-        """Rouse the waiters of `channels` (the caller holds `lock`)."""
+    def notify(self, channels: Iterable[str], *, relay: bool = False) -> None:
+        """Rouse the waiters of `channels` (the caller holds `lock`). `relay`: only the one asleep
+        longest on each, who passes the wake-up on if it found work (`wait_any`): new work wakes
+        as many waiters as it has room for, plus one, not all of them."""
         for c in channels:
-            self.cond[c].notify_all()
+            if relay:
+                self.cond[c].notify(1)
+            else:
+                self.cond[c].notify_all()
 
 
 def wait_any(
@@ -315,8 +320,10 @@ def wait_any(
     prompt lease, teacher claim or batch claim), from each listener's one shared deadline
     check every `poll_s`: a waiter has no timer of its own while the listeners are subscribed,
     so an idle fleet of N waiters costs N script runs per call, not N per `poll_s`, and a long
-    wait costs nothing while it sleeps. A wait that ends without a wake-up returns None without
-    running `op` again (nothing changed); so does one whose caller is `gone` (whatever `op`
+    wait costs nothing while it sleeps. New work wakes one waiter (the one asleep longest), who
+    relays the wake-up to the next when its run found some: as many waiters run `op` as the work
+    has room for, plus one, instead of every waiter of the channel. A wait that ends without a
+    wake-up returns None without running `op` again (nothing changed); so does one whose caller is `gone` (whatever `op`
     would take now would be handed to nobody). Without a live subscription (before the first,
     or while Redis is away) every waiter re-checks on its own every `poll_s`, as a wake-up may
     be missed then."""
@@ -326,28 +333,41 @@ def wait_any(
     cond = wake.cond[channel]
     poll_s = min(s.policy.poll_s for s in stores)
     deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
+    woken = False  # this run of op follows a wake-up
     while True:
         seen = [s._woken[channel] for s in stores]
         result = op()
-        if result is not None or time.monotonic() >= deadline:
+        if result is not None:
+            if woken:  # a relayed wake-up found work: there may be more, the next waiter looks
+                with wake.lock:
+                    cond.notify(1)
             return result
+        if time.monotonic() >= deadline:
+            return result  # a wake-up that found nothing ends its relay here
         for s in stores:
             s._listen()
+        woken = False
         with wake.lock:
             wake.sleeping += 1
             try:
                 while [s._woken[channel] for s in stores] == seen:  # nothing happened since op ran
                     left = deadline - time.monotonic()
                     if left <= 0 or (gone is not None and gone.is_set()):
+                        if woken:
+                            cond.notify(1)  # leaving with a relayed wake-up: hand it on
                         return None
                     if not all(s._subscribed for s in stores):
                         cond.wait(min(left, poll_s))
                         break  # no live subscription: re-check on the timer
-                    cond.wait(left)
+                    woken = cond.wait(left)
+                else:
+                    woken = True
+                if gone is not None and gone.is_set():
+                    if woken:
+                        cond.notify(1)
+                    return None
             finally:
                 wake.sleeping -= 1
-        if gone is not None and gone.is_set():
-            return None
 
 
 class ExperienceStore:
@@ -640,14 +660,16 @@ class ExperienceStore:
                 self._listener = threading.Thread(target=self._listen_loop, name="cache-wake", daemon=True)
                 self._listener.start()
 
-    def _bump(self, channels: Iterable[str]) -> None:
+    def _bump(self, channels: Iterable[str], *, relay: bool = True) -> None:
+        """Count a wake-up on `channels` and rouse their waiters: by default one, who relays it
+        (new work: `wait_any`); `relay=False` rouses all (a wake-up may have been missed)."""
         channels = list(channels)
         if not channels:
             return  # nothing happened: no waiter needs to wake (the deadline check finds none most times)
         with self.wakeups.lock:
             for c in channels:
                 self._woken[c] += 1
-            self.wakeups.notify(channels)
+            self.wakeups.notify(channels, relay=relay)
 
     def _listen_loop(self) -> None:
         channels = {self.key(f"wake:{c}").encode(): c for c in self._woken}
@@ -658,7 +680,7 @@ class ExperienceStore:
                 with self.wakeups.lock:
                     self._subscribed = True
                 # a wake-up published while there was no subscription is lost: every waiter re-checks once
-                self._bump(self._woken)
+                self._bump(self._woken, relay=False)
                 check_at = time.monotonic() + self.policy.poll_s
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=max(0.0, min(0.2, check_at - time.monotonic())))
