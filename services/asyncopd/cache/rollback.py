@@ -7,8 +7,8 @@ services were told had happened: a lost ack puts a trained batch back under clai
 would be trained again when the claim expires); a lost batch claim puts samples the learner is
 training back in the pool; a lost admission moves the prompt cursor back.
 
-Detection: every script the store runs goes out in one MULTI with `INCR <prefix>wseq` (the
-write sequence) and a read of the rollback counter, so this process knows the sequence number
+Detection: every script the store runs ends with `INCR <prefix>wseq` (the write sequence) and
+a read of the rollback counter, in the same atomic step, so this process knows the sequence number
 of its newest write. INCR only goes up, in every process; an answer at or below the highest
 one seen means Redis went back in time. A Redis that went back restarted, so every connection
 to it is new: redis-py replaces a dead one without an error, inside the request that finds it
@@ -138,24 +138,23 @@ class RollbackGuard:
     def execute(
         self, client: redis.Redis, script: Any, keys: Sequence[Any], args: Sequence[Any]
     ) -> tuple[Any, int, int, str | None, Mark]:
-        """Run a registered script (redis-py `Script`) in one MULTI with the sequence bump.
+        """Run a registered script (redis-py `Script`) of `asyncopd.cache.scripts`, which bumps the
+        write sequence and reads the rollback count and run id itself after its body (one
+        EVALSHA, atomic: no transaction around it).
 
         -> (script result, write sequence after it, cnt.rollbacks, run id, the mark before sending)."""
         for attempt in range(2):
             mark = self.mark()
-            pipe = client.pipeline(transaction=True)
-            # EVALSHA by name: redis-py blocks pipe.evalsha on a cluster client, not the command
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            pipe.incr(self._key(SEQ_KEY))
-            pipe.hget(self._key("cnt"), "rollbacks")
-            pipe.get(self._key("run"))
             try:
-                res, seq, rollbacks, run = pipe.execute()
+                reply = client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
                 script.sha = client.script_load(script.script)  # Redis restarted: scripts are gone
                 continue
+            if len(reply) == 1:  # {'RESET'}: the run state is gone, nothing ran (the store rebuilds it)
+                return reply, 0, 0, None, mark
+            res, seq, rollbacks, run = reply
             return res, int(seq), _int(rollbacks), _str(run), mark
         raise AssertionError("unreachable")
 

@@ -48,7 +48,7 @@ cluster client routes the script by KEYS[1]. The key layout (under the prefix):
   b:<bid>        hash ver, learner, n, acked, consumed (trained; acked after the learner's next
                  checkpoint, counted in cnt.consumed) of a batch claim; b:<bid>:ids list of its sids;
                  b:<bid>:refused hash sid -> reason of frames the cache could not read (inline pulls)
-  wseq           write sequence: INCR in the same MULTI as every script; lower than a process saw
+  wseq           write sequence: INCR at the end of every script; lower than a process saw
                  = Redis rolled back (asyncopd.cache.rollback)
   bclaim         zset bid -> claim deadline (ms); an expired claim returns its samples to the
                  pool, except those claimed cache.max_deliveries times: dropped as 'poison'
@@ -81,9 +81,20 @@ def _read(name: str) -> str:
     return resources.files("asyncopd.cache").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
+# After its body every script bumps the write sequence and reads what the rollback guard needs,
+# in the same atomic step: it answers {result, wseq, cnt.rollbacks, run} (one EVALSHA, no MULTI
+# around it). A body answering nothing answers false (a Lua nil would end the array there).
+_EPILOGUE = """
+local r = body()
+if r == nil then r = false end
+return {r, redis.call('INCR', k('wseq')), redis.call('HGET', k('cnt'), 'rollbacks'), redis.call('GET', k('run'))}
+"""
+
+
 @cache
 def source(name: str) -> str:
-    """The full source of script `name` (one of `NAMES`): common helpers, then its own body."""
+    """The full source of script `name` (one of `NAMES`): common helpers, then its own body run
+    as a function, then the rollback guard's epilogue (`_EPILOGUE`)."""
     if name not in NAMES:
         raise ValueError(f"no cache script {name!r}; the scripts are {', '.join(NAMES)}")
-    return _read("common") + "\n" + _read(name)
+    return _read("common") + "\nlocal function body()\n" + _read(name) + "\nend\n" + _EPILOGUE

@@ -546,7 +546,7 @@ class ExperienceStore:
         self, name: str, args: Sequence[Any], res: Any, state: tuple[int, int, str | None], mark: Mark
     ) -> None:
         """Journal batch claims and acks; handle a rollback the write revealed (`state`: the write
-        sequence after the script, cnt.rollbacks and the run id, all from the same MULTI)."""
+        sequence after the script, cnt.rollbacks and the run id, all from the same script run)."""
         if name == "pull" and isinstance(res, list) and _s(res[0]) == "OK":
             sids = tuple(_s(res[i]) for i in range(4, len(res), 2))
             ovs = tuple(int(res[i]) for i in range(5, len(res), 2))
