@@ -323,8 +323,8 @@ def wait_any(
     wait costs nothing while it sleeps. New work wakes one waiter (the one asleep longest), who
     relays the wake-up to the next when its run found some: as many waiters run `op` as the work
     has room for, plus one, instead of every waiter of the channel. A wait that ends without a
-    wake-up returns None without running `op` again (nothing changed); so does one whose caller is `gone` (whatever `op`
-    would take now would be handed to nobody). Without a live subscription (before the first,
+    wake-up returns None without running `op` again (nothing changed); so does one whose caller
+    is `gone` (whatever `op` would take now would be handed to nobody). Without a live subscription (before the first,
     or while Redis is away) every waiter re-checks on its own every `poll_s`, as a wake-up may
     be missed then."""
     wake = stores[0].wakeups
