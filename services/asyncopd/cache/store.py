@@ -324,9 +324,9 @@ def wait_any(
     relays the wake-up to the next when its run found some: as many waiters run `op` as the work
     has room for, plus one, instead of every waiter of the channel. A wait that ends without a
     wake-up returns None without running `op` again (nothing changed); so does one whose caller
-    is `gone` (whatever `op` would take now would be handed to nobody). Without a live subscription (before the first,
-    or while Redis is away) every waiter re-checks on its own every `poll_s`, as a wake-up may
-    be missed then."""
+    is `gone` (whatever `op` would take now would be handed to nobody). Without a live
+    subscription (before the first, or while Redis is away) every waiter re-checks on its own
+    every `poll_s`, as a wake-up may be missed then."""
     wake = stores[0].wakeups
     if any(s.wakeups is not wake for s in stores):
         raise ValueError("wait_any: the stores must share one WakeUps")
@@ -350,21 +350,21 @@ def wait_any(
         with wake.lock:
             wake.sleeping += 1
             try:
+                ended = False  # the wait ran out or the caller went away
                 while [s._woken[channel] for s in stores] == seen:  # nothing happened since op ran
                     left = deadline - time.monotonic()
                     if left <= 0 or (gone is not None and gone.is_set()):
-                        if woken:
-                            cond.notify(1)  # leaving with a relayed wake-up: hand it on
-                        return None
+                        ended = True
+                        break
                     if not all(s._subscribed for s in stores):
                         cond.wait(min(left, poll_s))
                         break  # no live subscription: re-check on the timer
                     woken = cond.wait(left)
                 else:
                     woken = True
-                if gone is not None and gone.is_set():
+                if ended or (gone is not None and gone.is_set()):
                     if woken:
-                        cond.notify(1)
+                        cond.notify(1)  # leaving with a relayed wake-up: hand it on
                     return None
             finally:
                 wake.sleeping -= 1
