@@ -252,6 +252,51 @@ def test_a_saved_cursor_is_restored_into_a_redis_that_lost_its_run(tmp_path: Pat
         server.stop()
 
 
+@pytest.mark.parametrize("recreated", [False, True], ids=["state-gone", "state-recreated"])
+def test_a_wipe_between_the_cursor_restore_and_its_read_neither_replays_nor_skips(
+    tmp_path: Path, recreated: bool
+) -> None:
+    """Redis loses everything after a checkpoint's cursor restore and before its read (seen in a
+    CI chaos run): the state read must not be the new run's cursor 0, or, handed back later, it
+    releases the new run's hold at position 0 and every prompt is trained again."""
+    server = PrivateRedis(tmp_path).start()
+    prefix = unique_prefix("wipemidread")
+    config = make_config(prefix, server.url, max_staleness=1, **{"learner.batch_size": 4})
+    client = connect(RedisConfig(url=server.url))
+    try:
+        store = ExperienceStore(client, prefix, store_policy(config))
+        epoch = store.begin_learner(False, 0, None).epoch
+        store.publish_version(1, epoch=epoch)
+        _fill_at_1(store, prefix, 4)
+        batch = store.pull_batch(4, 1, "learner", epoch=epoch).batch
+        assert batch is not None and store.ack_batch(batch.batch_id, epoch=epoch) == 4
+        saved = store.cursor_state(epoch, [])
+        assert (saved.cursor, saved.open) == (4, ())
+
+        restore = store.restore_cursor
+        wiped: list[bool] = []
+
+        def restore_then_wipe(*args: Any, **kwargs: Any) -> int:
+            n = restore(*args, **kwargs)
+            if not wiped:
+                wiped.append(True)
+                client.flushall()
+                if recreated:  # another request of this process re-creates it (holding admission)
+                    store.run_state()
+            return n
+
+        store.restore_cursor = restore_then_wipe  # type: ignore[method-assign]
+        state = store.cursor_state(epoch, [], saved)
+        store.restore_cursor = restore  # type: ignore[method-assign]
+        assert wiped
+        assert state.cursor == 4, f"the checkpoint would record the wiped run's cursor: {state}"
+        store.restore_cursor(epoch, state)  # the learner hands it back later (`_follow_run_state`)
+        assert sorted(t.pos for t in store.acquire("r0", 4).tickets) == [4, 5, 6, 7]
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_without_a_rollback_nothing_is_replayed(tmp_path: Path) -> None:
     """A plain restart from a whole AOF (fsync always) is not a rollback: nothing counted."""
     server = PrivateRedis(tmp_path, appendonly=True).start()

@@ -816,33 +816,53 @@ class ExperienceStore:
 
         Read in two steps: tickets with the cursor in one transaction, then the samples; a ticket
         answered in between is seen as a ticket, so no open position is missed. Only the learner
-        of `epoch` acks, and it does not while it checkpoints."""
-        self.restore_cursor(epoch, saved, trained_tickets)
+        of `epoch` acks, and it does not while it checkpoints.
 
-        def read() -> CursorState:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.get(self.key("run"))
-            pipe.get(self.key("cursor"))
-            pipe.zrange(self.key("tlease"), 0, -1)
-            pipe.lrange(self.key("reissue"), 0, -1)
-            for bid in trained_batches:
-                pipe.lrange(self.key(f"b:{bid}:ids"), 0, -1)
-            run, cursor, leased, reissue, *batches = pipe.execute()
-            tickets = [_s(t) for t in [*leased, *reissue]]
-            trained = {_s(sid) for ids in batches for sid in ids}
-            sids = [
-                key[len(self.prefix) + 2 :]
-                for key in (_s(k) for k in self.redis.scan_iter(match=self.key("s:*"), count=1000))
-            ]
-            pipe = self.redis.pipeline(transaction=False)
-            for sid in sids:
-                pipe.hget(self.key(f"s:{sid}"), "ticket")
-            tickets += [_s(t) for sid, t in zip(sids, pipe.execute(), strict=True) if t and sid not in trained]
-            head = _s(run or b"") + "-"
-            positions = {int(t[len(head) :]) for t in tickets if t.startswith(head) and t[len(head) :].isdigit()}
-            return CursorState(int(cursor or 0), tuple(sorted(positions)), (_s(run or b""),))
+        Redis may lose its state between the restore and the read (or within the read): a state
+        read then is a new run's, cursor 0, still holding fresh admission. Handed back later as
+        `saved`, it would release that hold at position 0 and the run would train every prompt
+        again (2,848 positions in a CI chaos run). So the read is taken only when the run it reads
+        is the one the restore saw through, with no hold and the same run at its end; otherwise
+        the restore is made again (from the same `saved`) and the state read again."""
+        for _ in range(5):
+            self.restore_cursor(epoch, saved, trained_tickets)
+            state = self._retrying(lambda: self._read_cursor_state(trained_batches))
+            if state is not None:
+                return state
+            log.warning("Redis lost its state while the prompt cursor was read; restoring it and reading again")
+        raise CacheUnavailable("Redis kept losing its state while the prompt cursor was read; retry")
 
-        return self._retrying(read)
+    def _read_cursor_state(self, trained_batches: Sequence[str]) -> CursorState | None:
+        """`cursor_state`'s read; None when the run state is gone, changed during the read or
+        holds fresh admission (Redis lost its state after the restore)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(self.key("run"))
+        pipe.exists(self.key("hold"))
+        pipe.get(self.key("cursor"))
+        pipe.zrange(self.key("tlease"), 0, -1)
+        pipe.lrange(self.key("reissue"), 0, -1)
+        for bid in trained_batches:
+            pipe.lrange(self.key(f"b:{bid}:ids"), 0, -1)
+        run, held, cursor, leased, reissue, *batches = pipe.execute()
+        if run is None or held:
+            return None
+        tickets = [_s(t) for t in [*leased, *reissue]]
+        trained = {_s(sid) for ids in batches for sid in ids}
+        sids = [
+            key[len(self.prefix) + 2 :]
+            for key in (_s(k) for k in self.redis.scan_iter(match=self.key("s:*"), count=1000))
+        ]
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self.key(f"s:{sid}"), "ticket")
+        pipe.get(self.key("run"))
+        *answered, run_after = pipe.execute()
+        if run_after != run:
+            return None
+        tickets += [_s(t) for sid, t in zip(sids, answered, strict=True) if t and sid not in trained]
+        head = _s(run) + "-"
+        positions = {int(t[len(head) :]) for t in tickets if t.startswith(head) and t[len(head) :].isdigit()}
+        return CursorState(int(cursor or 0), tuple(sorted(positions)), (_s(run),))
 
     def publish_version(self, version: int, finished: bool = False, *, epoch: int = 0) -> int:
         if version < 0:
