@@ -1,6 +1,7 @@
 """`groups.KeyWaiter`: a replica sleeps in the learner's real TCPStore until the next command key
 is written (seen at once, no round trips on its own connection while it waits), still stops on
-request, refuses a forged value and ends when the store goes away."""
+request, refuses a forged value and ends when the store goes away; the learner sleeps the same
+way until an update's done key is written, and a wait it gives up is released."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
+from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync import groups
+from asyncopd.weightsync.collective import CollectiveBroadcast
 from asyncopd.weightsync.groups import KeyWaiter, Signer
+from asyncopd.weightsync.membership import Member
 
 NAME = groups.command_key(1, 1)
 
@@ -81,6 +85,72 @@ def test_a_forged_command_is_refused_and_the_real_one_still_read(master: dist.TC
     writer.join()
     assert payload == '{"op": "update"}'
     assert signer.refused >= 1
+
+
+def test_an_abandoned_wait_is_released_and_the_waiter_serves_the_next_key(master: dist.TCPStore) -> None:
+    waiter = KeyWaiter(_client(master))
+    given_up_at = time.monotonic() + 0.2
+    assert not waiter.wait(NAME, threading.Event(), check_s=0.02, abandon=lambda: time.monotonic() > given_up_at)
+    assert waiter.pending == NAME  # its thread still sleeps in the store
+    with pytest.raises(RuntimeError, match="still blocked"):
+        waiter.wait("other", threading.Event())
+    assert waiter.release(master)
+    assert waiter.pending is None
+    writer = _write_later(master, "next", "1", 0.1)
+    assert waiter.wait("next", threading.Event())
+    writer.join()
+
+
+def _learner(members: int) -> tuple[CollectiveBroadcast, Any]:
+    transport = CollectiveBroadcast(WeightSyncConfig(timeout_s=5.0), signer=Signer("k"))
+    group = type("G", (), {"epoch": 1, "members": [Member(f"r{i}", i, "cpu") for i in range(members)]})()
+    return transport, group
+
+
+def test_the_learner_sleeps_until_the_last_ack_writes_the_done_key() -> None:
+    transport, group = _learner(2)
+    try:
+        transport.membership.dead = lambda members: []  # type: ignore[method-assign]  # both beat
+        counting = Counting(transport._store)
+        transport._store = counting  # type: ignore[assignment]
+        replica = _client(counting.store)  # type: ignore[arg-type]
+
+        def acks() -> None:
+            time.sleep(0.5)
+            for _ in range(2):
+                replica.add(groups.ack_key(1, 7), 1)
+            Signer("k").put(replica, groups.done_key(1, 7), "1")
+
+        writer = threading.Thread(target=acks)
+        writer.start()
+        assert transport._acked(group, 7, 3)
+        writer.join()
+        # An ack count every 0.1 s, then the signature and the count; polling the done key with
+        # a 0.2-2 ms back-off made ~250 requests in those 0.5 s.
+        assert counting.calls <= 12
+    finally:
+        transport.close()
+
+
+def test_a_member_that_stops_beating_ends_the_wait_and_frees_the_waiter() -> None:
+    transport, group = _learner(1)
+    try:
+        transport.membership.dead = list  # type: ignore[method-assign]  # every member is silent
+        assert not transport._acked(group, 8, 3)
+        waiter = transport._waiter
+        assert waiter is not None and waiter.pending is None  # released: the next update reuses it
+        transport.membership.dead = lambda members: []  # type: ignore[method-assign]
+        master = transport._store
+
+        def ack() -> None:
+            master.add(groups.ack_key(1, 9), 1)
+            Signer("k").put(master, groups.done_key(1, 9), "1")
+
+        threading.Timer(0.1, ack).start()
+        assert transport._acked(group, 9, 4)
+        assert transport._waiter is waiter
+    finally:
+        transport.close()
 
 
 def test_the_wait_ends_with_an_error_when_the_store_goes_away() -> None:

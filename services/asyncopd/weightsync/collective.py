@@ -80,6 +80,8 @@ class CollectiveBroadcast(WeightTransport):
             torch.cuda.set_device(self.bucket_device)  # NCCL binds each group to the current device
         self.timeout_s = config.timeout_s
         self._store = groups.host_store(bind_host, config.store_port, config.timeout_s)
+        self._bind_host = bind_host
+        self._waiter: groups.KeyWaiter | None = None  # `_acked`'s (made on first use)
         self.store_host = advertise_host or bind_host
         self.store_port = int(self._store.port)
         ids = itertools.count(1)  # one id space for both kinds of registration
@@ -194,6 +196,7 @@ class CollectiveBroadcast(WeightTransport):
         with self._sync_lock:
             self.membership.disband()
             self.membership.group = None
+            self._waiter = None  # its connection closes with it (no wait is left blocked)
         self._grpc.close()
 
     # ---- internals (hold _sync_lock) -------------------------------------------------------------
@@ -298,30 +301,31 @@ class CollectiveBroadcast(WeightTransport):
     def _acked(self, group: Group, seq: int, version: int) -> bool:
         """Whether every member acked command `seq` within `timeout_s` (False early when one stops beating).
 
-        The member whose ack completes the count sets the done key; it is polled with a short
-        back-off (acks follow the broadcast by the replicas' load of their last bucket)."""
+        The member whose ack completes the count sets the done key; the learner sleeps in the
+        store until it is written (`groups.KeyWaiter`, on a connection of its own), so it learns
+        of it at once and makes no round trips meanwhile (acks follow the broadcast by the
+        replicas' load of their last bucket). Every 0.1 s it counts the acks and asks who stopped
+        beating; a wait given up that way is released by writing the done key itself."""
         expected = len(group.members)
         deadline = time.monotonic() + self.timeout_s
         key = groups.ack_key(group.epoch, seq)
         done = groups.done_key(group.epoch, seq)
-        next_check = 0.0
-        pause = 0.0002
-        # The done key is signed (a forged one is refused); the ack counter cannot be (see
-        # `asyncopd.weightsync.groups`): a forged ack only makes this return early.
-        while not self.membership.signer.present(self._store, done):
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 0.1
-                if int(self._store.add(key, 0)) >= expected:
-                    return True
-                silent = self.membership.dead(group.members)
-                if silent:
-                    log.warning(
-                        "weight sync epoch %d: %s stopped beating while version %d was acked; rebuilding",
-                        group.epoch,
-                        ", ".join(m.replica for m in silent),
-                        version,
-                    )
-                    return False
+        outcome: list[bool] = []
+
+        def abandon() -> bool:
+            if int(self._store.add(key, 0)) >= expected:
+                outcome.append(True)  # every ack counted; the done key follows
+                return True
+            silent = self.membership.dead(group.members)
+            if silent:
+                log.warning(
+                    "weight sync epoch %d: %s stopped beating while version %d was acked; rebuilding",
+                    group.epoch,
+                    ", ".join(m.replica for m in silent),
+                    version,
+                )
+                outcome.append(False)
+                return True
             if time.monotonic() >= deadline:
                 log.warning(
                     "weight sync epoch %d: only %d of %d replicas acked version %d within %.1fs",
@@ -331,7 +335,36 @@ class CollectiveBroadcast(WeightTransport):
                     version,
                     self.timeout_s,
                 )
-                return False
-            time.sleep(pause)
-            pause = min(2 * pause, 0.002)
+                outcome.append(False)
+                return True
+            return False
+
+        waiter = self._ack_waiter()
+        try:
+            if not waiter.wait(done, self._maintenance.closed, check_s=0.1, abandon=abandon):
+                return bool(outcome and outcome[0])
+        finally:
+            if waiter.pending is not None and not waiter.release(self._store):
+                self._waiter = None  # still blocked: the next update waits on a new connection
+        # The done key is signed (a forged one is refused); the ack counter cannot be (see
+        # `asyncopd.weightsync.groups`): a forged ack only makes this return early.
+        if not self.membership.signer.present(self._store, done):
+            return self._acks_polled(group, key, expected, deadline)
         return int(self._store.add(key, 0)) >= expected
+
+    def _ack_waiter(self) -> groups.KeyWaiter:
+        """The waiter `_acked` sleeps in, on its own connection to this learner's store."""
+        if self._waiter is None:
+            host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._bind_host, self._bind_host)
+            self._waiter = groups.KeyWaiter(groups.connect_store(host, self.store_port, self.timeout_s))
+        return self._waiter
+
+    def _acks_polled(self, group: Group, key: str, expected: int, deadline: float) -> bool:
+        """`_acked` after a forged done key: count the acks every 10 ms until the deadline."""
+        while time.monotonic() < deadline and not self._maintenance.closed.is_set():
+            if int(self._store.add(key, 0)) >= expected:
+                return True
+            if self.membership.dead(group.members):
+                return False
+            time.sleep(0.01)
+        return False

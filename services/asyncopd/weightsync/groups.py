@@ -295,13 +295,37 @@ class KeyWaiter:
         self._store = store
         self._block = timedelta(seconds=block_s)
         self._thread: threading.Thread | None = None
+        self._name = ""
 
-    def wait(self, name: str, stop: threading.Event, check_s: float = 0.05) -> bool:
+    @property
+    def pending(self) -> str | None:
+        """The key a wait left behind is still blocked on (None: the waiter is free)."""
+        return self._name if self._thread is not None and self._thread.is_alive() else None
+
+    def release(self, store: dist.Store, join_s: float = 1.0) -> bool:
+        """End a wait left behind by writing its key (an empty value) through `store`, another
+        connection (this one is blocked in the wait); True when the waiter is free again. For keys
+        nobody reads once the wait was given up (a done key of an abandoned update)."""
+        name, thread = self.pending, self._thread
+        if name is None or thread is None:
+            return True
+        store.set(name, "")
+        thread.join(join_s)
+        return not thread.is_alive()
+
+    def wait(
+        self,
+        name: str,
+        stop: threading.Event,
+        check_s: float = 0.05,
+        abandon: Callable[[], bool] | None = None,
+    ) -> bool:
         """True once `name` exists (verify it: anyone can write a key); False when `stop` is set
-        first. Raises what the store raised when it went away."""
+        or `abandon()` (asked every `check_s`) turns true first. Raises what the store raised when
+        it went away."""
         if stop.is_set():
             return False
-        if self._thread is not None and self._thread.is_alive():
+        if self.pending is not None:
             raise RuntimeError(f"store key {name}: this waiter's previous wait is still blocked")
         written = threading.Event()
         failure: list[BaseException] = []
@@ -322,10 +346,11 @@ class KeyWaiter:
             finally:
                 written.set()
 
+        self._name = name
         self._thread = threading.Thread(target=block, name=f"weightsync-wait-{name}", daemon=True)
         self._thread.start()
         while not written.wait(check_s):
-            if stop.is_set():
+            if stop.is_set() or (abandon is not None and abandon()):
                 return False
         if failure:
             raise failure[0]
