@@ -348,7 +348,7 @@ class CollectiveBroadcast(WeightTransport):
                 self._waiter = None  # still blocked: the next update waits on a new connection
         # The done key is signed (a forged one is refused); the ack counter cannot be (see
         # `asyncopd.weightsync.groups`): a forged ack only makes this return early.
-        if not self.membership.signer.present(self._store, done):
+        if not self.membership.signer.present(self._store, done, written=True):
             return self._acks_polled(group, key, expected, deadline)
         return int(self._store.add(key, 0)) >= expected
 

@@ -428,9 +428,11 @@ class Signer:
     def put_json(self, store: dist.Store, name: str, value: dict[str, Any]) -> None:
         self.put(store, name, json.dumps(value, separators=(",", ":")))
 
-    def read(self, store: dist.Store, name: str) -> str | None:
-        """The verified payload under `name`; None when absent or refused (logged and counted)."""
-        if not store.check([name]):
+    def read(self, store: dist.Store, name: str, *, written: bool = False) -> str | None:
+        """The verified payload under `name`; None when absent or refused (logged and counted).
+        `written`: the caller saw the key exist (a `KeyWaiter` woke; keys are never deleted), so
+        no `check` round trip first."""
+        if not written and not store.check([name]):
             return None
         try:
             return self.decode(name, store.get(name))
@@ -441,9 +443,9 @@ class Signer:
             (log.warning if first else log.debug)("weight sync: refused a store value: %s", exc)
             return None
 
-    def present(self, store: dist.Store, name: str) -> bool:
-        """Whether `name` holds a value that verifies."""
-        return self.read(store, name) is not None
+    def present(self, store: dist.Store, name: str, *, written: bool = False) -> bool:
+        """Whether `name` holds a value that verifies (`written`: see `read`)."""
+        return self.read(store, name, written=written) is not None
 
     def poll(
         self,
@@ -463,11 +465,15 @@ class Signer:
         `waiter` (and a `stop`, no `timeout_s`) it first sleeps in the store until the key is
         written instead: seen at once, and no round trips while it is absent.
         """
-        if waiter is not None and stop is not None and timeout_s is None and not waiter.wait(name, stop):
-            return None
+        woke = False  # the waiter saw the key written: the first read needs no `check`
+        if waiter is not None and stop is not None and timeout_s is None:
+            if not waiter.wait(name, stop):
+                return None
+            woke = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            payload = self.read(store, name)
+            payload = self.read(store, name, written=woke)
+            woke = False
             if payload is not None:
                 return payload
             if stop is not None and stop.is_set():
