@@ -80,12 +80,12 @@ def make_group(store: dist.Store, epoch: int, *, rank: int, world: int, backend:
     options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # absent from the stubs
     options._timeout = timeout
     options._devices = [dist.ProcessGroupGloo.create_default_device()]
-    # A replica's group has one worker thread: it receives the buckets one after another, so
-    # bucket k completes while k + 1 is under way and it loads k meanwhile (with two threads two
-    # buckets shared the wire, finished together, and the wire idled while it re-posted). The
-    # learner's has two: a replica that is late to post bucket k does not hold bucket k + 1
-    # back from the others.
-    options._threads = 2 if rank == 0 else 1
+    # Two worker threads on every rank. The learner's: a replica that is late to post bucket k
+    # does not hold bucket k + 1 back from the others. A replica's: in gloo's broadcast tree a
+    # replica that forwards bucket k to others still receives k + 1 meanwhile. (Replicas had one,
+    # so that bucket k completed while k + 1 moved; measured side by side, two were as fast or
+    # faster everywhere: 64 MiB ratio 0.70-0.75 -> 0.82-0.83 at R = 1, 1 GiB ~8 % faster at R = 4.)
+    options._threads = 2
     return dist.ProcessGroupGloo(prefixed, rank, world, options)
 
 
