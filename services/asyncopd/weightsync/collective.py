@@ -349,7 +349,11 @@ class CollectiveBroadcast(WeightTransport):
         # The done key is signed (a forged one is refused); the ack counter cannot be (see
         # `asyncopd.weightsync.groups`): a forged ack only makes this return early.
         if not self.membership.signer.present(self._store, done, written=True):
-            return self._acks_polled(group, key, expected, deadline)
+            # A forged done key woke the waiter: count the acks every 10 ms until the deadline.
+            while not abandon():
+                if self._maintenance.closed.wait(0.01):
+                    return False
+            return outcome[-1]
         return int(self._store.add(key, 0)) >= expected
 
     def _ack_waiter(self) -> groups.KeyWaiter:
@@ -358,13 +362,3 @@ class CollectiveBroadcast(WeightTransport):
             host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._bind_host, self._bind_host)
             self._waiter = groups.KeyWaiter(groups.connect_store(host, self.store_port, self.timeout_s))
         return self._waiter
-
-    def _acks_polled(self, group: Group, key: str, expected: int, deadline: float) -> bool:
-        """`_acked` after a forged done key: count the acks every 10 ms until the deadline."""
-        while time.monotonic() < deadline and not self._maintenance.closed.is_set():
-            if int(self._store.add(key, 0)) >= expected:
-                return True
-            if self.membership.dead(group.members):
-                return False
-            time.sleep(0.01)
-        return False
