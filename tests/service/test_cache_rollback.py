@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -230,15 +232,26 @@ def test_a_checkpoint_cursor_read_in_the_lost_tail_does_not_reopen_answered_posi
         server.stop()
 
 
-def test_a_saved_cursor_is_restored_into_a_redis_that_lost_its_run(tmp_path: Path) -> None:
+@contextmanager
+def _begun(tmp_path: Path, name: str) -> Iterator[tuple[ExperienceStore, Any, str, int]]:
+    """A store on a private Redis (no AOF) whose learner began and published version 1:
+    (store, client, key prefix, learner epoch)."""
     server = PrivateRedis(tmp_path).start()
-    prefix = unique_prefix("restorecursor")
+    prefix = unique_prefix(name)
     config = make_config(prefix, server.url, max_staleness=1, **{"learner.batch_size": 4})
     client = connect(RedisConfig(url=server.url))
     try:
         store = ExperienceStore(client, prefix, store_policy(config))
         epoch = store.begin_learner(False, 0, None).epoch
         store.publish_version(1, epoch=epoch)
+        yield store, client, prefix, epoch
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_saved_cursor_is_restored_into_a_redis_that_lost_its_run(tmp_path: Path) -> None:
+    with _begun(tmp_path, "restorecursor") as (store, client, _, epoch):
         store.acquire("r0", 6)
         saved = store.cursor_state(epoch, [])
         assert saved.cursor == 6
@@ -247,9 +260,6 @@ def test_a_saved_cursor_is_restored_into_a_redis_that_lost_its_run(tmp_path: Pat
         store.publish_version(1, epoch=epoch)
         assert store.restore_cursor(epoch, saved) == 6
         assert sorted(t.pos for t in store.acquire("r0", 8).tickets) == [0, 1, 2, 3, 4, 5, 6, 7]
-    finally:
-        client.close()
-        server.stop()
 
 
 @pytest.mark.parametrize("recreated", [False, True], ids=["state-gone", "state-recreated"])
@@ -259,14 +269,7 @@ def test_a_wipe_between_the_cursor_restore_and_its_read_neither_replays_nor_skip
     """Redis loses everything after a checkpoint's cursor restore and before its read (seen in a
     CI chaos run): the state read must not be the new run's cursor 0, or, handed back later, it
     releases the new run's hold at position 0 and every prompt is trained again."""
-    server = PrivateRedis(tmp_path).start()
-    prefix = unique_prefix("wipemidread")
-    config = make_config(prefix, server.url, max_staleness=1, **{"learner.batch_size": 4})
-    client = connect(RedisConfig(url=server.url))
-    try:
-        store = ExperienceStore(client, prefix, store_policy(config))
-        epoch = store.begin_learner(False, 0, None).epoch
-        store.publish_version(1, epoch=epoch)
+    with _begun(tmp_path, "wipemidread") as (store, client, prefix, epoch):
         _fill_at_1(store, prefix, 4)
         batch = store.pull_batch(4, 1, "learner", epoch=epoch).batch
         assert batch is not None and store.ack_batch(batch.batch_id, epoch=epoch) == 4
@@ -292,9 +295,6 @@ def test_a_wipe_between_the_cursor_restore_and_its_read_neither_replays_nor_skip
         assert state.cursor == 4, f"the checkpoint would record the wiped run's cursor: {state}"
         store.restore_cursor(epoch, state)  # the learner hands it back later (`_follow_run_state`)
         assert sorted(t.pos for t in store.acquire("r0", 4).tickets) == [4, 5, 6, 7]
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_without_a_rollback_nothing_is_replayed(tmp_path: Path) -> None:
