@@ -91,3 +91,71 @@ def test_malformed_tensors_are_rejected(msg: pb.Tensor, needle: str) -> None:
 def test_element_limit() -> None:
     with pytest.raises(WireError, match="exceed the limit"):
         decode_numpy(encode(np.zeros(10, np.int32)), "x", max_elements=9)
+
+
+def _awkward_floats() -> np.ndarray:
+    """Values where float casts differ if they differ anywhere: signed zeros, float16 subnormals
+    and overflow, infinities, NaN, halfway cases of both half formats, and a wide random spread."""
+    rng = np.random.default_rng(3)
+    special = [0.0, -0.0, 1e-8, -6e-8, 6.1e-5, 65504.0, 65520.0, 70000.0, -1e30, np.inf, -np.inf, np.nan]
+    ties = [1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(2.0 + 2.0**-7)]
+    spread = rng.standard_normal(4096) * np.exp(rng.uniform(-30.0, 14.0, 4096))
+    return np.concatenate([special, ties, spread, -rng.random(2048) * 30.0])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> None:
+    """Bit-identical, NaN payloads aside (NaN where NaN)."""
+    nan_a = np.isnan(a.view(np.float16) if a.dtype == np.uint16 else a)
+    nan_b = np.isnan(b.view(np.float16) if b.dtype == np.uint16 else b)
+    np.testing.assert_array_equal(nan_a, nan_b)
+    np.testing.assert_array_equal(
+        a.view(np.uint8).reshape(a.size, -1)[~nan_a], b.view(np.uint8).reshape(b.size, -1)[~nan_b]
+    )
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cast_into`/`to_float32` go through torch when it is loaded (much faster); the bits are
+    those numpy gives (bfloat16: round to nearest even, as `torch.Tensor.bfloat16`)."""
+    from asyncopd.wire import tensors
+
+    class Counting:  # torch, counting the arrays it is handed
+        calls = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(torch, name)
+
+        def from_numpy(self, a: np.ndarray) -> torch.Tensor:
+            Counting.calls += 1
+            return torch.from_numpy(a)
+
+    x64 = _awkward_floats()
+    x32 = x64.astype(np.float32)
+    sources = {
+        "float32": x32,
+        "float64": x64,
+        "float32, strided": x32[::2],
+        "read-only": np.frombuffer(x32.tobytes(), np.float32),
+    }
+    with np.errstate(over="ignore", invalid="ignore"):
+        for src in sources.values():
+            for bf16 in (False, True):
+                outs = []
+                for loaded in (Counting(), None):
+                    monkeypatch.setattr(tensors, "loaded_torch", lambda loaded=loaded: loaded)
+                    dest = np.empty(src.shape, np.uint16 if bf16 else np.float16)
+                    tensors.cast_into(dest, src, bfloat16=bf16)
+                    outs.append(dest)
+                _same(*outs)
+        half = x32.astype(np.float16)
+        widened = []
+        for loaded in (Counting(), None):
+            monkeypatch.setattr(tensors, "loaded_torch", lambda loaded=loaded: loaded)
+            widened.append(tensors.to_float32(np.frombuffer(half.tobytes(), np.float16)))
+        _same(*widened)
+    assert Counting.calls == 2 * (2 * len(sources) + 1)  # the torch side really ran: 2 arrays a cast
+    monkeypatch.undo()
+    assert tensors.loaded_torch() is torch  # and it is the one taken in a process with torch
+    bits = np.empty(x32.shape, np.uint16)
+    tensors.cast_into(bits, x32, bfloat16=True)
+    _same(bits, torch.from_numpy(x32).bfloat16().view(torch.int16).numpy().view(np.uint16))

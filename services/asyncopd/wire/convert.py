@@ -16,7 +16,7 @@ from asyncopd.records import CursorState, Prompt, Rollout, ScoredSample, Support
 from asyncopd.v1 import cache_pb2
 from asyncopd.v1 import common_pb2 as pb
 from asyncopd.wire.errors import WireError
-from asyncopd.wire.tensors import decode_numpy, encode
+from asyncopd.wire.tensors import decode_numpy, encode, to_float32
 
 LogprobDType = Literal["float32", "float16", "bfloat16"]
 _INT_KINDS = "iu"
@@ -65,7 +65,7 @@ def check_logprobs(arr: np.ndarray, field: str, shape: tuple[int | None, ...], a
     if arr.dtype.kind != "f":
         raise WireError(f"{field}: log-probs must be a float dtype, got {arr.dtype}")
     _shape(arr, field, shape)
-    arr = arr.astype(np.float32, copy=False)
+    arr = to_float32(arr)
     if arr.size:
         # One pass finds all three faults: max is NaN when any element is, +inf when any is.
         hi = float(arr.max())

@@ -28,15 +28,16 @@ from __future__ import annotations
 import json
 import re
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from isal.isal_zlib import crc32  # zlib's CRC-32, with ISA-L's SIMD kernels (~10x faster)
 
 from asyncopd.records import Rollout, SupportKind, TaskInfo, TeacherScores
 from asyncopd.wire.convert import Limits, LogprobDType, rollout_from_tensors, scores_from_tensors
 from asyncopd.wire.errors import WireError
+from asyncopd.wire.tensors import cast_into
 
 MAGIC = b"AOPF"
 FORMAT = 1
@@ -132,17 +133,6 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, rounding to nearest even (as torch does)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = u + (np.uint32(0x7FFF) + ((u >> 16) & 1))
-    bits = (rounded >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        bits[nan] = 0x7FC0
-    return bits
-
-
 def encode(kind: int, meta: dict[str, Any], tensors: dict[str, tuple[np.ndarray, str]]) -> Frame:
     """A frame of `tensors` (name -> (array, stored dtype)) and scalar `meta`.
 
@@ -160,11 +150,8 @@ def encode(kind: int, meta: dict[str, Any], tensors: dict[str, tuple[np.ndarray,
     buf[_PREFIX.size : _PREFIX.size + len(header)] = header
     for off, a, dtype in arrays:
         dest = np.frombuffer(buf, dtype=_DTYPES[dtype], count=a.size, offset=start + off).reshape(a.shape)
-        if dtype == "bfloat16":
-            dest[...] = _bf16_bits(a)
-        else:
-            np.copyto(dest, a, casting="unsafe")
-    checksum = zlib.crc32(memoryview(buf)[_PREFIX.size :])
+        cast_into(dest, a, bfloat16=dtype == "bfloat16")
+    checksum = crc32(memoryview(buf)[_PREFIX.size :])
     _PREFIX.pack_into(buf, 0, MAGIC, FORMAT, kind, 0, len(header), checksum, body_len)
     return Frame(buf, checksum)
 
@@ -196,7 +183,7 @@ def decode(
     start = _align(_PREFIX.size + header_len)
     if header_len > _MAX_HEADER or start + body_len != len(data):
         raise PayloadError(f"{field}: header {header_len} + body {body_len} bytes do not make {len(data)}")
-    actual = zlib.crc32(memoryview(data)[_PREFIX.size :])
+    actual = crc32(memoryview(data)[_PREFIX.size :])
     if actual != crc or (checksum is not None and actual != checksum):
         raise PayloadError(f"{field}: checksum mismatch (frame says {crc}, metadata {checksum}, bytes give {actual})")
     try:
