@@ -205,7 +205,7 @@ def _raw_round(client: Any, args: argparse.Namespace, prefix: str, blobs: tuple[
         hi = min(n, lo + args.chunk)
         pipe = client.pipeline(transaction=False)
         for i in range(lo, hi):
-            pipe.set(f"{prefix}:r:{i}", r_blob)
+            pipe.set(f"{prefix}:r:{i}", memoryview(r_blob))  # as PayloadStore sends frames: no copy
         pipe.execute()
         pipe = client.pipeline(transaction=False)
         for i in range(lo, hi):
@@ -213,7 +213,7 @@ def _raw_round(client: Any, args: argparse.Namespace, prefix: str, blobs: tuple[
         pipe.execute()
         pipe = client.pipeline(transaction=False)
         for i in range(lo, hi):
-            pipe.set(f"{prefix}:s:{i}", s_blob)
+            pipe.set(f"{prefix}:s:{i}", memoryview(s_blob))
         pipe.execute()
     pipe = client.pipeline(transaction=False)
     for i in range(n):
@@ -238,7 +238,7 @@ def _run_shape(args: argparse.Namespace) -> dict[str, Any]:
 
     from asyncopd.wire import payload
     from asyncopd.wire.cache_client import CacheClient
-    from asyncopd.wire.payload_store import PayloadStore
+    from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
     from asyncopd.wire.rpc import channel
 
     prefix = f"bench-cache-{uuid.uuid4().hex[:8]}"
@@ -249,8 +249,11 @@ def _run_shape(args: argparse.Namespace) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     server = ctx.Process(target=_serve, args=(args, prefix, child), daemon=True)
     server.start()
-    raw_client = redis.Redis.from_url(args.redis_url)
-    store = None if args.inline else PayloadStore(redis.Redis.from_url(args.redis_url), prefix)
+    # The raw side reads like a payload client (READ_SIZE) and writes views, as PayloadStore does.
+    raw_client = redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE)
+    store = (
+        None if args.inline else PayloadStore(redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE), prefix)
+    )
     try:
         address = parent.recv()
         ch = channel(address, max_message_mb=512)

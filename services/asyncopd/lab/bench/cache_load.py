@@ -276,9 +276,9 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     store = None
     if args.direct:
-        from asyncopd.wire.payload_store import PayloadStore
+        from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
 
-        store = PayloadStore(redis.Redis.from_url(args.redis_url), prefix)
+        store = PayloadStore(redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE), prefix)
 
     def cpu() -> float:
         parent.send("cpu")

@@ -255,10 +255,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # threads, a connection each), the cache sees metadata only
     frames = None
     if args.direct:
-        from asyncopd.wire.payload_store import PayloadStore
+        from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
 
         pool_size = args.rollouts + args.teachers + 8
-        frames = PayloadStore(redis.Redis.from_url(args.redis_url, max_connections=pool_size), prefix)
+        redis_client = redis.Redis.from_url(args.redis_url, max_connections=pool_size, socket_read_size=READ_SIZE)
+        frames = PayloadStore(redis_client, prefix)
     try:
         address = parent.recv()
 
