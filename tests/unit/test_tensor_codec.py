@@ -99,7 +99,7 @@ def _awkward_floats() -> np.ndarray:
     rng = np.random.default_rng(3)
     special = [0.0, -0.0, 1e-8, -6e-8, 6.1e-5, 65504.0, 65520.0, 70000.0, -1e30, np.inf, -np.inf, np.nan]
     ties = [1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(2.0 + 2.0**-7)]
-    spread = rng.standard_normal(4096) * np.exp(rng.uniform(-30.0, 14.0, 4096))
+    spread = rng.standard_normal(8192) * np.exp(rng.uniform(-30.0, 14.0, 8192))
     return np.concatenate([special, ties, spread, -rng.random(2048) * 30.0])
 
 
@@ -115,8 +115,9 @@ def _same(a: np.ndarray, b: np.ndarray) -> None:
 
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`cast_into`/`to_float32` go through torch when it is loaded (much faster); the bits are
-    those numpy gives (bfloat16: round to nearest even, as `torch.Tensor.bfloat16`)."""
+    """`cast_into`/`to_float32` go through torch when it is loaded (much faster from a few
+    thousand elements on); the bits are those numpy gives (bfloat16: round to nearest even, as
+    `torch.Tensor.bfloat16`). Small arrays stay with numpy."""
     from asyncopd.wire import tensors
 
     class Counting:  # torch, counting the arrays it is handed
@@ -131,6 +132,7 @@ def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPat
 
     x64 = _awkward_floats()
     x32 = x64.astype(np.float32)
+    assert x32[::2].size >= tensors._TORCH_MIN_ELEMENTS  # every source below is large enough for torch
     sources = {
         "float32": x32,
         "float64": x64,
@@ -154,6 +156,12 @@ def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPat
             widened.append(tensors.to_float32(np.frombuffer(half.tobytes(), np.float16)))
         _same(*widened)
     assert Counting.calls == 2 * (2 * len(sources) + 1)  # the torch side really ran: 2 arrays a cast
+    monkeypatch.undo()
+    small = x32[:100]
+    monkeypatch.setattr(tensors, "loaded_torch", Counting)
+    with np.errstate(over="ignore"):
+        tensors.cast_into(np.empty(small.shape, np.float16), small)
+    assert Counting.calls == 2 * (2 * len(sources) + 1)  # below _TORCH_MIN_ELEMENTS: numpy's cast
     monkeypatch.undo()
     assert tensors.loaded_torch() is torch  # and it is the one taken in a process with torch
     bits = np.empty(x32.shape, np.uint16)

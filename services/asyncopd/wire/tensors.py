@@ -80,6 +80,9 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
 
 
 _TORCH_CASTS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# Below this many elements numpy's cast is as fast as torch's call overhead (~3 us), and a
+# torch op releases the GIL: in a process of many threads each release is a hand-over.
+_TORCH_MIN_ELEMENTS = 4096
 
 
 def cast_into(dest: np.ndarray, src: np.ndarray, bfloat16: bool = False) -> None:
@@ -89,6 +92,7 @@ def cast_into(dest: np.ndarray, src: np.ndarray, bfloat16: bool = False) -> None
     half = bfloat16 or np.float16 in (dest.dtype, src.dtype)
     if (
         half
+        and src.size >= _TORCH_MIN_ELEMENTS
         and torch_module is not None
         and src.dtype in _TORCH_CASTS
         and dest.shape == src.shape
