@@ -19,8 +19,10 @@ _CHILD = """
 import resource, sys
 import redis
 from asyncopd.wire.payload_store import PayloadStore
+from asyncopd.wire.payload_store import retain_freed_memory
 if sys.argv[1] == "store":
     PayloadStore(redis.Redis(port=1), "p")  # a client (never connected): the policy is set
+    assert retain_freed_memory() and retain_freed_memory.cache_info().misses == 1  # in effect, set once
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):  # a batch of 32 frames of 1.6 MB, touched page by page, then freed

@@ -22,8 +22,8 @@ knows nothing of admission, budgets or accounting (the cache's).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
@@ -106,10 +106,13 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
     the next frame instead of being unmapped and faulted in again. True when in effect (False:
     not glibc, nothing changed). The process's resident memory then stays at its peak (a
     learner's batch of frames, which the next batch needs again)."""
-    name = ctypes.util.find_library("c")
-    if not name or "musl" in name:
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")  # glibc answers it; musl and others do not
+    except (ValueError, OSError):
+        glibc = None
+    if not glibc:
         return False
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own libc, no lookup
     return bool(
         mallopt is not None
         and mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
