@@ -99,6 +99,7 @@ def _awkward_floats() -> np.ndarray:
     rng = np.random.default_rng(3)
     special = [0.0, -0.0, 1e-8, -6e-8, 6.1e-5, 65504.0, 65520.0, 70000.0, -1e30, np.inf, -np.inf, np.nan]
     ties = [1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(2.0 + 2.0**-7)]
+    ties += [1.0 + 2.0**-11 + 2.0**-40, -(1.0 + 2.0**-11 + 2.0**-40)]  # rounded twice via float32: down
     spread = rng.standard_normal(8192) * np.exp(rng.uniform(-30.0, 14.0, 8192))
     return np.concatenate([special, ties, spread, -rng.random(2048) * 30.0])
 
@@ -135,7 +136,6 @@ def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPat
     assert x32[::2].size >= tensors._TORCH_MIN_ELEMENTS  # every source below is large enough for torch
     sources = {
         "float32": x32,
-        "float64": x64,
         "float32, strided": x32[::2],
         "read-only": np.frombuffer(x32.tobytes(), np.float32),
     }
@@ -156,6 +156,14 @@ def test_half_casts_through_torch_give_numpys_bits(monkeypatch: pytest.MonkeyPat
             widened.append(tensors.to_float32(np.frombuffer(half.tobytes(), np.float16)))
         _same(*widened)
     assert Counting.calls == 2 * (2 * len(sources) + 1)  # the torch side really ran: 2 arrays a cast
+    # float64 stays with numpy: torch narrows a double through float (rounding twice), so a value
+    # just above a float16 halfway point would round down.
+    monkeypatch.setattr(tensors, "loaded_torch", Counting)
+    for bf16 in (False, True):
+        dest = np.empty(x64.shape, np.uint16 if bf16 else np.float16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            tensors.cast_into(dest, x64, bfloat16=bf16)
+            _same(dest, tensors._bf16_bits(x64) if bf16 else x64.astype(np.float16))
     monkeypatch.undo()
     small = x32[:100]
     monkeypatch.setattr(tensors, "loaded_torch", Counting)

@@ -79,7 +79,9 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
     return bits
 
 
-_TORCH_CASTS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# Sources torch casts to the same bits as numpy: not float64, which torch narrows to float16
+# through float32 (rounding twice), where numpy rounds once.
+_TORCH_CASTS = (np.dtype(np.float16), np.dtype(np.float32))
 # Below this many elements numpy's cast is as fast as torch's call overhead (~3 us), and a
 # torch op releases the GIL: in a process of many threads each release is a hand-over.
 _TORCH_MIN_ELEMENTS = 4096
