@@ -306,6 +306,29 @@ def test_frames_round_trip_and_refuse_tampering() -> None:
     assert err.value.reason == "invalid"
 
 
+def test_frame_checksums_are_zlibs_crc32_so_old_and_new_producers_agree() -> None:
+    """The CRC-32 is computed by ISA-L for speed but must stay zlib's: during a rolling upgrade
+    readers verify frames written by producers of either version (a CRC-32C here would refuse
+    every old frame as corrupt)."""
+    import zlib
+
+    from asyncopd.records import TeacherScores
+
+    rng = np.random.default_rng(1)
+    t, k = 4096, 64  # large enough for the torch casts
+    s = TeacherScores(
+        sample_id="x",
+        token_logprobs=-rng.random(t).astype(np.float32),
+        topk_ids=rng.integers(0, VOCAB, (t, k)).astype(np.int32),
+        topk_logprobs=-rng.random((t, k)).astype(np.float32),
+        teacher="t0",
+    )
+    for dtype in ("float16", "bfloat16"):
+        frame = payload.encode_scores(s, dtype)  # type: ignore[arg-type]
+        assert frame.checksum == zlib.crc32(memoryview(frame.data)[24:])
+        payload.decode_scores(frame.data, Limits(vocab_size=VOCAB), sample_id="x", checksum=frame.checksum)
+
+
 def test_an_unreachable_payload_redis_is_an_outage_the_client_loops_ride_through() -> None:
     """A producer or the learner that cannot reach Redis for payloads waits and retries, as it
     does for an unreachable cache (chaos: a teacher died on redis-py's ConnectionError while
