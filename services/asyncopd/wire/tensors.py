@@ -120,7 +120,7 @@ def to_float32(a: np.ndarray) -> np.ndarray:
 
 def _is_torch_tensor(array: object) -> TypeGuard[torch.Tensor]:
     # An object can only be a torch tensor if torch has been imported by someone.
-    torch_module = sys.modules.get("torch")
+    torch_module = loaded_torch()
     return torch_module is not None and isinstance(array, torch_module.Tensor)
 
 
@@ -171,7 +171,10 @@ def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Ten
     if dtype is not None:
         np_dt = _DTYPES[DTYPE_NAMES[dtype]][0]
         assert np_dt is not None
-        a = a.astype(np_dt, copy=False)
+        if a.dtype != np_dt:
+            cast = np.empty(a.shape, np_dt)
+            cast_into(cast, a)  # float16: through torch where it is loaded, as in payload frames
+            a = cast
     # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
     a = np.require(a.astype(a.dtype.newbyteorder("<"), copy=False), requirements="C")
     code = _FROM_NUMPY.get(a.dtype.str)
