@@ -43,4 +43,6 @@ def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys
     assert result["path"] == "direct" and result["invariant_holds"] and result["trained_twice"] == 0
     assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8 and not result["errors"]
     assert result["cache_cpu_s"] > 0 and result["ops_per_cache_cpu_s"] > 0
-    assert "direct payloads" in out and "RPC per cache CPU second" in out
+    # the gRPC floor of the same process: some CPU per empty RPC, less than a cache RPC costs
+    assert 0 < result["grpc_floor_cpu_us"] < result["cache_cpu_us_per_rpc"]
+    assert "direct payloads" in out and "RPC per cache CPU second" in out and "gRPC floor" in out

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from asyncopd.cache.connection import UnsafeRedis
+from asyncopd.cache.connection import CommandPacker, UnsafeRedis, connect
 from asyncopd.cache.main import start_cache
+from asyncopd.config.redis import RedisConfig
 from asyncopd.wire.cache_client import CacheFull
+from redis.connection import Connection
 from test_cache_harness import VOCAB, PrivateRedis, make_config, make_rollout, running_cache, tiny_prompts, tokenize
 
 pytestmark = pytest.mark.service
@@ -78,3 +80,18 @@ def test_redis_out_of_memory_is_resource_exhausted_and_the_put_succeeds_later(pr
 def test_the_chart_runs_redis_with_noeviction() -> None:
     template = (Path(__file__).resolve().parents[2] / "charts/asyncopd/templates/redis.yaml").read_text()
     assert "--maxmemory-policy noeviction" in template
+
+
+def test_the_cache_client_packs_with_hiredis_and_round_trips_text(private_redis: PrivateRedis) -> None:
+    """`connect` gives every connection `CommandPacker`; text, numbers and scripts round-trip."""
+    client = connect(RedisConfig(url=private_redis.url), max_connections=4)
+    try:
+        conn = client.connection_pool.make_connection()
+        assert isinstance(conn, Connection) and isinstance(conn._command_packer, CommandPacker)
+        key = "asyncopd-test:packer"
+        client.set(key, "välue", px=5000)
+        assert client.get(key) == "välue".encode()
+        assert client.eval("return {ARGV[1], ARGV[2]}", 0, 7, "ü") == [b"7", "ü".encode()]
+        client.delete(key)
+    finally:
+        client.close()

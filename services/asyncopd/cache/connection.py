@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
+import hiredis
 import redis
+from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.cluster import RedisCluster
+from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from asyncopd.config.redis import RedisConfig
@@ -66,6 +69,28 @@ class _RedisCluster(RedisCluster):
             return super().execute_command(*args, **kwargs)
         except redis.exceptions.OutOfMemoryError as exc:
             raise _full(exc) from exc
+
+
+class CommandPacker:
+    """redis-py's `command_packer` for the cache's client: one `hiredis.pack_command` call per
+    command. redis-py's own packer first passes every argument through its encoder in Python
+    (five `isinstance` checks each); a script call carries 10-300 metadata arguments, and that
+    pass was the cache's largest Python cost per request. hiredis packs str (UTF-8), int, float
+    (as `repr`) and bytes-like arguments the way that encoder does; for anything else (a bool or
+    None, which redis-py refuses; a bytearray) and for a command name holding a space (`"SCRIPT
+    LOAD"`), redis-py's pure-Python packer takes over, with its checks and errors."""
+
+    def __init__(self) -> None:
+        self._fallback = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+    def pack(self, *args: Any) -> list[Any]:
+        head = args[0]
+        if (" " if isinstance(head, str) else b" ") in head:
+            return self._fallback.pack(*args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return self._fallback.pack(*args)
 
 
 class UnsafeRedis(RuntimeError):
@@ -122,6 +147,7 @@ def connect(config: RedisConfig, socket_timeout_s: float = 30.0, max_connections
         "socket_connect_timeout": 5.0,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
+        "command_packer": CommandPacker(),
     }
     if max_connections is not None:
         kwargs["max_connections"] = max_connections

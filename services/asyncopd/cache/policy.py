@@ -44,6 +44,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
+class FromTheFuture(ValueError):
+    """A rollout's token version is newer than the learner published (INVALID_ARGUMENT)."""
+
+
 @dataclass(frozen=True)
 class StalenessPolicy:
     """The staleness bound `max_staleness` (eta), the learner's `batch_size` (B) and what happens to
@@ -100,10 +104,10 @@ class StalenessPolicy:
         return published + 1
 
     def check_token_version(self, newest: int, published: int, field: str) -> None:
-        """Refuse a rollout whose newest token version is from the future."""
+        """Refuse a rollout whose newest token version is from the future (`FromTheFuture`)."""
         allowed = self.newest_allowed(published)
         if newest > allowed:
-            raise ValueError(
+            raise FromTheFuture(
                 f"{field}: version {newest} is from the future (the learner published {published}; "
                 f"tokens may carry at most {allowed})"
             )

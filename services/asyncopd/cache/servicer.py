@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from asyncopd.cache.policy import FromTheFuture
 from asyncopd.cache.prompts import PromptCatalog
 from asyncopd.cache.recorder import NullRecorder, Recorder
 from asyncopd.cache.requests import RequestParser, ServicerLimits, name
 from asyncopd.cache.shards import ShardedStore
-from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PayloadRef, SampleMeta
+from asyncopd.cache.store import CacheUnavailable, ExperienceStore, PayloadRef, SampleMeta, StoredRollout
 from asyncopd.cache.waits import Waits
 from asyncopd.v1 import cache_pb2, cache_pb2_grpc
 from asyncopd.v1 import common_pb2 as pb
@@ -164,11 +165,20 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         released = self.store.release(name(request.replica, "replica"), self.parse.tickets(request))
         return cache_pb2.ReleasePromptsResponse(released=released)
 
+    def _rollouts(self, request: Any) -> list[StoredRollout]:
+        """The request's rollouts, their token versions checked against the newest learner version
+        this process knows (no Redis round trip); one that looks from the future is checked again
+        against the published version, read from Redis (another cache process may have seen it)."""
+        try:
+            return self.parse.rollouts(request, published=self.store.known_version())
+        except FromTheFuture:
+            return self.parse.rollouts(request, published=self.store.version())
+
     @unavailable
     @status_errors
     def PutRollouts(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         with self.recorder.timed():
-            out = self.store.put_rollouts(self.parse.rollouts(request, published=self.store.version()))
+            out = self.store.put_rollouts(self._rollouts(request))
         self.recorder.rollouts_put(out)
         return cache_pb2.PutRolloutsResponse(accepted=out.accepted, duplicates=out.duplicates)
 

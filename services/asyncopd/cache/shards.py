@@ -105,6 +105,9 @@ class ShardedStore:
     def version(self) -> int:
         return max(s.version() for s in self.stores)
 
+    def known_version(self) -> int:
+        return max(s.known_version() for s in self.stores)
+
     def begin_learner(self, has_checkpoint: bool, checkpoint_version: int, saved: CursorState | None) -> LearnerStart:
         """A new fencing epoch on every shard (older learners' claims expire everywhere), raised to
         the highest of them on all shards, so the learner holds one epoch the shards all accept."""

@@ -727,6 +727,11 @@ class ExperienceStore:
 
     # -- learner version ----------------------------------------------------------------------
 
+    def known_version(self) -> int:
+        """The newest learner version this process has seen, without asking Redis: at most the
+        published one (`version()`), as versions only go up."""
+        return max(self._version_seen, self._version_hint)
+
     def version(self) -> int:
         """The published learner version (never below one this process saw: versions only go up)."""
         current = self._retrying(lambda: int(self.redis.get(self.key("ver")) or 0))

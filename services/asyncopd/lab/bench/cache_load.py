@@ -8,6 +8,11 @@ and --max-steps learner steps, whichever comes first; then producers stop, the p
 for up to --drain seconds, and the accounting is checked: produced = trained + dropped +
 in_flight exactly, every trained sample trained once, versions monotonic. It prints sustained
 ops/s and p50/p99 latency per RPC. It knows nothing of models: rollouts are synthetic.
+
+Then, on the same cache process, its gRPC floor: the cache CPU per `grpc.health.v1` Check (an
+RPC whose handler does nothing) from `--floor-callers` concurrent callers. The floor bounds
+what any servicer could reach in this server (1 / floor RPC per CPU-second); what the load costs
+per RPC above it is the cache's own work (parsing, Redis round trips, waits).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=10.0, help="seconds to let the pipeline drain")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (keys are removed)")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    parser.add_argument("--floor-calls", type=int, default=2000, help="health checks that measure the gRPC floor")
+    parser.add_argument("--floor-callers", type=int, default=8, help="threads that send them")
     parser.add_argument(
         "--direct",
         action="store_true",
@@ -129,6 +136,28 @@ def _scores(rollout: Any, topk: int, rng: np.random.Generator) -> Any:
         topk_logprobs=-rng.random((t, topk)).astype(np.float32) * 4,
         teacher="load",
     )
+
+
+def grpc_floor_s(ch: Any, cpu: Callable[[], float], calls: int, callers: int) -> float:
+    """Cache CPU seconds per `grpc.health.v1` Check (a handler that does nothing), `calls` of
+    them from `callers` threads over channel `ch`: the server's own cost per RPC."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub, request = health_pb2_grpc.HealthStub(ch), health_pb2.HealthCheckRequest(service="")
+    per = max(1, calls // max(1, callers))
+
+    def loop() -> None:
+        for _ in range(per):
+            stub.Check(request, timeout=30.0)
+
+    loop()  # warm the connection and the server's threads
+    threads = [threading.Thread(target=loop, name=f"floor-{i}") for i in range(max(1, callers))]
+    cpu0 = cpu()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (cpu() - cpu0) / (per * len(threads))
 
 
 def drive(
@@ -219,6 +248,7 @@ def drive(
     for t in [*threads, learner_thread]:
         t.join(timeout=30)
     final = client.stats_snapshot()
+    floor_s = grpc_floor_s(ch, cpu, args.floor_calls, args.floor_callers) if cpu is not None else None
     ch.close()
     per_rpc = {
         rpc: {
@@ -238,6 +268,8 @@ def drive(
         "path": "direct" if payloads is not None else "inline",
         "cache_cpu_s": cache_cpu_s,
         "ops_per_cache_cpu_s": ops_during_load / cache_cpu_s if cache_cpu_s else None,
+        "cache_cpu_us_per_rpc": 1e6 * cache_cpu_s / ops_during_load if cache_cpu_s and ops_during_load else None,
+        "grpc_floor_cpu_us": 1e6 * floor_s if floor_s is not None else None,
         "samples_trained_per_s": len(trained_ids) / max(load_s, 1e-9),
         "per_rpc": per_rpc,
         "produced": final.produced,
@@ -312,6 +344,13 @@ def _print(result: dict[str, Any]) -> None:
             f"cache process CPU over the load: {result['cache_cpu_s']:.2f} s "
             f"({result['cache_cpu_s'] / result['load_s']:.2f} cores), "
             f"{result['ops_per_cache_cpu_s']:.0f} RPC per cache CPU second"
+        )
+    if result["grpc_floor_cpu_us"] is not None and result["cache_cpu_us_per_rpc"] is not None:
+        floor, per = result["grpc_floor_cpu_us"], result["cache_cpu_us_per_rpc"]
+        print(
+            f"gRPC floor of this cache process: {floor:.0f} us of CPU per empty RPC (health check), at most "
+            f"{1e6 / floor:.0f} RPC per CPU second; the load cost {per:.0f} us per RPC, "
+            f"{per - floor:.0f} us of it the cache's own work"
         )
     print(f"{'rpc':<16}{'calls':>8}{'p50 ms':>10}{'p99 ms':>10}")
     for rpc, r in result["per_rpc"].items():
