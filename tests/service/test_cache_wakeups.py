@@ -268,3 +268,52 @@ def test_waits_beyond_the_workers_reserve_are_answered_at_once_so_puts_still_get
             time.sleep(0.02)
         assert cache.servicer.waits.waiting == 0, "the cut-off callers' waits ended with them"
         assert client.stats_snapshot().invariant_holds()
+
+
+def test_a_request_arriving_after_an_empty_run_sleeps_without_running_its_script() -> None:
+    """The window is full and a run of the admission script found nothing; no wake-up came since.
+    Replicas A, B and C arrive and go to sleep without running it (it would find nothing). C's
+    caller goes away: it ends having run nothing, taking nothing. A slot is freed (an ack and a
+    publish, two wake-ups): the relays take A and B through a few runs, one of them gets the
+    slot, and neither runs again when its wait ends (each has run)."""
+    config = make_config(
+        unique_prefix("queued"), max_staleness=0, **{"learner.batch_size": 1, "cache.poll_interval_ms": 5000.0}
+    )
+    with running_cache(config) as (cache, client):
+        prompts, _, _ = client.acquire_prompts("r0", 1)
+        assert len(prompts) == 1  # the window (eta + 1) * B = 1 is full
+        # its run finds nothing (and the listener subscribes, waking every waiter once: settled)
+        assert client.acquire_prompts("r-first", 1, wait_ms=300)[0] == []
+        calls = _count_calls(cache, "acquire")
+        a, a_out = in_thread(lambda: client.acquire_prompts("rA", 1, wait_ms=4000))
+        deadline = time.monotonic() + 5
+        while _waiting(cache) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        b, b_out = in_thread(lambda: client.acquire_prompts("rB", 1, wait_ms=4000))
+        leaving = CacheClient(channel(cache.address), timeout_s=30.0)
+        c, c_out = in_thread(lambda: leaving.acquire_prompts("rC", 1, wait_ms=4000))
+        while _waiting(cache) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting(cache) == 3 and calls[0] == 0, "A, B and C sleep without a run"
+        leaving.stop_waiting()
+        c.join(timeout=5)
+        assert c_out["value"][0] == [] and calls[0] == 0, "C's caller went away: C ran nothing"
+        client.put_rollouts([make_rollout(prompts[0], 0)])
+        client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 1)])
+        batch = client.pull_batch(1, 0)
+        assert batch is not None
+        client.ack_batch(batch.batch_id)
+        client.publish_version(1)
+        while not ("value" in a_out or "value" in b_out) and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the relay has ended by now
+        woken_runs = calls[0]
+        assert 2 <= woken_runs <= 4, woken_runs
+        a.join(timeout=10)
+        b.join(timeout=10)
+        got = sorted(len(out["value"][0]) for out in (a_out, b_out))
+        assert got == [0, 1], (a_out, b_out)
+        assert min(a_out["seconds"], b_out["seconds"]) < 3.5, "the slot went to a woken waiter, not a timed-out one"
+        assert calls[0] == woken_runs, "no run at the end of a wait that had run"
+        stats = client.stats_snapshot()
+        assert stats.admitted == 2 and stats.invariant_holds(), stats

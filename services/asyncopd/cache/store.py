@@ -285,6 +285,9 @@ def _meta(sid: str, row: Sequence[Any]) -> SampleMeta | None:
 
 Gone = threading.Event | None  # set when the request's caller went away (cancelled, deadline passed)
 CHANNELS = ("prompts", "rollouts", "batch")
+# Channels whose waiting requests skip their first run when it would find nothing (`wait_any`).
+# Not "batch": a pull also publishes the learner's version and extends its kept claims at once.
+QUEUED_CHANNELS = ("prompts", "rollouts")
 
 
 class WakeUps:
@@ -326,7 +329,14 @@ def wait_any(
     wake-up returns None without running `op` again (nothing changed); so does one whose caller
     is `gone` (whatever `op` would take now would be handed to nobody). Without a live
     subscription (before the first, or while Redis is away) every waiter re-checks on its own
-    every `poll_s`, as a wake-up may be missed then."""
+    every `poll_s`, as a wake-up may be missed then.
+
+    On a `QUEUED_CHANNELS` channel a request that may wait does not run `op` first when a run of
+    any request found nothing and no wake-up of the channel came since it began (every change
+    that makes work publishes one): it would find nothing too, so it goes to sleep at once, in
+    line behind the waiters before it, and runs `op` when a relayed wake-up reaches it or, once,
+    when its wait ends (never when its caller is `gone`: it then returns None having run `op`
+    zero times)."""
     wake = stores[0].wakeups
     if any(s.wakeups is not wake for s in stores):
         raise ValueError("wait_any: the stores must share one WakeUps")
@@ -334,19 +344,29 @@ def wait_any(
     poll_s = min(s.policy.poll_s for s in stores)
     deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
     woken = False  # this run of op follows a wake-up
+    with wake.lock:
+        skip = wait_ms > 0 and channel in QUEUED_CHANNELS and _found_nothing_since(stores, channel)
+    ran = False  # op has run for this request
     while True:
         seen = [s._woken[channel] for s in stores]
-        result = op()
+        if skip:
+            skip, result = False, None
+        else:
+            result, ran = op(), True
+            if result is None:
+                with wake.lock:
+                    for s, v in zip(stores, seen, strict=True):
+                        s._empty_at[channel] = max(s._empty_at[channel], v)
         if result is not None:
             if woken:  # a relayed wake-up found work: there may be more, the next waiter looks
                 with wake.lock:
                     cond.notify(1)
             return result
         if time.monotonic() >= deadline:
-            return result  # a wake-up that found nothing ends its relay here
+            return result if ran else op()  # a wake-up that found nothing ends its relay here
         for s in stores:
             s._listen()
-        woken = False
+        woken = last_run = False
         with wake.lock:
             wake.sleeping += 1
             try:
@@ -365,9 +385,19 @@ def wait_any(
                 if ended or (gone is not None and gone.is_set()):
                     if woken:
                         cond.notify(1)  # leaving with a relayed wake-up: hand it on
-                    return None
+                    last_run = not ran and not (gone is not None and gone.is_set())
+                    if not last_run:
+                        return None
             finally:
                 wake.sleeping -= 1
+        if last_run:  # a request that skipped its first run runs once as its wait ends
+            return op()
+
+
+def _found_nothing_since(stores: Sequence[ExperienceStore], channel: str) -> bool:
+    """Whether a run on `channel` found nothing and no wake-up of it came since that run began,
+    on every store, with wake-ups live (the caller holds the stores' `WakeUps.lock`)."""
+    return all(s._subscribed and s._woken[channel] == s._empty_at[channel] for s in stores)
 
 
 class ExperienceStore:
@@ -417,6 +447,8 @@ class ExperienceStore:
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self.wakeups = wakeups if wakeups is not None else WakeUps()
         self._woken = dict.fromkeys(CHANNELS, 0)  # wake-ups seen per channel
+        # per channel, the wake-up count when the newest run that found nothing began (`wait_any`)
+        self._empty_at = dict.fromkeys(CHANNELS, -1)
         self._listener: threading.Thread | None = None
         self._subscribed = False  # the listener holds a live subscription (waiters need no timer of their own)
         self._closed = threading.Event()
@@ -892,6 +924,8 @@ class ExperienceStore:
             return tries[-1] if tries[-1].tickets or tries[-1].finished else None
 
         self._wait(once, wait_ms, "prompts", gone)
+        if not tries:  # its caller went away before it ran (`wait_any`)
+            return Admitted([], self.known_version(), False, 0)
         return self.admission_outcome(tries[-1], max_prompts)
 
     def acquire_once(self, replica: str, max_prompts: int) -> Admitted:
