@@ -376,3 +376,31 @@ def test_bad_scores_and_requests_are_rejected() -> None:
         _expect_invalid(stub.AckBatch, cache_pb2.AckBatchRequest(), "batch_id: must not be empty")
         _expect_invalid(stub.PublishVersion, cache_pb2.PublishVersionRequest(version=-2), "negative")
         assert_accounting(client.stats_snapshot())
+
+
+def test_a_pull_is_one_script_whose_reply_carries_the_batch_metadata() -> None:
+    """PullBatch reads nothing after its script: the samples' metadata (the learner's references)
+    and the tickets the rollback journal keeps come from the script's own reply."""
+    config = make_config(unique_prefix("pull-one"), **{"learner.batch_size": 4})
+    with running_cache(config) as (cache, client):
+        prompts, _, _ = client.acquire_prompts("r0", 4)
+        client.put_rollouts([make_rollout(p, 0, seed=i) for i, p in enumerate(prompts)])
+        client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 4)])
+        store: Any = cache.store
+        reads: list[str] = []
+        pipeline, execute = store.redis.pipeline, store.redis.execute_command
+        store.redis.pipeline = lambda *a, **k: (reads.append("pipeline"), pipeline(*a, **k))[1]
+        store.redis.execute_command = lambda *a, **k: (reads.append(str(a[0])), execute(*a, **k))[1]
+        try:
+            out = store.pull_batch(4, 0, "learner")
+        finally:
+            store.redis.pipeline, store.redis.execute_command = pipeline, execute
+        assert reads == ["EVALSHA"], reads
+        assert out.batch is not None and len(out.batch.samples) == 4
+        by_ticket = {p.ticket: p for p in prompts}
+        for m in out.batch.samples:
+            assert m.ticket in by_ticket and m.num_tokens == 6 and m.rollout.nbytes > 0
+            assert m.scores is not None and m.scores.key and m.scores.nbytes > 0
+        entry = store._journal.recent()[-1]
+        assert entry.kind == "pull" and sorted(entry.tickets) == sorted(by_ticket)
+        assert client.ack_batch(out.batch.batch_id) == 4 and client.stats_snapshot().invariant_holds()

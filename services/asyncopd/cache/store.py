@@ -271,6 +271,7 @@ def _int_map(raw: dict[Any, Any]) -> dict[str, int]:
 
 # Fields of a sample's hash that make its SampleMeta (see asyncopd.cache.scripts for the layout).
 _META_FIELDS = ("ticket", "ov", "nv", "T", "K", "kr", "nr", "cr", "ks", "ns", "cs")
+_PULLED_WIDTH = 2 + len(_META_FIELDS)  # pull.lua answers sid, ov and the meta fields per sample
 
 
 def _meta(sid: str, row: Sequence[Any]) -> SampleMeta | None:
@@ -580,12 +581,10 @@ class ExperienceStore:
         """Journal batch claims and acks; handle a rollback the write revealed (`state`: the write
         sequence after the script, cnt.rollbacks and the run id, all from the same script run)."""
         if name == "pull" and isinstance(res, list) and _s(res[0]) == "OK":
-            sids = tuple(_s(res[i]) for i in range(4, len(res), 2))
-            ovs = tuple(int(res[i]) for i in range(5, len(res), 2))
-            pipe = self.redis.pipeline(transaction=False)
-            for sid in sids:
-                pipe.hget(self.key(f"s:{sid}"), "ticket")
-            tickets = tuple(_s(t or b"") for t in pipe.execute())
+            rows = range(4, len(res), _PULLED_WIDTH)
+            sids = tuple(_s(res[i]) for i in rows)
+            ovs = tuple(int(res[i + 1]) for i in rows)
+            tickets = tuple(_s(res[i + 2] or b"") for i in rows)  # the first meta field
             bid, learner = _s(args[5]), _s(args[6])
             entry = JournalEntry("pull", time.monotonic(), bid, (), sids, tickets, ovs, int(res[1]), learner)
             self._journal.add(entry)
@@ -1162,12 +1161,9 @@ class ExperienceStore:
             returned, stale = int(res[2]), int(res[3])
             if tag in ("WAIT", "KEPT"):
                 return PullOutcome(None, version, returned, stale)
-            sids = [_s(res[i]) for i in range(4, len(res), 2)]
-            ovs = [int(res[i]) for i in range(5, len(res), 2)]
-            pipe = self.redis.pipeline(transaction=False)
-            for sid in sids:
-                pipe.hmget(self.key(f"s:{sid}"), *_META_FIELDS)
-            metas = [_meta(sid, row) for sid, row in zip(sids, pipe.execute(), strict=True)]
+            rows = range(4, len(res), _PULLED_WIDTH)
+            ovs = [int(res[i + 1]) for i in rows]
+            metas = [_meta(_s(res[i]), res[i + 2 : i + _PULLED_WIDTH]) for i in rows]
             # claimed samples stay until acked (only ack and claim expiry touch them)
             kept = [(m, version - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
             batch = PulledBatch(bid, version, [m for m, _ in kept], [st for _, st in kept])

@@ -1,7 +1,8 @@
 -- ARGV: now_ms, learner_version, oldest_usable, size, order, batch_id, learner, claim_ms, max_deliveries,
 --       learner_epoch, kept batch ids...
 -- (oldest_usable is for learner_version, which is the version the batch is served at)
--- -> {'OK', version, returned, stale_dropped, sid1, ov1, ...} | {'WAIT', version, returned, stale_dropped}
+-- -> {'OK', version, returned, stale_dropped, sid1, ov1, <meta of sid1>, sid2, ...} (meta: the sample's ticket, ov,
+--     nv, T, K, kr, nr, cr, ks, ns, cs, as claim.lua answers them) | {'WAIT', version, returned, stale_dropped}
 --  | {'BEHIND', version} | {'FENCED', epoch} | {'KEPT', version} (size 0: keep-alive of the kept batches only)
 -- Kept batches were trained and are acked after the learner's next checkpoint: their claims are
 -- extended by claim_ms, and their samples marked consumed once (cnt.consumed: admission counts
@@ -54,7 +55,8 @@ for _, sid in ipairs(ids) do
   local h = k('s:' .. sid)
   redis.call('HSET', h, 'st', 'claimed')
   redis.call('HINCRBY', h, 'ld', 1)  -- batch claims of this sample (capped: return_expired)
-  local ov = num(redis.call('HGET', h, 'ov'))
+  local f = redis.call('HMGET', h, 'ticket', 'ov', 'nv', 'T', 'K', 'kr', 'nr', 'cr', 'ks', 'ns', 'cs')
+  local ov = num(f[2])
   redis.call('HINCRBY', k('served'), ver - ov, 1)
   -- kept under stale_tokens: mask (judged by its newest token): the learner masks its tokens older
   -- than oldest_usable; counted once per claim (a returned and re-claimed batch counts again)
@@ -62,6 +64,7 @@ for _, sid in ipairs(ids) do
   redis.call('RPUSH', bh .. ':ids', sid)
   out[#out + 1] = sid
   out[#out + 1] = ov
+  for j = 1, #f do out[#out + 1] = f[j] end
 end
 redis.call('HSET', bh, 'ver', ver, 'learner', learner, 'n', size)
 redis.call('ZADD', k('bclaim'), fmt(now + claim), bid)
