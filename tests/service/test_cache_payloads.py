@@ -359,3 +359,35 @@ def test_an_unreachable_payload_redis_is_an_outage_the_client_loops_ride_through
     assert put_with_backoff(put, threading.Event()) and len(tries) == 3
     assert up.read([f"{up.prefix}:k"], [5]) == [b"frame"]
     up.delete([f"{up.prefix}:k"])
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_scores_metadata_of_another_shape_than_the_rollout_is_refused_storing_nothing(shards: int) -> None:
+    """The put checks each declared (tokens, support) against the unscored rollout's in its own
+    atomic step (one shard) or on every shard first (a request over several): a mismatch is
+    INVALID_ARGUMENT naming the sample, and not one score of the request is stored."""
+    prefix = unique_prefix(f"shape{shards}")
+    with direct(make_config(prefix, **{"cache.shards": shards, "learner.batch_size": 2})) as (_, client, _):
+        produce(client, 2)
+        produce(client, 2)  # admission takes turns over the shards: on two shards, the second pair's
+        claimed = client.claim_rollouts("t0", 4, wait_ms=1000)
+        assert len(claimed) == 4
+        assert client.payloads is not None
+        metas = client._write_scores([make_scores(r) for r in claimed], client.payloads)
+        assert len({payload.key_shard(m.payload.key, prefix) for m in metas}) == shards  # the request spans them
+        bad = metas[-1]
+        bad.num_tokens += 1
+        with pytest.raises(grpc.RpcError) as err:
+            client._stub.PutScores(cache_pb2.PutScoresRequest(metas=metas), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details() or ""
+        assert bad.sample_id in details and "but the rollout has" in details, details
+        stats = client.stats_snapshot()
+        assert stats.counters.get("scored", 0) == 0 and stats.in_flight == 4 and stats.invariant_holds(), stats
+        bad.num_tokens -= 1
+        out = client._stub.PutScores(cache_pb2.PutScoresRequest(metas=metas), timeout=10)
+        assert out.accepted == 4
+        for _ in range(2):
+            batch = client.pull_batch(2, 0)
+            assert batch is not None and client.ack_batch(batch.batch_id) == 2
+        assert client.stats_snapshot().invariant_holds()

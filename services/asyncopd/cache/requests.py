@@ -200,12 +200,15 @@ class RequestParser:
         return out
 
     def scores(self, request: Any, shapes: Callable[[Sequence[str]], dict[str, tuple[int, int]]]) -> list[StoredScores]:
-        """The request's scores as the store keeps them; `shapes(ids)` gives (num_tokens,
-        support_size) of each sample still waiting for scores. Scores for any other sample are
-        late work: passed on (inline ones without a frame) for the store to count."""
-        shape_of = shapes(self.score_ids(request))
+        """The request's scores as the store keeps them. Inline scores are parsed against the
+        (num_tokens, support_size) of each sample still waiting for scores, `shapes(ids)`; scores
+        for any other sample are late work, passed on without a frame for the store to count.
+        Metadata declares its shape, which the store's put checks against the rollout's in the
+        same atomic step (no lookup before it)."""
+        sids = self.score_ids(request)
         if len(request.metas):
-            return self._score_metas(request, shape_of)
+            return self._score_metas(request)
+        shape_of = shapes(sids)
         limits = self._wire_limits()
         items = []
         for i, msg in enumerate(request.scores):
@@ -222,18 +225,12 @@ class RequestParser:
             items.append(StoredScores(s.sample_id, self._new_ref("s", s.sample_id, frame), frame.data))
         return items
 
-    def _score_metas(self, request: Any, shape_of: dict[str, tuple[int, int]]) -> list[StoredScores]:
+    def _score_metas(self, request: Any) -> list[StoredScores]:
         items = []
         for i, m in enumerate(request.metas):
             field = f"metas[{i}]"
             ref = self._ref(m, "s", m.sample_id, field)
-            shape = shape_of.get(m.sample_id)
-            if shape is not None and (m.num_tokens, m.support_size) != shape:
-                raise WireError(
-                    f"{field}: scores of {m.num_tokens} tokens x support {m.support_size}, but the rollout has "
-                    f"{shape[0]} x {shape[1]}"
-                )
-            items.append(StoredScores(m.sample_id, ref))
+            items.append(StoredScores(m.sample_id, ref, shape=(int(m.num_tokens), int(m.support_size))))
         return items
 
     def pull(self, request: Any) -> tuple[int, int, str, int]:

@@ -47,6 +47,7 @@ from asyncopd.cache.store import (
     StorePolicy,
     StoreStats,
     WakeUps,
+    shape_mismatch,
     sum_claims,
     sum_pulls,
     wait_any,
@@ -240,11 +241,21 @@ class ShardedStore:
         return out
 
     def put_scores(self, scores: Sequence[StoredScores]) -> PutOutcome:
+        """Each shard's scores in one script. A shard's script refuses a declared shape that is not
+        its rollout's before writing; a request over several shards is checked on all of them
+        first, so a bad one stores nothing anywhere."""
         by_shard: dict[int, list[StoredScores]] = {}
         for i, sc in enumerate(scores):
             shard = payload.key_shard(sc.payload.key, self.key_prefix)
             self._shard(shard, f"scores[{i}].payload.key {sc.payload.key!r}")
             by_shard.setdefault(shard or 0, []).append(sc)
+        declared = [sc for sc in scores if sc.shape is not None]
+        if len(by_shard) > 1 and declared:
+            stored = self.sample_shapes([sc.sample_id for sc in declared])
+            for sc in declared:
+                shape = stored.get(sc.sample_id)
+                if shape is not None and sc.shape is not None and sc.shape != shape:
+                    raise shape_mismatch(sc.sample_id, sc.shape, shape)
         return _sum_outcomes([self.stores[i].put_scores(ss) for i, ss in by_shard.items()])
 
     def refuse_unscored(self, refused: dict[str, str]) -> int:

@@ -169,6 +169,16 @@ class StoredScores:
     sample_id: str
     payload: PayloadRef
     frame: bytes | bytearray | None = None
+    # (tokens, support size) the teacher declared (metadata path): a put refuses scores whose
+    # unscored rollout has another shape; None: checked already (inline scores are parsed by it)
+    shape: tuple[int, int] | None = None
+
+
+def shape_mismatch(sample_id: str, declared: tuple[int, int], stored: tuple[int, int]) -> WireError:
+    return WireError(
+        f"metas: scores of {sample_id!r} have {declared[0]} tokens x support {declared[1]}, but the rollout has "
+        f"{stored[0]} x {stored[1]}"
+    )
 
 
 @dataclass(frozen=True)
@@ -1084,7 +1094,8 @@ class ExperienceStore:
         p = self.policy
         items: list[Any] = []
         for sc in scores:
-            items += [sc.sample_id, sc.payload.key, sc.payload.nbytes, sc.payload.checksum]
+            tokens, support = sc.shape if sc.shape is not None else (-1, -1)
+            items += [sc.sample_id, sc.payload.key, sc.payload.nbytes, sc.payload.checksum, tokens, support]
         inline = [(sc.payload.key, sc.frame) for sc in scores if sc.frame is not None]
         self.write_frames(inline)
 
@@ -1100,6 +1111,11 @@ class ExperienceStore:
         if _s(res[0]) == "FULL":
             self._forget(inline)
             raise self._full(res)
+        if _s(res[0]) == "SHAPE":
+            self._forget(inline)
+            sc = scores[int(res[1]) - 1]
+            assert sc.shape is not None
+            raise shape_mismatch(sc.sample_id, sc.shape, (int(res[2]), int(res[3])))
         acc, late, stale, ev_n, ev_bytes, ev_stale = (int(x) for x in res[1:7])
         return PutOutcome(acc, late, stale=stale, evicted=ev_n, evicted_bytes=ev_bytes, evicted_stale=ev_stale)
 

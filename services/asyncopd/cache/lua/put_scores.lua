@@ -1,10 +1,12 @@
--- ARGV: now_ms, version, oldest_usable, budget, policy, n, then n x (sid, payload key, payload bytes, checksum)
+-- ARGV: now_ms, version, oldest_usable, budget, policy, n,
+--       then n x (sid, payload key, payload bytes, checksum, tokens, support) (tokens -1: not declared)
 -- -> {'OK', accepted, late, stale, evicted, evicted_bytes, ev_stale} | {'FULL', bytes_held, bytes_new, budget}
+--  | {'SHAPE', i, tokens, support}: item i's declared shape is not its unscored rollout's (nothing written)
 --  | {'VERSION', version}: oldest_usable was computed for another learner version; recompute, rerun
 -- The teacher wrote each frame (with a TTL) before this call. Accepted frames are made permanent;
 -- late ones (the sample was scored or is gone) are deleted, unless they are the stored frame
 -- (a retried request); a missing frame leaves the rollout unscored (re-delivered after its lease).
-local W = 4
+local W = 6
 local now, expected, oldest_usable = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local budget, policy, n = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local ver = num(redis.call('GET', k('ver')))
@@ -13,8 +15,12 @@ local kinds, seen, total = {}, {}, 0
 for i = 1, n do
   local b = 6 + (i - 1) * W
   local sid = ARGV[b + 1]
-  local f = redis.call('HMGET', k('s:' .. sid), 'st', 'ov')
+  local f = redis.call('HMGET', k('s:' .. sid), 'st', 'ov', 'T', 'K')
   local kind
+  local tokens, support = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6])
+  if f[1] == 'unscored' and tokens >= 0 and (tokens ~= num(f[3]) or support ~= num(f[4])) then
+    return {'SHAPE', i, num(f[3]), num(f[4])}
+  end
   if seen[sid] or f[1] ~= 'unscored' then
     kind = 'late'
   elseif f[1] and judged(k('s:' .. sid)) < oldest_usable then
