@@ -162,6 +162,16 @@ def test_new_work_wakes_as_many_waiters_as_it_has_room_for_plus_one_not_all() ->
         assert woken_runs <= 4, woken_runs
 
 
+def _train_one(client: CacheClient, prompt: Any) -> None:
+    """Answer, score, pull, ack `prompt` and publish version 1: its admission slot is free again."""
+    client.put_rollouts([make_rollout(prompt, 0)])
+    client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 1)])
+    batch = client.pull_batch(1, 0)
+    assert batch is not None
+    client.ack_batch(batch.batch_id)
+    client.publish_version(1)
+
+
 def _waiting(cache: RunningCache) -> int:
     """How many requests sleep on the store's wake-ups now."""
     store: Any = cache.store
@@ -195,12 +205,7 @@ def test_a_client_that_stops_waiting_frees_the_server_wait_and_takes_nothing() -
         assert leaving.claim_rollouts("t-leaving", 1, wait_ms=20000) == []
         assert time.monotonic() - t1 < 1.0
         # free the slot: the next replica gets the prompt, the gone one took nothing
-        client.put_rollouts([make_rollout(prompts[0], 0)])
-        client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 1)])
-        batch = client.pull_batch(1, 0)
-        assert batch is not None
-        client.ack_batch(batch.batch_id)
-        client.publish_version(1)
+        _train_one(client, prompts[0])
         time.sleep(0.3)  # a wait that ignored its gone caller would wake now and take the slot
         got, _, _ = client.acquire_prompts("r1", 1)
         assert len(got) == 1, "the freed slot went to the live replica"
@@ -298,12 +303,7 @@ def test_a_request_arriving_after_an_empty_run_sleeps_without_running_its_script
         leaving.stop_waiting()
         c.join(timeout=5)
         assert c_out["value"][0] == [] and calls[0] == 0, "C's caller went away: C ran nothing"
-        client.put_rollouts([make_rollout(prompts[0], 0)])
-        client.put_scores([make_scores(r) for r in client.claim_rollouts("t0", 1)])
-        batch = client.pull_batch(1, 0)
-        assert batch is not None
-        client.ack_batch(batch.batch_id)
-        client.publish_version(1)
+        _train_one(client, prompts[0])
         while not ("value" in a_out or "value" in b_out) and time.monotonic() < deadline + 5:
             time.sleep(0.02)
         time.sleep(0.5)  # the relay has ended by now
