@@ -3,11 +3,12 @@
 A put comes one of two ways. By reference (`metas`, the normal path): the producer wrote its
 payload frame to Redis itself and sends metadata only (ids, lengths, versions, byte count,
 checksum, key); this module checks the metadata (the key must be this sample's, versions not
-from the future, shapes matching the rollout) and the store checks the frame is there with that
-length. Inline (`rollouts`/`scores`, clients without Redis access): validated in full (shapes,
-ids < vocab, finite log-probs, versions not from the future, sizes) and encoded as a payload
-frame (`asyncopd.wire.payload`, the configured log-prob dtype) that the store writes. Either
-way a bad request stores nothing, and the store sees the same records.
+from the future) and the store checks, in its put script, that the frame is there with that
+length and that scores have their rollout's shape. Inline (`rollouts`/`scores`, clients
+without Redis access): validated in full (shapes, ids < vocab, finite log-probs, versions not
+from the future, sizes) and encoded as a payload frame (`asyncopd.wire.payload`, the configured
+log-prob dtype) that the store writes. Either way a bad request stores nothing, and the store
+sees the same records.
 
 Refusals are `WireError`/`ValueError`s naming the field (the servicer's `status_errors` maps
 them to INVALID_ARGUMENT). The staleness rules come from `asyncopd.cache.policy`. It knows the
