@@ -357,12 +357,14 @@ def wait_any(
     woken = False  # this run of op follows a wake-up
     with wake.lock:
         skip = wait_ms > 0 and channel in QUEUED_CHANNELS and _found_nothing_since(stores, channel)
+        # what the skip was judged on: a wake-up after it (before this request sleeps) wakes it
+        seen = [s._woken[channel] for s in stores]
     ran = False  # op has run for this request
     while True:
-        seen = [s._woken[channel] for s in stores]
         if skip:
             skip, result = False, None
         else:
+            seen = [s._woken[channel] for s in stores]
             result, ran = op(), True
             if result is None:
                 with wake.lock:
