@@ -193,7 +193,7 @@ class ShardedStore:
 
         wait_any(self.stores, once, wait_ms, "prompts", gone)
         if not tries:  # its caller went away before it ran (`wait_any`)
-            return Admitted([], self._published, False, 0)
+            return Admitted([], self.known_version(), False, 0)
         return self.stores[0].admission_outcome(tries[-1], max_prompts)
 
     def release(self, replica: str, tickets: Sequence[str]) -> int:

@@ -284,6 +284,11 @@ _META_FIELDS = ("ticket", "ov", "nv", "T", "K", "kr", "nr", "cr", "ks", "ns", "c
 _PULLED_WIDTH = 2 + len(_META_FIELDS)  # pull.lua answers sid, ov and the meta fields per sample
 
 
+def _pulled(res: Sequence[Any]) -> list[tuple[str, int, Sequence[Any]]]:
+    """(sample id, oldest version, `_META_FIELDS` row) of each sample an 'OK' pull answer claimed."""
+    return [(_s(res[i]), int(res[i + 1]), res[i + 2 : i + _PULLED_WIDTH]) for i in range(4, len(res), _PULLED_WIDTH)]
+
+
 def _meta(sid: str, row: Sequence[Any]) -> SampleMeta | None:
     ticket, ov, nv, t, k, kr, nr, cr, ks, ns, cs = row
     if kr is None:
@@ -593,10 +598,10 @@ class ExperienceStore:
         """Journal batch claims and acks; handle a rollback the write revealed (`state`: the write
         sequence after the script, cnt.rollbacks and the run id, all from the same script run)."""
         if name == "pull" and isinstance(res, list) and _s(res[0]) == "OK":
-            rows = range(4, len(res), _PULLED_WIDTH)
-            sids = tuple(_s(res[i]) for i in rows)
-            ovs = tuple(int(res[i + 1]) for i in rows)
-            tickets = tuple(_s(res[i + 2] or b"") for i in rows)  # the first meta field
+            pulled = _pulled(res)
+            sids = tuple(sid for sid, _, _ in pulled)
+            ovs = tuple(ov for _, ov, _ in pulled)
+            tickets = tuple(_s(row[0] or b"") for _, _, row in pulled)  # the first meta field
             bid, learner = _s(args[5]), _s(args[6])
             entry = JournalEntry("pull", time.monotonic(), bid, (), sids, tickets, ovs, int(res[1]), learner)
             self._journal.add(entry)
@@ -1179,11 +1184,9 @@ class ExperienceStore:
             returned, stale = int(res[2]), int(res[3])
             if tag in ("WAIT", "KEPT"):
                 return PullOutcome(None, version, returned, stale)
-            rows = range(4, len(res), _PULLED_WIDTH)
-            ovs = [int(res[i + 1]) for i in rows]
-            metas = [_meta(_s(res[i]), res[i + 2 : i + _PULLED_WIDTH]) for i in rows]
+            metas = [(_meta(sid, row), ov) for sid, ov, row in _pulled(res)]
             # claimed samples stay until acked (only ack and claim expiry touch them)
-            kept = [(m, version - ov) for m, ov in zip(metas, ovs, strict=True) if m is not None]
+            kept = [(m, version - ov) for m, ov in metas if m is not None]
             batch = PulledBatch(bid, version, [m for m, _ in kept], [st for _, st in kept])
             return PullOutcome(batch, version, returned, stale)
 
