@@ -219,11 +219,16 @@ def test_pipeline_services_expose_every_queried_series_and_prometheus_reads_them
             time.sleep(0.25)
         for t in threads:
             t.start()
+        # The learner's loop returns after its 3 steps (and its final checkpoint); its version
+        # moves inside the optimizer step, before the step's metrics are recorded, so wait for
+        # the loop to end rather than for the version.
         deadline = time.monotonic() + 180
-        while learner.loop.trainer.version < 3:
+        while threads[2].is_alive():
             assert time.monotonic() < deadline, f"learner at version {learner.loop.trainer.version} after 180 s"
-            assert all(t.is_alive() for t in threads[:2]), "a producer loop died"
+            # producers exit when the cache says the run finished, which the learner tells it last
+            assert learner.loop.finished or all(t.is_alive() for t in threads[:2]), "a producer loop died"
             time.sleep(0.2)
+        assert learner.loop.trainer.version == 3
 
         scraped = {svc: scrape(url) for svc, url in urls.items()}
         for name, samples in scraped.items():
