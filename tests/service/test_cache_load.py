@@ -7,14 +7,14 @@ import argparse
 import json
 
 import pytest
-from asyncopd.lab.bench import BENCHMARKS
+from asyncopd.lab.bench import benchmarks
 from asyncopd.lab.bench import cache_load as load
 
 pytestmark = pytest.mark.service
 
 
 def test_cache_load_smoke_loses_nothing_and_reports_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    assert BENCHMARKS["cache-load"] == (load.add_args, load.run)
+    assert benchmarks()["cache-load"] == (load.add_args, load.run)
     parser = argparse.ArgumentParser()
     load.add_args(parser)
     args = parser.parse_args(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 from asyncopd.cli import main
@@ -40,3 +42,20 @@ def test_register_adds_a_benchmark_once() -> None:
             benchmarks.register("unit-test-bench", add_args, run)
     finally:
         del benchmarks.BENCHMARKS["unit-test-bench"]
+
+
+def test_a_built_in_name_cannot_be_registered_again() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        benchmarks.register("cache-load", lambda parser: None, lambda args: 0)
+
+
+def test_a_benchmarks_child_imports_only_its_own_module() -> None:
+    """A process spawned for one benchmark (the cache of `bench cache-load`) imports that module
+    and so the bench package; it must not import the other benchmarks (transformers, torch)."""
+    code = (
+        "import sys\n"
+        "import asyncopd.lab.bench.cache_load\n"
+        "print(sorted(m for m in ('transformers', 'torch', 'asyncopd.lab.bench.learner') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
