@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +50,34 @@ def test_bfloat16_numpy_decode_widens_exactly() -> None:
     a = decode_numpy(encode(x))
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, x.float().numpy())
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 2000)])  # (3, 2000): past the size torch casts
+def test_numpy_bfloat16_encode_gives_torchs_bits(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(3)
+    a = np.asarray(rng.standard_normal(shape) * 1e3, dtype=np.float64)
+    if a.size >= 6:
+        a.flat[:6] = [np.nan, np.inf, -np.inf, -0.0, 1e-40, 3.0 * 2.0**-133]  # float32 subnormals
+    msg = encode(a, "bfloat16")
+    want = encode(torch.from_numpy(a.astype(np.float32)), "bfloat16")
+    assert (msg.dtype, list(msg.shape)) == (want.dtype, list(want.shape))
+    # Same bits, except a NaN's payload: torch's vectorised cast writes 0xFFFF, its scalar one 0x7FC0.
+    got, ref = np.frombuffer(msg.data, np.uint16), np.frombuffer(want.data, np.uint16)
+    nan = np.isnan(a.reshape(-1))
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+    assert np.isnan(decode_numpy(msg).reshape(-1)[nan]).all()
+
+
+def test_numpy_bfloat16_encode_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from asyncopd.wire import encode\n"
+        "msg = encode(np.linspace(-2, 2, 5000, dtype=np.float32), 'bfloat16')\n"
+        "print(len(msg.data), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["10000", "False"]
 
 
 def test_cast_on_encode() -> None:

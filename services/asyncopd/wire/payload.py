@@ -37,7 +37,7 @@ from isal.isal_zlib import crc32  # zlib's CRC-32, with ISA-L's SIMD kernels (~1
 from asyncopd.records import Rollout, SupportKind, TaskInfo, TeacherScores
 from asyncopd.wire.convert import Limits, LogprobDType, rollout_from_tensors, scores_from_tensors
 from asyncopd.wire.errors import WireError
-from asyncopd.wire.tensors import cast_into
+from asyncopd.wire.tensors import bf16_to_float32, cast_into
 
 MAGIC = b"AOPF"
 FORMAT = 1
@@ -204,7 +204,7 @@ def decode(
             raise PayloadError(f"{field}.{name}: shape {shape} at {offset} does not fit the {body_len}-byte body")
         a = np.frombuffer(data, dtype=np_dt, count=numel, offset=start + offset).reshape(shape)
         if dtype == "bfloat16":
-            a = (a.astype(np.uint32) << 16).view(np.float32)
+            a = bf16_to_float32(a)
         arrays[name] = a
     return meta, arrays
 

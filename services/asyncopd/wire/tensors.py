@@ -5,7 +5,7 @@ over the message's bytes). numpy has no bfloat16, so bfloat16 decodes to float32
 (one cheap widening) and zero-copy with torch. Every decode checks the dtype, the shape and
 the byte count before touching the data.
 
-torch is imported only when a torch tensor is encoded or decoded (or bfloat16 encoded), so a
+torch is imported only when a torch tensor is encoded or decoded, so a
 process that handles numpy only (the cache service) starts without loading it.
 
 Half-precision casts of numpy arrays (`cast_into`, `to_float32`: payload frames, log-prob
@@ -77,6 +77,11 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
     if nan.any():
         bits[nan] = 0x7FC0
     return bits
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly: the 16 bits become the high half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # Sources torch casts to the same bits as numpy: not float64, which torch narrows to float16
@@ -165,9 +170,10 @@ def encode(array: np.ndarray | torch.Tensor, dtype: str | None = None) -> pb.Ten
         return pb.Tensor(dtype=code, shape=list(t.shape), data=raw)  # type: ignore[arg-type]
     a = np.asarray(array)
     if dtype == "bfloat16":
-        import torch
-
-        return encode(torch.from_numpy(np.require(a, dtype=np.float32, requirements="C")), "bfloat16")
+        src = np.require(a, dtype=np.float32, requirements="C")
+        bits = np.empty(src.shape, np.uint16)
+        cast_into(bits, src, bfloat16=True)  # through torch where it is loaded, as in payload frames
+        return pb.Tensor(dtype=pb.DTYPE_BFLOAT16, shape=list(src.shape), data=bits.tobytes())  # type: ignore[arg-type]
     if dtype is not None:
         np_dt = _DTYPES[DTYPE_NAMES[dtype]][0]
         assert np_dt is not None
@@ -209,9 +215,8 @@ def decode_numpy(msg: pb.Tensor, field: str = "tensor", max_elements: int | None
     """Decode to numpy: a read-only zero-copy view (bfloat16: a float32 copy)."""
     _, shape = _check(msg, field, max_elements)
     np_dt = _DTYPES[msg.dtype][0]
-    if np_dt is None:  # bfloat16: widen to float32 by placing the 16 bits in the high half
-        half = np.frombuffer(msg.data, dtype="<u2").astype(np.uint32) << 16
-        return half.view(np.float32).reshape(shape)
+    if np_dt is None:  # bfloat16: widened to float32
+        return bf16_to_float32(np.frombuffer(msg.data, dtype="<u2")).reshape(shape)
     return np.frombuffer(msg.data, dtype=np_dt).reshape(shape)
 
 
