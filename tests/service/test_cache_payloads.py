@@ -8,6 +8,8 @@ Against the cache service in-process on the shared Redis (own key prefix each):
 - a corrupted scores frame is refused by the learner and counted dropped 'corrupt'; a corrupted
   rollout frame is refused by the teacher and counted the same; a frame missing at put time is
   'payload_missing'; a key that is not the sample's is INVALID_ARGUMENT;
+- a frame whose tensor table lies under a valid checksum (an element count past 64 bits, a
+  negative dimension) is refused like any corrupt frame, not a crash of the reader;
 - a producer that died between frame and metadata leaves an orphan with a TTL that expires;
 - a batch larger than the gRPC message limit is pulled by reference (inline it is refused);
 and produced = trained + dropped + in_flight holds after each.
@@ -26,7 +28,7 @@ import pytest
 import redis
 from asyncopd.cache.main import RunningCache
 from asyncopd.config import RunConfig
-from asyncopd.records import Prompt, SupportKind
+from asyncopd.records import Prompt, SupportKind, TaskInfo
 from asyncopd.v1 import cache_pb2
 from asyncopd.wire import payload
 from asyncopd.wire.cache_client import CacheClient
@@ -304,6 +306,46 @@ def test_frames_round_trip_and_refuse_tampering() -> None:
     with pytest.raises(payload.PayloadError) as err:
         payload.decode_rollout(frame.data, Limits(vocab_size=2), sample_id="a")
     assert err.value.reason == "invalid"
+
+
+def _reframed(data: bytes, edit: Any) -> bytes:
+    """`data`'s frame with its JSON header changed by `edit(header)`, checksummed anew (a frame
+    a buggy or hostile producer wrote: the checksum holds, the table lies)."""
+    import json
+    import zlib
+
+    prefix = payload._PREFIX
+    magic, fmt, kind, pad, header_len, _, body_len = prefix.unpack_from(data, 0)
+    header = json.loads(bytes(data[prefix.size : prefix.size + header_len]))
+    edit(header)
+    new_header = json.dumps(header, separators=(",", ":")).encode()
+    start = -(-(prefix.size + len(new_header)) // payload.ALIGN) * payload.ALIGN
+    old_start = -(-(prefix.size + header_len) // payload.ALIGN) * payload.ALIGN
+    buf = bytearray(start + body_len)
+    buf[prefix.size : prefix.size + len(new_header)] = new_header
+    buf[start:] = data[old_start:]
+    crc = zlib.crc32(memoryview(buf)[prefix.size :])
+    prefix.pack_into(buf, 0, magic, fmt, kind, pad, len(new_header), crc, body_len)
+    return bytes(buf)
+
+
+def test_a_frame_whose_tensor_table_overflows_is_refused_not_a_crash() -> None:
+    """A shape whose element count overflows 64 bits (numpy's product wraps to 0) must be a
+    PayloadError like any table that does not fit the body, not a ValueError from reshape that
+    would take down the reader."""
+    r = make_rollout(Prompt("p", np.arange(1, 5, dtype=np.int32), TaskInfo("toy", "1", "q"), ticket="t"), 0)
+    frame = bytes(payload.encode_rollout(r).data)
+    payload.decode_rollout(frame, Limits(), sample_id=r.sample_id)  # the frame as written is fine
+
+    def overflow(header: dict[str, Any]) -> None:
+        header["tensors"][0][2] = [1 << 32, 1 << 32]
+
+    def negative(header: dict[str, Any]) -> None:
+        header["tensors"][0][2] = [-4]
+
+    for edit in (overflow, negative):
+        with pytest.raises(payload.PayloadError, match="does not fit"):
+            payload.decode_rollout(_reframed(frame, edit), Limits(), sample_id=r.sample_id)
 
 
 def test_frame_checksums_are_zlibs_crc32_so_old_and_new_producers_agree() -> None:

@@ -26,6 +26,7 @@ sample's frame apart from the one the cache accepted. This module knows nothing 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def decode(
             np_dt = _DTYPES[dtype]
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise PayloadError(f"{field}: bad tensor entry {entry!r}") from exc
-        numel = int(np.prod(shape)) if shape else 1
+        numel = math.prod(shape)
         nbytes = numel * np_dt.itemsize
         if min(shape, default=0) < 0 or offset < 0 or offset % ALIGN or offset + nbytes > body_len:
             raise PayloadError(f"{field}.{name}: shape {shape} at {offset} does not fit the {body_len}-byte body")
