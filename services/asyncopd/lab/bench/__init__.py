@@ -25,6 +25,7 @@ _BUILT_IN: dict[str, str] = {
     "cache-load": "cache_load",
     "estimators": "estimators",
     "fleet": "fleet",
+    "grpc-floor": "grpc_floor",
     "learner": "learner",
     "pipeline": "pipeline",
     "rollout": "rollout",
