@@ -161,3 +161,45 @@ def test_specs_are_hashable_values() -> None:
     assert len({ParamSpec((2,)), ParamSpec((2,)), spec("a"), spec("a")}) == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         ParamSpec((2,)).shape = (3,)  # type: ignore[misc]
+
+
+def test_gaps_are_exactly_the_bytes_no_tensor_covers() -> None:
+    named = [
+        ("a", torch.zeros(3, dtype=torch.uint8)),  # 3 bytes, then 13 of padding
+        ("b", torch.zeros(5, dtype=torch.float16)),  # 10 bytes at 16
+        ("c", torch.zeros(40, dtype=torch.float32)),  # 160 bytes: a bucket of its own at 64
+        ("d", torch.zeros(2, dtype=torch.int64)),
+    ]
+    m = plan(named, 64)
+    for k, size in enumerate(m.bucket_sizes):
+        covered = bytearray(size)
+        for t in m.tensors:
+            if t.bucket == k:
+                covered[t.offset : t.offset + t.nbytes] = b"\x01" * t.nbytes
+        naive = [i for i in range(size) if not covered[i]]
+        assert [i for start, end in m.gaps[k] for i in range(start, end)] == naive
+    assert any(m.gaps)  # the layout above has padding to zero
+
+
+def test_pack_writes_every_byte_whatever_memory_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets are allocated without zeroing and only their padding is cleared: packing into
+    memory full of old bytes gives what packing into zeroed buckets gives (checksums and deltas
+    depend on it)."""
+    named = [
+        ("a", torch.arange(3, dtype=torch.uint8)),
+        ("b", torch.randn(5).to(torch.float16)),
+        ("c", torch.randn(40)),
+        ("d", torch.tensor([7, -1])),
+    ]
+    m = plan(named, 64)
+    want = [torch.zeros(size, dtype=torch.uint8) for size in m.bucket_sizes]
+    for (_, tensor), s in zip(named, m.tensors, strict=True):
+        want[s.bucket][s.offset : s.offset + s.nbytes] = tensor.reshape(-1).view(torch.uint8)
+    empty = torch.empty
+
+    def dirty(*args: object, **kwargs: object) -> torch.Tensor:
+        return empty(*args, **kwargs).fill_(0xAB)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "empty", dirty)
+    got = pack(named, m, "cpu")
+    assert [bytes(b.numpy()) for b in got] == [bytes(b.numpy()) for b in want]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncopd.weightsync.manifest import Manifest, ManifestError
+from asyncopd.weightsync.manifest import Manifest, ManifestError, new_bucket
 
 
 def _full(tensor: Tensor) -> Tensor:
@@ -70,8 +70,8 @@ class GatheredWeights(Sequence[tuple[str, Tensor]]):
             self.before_gather()
         specs = list(zip(self.named, manifest.tensors, strict=True))
         buckets: list[Tensor] = []
-        for index, size in enumerate(manifest.bucket_sizes):
-            bucket = torch.zeros(size, dtype=torch.uint8, device=device)
+        for index in range(len(manifest.bucket_sizes)):
+            bucket = new_bucket(manifest, index, device)
             for (name, tensor), spec in specs:
                 if spec.bucket != index:
                     continue
