@@ -282,3 +282,65 @@ def test_a_replica_receives_every_bucket_into_the_same_two_buffers(
     for version in (1, 2):
         for name, tensor in model(version):
             assert torch.equal(loaded[version][name], tensor), (version, name)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_pipelined_publish_puts_each_bucket_on_the_wire_once_packed(
+    pipeline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `pipeline`, bucket k is broadcast as soon as it is packed (k + 1 is packed while it
+    travels); without it every bucket is packed first. Either way the replica loads exactly each
+    version, and a publish leaves its snapshot whole (late joiners are served from it) even when
+    no replica is there to send to."""
+    from asyncopd.weightsync import groups, manifest
+
+    events: list[str] = []
+    real_new, real_post = manifest.new_bucket, groups.post
+
+    def new_bucket(m: manifest.Manifest, index: int, device: torch.device | str) -> torch.Tensor:
+        events.append(f"pack {index}")
+        return real_new(m, index, device)
+
+    def post(group: groups.Group, tensor: torch.Tensor, timeout_s: float) -> object:
+        if threading.current_thread() is threading.main_thread():  # the learner's (the replica's thread posts too)
+            events.append("post")
+        return real_post(group, tensor, timeout_s)
+
+    monkeypatch.setattr(manifest, "new_bucket", new_bucket)
+    monkeypatch.setattr(groups, "post", post)
+
+    def model(step: int) -> list[tuple[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(step)
+        return [(f"layers.{i}.w", torch.randn(100, 100, generator=g)) for i in range(4)]  # a bucket each
+
+    cfg = WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=False)
+    publisher = CollectiveBroadcast(cfg)
+    publisher.pipeline = pipeline
+    server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
+    loaded: dict[int, dict[str, torch.Tensor]] = {}
+
+    def apply(version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        loaded[version] = {name: tensor.clone() for name, tensor in named}
+
+    stop = threading.Event()
+    thread = threading.Thread(target=run_subscriber, args=(server.address, "pipelined", apply, stop, cfg))
+    try:
+        publisher.publish(1, model(1))  # nobody registered yet: nothing is sent, the snapshot is packed whole
+        assert events == ["pack 0", "pack 1", "pack 2", "pack 3"]
+        thread.start()
+        wait_for(lambda: publisher.replicas == ["pipelined"] and 1 in loaded)
+        events.clear()
+        publisher.publish(2, model(2))
+        wait_for(lambda: 2 in loaded)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        publisher.close()
+        server.stop(0)
+    if pipeline:
+        assert events == ["pack 0", "post", "pack 1", "post", "pack 2", "post", "pack 3", "post"]
+    else:
+        assert events == ["pack 0", "pack 1", "pack 2", "pack 3", "post", "post", "post", "post"]
+    for version in (1, 2):
+        for name, tensor in model(version):
+            assert torch.equal(loaded[version][name], tensor), (version, name)

@@ -223,3 +223,31 @@ def test_the_learner_loop_and_servicer_run_on_any_transport(tmp_path: Path) -> N
     assert '"broadcast": {"replicas": 1, "bytes": 3' in (tmp_path / "steps.jsonl").read_text()
     servicer.UnregisterReplica(pb.UnregisterReplicaRequest(replica="r"), Context())  # type: ignore[arg-type]
     assert transport.replicas == []
+
+
+def test_a_lazy_snapshot_packs_its_buckets_in_order_on_demand_and_equals_an_eager_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    named = [(f"w{i}", torch.randn(100, generator=g)) for i in range(6)]  # 400 B each
+    config = WeightSyncConfig(bucket_mb=800 / (1 << 20), checksum=False)  # two tensors a bucket
+    eager = Snapshot.take(1, named, None, config, torch.device("cpu"))
+    lazy = Snapshot.take(1, named, None, config, torch.device("cpu"), lazy=True)
+    assert len(lazy.manifest.bucket_sizes) == 3
+    assert lazy._buckets == []  # nothing packed yet
+    assert torch.equal(lazy.bucket(1), eager.buckets[1])
+    assert len(lazy._buckets) == 2  # bucket 1 needs bucket 0 first: the packing is in order
+    assert [bytes(b.numpy()) for b in lazy.buckets] == [bytes(b.numpy()) for b in eager.buckets]
+    assert lazy.pack_seconds > 0
+    lazy.complete()  # idempotent once packed
+    assert len(lazy.buckets) == 3
+
+    # checksums need every byte first: a lazy request is packed at once, digests and all
+    checked = WeightSyncConfig(bucket_mb=800 / (1 << 20), checksum=True)
+    digested = Snapshot.take(1, named, None, checked, torch.device("cpu"), lazy=True)
+    assert len(digested._buckets) == 3 and len(digested.bucket_digests) == 3
+
+    # a tensor that does not match the layout it reuses is refused before anything is packed
+    from asyncopd.weightsync.manifest import ManifestError
+
+    wrong = [*named[:-1], ("w5", torch.randn(101, generator=g))]
+    with pytest.raises(ManifestError, match="w5"):
+        Snapshot.take(2, wrong, lazy, config, torch.device("cpu"), lazy=True)

@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from asyncopd.weightsync.manifest import Manifest, ManifestError, new_bucket
+from asyncopd.weightsync.manifest import Manifest, ManifestError, check_tensors, copy_into, new_bucket
 
 
 def _full(tensor: Tensor) -> Tensor:
@@ -61,32 +60,34 @@ class GatheredWeights(Sequence[tuple[str, Tensor]]):
     def names(self) -> list[str]:
         return [n for n, _ in self.named]
 
-    @torch.no_grad()
+    def check(self, manifest: Manifest) -> None:
+        """Raise `ManifestError` unless `manifest` lays out exactly these weights (names, full
+        shapes, sync dtypes), checked before any gather."""
+        check_tensors(self.specs(), manifest)
+
     def pack(self, manifest: Manifest, device: torch.device | str) -> list[Tensor]:
         """The buckets of `manifest`, filled bucket by bucket with each tensor gathered, cast and dropped."""
-        if self.names != [t.name for t in manifest.tensors]:
-            raise ManifestError("the weights do not match the manifest's tensors")
+        return list(self.pack_buckets(manifest, device))
+
+    def pack_buckets(self, manifest: Manifest, device: torch.device | str) -> Iterator[Tensor]:
+        """`pack` one bucket at a time, in order: each is yielded once filled (its tensors gathered
+        just before; followers gather in the same order). Checked against `manifest` first."""
+        self.check(manifest)
         if self.before_gather is not None:
             self.before_gather()
         specs = list(zip(self.named, manifest.tensors, strict=True))
-        buckets: list[Tensor] = []
         for index in range(len(manifest.bucket_sizes)):
-            bucket = new_bucket(manifest, index, device)
-            for (name, tensor), spec in specs:
-                if spec.bucket != index:
-                    continue
-                full = _full(tensor.detach()).to(self._target(tensor)).contiguous()
-                if tuple(full.shape) != spec.shape:
-                    raise ManifestError(f"tensor {name!r} {tuple(full.shape)} does not match manifest entry {spec}")
-                flat = full.reshape(-1).view(torch.uint8)
-                target = bucket[spec.offset : spec.offset + spec.nbytes]
-                if target.device.type == "cpu" and flat.device.type == "cpu":
-                    np.copyto(target.numpy(), flat.numpy())  # numpy's memcpy: ~10x torch's for byte views
-                else:
-                    target.copy_(flat)
-                del full, flat
-            buckets.append(bucket)
-        return buckets
+            with torch.no_grad():
+                bucket = new_bucket(manifest, index, device)
+                for (name, tensor), spec in specs:
+                    if spec.bucket != index:
+                        continue
+                    full = _full(tensor.detach()).to(self._target(tensor)).contiguous()
+                    if tuple(full.shape) != spec.shape:
+                        raise ManifestError(f"tensor {name!r} {tuple(full.shape)} does not match manifest entry {spec}")
+                    copy_into(bucket, spec, full)
+                    del full
+            yield bucket
 
     @torch.no_grad()
     def gather_only(self) -> None:

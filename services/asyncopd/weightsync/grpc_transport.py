@@ -394,6 +394,7 @@ class GrpcPush(WeightTransport):
             pack_seconds=packed - start,
             sync_seconds=time.perf_counter() - packed,
             rebuilds=0,
+            seconds=time.perf_counter() - start,
         )
 
     def sync(self) -> None:
@@ -411,6 +412,7 @@ class GrpcPush(WeightTransport):
                 targets = [t for t in self._targets.values() if t.pushed_version < snapshot.version]
             if not targets:
                 return
+            snapshot.complete()  # packed here, not in the pushing threads (a pack may gather)
             jobs = {self._pool.submit(self._push, t.address, snapshot, self.timeout_s): t for t in targets}
             failed: list[_Target] = []
             for job, target in jobs.items():

@@ -21,7 +21,7 @@ import functools
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,24 +268,50 @@ def new_bucket(manifest: Manifest, index: int, device: torch.device | str) -> to
     return bucket
 
 
+def check_tensors(named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest) -> None:
+    """Raise `ManifestError` unless `named` are the manifest's tensors, in order, with its shapes
+    and dtypes (meta tensors will do: nothing is read)."""
+    if len(named) != len(manifest.tensors):
+        raise ManifestError(f"{len(named)} tensors given, manifest lists {len(manifest.tensors)}")
+    for (name, tensor), spec in zip(named, manifest.tensors, strict=True):
+        if name != spec.name or tuple(tensor.shape) != spec.shape or _NAMES.get(tensor.dtype) != spec.dtype:
+            raise ManifestError(
+                f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match manifest entry {spec}"
+            )
+
+
+def copy_into(bucket: torch.Tensor, spec: TensorSpec, tensor: torch.Tensor) -> None:
+    """Write `tensor`'s bytes at `spec`'s place in `bucket`."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    target = bucket[spec.offset : spec.offset + spec.nbytes]
+    if target.device.type == "cpu" and flat.device.type == "cpu":
+        # numpy's memcpy is ~10x faster than torch's copy_ for byte views on a busy CPU
+        np.copyto(target.numpy(), flat.numpy())
+    else:
+        target.copy_(flat)
+
+
+def pack_buckets(
+    named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
+) -> Iterator[torch.Tensor]:
+    """`pack`, one bucket at a time in order: each is yielded once filled (a sender can put
+    bucket k on the wire while k + 1 is packed). The tensors are checked before the first."""
+    check_tensors(named, manifest)
+    by_bucket: list[list[tuple[torch.Tensor, TensorSpec]]] = [[] for _ in manifest.bucket_sizes]
+    for (_, tensor), spec in zip(named, manifest.tensors, strict=True):
+        by_bucket[spec.bucket].append((tensor, spec))
+    for k, items in enumerate(by_bucket):
+        bucket = new_bucket(manifest, k, device)
+        for tensor, spec in items:
+            copy_into(bucket, spec, tensor)
+        yield bucket
+
+
 def pack(
     named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
 ) -> list[torch.Tensor]:
     """Copy the tensors into fresh buckets on `device` (a snapshot: later training steps do not leak in)."""
-    if len(named) != len(manifest.tensors):
-        raise ManifestError(f"{len(named)} tensors given, manifest lists {len(manifest.tensors)}")
-    buckets = [new_bucket(manifest, k, device) for k in range(len(manifest.bucket_sizes))]
-    for (name, tensor), spec in zip(named, manifest.tensors, strict=True):
-        if name != spec.name or tuple(tensor.shape) != spec.shape:
-            raise ManifestError(f"tensor {name!r} {tuple(tensor.shape)} does not match manifest entry {spec}")
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        target = buckets[spec.bucket][spec.offset : spec.offset + spec.nbytes]
-        if target.device.type == "cpu" and flat.device.type == "cpu":
-            # numpy's memcpy is ~10x faster than torch's copy_ for byte views on a busy CPU
-            np.copyto(target.numpy(), flat.numpy())
-        else:
-            target.copy_(flat)
-    return buckets
+    return list(pack_buckets(named, manifest, device))
 
 
 def checksum(buckets: Sequence[torch.Tensor]) -> str:

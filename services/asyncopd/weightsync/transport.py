@@ -30,8 +30,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync.delta import BucketDelta, encode
 from asyncopd.weightsync.gather import GatheredWeights
-from asyncopd.weightsync.manifest import Manifest, checksum, pack, plan
+from asyncopd.weightsync.manifest import Manifest, check_tensors, checksum, pack_buckets, plan
 from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,61 @@ class Registration:
     timeout_s: float
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    """One packed update: the version it carries, its layout, its bytes and their digest."""
+    """One packed update: the version it carries, its layout, its bytes and their digest.
 
-    version: int
-    manifest: Manifest
-    buckets: list[torch.Tensor]
-    digest: str  # over the bucket digests ("" when checksums are off)
-    bucket_digests: tuple[str, ...] = ()  # one per bucket: a receiver checks each before loading it
+    A snapshot taken `lazy` (only without checksums: a digest needs every byte first) has its
+    buckets allocated but packs them on demand, in order: `bucket(k)` packs up to k, so a sender
+    puts bucket k on the wire while k + 1 is packed (on a learner the packing is the weights'
+    gather). `buckets` packs whatever is left first. Every consumer but the sender of a dense
+    broadcast reads `buckets`; the publisher `complete()`s a snapshot before it lets go of it
+    (the learner's other ranks are gathering in step with the packing)."""
+
+    def __init__(
+        self,
+        version: int,
+        manifest: Manifest,
+        buckets: list[torch.Tensor],
+        digest: str,
+        bucket_digests: tuple[str, ...] = (),
+        *,
+        pending: Iterator[torch.Tensor] | None = None,
+    ) -> None:
+        self.version = version
+        self.manifest = manifest
+        self.digest = digest  # over the bucket digests ("" when checksums are off)
+        self.bucket_digests = bucket_digests  # one per bucket: a receiver checks each before loading it
+        self._buckets = buckets  # packed so far (all of them unless `pending`)
+        self._pending = pending
+        self._lock = threading.Lock()
+        self.pack_seconds = 0.0  # time spent packing, however interleaved with sending
 
     @property
     def nbytes(self) -> int:
         return self.manifest.total_bytes
+
+    @property
+    def buckets(self) -> list[torch.Tensor]:
+        """Every bucket, packed."""
+        self.complete()
+        return self._buckets
+
+    def bucket(self, k: int) -> torch.Tensor:
+        """Bucket k, packed (and every one before it)."""
+        with self._lock:
+            start = time.perf_counter()
+            while len(self._buckets) <= k:
+                assert self._pending is not None
+                self._buckets.append(next(self._pending))
+            if self._pending is not None and len(self._buckets) == len(self.manifest.bucket_sizes):
+                self._pending = None
+            self.pack_seconds += time.perf_counter() - start
+            return self._buckets[k]
+
+    def complete(self) -> None:
+        """Pack every bucket not packed yet."""
+        if self._pending is not None:
+            self.bucket(len(self.manifest.bucket_sizes) - 1)
 
     @classmethod
     def take(
@@ -115,8 +158,12 @@ class Snapshot:
         previous: Snapshot | None,
         config: WeightSyncConfig,
         device: torch.device,
+        *,
+        lazy: bool = False,
     ) -> Snapshot:
-        """Copy `named` into buckets on `device` as `version`; versions must move forward."""
+        """Copy `named` into buckets on `device` as `version`; versions must move forward.
+        `lazy` (honoured without checksums): pack on demand (see the class doc); `named` must
+        not change until the snapshot is complete."""
         if previous is not None and version <= previous.version:
             raise ValueError(f"version {version} is not newer than the last published {previous.version}")
         specs: Sequence[tuple[str, torch.Tensor]]
@@ -128,12 +175,24 @@ class Snapshot:
             manifest = previous.manifest  # the same model: reuse the layout
         else:
             manifest = plan(specs, int(config.bucket_mb * _MIB))
-        buckets = named.pack(manifest, device) if isinstance(named, GatheredWeights) else pack(named, manifest, device)
-        if not config.checksum:
-            return cls(version, manifest, buckets, "")
-        per_bucket = tuple(checksum([b]) for b in buckets)
-        whole = hashlib.blake2b("".join(per_bucket).encode(), digest_size=16).hexdigest()
-        return cls(version, manifest, buckets, whole, per_bucket)
+        start = time.perf_counter()
+        pending = (
+            named.pack_buckets(manifest, device)
+            if isinstance(named, GatheredWeights)
+            else pack_buckets(named, manifest, device)
+        )
+        if lazy and not config.checksum:
+            # checked now, not in the middle of a broadcast (the generator checks on its first step)
+            check_tensors(specs, manifest)
+            return cls(version, manifest, [], "", pending=pending)
+        buckets = list(pending)
+        snapshot = cls(version, manifest, buckets, "")
+        if config.checksum:
+            per_bucket = tuple(checksum([b]) for b in buckets)
+            whole = hashlib.blake2b("".join(per_bucket).encode(), digest_size=16).hexdigest()
+            snapshot = cls(version, manifest, buckets, whole, per_bucket)
+        snapshot.pack_seconds = time.perf_counter() - start
+        return snapshot
 
 
 @dataclass(frozen=True)
@@ -174,9 +233,10 @@ class PublishReport:
     version: int
     replicas: int
     nbytes: int
-    pack_seconds: float
-    sync_seconds: float
+    pack_seconds: float  # spent packing the snapshot (pipelined with the sending when lazy)
+    sync_seconds: float  # from the snapshot's layout to every ack (includes pipelined packing)
     rebuilds: int
+    seconds: float = 0.0  # the whole publish, wall clock
 
 
 class WeightTransport(ABC):
