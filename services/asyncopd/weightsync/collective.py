@@ -192,7 +192,12 @@ class CollectiveBroadcast(WeightTransport):
             finally:
                 # whatever _sync did not send is packed now: late joiners are served from it, and
                 # the learner's other ranks gather in step with the packing until it is done
-                snapshot.complete()
+                try:
+                    if not snapshot.failed:  # a failure was raised where it happened
+                        snapshot.complete()
+                finally:
+                    if not snapshot.whole:  # the packing failed: keep serving the last whole snapshot
+                        self._latest, self._delta = previous, None
         end = time.perf_counter()
         return PublishReport(
             version=version,
@@ -313,6 +318,9 @@ class CollectiveBroadcast(WeightTransport):
                 )
                 return False
         except (dist.DistError, RuntimeError) as exc:
+            if snapshot.failed:  # the packing failed, not the broadcast: so does the publish
+                group.broken = True  # its buckets were announced: the next sync starts a fresh group
+                raise
             log.warning("weight sync epoch %d: broadcast of version %d failed: %s", group.epoch, snapshot.version, exc)
             return False
         return self._acked(group, seq, snapshot.version)

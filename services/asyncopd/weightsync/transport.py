@@ -120,6 +120,7 @@ class Snapshot:
         self.bucket_digests = bucket_digests  # one per bucket: a receiver checks each before loading it
         self._buckets = buckets  # packed so far (all of them unless `pending`)
         self._pending = pending
+        self._failure: BaseException | None = None  # what stopped the packing
         self._lock = threading.Lock()
         self.pack_seconds = 0.0  # time spent packing, however interleaved with sending
 
@@ -128,26 +129,44 @@ class Snapshot:
         return self.manifest.total_bytes
 
     @property
+    def whole(self) -> bool:
+        """Every bucket is packed."""
+        return len(self._buckets) == len(self.manifest.bucket_sizes)
+
+    @property
+    def failed(self) -> bool:
+        """The packing raised (where it was asked for); the snapshot will never be whole."""
+        return self._failure is not None
+
+    @property
     def buckets(self) -> list[torch.Tensor]:
         """Every bucket, packed."""
         self.complete()
         return self._buckets
 
     def bucket(self, k: int) -> torch.Tensor:
-        """Bucket k, packed (and every one before it)."""
+        """Bucket k, packed (and every one before it). A packing that failed raised where it
+        failed; asking again raises RuntimeError from it."""
         with self._lock:
+            if self._failure is not None and len(self._buckets) <= k:
+                raise RuntimeError(f"packing version {self.version} failed") from self._failure
             start = time.perf_counter()
-            while len(self._buckets) <= k:
-                assert self._pending is not None
-                self._buckets.append(next(self._pending))
-            if self._pending is not None and len(self._buckets) == len(self.manifest.bucket_sizes):
+            try:
+                while len(self._buckets) <= k:
+                    assert self._pending is not None
+                    self._buckets.append(next(self._pending))
+            except BaseException as exc:
+                self._pending, self._failure = None, exc
+                raise
+            finally:
+                self.pack_seconds += time.perf_counter() - start
+            if self.whole:
                 self._pending = None
-            self.pack_seconds += time.perf_counter() - start
             return self._buckets[k]
 
     def complete(self) -> None:
         """Pack every bucket not packed yet."""
-        if self._pending is not None:
+        if not self.whole:
             self.bucket(len(self.manifest.bucket_sizes) - 1)
 
     @classmethod
