@@ -251,3 +251,25 @@ def test_a_lazy_snapshot_packs_its_buckets_in_order_on_demand_and_equals_an_eage
     wrong = [*named[:-1], ("w5", torch.randn(101, generator=g))]
     with pytest.raises(ManifestError, match="w5"):
         Snapshot.take(2, wrong, lazy, config, torch.device("cpu"), lazy=True)
+
+
+def test_a_lazy_snapshot_of_gathered_weights_starts_the_followers_gather_when_it_packs() -> None:
+    """Gathered weights (cast to the rollout dtype, tied weights once): a lazy snapshot tells the
+    other ranks to gather (`before_gather`) when its first bucket is packed, not when it is
+    taken, and once; its bytes are the eager snapshot's."""
+    from asyncopd.weightsync.gather import GatheredWeights
+
+    g = torch.Generator().manual_seed(1)
+    embed = torch.randn(50, 4, generator=g)
+    named = [("embed", embed), ("w", torch.randn(60, 4, generator=g)), ("lm_head", embed)]
+    config = WeightSyncConfig(bucket_mb=400 / (1 << 20), checksum=False)
+    starts: list[int] = []
+    weights = GatheredWeights(named, dtype=torch.bfloat16, before_gather=lambda: starts.append(1))
+    eager = Snapshot.take(1, GatheredWeights(named, dtype=torch.bfloat16), None, config, torch.device("cpu"))
+    lazy = Snapshot.take(1, weights, None, config, torch.device("cpu"), lazy=True)
+    assert [t.name for t in lazy.manifest.tensors] == ["embed", "w"]  # the tied head travels once
+    assert len(lazy.manifest.bucket_sizes) == 2 and starts == []
+    lazy.bucket(0)
+    assert starts == [1]
+    assert [bytes(b.numpy()) for b in lazy.buckets] == [bytes(b.numpy()) for b in eager.buckets]
+    assert starts == [1]
