@@ -256,7 +256,6 @@ def plan(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Manife
     return manifest
 
 
-@torch.no_grad()
 def new_bucket(manifest: Manifest, index: int, device: torch.device | str) -> torch.Tensor:
     """Bucket `index` of `manifest`, allocated on `device` with only its padding zeroed: every
     other byte is about to be written by a tensor (zeroing it all first was a third of packing's
@@ -291,6 +290,7 @@ def copy_into(bucket: torch.Tensor, spec: TensorSpec, tensor: torch.Tensor) -> N
         target.copy_(flat)
 
 
+@torch.no_grad()
 def pack_buckets(
     named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
 ) -> Iterator[torch.Tensor]:
