@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -346,6 +346,26 @@ def test_a_pipelined_publish_puts_each_bucket_on_the_wire_once_packed(
             assert torch.equal(loaded[version][name], tensor), (version, name)
 
 
+def flat_model(step: int) -> list[tuple[str, torch.Tensor]]:
+    """Four tensors filled with `step`, one bucket each at bucket_mb=0.05."""
+    return [(f"layers.{i}.w", torch.full((100, 100), float(step))) for i in range(4)]
+
+
+def copy_failing_on_the_third(error: Exception) -> Callable[..., None]:
+    """`manifest.copy_into` that raises `error` on its third call (packing fails in bucket 2)."""
+    from asyncopd.weightsync import manifest
+
+    real, calls = manifest.copy_into, [0]
+
+    def copy(bucket: torch.Tensor, spec: manifest.TensorSpec, tensor: torch.Tensor) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise error
+        real(bucket, spec, tensor)
+
+    return copy
+
+
 def test_a_pipelined_publish_whose_packing_fails_raises_that_error_and_keeps_the_last_whole_snapshot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -354,30 +374,20 @@ def test_a_pipelined_publish_whose_packing_fails_raises_that_error_and_keeps_the
     last snapshot that was packed whole; the next publish works."""
     from asyncopd.weightsync import manifest
 
-    def model(step: int) -> list[tuple[str, torch.Tensor]]:
-        return [(f"layers.{i}.w", torch.full((100, 100), float(step))) for i in range(4)]  # a bucket each
-
     publisher = CollectiveBroadcast(WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=False))
     publisher.pipeline = True
-    real = manifest.copy_into
-    calls = [0]
-
-    def failing(bucket: torch.Tensor, spec: manifest.TensorSpec, tensor: torch.Tensor) -> None:
-        calls[0] += 1
-        if calls[0] == 3:
-            raise OSError("gather failed")
-        real(bucket, spec, tensor)
+    real, failing = manifest.copy_into, copy_failing_on_the_third(OSError("gather failed"))
 
     try:
-        publisher.publish(1, model(1))
+        publisher.publish(1, flat_model(1))
         monkeypatch.setattr(manifest, "copy_into", failing)
         with pytest.raises(OSError, match="gather failed"):
-            publisher.publish(2, model(2))
+            publisher.publish(2, flat_model(2))
         latest = publisher._latest
         assert latest is not None and latest.version == 1 and latest.whole
         assert all(bool((t == 1.0).all()) for _, t in latest.manifest.unpack(latest.buckets))
         monkeypatch.setattr(manifest, "copy_into", real)
-        publisher.publish(3, model(3))
+        publisher.publish(3, flat_model(3))
         assert publisher._latest is not None and publisher._latest.version == 3 and publisher._latest.whole
     finally:
         publisher.close()
@@ -393,35 +403,25 @@ def test_a_packing_error_in_the_middle_of_a_pipelined_broadcast_fails_the_publis
     receive stays in flight for the collective's timeout.)"""
     from asyncopd.weightsync import manifest
 
-    def model(step: int) -> list[tuple[str, torch.Tensor]]:
-        return [(f"layers.{i}.w", torch.full((100, 100), float(step))) for i in range(4)]  # a bucket each
-
     publisher = CollectiveBroadcast(WeightSyncConfig(timeout_s=TIMEOUT_S, bucket_mb=0.05, checksum=False))
     publisher.pipeline = True
     server = start_server(ServerConfig(port=0), [add_to_server(LearnerServicer(publisher, Progress))], [SERVICE_NAME])
-    real = manifest.copy_into
-    calls = [0]
-
-    def failing(bucket: torch.Tensor, spec: manifest.TensorSpec, tensor: torch.Tensor) -> None:
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("out of memory")
-        real(bucket, spec, tensor)
+    real, failing = manifest.copy_into, copy_failing_on_the_third(RuntimeError("out of memory"))
 
     log = tmp_path / "r.jsonl"
     replica = start_replica(server.address, "r", log)
     try:
         wait_for(lambda: publisher.replicas == ["r"])
-        publisher.publish(1, model(1))
+        publisher.publish(1, flat_model(1))
         wait_for(lambda: len(applied(log)) == 1)
         monkeypatch.setattr(manifest, "copy_into", failing)
         with pytest.raises(RuntimeError, match="out of memory"):
-            publisher.publish(2, model(2))
+            publisher.publish(2, flat_model(2))
         assert publisher._latest is not None and publisher._latest.version == 1
         monkeypatch.setattr(manifest, "copy_into", real)
-        returns_within(60.0, lambda: publisher.publish(3, model(3)), "the publish after a failed one")
+        returns_within(60.0, lambda: publisher.publish(3, flat_model(3)), "the publish after a failed one")
         wait_for(lambda: applied(log)[-1]["version"] == 3)
-        assert [(u["version"], u["digest"]) for u in applied(log)] == [(v, digest(model(v))) for v in (1, 3)]
+        assert [(u["version"], u["digest"]) for u in applied(log)] == [(v, digest(flat_model(v))) for v in (1, 3)]
     finally:
         replica.send_signal(signal.SIGTERM)
         replica.wait(timeout=30)
