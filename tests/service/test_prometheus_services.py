@@ -260,12 +260,18 @@ def test_pipeline_services_expose_every_queried_series_and_prometheus_reads_them
         # cache exposed at the end of the run (the final state was waited for above).
         final = scrape(urls["cache"])["asyncopd_cache_staleness_bucket"]
         assert p90 == pytest.approx(histogram_quantile(0.9, final)), (p90, final)
-        # rate() needs two scrapes of the rollout replica inside its window; scrapes can be sparse
+        # rate() over the run needs the scrape before it (the counter at 0, taken while every target
+        # was waited "up") and one after the replica generated. Targets are scraped at offsets, so
+        # the rollout replica's next scrape may not have come yet: wait for Prometheus to hold a
+        # non-zero value first, or the rate of two pre-run zeros would read 0. The 5m window keeps
+        # the pre-run scrape inside it however long a busy box takes over the run.
         deadline = time.monotonic() + 30
-        while not (rate := prom.query("sum(rate(asyncopd_rollout_generated_tokens_total[1m]))")):
-            assert time.monotonic() < deadline, prom.log_tail()
+        generated = "sum(asyncopd_rollout_generated_tokens_total)"
+        while not ((got := prom.query(generated)) and float(got[0]["value"][1]) > 0):
+            assert time.monotonic() < deadline, (got, prom.log_tail())
             time.sleep(0.25)
-        assert float(rate[0]["value"][1]) > 0
+        rate = prom.query("sum(rate(asyncopd_rollout_generated_tokens_total[5m]))")
+        assert rate and float(rate[0]["value"][1]) > 0, rate
         # The recording rule needs two scrapes of the learner in its window; on a busy 2-core box
         # scrapes during training can be sparse, so wait for the rule to turn into a number.
         deadline = time.monotonic() + 30
