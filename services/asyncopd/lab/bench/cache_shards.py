@@ -124,11 +124,12 @@ def _drive(
     claim `share` rollouts, read them, write scores, put. On ('learn', v): pull one batch of
     `share` at v, read and verify its frames, ack. Answers each with its seconds."""
     from asyncopd.config.redis import RedisConfig
-    from asyncopd.lab.bench.cache import _records
+    from asyncopd.lab.bench.cache import _records, hold_torch_as_producers_do
     from asyncopd.wire.cache_client import CacheClient
     from asyncopd.wire.payload_store import PayloadStore
     from asyncopd.wire.rpc import channel
 
+    hold_torch_as_producers_do()
     one = argparse.Namespace(**{**vars(args), "samples": share})
     rollout, scores = _records(one)
     store = PayloadStore.from_config(RedisConfig(url=url, key_prefix=prefix, cluster=True))
