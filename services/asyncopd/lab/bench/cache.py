@@ -6,7 +6,8 @@ encodes payload frames, writes them to Redis itself and puts their metadata (Acq
 PutRollouts); the teacher claims metadata, reads and verifies the rollout frames, writes its
 score frames and puts their metadata (ClaimRollouts -> PutScores); the learner pulls a batch of
 references, reads and verifies every frame (PullBatch -> AckBatch). `--inline` sends the
-payloads through the cache RPCs instead (the path for clients without Redis access).
+payloads through the cache RPCs instead (the path for clients without Redis access). The driver
+imports torch first, as every process it stands in for holds it (the codec's casts go through it).
 
 The baseline moves the same stored bytes (the frames' lengths) through raw Redis in the same
 data flow: SET rollout, GET rollout (teacher), SET scores, GET both (learner), DEL, pipelined
