@@ -305,6 +305,7 @@ def _run_shape(args: argparse.Namespace) -> dict[str, Any]:
         "cache_cpu_ms_per_sample": 1000.0 * cpu / (args.samples * args.rounds),
         "phases_s": {k: min(t[k] for t in service) for k in ("acquire", "put", "claim_score", "pull_ack")},
         "accounting_ok": ok,
+        "key_prefix": prefix,  # its keys and the raw side's (prefix + "-raw") are removed at the end
         "produced": stats.produced,
         "trained": stats.trained,
     }
