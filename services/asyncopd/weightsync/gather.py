@@ -71,8 +71,12 @@ class GatheredWeights(Sequence[tuple[str, Tensor]]):
 
     def pack_buckets(self, manifest: Manifest, device: torch.device | str) -> Iterator[Tensor]:
         """`pack` one bucket at a time, in order: each is yielded once filled (its tensors gathered
-        just before; followers gather in the same order). Checked against `manifest` first."""
+        just before; followers gather in the same order). Checked against `manifest` here, when
+        called; the gather starts at the first bucket."""
         self.check(manifest)
+        return self._gather_buckets(manifest, device)
+
+    def _gather_buckets(self, manifest: Manifest, device: torch.device | str) -> Iterator[Tensor]:
         if self.before_gather is not None:
             self.before_gather()
         specs = list(zip(self.named, manifest.tensors, strict=True))

@@ -387,14 +387,15 @@ class GrpcPush(WeightTransport):
         snapshot = Snapshot.take(version, named, self._latest, self.config, torch.device("cpu"))
         packed = time.perf_counter()
         self.deliver(snapshot)
+        end = time.perf_counter()
         return PublishReport(
             version=version,
             replicas=len(self.replicas),
             nbytes=snapshot.nbytes,
             pack_seconds=packed - start,
-            sync_seconds=time.perf_counter() - packed,
+            sync_seconds=end - packed,
             rebuilds=0,
-            seconds=time.perf_counter() - start,
+            seconds=end - start,
         )
 
     def sync(self) -> None:

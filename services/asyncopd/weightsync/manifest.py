@@ -290,13 +290,20 @@ def copy_into(bucket: torch.Tensor, spec: TensorSpec, tensor: torch.Tensor) -> N
         target.copy_(flat)
 
 
-@torch.no_grad()
 def pack_buckets(
     named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
 ) -> Iterator[torch.Tensor]:
     """`pack`, one bucket at a time in order: each is yielded once filled (a sender can put
-    bucket k on the wire while k + 1 is packed). The tensors are checked before the first."""
+    bucket k on the wire while k + 1 is packed). The tensors are checked here, when it is called,
+    not at the first bucket: a bad layout fails before anything is announced."""
     check_tensors(named, manifest)
+    return _fill_buckets(named, manifest, device)
+
+
+@torch.no_grad()
+def _fill_buckets(
+    named: Sequence[tuple[str, torch.Tensor]], manifest: Manifest, device: torch.device | str
+) -> Iterator[torch.Tensor]:
     by_bucket: list[list[tuple[torch.Tensor, TensorSpec]]] = [[] for _ in manifest.bucket_sizes]
     for (_, tensor), spec in zip(named, manifest.tensors, strict=True):
         by_bucket[spec.bucket].append((tensor, spec))

@@ -42,7 +42,7 @@ from asyncopd.config.security import TLSConfig
 from asyncopd.config.weightsync import WeightSyncConfig
 from asyncopd.weightsync.delta import BucketDelta, encode
 from asyncopd.weightsync.gather import GatheredWeights
-from asyncopd.weightsync.manifest import Manifest, check_tensors, checksum, pack_buckets, plan
+from asyncopd.weightsync.manifest import Manifest, checksum, pack_buckets, plan
 from asyncopd.wire.rpc import FailedPrecondition, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,11 @@ class Snapshot:
             else pack_buckets(named, manifest, device)
         )
         if lazy and not config.checksum:
-            # checked now, not in the middle of a broadcast (the generator checks on its first step)
-            check_tensors(specs, manifest)
-            return cls(version, manifest, [], "", pending=pending)
+            return cls(version, manifest, [], "", pending=pending)  # pack_buckets checked the tensors
         buckets = list(pending)
-        snapshot = cls(version, manifest, buckets, "")
-        if config.checksum:
-            per_bucket = tuple(checksum([b]) for b in buckets)
-            whole = hashlib.blake2b("".join(per_bucket).encode(), digest_size=16).hexdigest()
-            snapshot = cls(version, manifest, buckets, whole, per_bucket)
+        per_bucket = tuple(checksum([b]) for b in buckets) if config.checksum else ()
+        whole = hashlib.blake2b("".join(per_bucket).encode(), digest_size=16).hexdigest() if config.checksum else ""
+        snapshot = cls(version, manifest, buckets, whole, per_bucket)
         snapshot.pack_seconds = time.perf_counter() - start
         return snapshot
 
