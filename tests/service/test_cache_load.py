@@ -46,3 +46,36 @@ def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys
     # the gRPC floor of the same process: some CPU per empty RPC, less than a cache RPC costs
     assert 0 < result["grpc_floor_cpu_us"] < result["cache_cpu_us_per_rpc"]
     assert "direct payloads" in out and "RPC per cache CPU second" in out and "gRPC floor" in out
+
+
+def test_cache_load_over_two_load_processes_merges_their_records_and_loses_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Producers and teachers in two child processes (the learner here): their RPCs must reach the
+    report (producers and teachers run only in the children), and nothing is lost or trained twice."""
+    parser = argparse.ArgumentParser()
+    load.add_args(parser)
+    argv = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "4", "--drain", "5"]
+    args = parser.parse_args([*argv, "--direct", "--load-processes", "2", "--json"])
+    assert load.run(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["load_processes"] == 2 and not result["errors"]
+    assert result["invariant_holds"] and result["trained_twice"] == 0 and result["trained_matches"]
+    assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8
+    for rpc in ("AcquirePrompts", "PutRollouts", "ClaimRollouts", "PutScores"):
+        assert result["per_rpc"][rpc]["calls"] > 0, rpc
+    # every sample trained was put by a child's producer and scored by a child's teacher
+    assert result["per_rpc"]["PutRollouts"]["calls"] * args.chunk >= result["trained"]
+    assert 0 < result["ops"] <= sum(r["calls"] for r in result["per_rpc"].values())
+    assert "over 2 load processes" in out
+
+
+def test_recorder_counts_the_rpcs_that_ended_by_a_deadline_across_merged_records() -> None:
+    rec = load.Recorder()
+    assert rec.timed("A", lambda x: x + 1, 1) == 2
+    ((dt, end),) = rec.lat["A"]
+    assert dt >= 0 and rec.ended_by(end) == 1 and rec.ended_by(end - 1e-6) == 0
+    rec.merge({"A": [(0.5, end + 10.0)], "B": [(0.1, end - 5.0)]})
+    assert [len(rec.lat[k]) for k in ("A", "B")] == [2, 1]
+    assert rec.ended_by(end) == 2 and rec.ended_by(end + 10.0) == 3

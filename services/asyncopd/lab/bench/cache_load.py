@@ -3,7 +3,9 @@
 The cache service runs in its own process on loopback (as deployed, against the configured
 Redis under a fresh key prefix, wiped afterwards). Threads in this process play the pipeline:
 P rollout producers (AcquirePrompts -> PutRollouts), T teachers (ClaimRollouts -> PutScores) and
-one learner (PullBatch -> AckBatch -> PublishVersion). The run is bounded by --duration seconds
+one learner (PullBatch -> AckBatch -> PublishVersion). `--load-processes K` spreads the producers
+and teachers over K processes (the learner stays here), so the load is not held to one
+interpreter's GIL where the machine has cores to spare. The run is bounded by --duration seconds
 and --max-steps learner steps, whichever comes first; then producers stop, the pipeline drains
 for up to --drain seconds, and the accounting is checked: produced = trained + dropped +
 in_flight exactly, every trained sample trained once, versions monotonic. It prints sustained
@@ -18,6 +20,7 @@ per RPC above it is the cache's own work (parsing, Redis round trips, waits).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import threading
@@ -27,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -52,6 +55,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     parser.add_argument("--floor-calls", type=int, default=2000, help="health checks that measure the gRPC floor")
     parser.add_argument("--floor-callers", type=int, default=8, help="threads that send them")
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="processes the producer and teacher threads are spread over (1: all in this process); more lets "
+        "the load outrun one interpreter's GIL on a machine with cores to spare",
+    )
     parser.add_argument(
         "--direct",
         action="store_true",
@@ -94,9 +104,10 @@ def _serve(args: argparse.Namespace, prefix: str, conn: Connection) -> None:
 
 @dataclass
 class Recorder:
-    """Latencies per RPC (seconds), appended from many threads."""
+    """Latencies per RPC, appended from many threads: (seconds, monotonic clock at the end). The
+    clock is the system's, so records from several processes are counted against one deadline."""
 
-    lat: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    lat: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def timed(self, rpc: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -104,8 +115,38 @@ class Recorder:
         out = call(*args, **kwargs)
         dt = time.perf_counter() - t0
         with self.lock:
-            self.lat[rpc].append(dt)
+            self.lat[rpc].append((dt, time.monotonic()))
         return out
+
+    def merge(self, lat: dict[str, list[tuple[float, float]]]) -> None:
+        with self.lock:
+            for rpc, records in lat.items():
+                self.lat[rpc].extend(records)
+
+    def ended_by(self, deadline: float) -> int:
+        """RPCs that ended by `deadline` (time.monotonic)."""
+        with self.lock:
+            return sum(1 for records in self.lat.values() for _, end in records if end <= deadline)
+
+
+class _Flag(Protocol):
+    """threading.Event or multiprocessing's Event: what the load's threads watch and set."""
+
+    def is_set(self) -> bool: ...
+    def set(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Stops:
+    """`producing`: producers stop (the load's end); `all`: teachers and the learner stop too."""
+
+    producing: _Flag
+    all: _Flag
+
+    def fail(self) -> None:
+        self.producing.set()
+        self.all.set()
 
 
 def _rollout(prompt: Any, version: int, tokens: int, rng: np.random.Generator) -> Any:
@@ -160,37 +201,35 @@ def grpc_floor_s(ch: Any, cpu: Callable[[], float], calls: int, callers: int) ->
     return (cpu() - cpu0) / (per * len(threads))
 
 
-def drive(
-    address: str, args: argparse.Namespace, payloads: Any = None, cpu: Callable[[], float] | None = None
-) -> dict[str, Any]:
-    """Run the load against a cache at `address`; returns the measured figures and checks.
-    `payloads`: a PayloadStore for direct frames (None: inline); `cpu`: the cache process's CPU
-    seconds so far (its CPU over the load is reported when given)."""
-    from asyncopd.wire.cache_client import CacheClient
-    from asyncopd.wire.rpc import channel
+def _guard(body: Callable[[], None], errors: list[str], stops: _Stops) -> Callable[[], None]:
+    """`body`, whose failure fails the run: reported, and every thread told to stop (no hang)."""
 
-    rec = Recorder()
-    stop_producing, stop_all = threading.Event(), threading.Event()
-    errors: list[str] = []
-    trained_ids: list[str] = []
-    versions_seen: list[int] = []
-    ch = channel(address)
-    client = CacheClient(ch, timeout_s=60.0, payloads=payloads)
+    def run() -> None:
+        try:
+            body()
+        except Exception as exc:
+            errors.append(f"{threading.current_thread().name}: {exc!r}")
+            stops.fail()
 
-    def guard(body: Callable[..., None], *body_args: Any) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                body(*body_args)
-            except Exception as exc:  # a failed worker fails the run; report it, don't hang
-                errors.append(f"{threading.current_thread().name}: {exc!r}")
-                stop_producing.set()
-                stop_all.set()
+    return run
 
-        return run
+
+def _role_threads(
+    client: Any,
+    args: argparse.Namespace,
+    rec: Recorder,
+    errors: list[str],
+    stops: _Stops,
+    *,
+    producers: range,
+    teachers: range,
+) -> list[threading.Thread]:
+    """Unstarted threads: rollout producers `producers` (until `stops.producing`) and teachers
+    `teachers` (until `stops.all`), each numbered as in a one-process run."""
 
     def producer(i: int) -> None:
         rng = np.random.default_rng(i)
-        while not stop_producing.is_set():
+        while not stops.producing.is_set():
             prompts, version, finished = rec.timed(
                 "AcquirePrompts", lambda: client.acquire_prompts(f"r{i}", args.chunk, wait_ms=100)
             )
@@ -202,15 +241,85 @@ def drive(
 
     def teacher(j: int) -> None:
         rng = np.random.default_rng(1000 + j)
-        while not stop_all.is_set():
+        while not stops.all.is_set():
             claimed = rec.timed("ClaimRollouts", lambda: client.claim_rollouts(f"t{j}", args.chunk, wait_ms=100))
             if claimed:
                 scores = [_scores(r, args.topk, rng) for r in claimed]
                 rec.timed("PutScores", client.put_scores, scores)
 
+    threads = [
+        threading.Thread(target=_guard(functools.partial(producer, i), errors, stops), name=f"producer-{i}")
+        for i in producers
+    ]
+    return threads + [
+        threading.Thread(target=_guard(functools.partial(teacher, j), errors, stops), name=f"teacher-{j}")
+        for j in teachers
+    ]
+
+
+def _payload_store(args: argparse.Namespace, prefix: str) -> Any:
+    import redis
+
+    from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
+
+    return PayloadStore(redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE), prefix)
+
+
+def _load_process(
+    address: str, args: argparse.Namespace, stops: _Stops, conn: Connection, *, k: int, payload_prefix: str | None
+) -> None:
+    """Child process `k` of `--load-processes`: every K-th producer and teacher, from k, until
+    `stops.all`; sends back its latencies and errors."""
+    from asyncopd.wire.cache_client import CacheClient
+    from asyncopd.wire.rpc import channel
+
+    rec, errors = Recorder(), list[str]()
+    store = _payload_store(args, payload_prefix) if payload_prefix is not None else None
+    ch = channel(address)
+    try:
+        client = CacheClient(ch, timeout_s=60.0, payloads=store)
+        n = args.load_processes
+        threads = _role_threads(
+            client, args, rec, errors, stops, producers=range(k, args.producers, n), teachers=range(k, args.teachers, n)
+        )
+        for t in threads:
+            t.start()
+        stops.all.wait()
+        for t in threads:
+            t.join(timeout=30)
+    except Exception as exc:  # the run fails with the reason, rather than waiting on a silent child
+        errors.append(f"load process {k}: {exc!r}")
+        stops.fail()
+    finally:
+        ch.close()
+        if store is not None:
+            store.close()
+    conn.send((dict(rec.lat), errors))
+
+
+def drive(
+    address: str, args: argparse.Namespace, payloads: Any = None, cpu: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """Run the load against a cache at `address`; returns the measured figures and checks.
+    `payloads`: a PayloadStore for direct frames (None: inline); `cpu`: the cache process's CPU
+    seconds so far (its CPU over the load is reported when given). With `args.load_processes`
+    > 1 the producers and teachers run in that many child processes (their own clients)."""
+    from asyncopd.wire.cache_client import CacheClient
+    from asyncopd.wire.rpc import channel
+
+    rec = Recorder()
+    errors: list[str] = []
+    trained_ids: list[str] = []
+    versions_seen: list[int] = []
+    ch = channel(address)
+    client = CacheClient(ch, timeout_s=60.0, payloads=payloads)
+    n_proc = args.load_processes
+    ctx = mp.get_context("spawn")
+    stops = _Stops(ctx.Event(), ctx.Event()) if n_proc > 1 else _Stops(threading.Event(), threading.Event())
+
     def learner() -> None:
         version = client.stats_snapshot().learner_version
-        while not stop_all.is_set() and len(versions_seen) < args.max_steps:
+        while not stops.all.is_set() and len(versions_seen) < args.max_steps:
             batch = rec.timed("PullBatch", client.pull_batch, args.batch_size, version, wait_ms=200)
             if batch is None:
                 continue
@@ -219,24 +328,38 @@ def drive(
             version += 1
             rec.timed("PublishVersion", client.publish_version, version)
             versions_seen.append(version)
-        stop_producing.set()
+        stops.producing.set()
 
-    threads = [
-        threading.Thread(target=guard(lambda i=i: producer(i)), name=f"producer-{i}") for i in range(args.producers)
-    ]
-    threads += [
-        threading.Thread(target=guard(lambda j=j: teacher(j)), name=f"teacher-{j}") for j in range(args.teachers)
-    ]
-    learner_thread = threading.Thread(target=guard(learner), name="learner")
+    threads: list[threading.Thread] = []
+    children: list[tuple[Any, Connection]] = []
+    if n_proc == 1:
+        threads = _role_threads(
+            client, args, rec, errors, stops, producers=range(args.producers), teachers=range(args.teachers)
+        )
+    else:
+        prefix = payloads.prefix if payloads is not None else None
+        for k in range(n_proc):
+            mine, theirs = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_load_process,
+                args=(address, args, stops, theirs),
+                kwargs={"k": k, "payload_prefix": prefix},
+                name=f"load-{k}",
+                daemon=True,
+            )
+            children.append((proc, mine))
+    learner_thread = threading.Thread(target=_guard(learner, errors, stops), name="learner")
+    for proc, _ in children:
+        proc.start()
     cpu0 = cpu() if cpu is not None else 0.0
     t0 = time.perf_counter()
     for t in [*threads, learner_thread]:
         t.start()
-    stop_producing.wait(min(args.duration, 30.0))
-    stop_producing.set()
+    stops.producing.wait(min(args.duration, 30.0))
+    stops.producing.set()
+    load_end = time.monotonic()
     load_s = time.perf_counter() - t0
     cache_cpu_s = cpu() - cpu0 if cpu is not None else None
-    ops_during_load = sum(len(v) for v in rec.lat.values())
     # Drain: the learner and teachers go on until nothing is in flight or the drain time is up.
     deadline = time.monotonic() + args.drain
     while time.monotonic() < deadline and not errors:
@@ -244,17 +367,26 @@ def drive(
         if s.in_flight < args.batch_size:  # a partial batch is never served; it stays counted
             break
         time.sleep(0.2)
-    stop_all.set()
+    stops.all.set()
     for t in [*threads, learner_thread]:
         t.join(timeout=30)
+    for proc, mine in children:
+        if mine.poll(60):
+            lat, child_errors = mine.recv()
+            rec.merge(lat)
+            errors.extend(child_errors)
+        else:
+            errors.append(f"{proc.name}: sent no result (exit code {proc.exitcode})")
+        proc.join(timeout=30)
+    ops_during_load = rec.ended_by(load_end)
     final = client.stats_snapshot()
     floor_s = grpc_floor_s(ch, cpu, args.floor_calls, args.floor_callers) if cpu is not None else None
     ch.close()
     per_rpc = {
         rpc: {
             "calls": len(v),
-            "p50_ms": float(np.percentile(v, 50) * 1e3),
-            "p99_ms": float(np.percentile(v, 99) * 1e3),
+            "p50_ms": float(np.percentile([dt for dt, _ in v], 50) * 1e3),
+            "p99_ms": float(np.percentile([dt for dt, _ in v], 99) * 1e3),
         }
         for rpc, v in sorted(rec.lat.items())
     }
@@ -262,6 +394,7 @@ def drive(
     return {
         "producers": args.producers,
         "teachers": args.teachers,
+        "load_processes": n_proc,
         "load_s": load_s,
         "ops": ops_during_load,
         "ops_per_s": ops_during_load / load_s,
@@ -301,6 +434,8 @@ def ok(result: dict[str, Any]) -> bool:
 def run(args: argparse.Namespace) -> int:
     import redis
 
+    if args.load_processes < 1:
+        raise SystemExit(f"--load-processes {args.load_processes}: must be at least 1")
     prefix = f"bench-cache-load-{uuid.uuid4().hex[:8]}"
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -308,9 +443,7 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     store = None
     if args.direct:
-        from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
-
-        store = PayloadStore(redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE), prefix)
+        store = _payload_store(args, prefix)
 
     def cpu() -> float:
         parent.send("cpu")
@@ -332,10 +465,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok(result) else 1
 
 
+def _processes(n: int) -> str:
+    return "one load process" if n == 1 else f"producers and teachers over {n} load processes"
+
+
 def _print(result: dict[str, Any]) -> None:
     print(
         f"cache-load ({result['path']} payloads): {result['producers']} producers, {result['teachers']} teachers, "
-        "1 learner, "
+        f"1 learner ({_processes(result['load_processes'])}), "
         f"{result['load_s']:.1f} s: {result['ops_per_s']:.0f} RPC/s sustained, "
         f"{result['samples_trained_per_s']:.0f} samples trained/s, {result['steps']} learner steps"
     )
