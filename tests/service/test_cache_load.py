@@ -36,7 +36,7 @@ def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys
     parser = argparse.ArgumentParser()
     load.add_args(parser)
     argv = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "3", "--drain", "5"]
-    args = parser.parse_args([*argv, "--direct", "--json"])
+    args = parser.parse_args([*argv, "--direct", "--solo-cycles", "2", "--json"])
     assert load.run(args) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
@@ -45,7 +45,12 @@ def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys
     assert result["cache_cpu_s"] > 0 and result["ops_per_cache_cpu_s"] > 0
     # the gRPC floor of the same process: some CPU per empty RPC, less than a cache RPC costs
     assert 0 < result["grpc_floor_cpu_us"] < result["cache_cpu_us_per_rpc"]
+    # one caller at a time, every kind of RPC costs the cache some CPU (less a reading's own cost)
+    solo = result["solo_cpu_us"]
+    kinds = ("AcquirePrompts", "PutRollouts", "ClaimRollouts", "PutScores", "PullBatch", "AckBatch", "PublishVersion")
+    assert sorted(solo) == sorted(kinds) and all(solo[k] > 0 for k in kinds), solo
     assert "direct payloads" in out and "RPC per cache CPU second" in out and "gRPC floor" in out
+    assert "cache CPU us, one caller" in out
 
 
 def test_cache_load_over_two_load_processes_merges_their_records_and_loses_nothing(

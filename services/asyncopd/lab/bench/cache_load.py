@@ -56,6 +56,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor-calls", type=int, default=2000, help="health checks that measure the gRPC floor")
     parser.add_argument("--floor-callers", type=int, default=8, help="threads that send them")
     parser.add_argument(
+        "--solo-cycles",
+        type=int,
+        default=0,
+        help="then N cycles of one caller at a time (acquire, put, claim, score x batch/chunk; pull, ack, "
+        "publish): the cache CPU each kind of RPC costs with nothing else in flight",
+    )
+    parser.add_argument(
         "--load-processes",
         type=int,
         default=1,
@@ -199,6 +206,38 @@ def grpc_floor_s(ch: Any, cpu: Callable[[], float], calls: int, callers: int) ->
     for t in threads:
         t.join()
     return (cpu() - cpu0) / (per * len(threads))
+
+
+def solo_cpu_us(client: Any, args: argparse.Namespace, cpu: Callable[[], float], cycles: int) -> dict[str, float]:
+    """Cache CPU microseconds per RPC, by kind, one caller at a time: each call is bracketed by
+    two readings of the cache's CPU, less what a reading itself costs (measured likewise)."""
+    cost: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+
+    def timed(rpc: str, call: Callable[..., T], *call_args: Any, **kwargs: Any) -> T:
+        c0 = cpu()
+        out = call(*call_args, **kwargs)
+        cost[rpc] += cpu() - c0
+        calls[rpc] += 1
+        return out
+
+    probe = min(-(cpu() - cpu()) for _ in range(20))  # one reading's own CPU, at its quietest
+    rng = np.random.default_rng(7)
+    version = client.stats_snapshot().learner_version
+    for _ in range(cycles):
+        for _ in range(max(1, args.batch_size // args.chunk)):
+            prompts, v, _ = timed("AcquirePrompts", client.acquire_prompts, "solo", args.chunk)
+            if prompts:
+                timed("PutRollouts", client.put_rollouts, [_rollout(p, v, args.tokens, rng) for p in prompts])
+            claimed = timed("ClaimRollouts", client.claim_rollouts, "solo", args.chunk)
+            if claimed:
+                timed("PutScores", client.put_scores, [_scores(r, args.topk, rng) for r in claimed])
+        batch = timed("PullBatch", client.pull_batch, args.batch_size, version, wait_ms=1000)
+        if batch is not None:
+            timed("AckBatch", client.ack_batch, batch.batch_id)
+            version += 1
+            timed("PublishVersion", client.publish_version, version)
+    return {rpc: max(0.0, 1e6 * (cost[rpc] / calls[rpc] - probe)) for rpc in sorted(cost)}
 
 
 def _guard(body: Callable[[], None], errors: list[str], stops: _Stops) -> Callable[[], None]:
@@ -381,6 +420,7 @@ def drive(
     ops_during_load = rec.ended_by(load_end)
     final = client.stats_snapshot()
     floor_s = grpc_floor_s(ch, cpu, args.floor_calls, args.floor_callers) if cpu is not None else None
+    solo = solo_cpu_us(client, args, cpu, args.solo_cycles) if cpu is not None and args.solo_cycles > 0 else None
     ch.close()
     per_rpc = {
         rpc: {
@@ -403,6 +443,7 @@ def drive(
         "ops_per_cache_cpu_s": ops_during_load / cache_cpu_s if cache_cpu_s else None,
         "cache_cpu_us_per_rpc": 1e6 * cache_cpu_s / ops_during_load if cache_cpu_s and ops_during_load else None,
         "grpc_floor_cpu_us": 1e6 * floor_s if floor_s is not None else None,
+        "solo_cpu_us": solo,
         "samples_trained_per_s": len(trained_ids) / max(load_s, 1e-9),
         "per_rpc": per_rpc,
         "produced": final.produced,
@@ -489,9 +530,13 @@ def _print(result: dict[str, Any]) -> None:
             f"{1e6 / floor:.0f} RPC per CPU second; the load cost {per:.0f} us per RPC, "
             f"{per - floor:.0f} us of it the cache's own work"
         )
-    print(f"{'rpc':<16}{'calls':>8}{'p50 ms':>10}{'p99 ms':>10}")
+    solo = result["solo_cpu_us"] or {}
+    print(
+        f"{'rpc':<16}{'calls':>8}{'p50 ms':>10}{'p99 ms':>10}" + (f"{'cache CPU us, one caller':>26}" if solo else "")
+    )
     for rpc, r in result["per_rpc"].items():
-        print(f"{rpc:<16}{r['calls']:>8}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+        alone = f"{solo[rpc]:>26.0f}" if rpc in solo else ""
+        print(f"{rpc:<16}{r['calls']:>8}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{alone}")
     print(
         f"accounting: produced {result['produced']} = trained {result['trained']} + dropped {result['dropped']} "
         f"+ in_flight {result['in_flight']}: {'exact' if result['invariant_holds'] else 'BROKEN'} "
