@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import pytest
 from asyncopd.lab.bench import benchmarks
@@ -12,17 +13,21 @@ from asyncopd.lab.bench import cache_load as load
 
 pytestmark = pytest.mark.service
 
+SMALL = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--drain", "5", "--json"]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    """(the JSON result, everything printed) of a cache-load run that must pass its checks."""
+    parser = argparse.ArgumentParser()
+    load.add_args(parser)
+    assert load.run(parser.parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
 
 def test_cache_load_smoke_loses_nothing_and_reports_figures(capsys: pytest.CaptureFixture[str]) -> None:
     assert benchmarks()["cache-load"] == (load.add_args, load.run)
-    parser = argparse.ArgumentParser()
-    load.add_args(parser)
-    args = parser.parse_args(
-        ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "3", "--drain", "5", "--json"]
-    )
-    assert load.run(args) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    result, out = _run([*SMALL, "--duration", "3"], capsys)
     assert result["invariant_holds"] and result["trained_twice"] == 0 and not result["errors"]
     assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8
     assert result["ops_per_s"] > 0
@@ -33,13 +38,7 @@ def test_cache_load_smoke_loses_nothing_and_reports_figures(capsys: pytest.Captu
 
 
 def test_cache_load_direct_payloads_lose_nothing_and_report_the_cache_cpu(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    load.add_args(parser)
-    argv = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "3", "--drain", "5"]
-    args = parser.parse_args([*argv, "--direct", "--solo-cycles", "2", "--json"])
-    assert load.run(args) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    result, out = _run([*SMALL, "--duration", "3", "--direct", "--solo-cycles", "2"], capsys)
     assert result["path"] == "direct" and result["invariant_holds"] and result["trained_twice"] == 0
     assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8 and not result["errors"]
     assert result["cache_cpu_s"] > 0 and result["ops_per_cache_cpu_s"] > 0
@@ -58,20 +57,14 @@ def test_cache_load_over_two_load_processes_merges_their_records_and_loses_nothi
 ) -> None:
     """Producers and teachers in two child processes (the learner here): their RPCs must reach the
     report (producers and teachers run only in the children), and nothing is lost or trained twice."""
-    parser = argparse.ArgumentParser()
-    load.add_args(parser)
-    argv = ["--producers", "4", "--teachers", "2", "--batch-size", "8", "--duration", "4", "--drain", "5"]
-    args = parser.parse_args([*argv, "--direct", "--load-processes", "2", "--json"])
-    assert load.run(args) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    result, out = _run([*SMALL, "--duration", "4", "--direct", "--load-processes", "2"], capsys)
     assert result["load_processes"] == 2 and not result["errors"]
     assert result["invariant_holds"] and result["trained_twice"] == 0 and result["trained_matches"]
     assert result["steps"] >= 1 and result["trained"] == result["steps"] * 8
     for rpc in ("AcquirePrompts", "PutRollouts", "ClaimRollouts", "PutScores"):
         assert result["per_rpc"][rpc]["calls"] > 0, rpc
     # every sample trained was put by a child's producer and scored by a child's teacher
-    assert result["per_rpc"]["PutRollouts"]["calls"] * args.chunk >= result["trained"]
+    assert result["per_rpc"]["PutRollouts"]["calls"] * 4 >= result["trained"]  # --chunk 4
     assert 0 < result["ops"] <= sum(r["calls"] for r in result["per_rpc"].values())
     assert "over 2 load processes" in out
 
