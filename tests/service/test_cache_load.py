@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import pytest
@@ -77,3 +78,19 @@ def test_recorder_counts_the_rpcs_that_ended_by_a_deadline_across_merged_records
     rec.merge({"A": [(0.5, end + 10.0)], "B": [(0.1, end - 5.0)]})
     assert [len(rec.lat[k]) for k in ("A", "B")] == [2, 1]
     assert rec.ended_by(end) == 2 and rec.ended_by(end + 10.0) == 3
+
+
+def test_a_load_process_whose_workers_fail_fails_the_run_with_their_errors_and_does_not_hang(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Requests of 0 items are refused (INVALID_ARGUMENT) in the children's producers and
+    teachers: the run must end early, say which worker failed and why, and return non-zero."""
+    parser = argparse.ArgumentParser()
+    load.add_args(parser)
+    args = parser.parse_args([*SMALL, "--duration", "30", "--load-processes", "2", "--chunk", "0"])
+    t0 = time.monotonic()
+    assert load.run(args) == 1
+    assert time.monotonic() - t0 < 25.0  # not the whole --duration: the failure stopped the load
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["errors"] and all("INVALID_ARGUMENT" in e or "max_prompts" in e for e in result["errors"])
+    assert any(e.startswith(("producer-", "teacher-")) for e in result["errors"]), result["errors"]

@@ -305,10 +305,18 @@ def _payload_store(args: argparse.Namespace, prefix: str) -> Any:
 
 
 def _load_process(
-    address: str, args: argparse.Namespace, stops: _Stops, conn: Connection, *, k: int, payload_prefix: str | None
+    address: str,
+    args: argparse.Namespace,
+    stops: _Stops,
+    go: _Flag,
+    conn: Connection,
+    *,
+    k: int,
+    payload_prefix: str | None,
 ) -> None:
-    """Child process `k` of `--load-processes`: every K-th producer and teacher, from k, until
-    `stops.all`; sends back its latencies and errors."""
+    """Child process `k` of `--load-processes`: every K-th producer and teacher, from k. Says
+    "ready" once its client is up, starts them on `go` (the load's clock starts when every
+    child is ready), runs until `stops.all`, then sends back its latencies and errors."""
     from asyncopd.wire.cache_client import CacheClient
     from asyncopd.wire.rpc import channel
 
@@ -321,6 +329,8 @@ def _load_process(
         threads = _role_threads(
             client, args, rec, errors, stops, producers=range(k, args.producers, n), teachers=range(k, args.teachers, n)
         )
+        conn.send("ready")
+        go.wait()
         for t in threads:
             t.start()
         stops.all.wait()
@@ -355,6 +365,7 @@ def drive(
     n_proc = args.load_processes
     ctx = mp.get_context("spawn")
     stops = _Stops(ctx.Event(), ctx.Event()) if n_proc > 1 else _Stops(threading.Event(), threading.Event())
+    go = ctx.Event()  # children start their threads on it
 
     def learner() -> None:
         version = client.stats_snapshot().learner_version
@@ -381,15 +392,24 @@ def drive(
             mine, theirs = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_load_process,
-                args=(address, args, stops, theirs),
+                args=(address, args, stops, go, theirs),
                 kwargs={"k": k, "payload_prefix": prefix},
                 name=f"load-{k}",
                 daemon=True,
             )
             children.append((proc, mine))
     learner_thread = threading.Thread(target=_guard(learner, errors, stops), name="learner")
+    early: dict[str, Any] = {}  # a child's result sent instead of "ready" (it failed starting)
     for proc, _ in children:
         proc.start()
+    for proc, mine in children:  # the clock starts when every child can send load
+        msg = mine.recv() if mine.poll(120) else None
+        if msg is None:
+            errors.append(f"{proc.name}: not ready within 120 s")
+            stops.fail()
+        elif msg != "ready":
+            early[proc.name] = msg
+    go.set()
     cpu0 = cpu() if cpu is not None else 0.0
     t0 = time.perf_counter()
     for t in [*threads, learner_thread]:
@@ -410,8 +430,11 @@ def drive(
     for t in [*threads, learner_thread]:
         t.join(timeout=30)
     for proc, mine in children:
-        if mine.poll(60):
-            lat, child_errors = mine.recv()
+        result = early.get(proc.name)
+        while result is None and mine.poll(60):
+            result = None if (msg := mine.recv()) == "ready" else msg  # a late "ready" first
+        if result is not None:
+            lat, child_errors = result
             rec.merge(lat)
             errors.extend(child_errors)
         else:
