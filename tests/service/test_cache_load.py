@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import signal
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -94,3 +98,54 @@ def test_a_load_process_whose_workers_fail_fails_the_run_with_their_errors_and_d
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["errors"] and all("INVALID_ARGUMENT" in e or "max_prompts" in e for e in result["errors"])
     assert any(e.startswith(("producer-", "teacher-")) for e in result["errors"]), result["errors"]
+
+
+def _driver_that_dies(args: argparse.Namespace, report: Connection) -> None:
+    """A stand-in driver: starts one load process, starts its load, reports its pid, then waits
+    to be killed (as a driver killed with SIGKILL would leave it)."""
+    ctx = multiprocessing.get_context("spawn")
+    stops, go = load._Stops(ctx.Event(), ctx.Event()), ctx.Event()
+    mine, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=load._load_process,
+        args=("127.0.0.1:1", args, stops, go, theirs),
+        kwargs={"k": 0, "payload_prefix": None},
+    )
+    child.start()
+    assert mine.recv() == "ready"
+    go.set()
+    report.send(child.pid)
+    time.sleep(600)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_a_load_process_whose_driver_is_killed_stops_on_its_own() -> None:
+    parser = argparse.ArgumentParser()
+    load.add_args(parser)
+    args = parser.parse_args(["--producers", "0", "--teachers", "0", "--load-processes", "1"])
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe(duplex=False)
+    driver = ctx.Process(target=_driver_that_dies, args=(args, theirs))
+    driver.start()
+    assert mine.poll(120), "the stand-in driver never started its load process"
+    pid = int(mine.recv())
+    try:
+        assert not _exited(pid)  # it runs while its driver lives
+        driver.kill()
+        driver.join(30)
+        deadline = time.monotonic() + 20.0
+        while not _exited(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _exited(pid), "the load process outlived its driver"
+    finally:
+        if driver.is_alive():
+            driver.kill()
+        if not _exited(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -20,9 +20,11 @@ per RPC above it is the cache's own work (parsing, Redis round trips, waits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing as mp
+import os
 import threading
 import time
 import uuid
@@ -320,6 +322,7 @@ def _load_process(
     from asyncopd.wire.cache_client import CacheClient
     from asyncopd.wire.rpc import channel
 
+    driver = os.getppid()
     rec, errors = Recorder(), list[str]()
     store = _payload_store(args, payload_prefix) if payload_prefix is not None else None
     ch = channel(address)
@@ -330,10 +333,14 @@ def _load_process(
             client, args, rec, errors, stops, producers=range(k, args.producers, n), teachers=range(k, args.teachers, n)
         )
         conn.send("ready")
-        go.wait()
+        while not go.wait(1.0):
+            if os.getppid() != driver:  # the driver is gone: no one will start or stop this load
+                return
         for t in threads:
             t.start()
-        stops.all.wait()
+        while not stops.all.wait(1.0):
+            if os.getppid() != driver:  # the driver is gone: stop rather than load an orphaned cache
+                stops.fail()
         for t in threads:
             t.join(timeout=30)
     except Exception as exc:  # the run fails with the reason, rather than waiting on a silent child
@@ -343,7 +350,8 @@ def _load_process(
         ch.close()
         if store is not None:
             store.close()
-    conn.send((dict(rec.lat), errors))
+    with contextlib.suppress(OSError):  # a driver that is gone reads nothing
+        conn.send((dict(rec.lat), errors))
 
 
 def drive(
