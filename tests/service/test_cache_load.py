@@ -149,3 +149,12 @@ def test_a_load_process_whose_driver_is_killed_stops_on_its_own() -> None:
             driver.kill()
         if not _exited(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_load_process_that_is_gone_or_silent_reads_as_no_message() -> None:
+    mine, theirs = multiprocessing.Pipe(duplex=False)
+    assert load._receive(mine, 0.05) is None  # nothing said in time
+    theirs.send("ready")
+    assert load._receive(mine, 1.0) == "ready"
+    theirs.close()  # the process died: end of file, not a crash of the driver
+    assert load._receive(mine, 1.0) is None

@@ -354,6 +354,14 @@ def _load_process(
         conn.send((dict(rec.lat), errors))
 
 
+def _receive(conn: Connection, timeout_s: float) -> Any:
+    """The next message from a load process, or None when none comes in time or it is gone."""
+    try:
+        return conn.recv() if conn.poll(timeout_s) else None
+    except (EOFError, OSError):
+        return None
+
+
 def drive(
     address: str, args: argparse.Namespace, payloads: Any = None, cpu: Callable[[], float] | None = None
 ) -> dict[str, Any]:
@@ -373,7 +381,7 @@ def drive(
     n_proc = args.load_processes
     ctx = mp.get_context("spawn")
     stops = _Stops(ctx.Event(), ctx.Event()) if n_proc > 1 else _Stops(threading.Event(), threading.Event())
-    go = ctx.Event()  # children start their threads on it
+    go = ctx.Event() if n_proc > 1 else threading.Event()  # children start their threads on it
 
     def learner() -> None:
         version = client.stats_snapshot().learner_version
@@ -411,9 +419,9 @@ def drive(
     for proc, _ in children:
         proc.start()
     for proc, mine in children:  # the clock starts when every child can send load
-        msg = mine.recv() if mine.poll(120) else None
+        msg = _receive(mine, 120.0)
         if msg is None:
-            errors.append(f"{proc.name}: not ready within 120 s")
+            errors.append(f"{proc.name}: not ready within 120 s (exit code {proc.exitcode})")
             stops.fail()
         elif msg != "ready":
             early[proc.name] = msg
@@ -439,8 +447,8 @@ def drive(
         t.join(timeout=30)
     for proc, mine in children:
         result = early.get(proc.name)
-        while result is None and mine.poll(60):
-            result = None if (msg := mine.recv()) == "ready" else msg  # a late "ready" first
+        while result is None and (msg := _receive(mine, 60.0)) is not None:
+            result = None if msg == "ready" else msg  # a late "ready" comes first
         if result is not None:
             lat, child_errors = result
             rec.merge(lat)
