@@ -299,11 +299,11 @@ def _role_threads(
 
 
 def _payload_store(args: argparse.Namespace, prefix: str) -> Any:
-    import redis
+    """The payload client a deployed producer or reader makes (`PayloadStore.from_config`)."""
+    from asyncopd.config.redis import RedisConfig
+    from asyncopd.wire.payload_store import PayloadStore
 
-    from asyncopd.wire.payload_store import READ_SIZE, PayloadStore
-
-    return PayloadStore(redis.Redis.from_url(args.redis_url, socket_read_size=READ_SIZE), prefix)
+    return PayloadStore.from_config(RedisConfig(url=args.redis_url, key_prefix=prefix))
 
 
 def _load_process(
@@ -461,14 +461,10 @@ def drive(
     floor_s = grpc_floor_s(ch, cpu, args.floor_calls, args.floor_callers) if cpu is not None else None
     solo = solo_cpu_us(client, args, cpu, args.solo_cycles) if cpu is not None and args.solo_cycles > 0 else None
     ch.close()
-    per_rpc = {
-        rpc: {
-            "calls": len(v),
-            "p50_ms": float(np.percentile([dt for dt, _ in v], 50) * 1e3),
-            "p99_ms": float(np.percentile([dt for dt, _ in v], 99) * 1e3),
-        }
-        for rpc, v in sorted(rec.lat.items())
-    }
+    per_rpc = {}
+    for rpc, v in sorted(rec.lat.items()):
+        p50, p99 = np.percentile([dt for dt, _ in v], [50, 99]) * 1e3
+        per_rpc[rpc] = {"calls": len(v), "p50_ms": float(p50), "p99_ms": float(p99)}
     dropped = sum(final.dropped.values())
     return {
         "producers": args.producers,
